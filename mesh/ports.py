@@ -1,0 +1,18 @@
+"""Default ports of every process, the one table the settings and tooling read."""
+
+from __future__ import annotations
+
+DEFAULT_PORTS: dict[str, int] = {
+    "gateway": 50050,
+    "feature": 50051,
+    "retrieval": 50052,
+    "ranking": 50053,
+    "experiment": 50054,
+    "events": 50055,
+    "quota": 50056,
+}
+
+GATEWAY_HTTP_PORT = 8080
+
+SERVICES: tuple[str, ...] = ("feature", "retrieval", "ranking", "experiment", "events", "quota")
+"""Internal services, in start order (the gateway starts last)."""

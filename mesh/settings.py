@@ -1,0 +1,144 @@
+"""Typed settings read from the environment, with every name and default in one place.
+
+A service declares one frozen dataclass whose fields are made with :func:`env`; the
+field's metadata carries the variable name, so :func:`load` needs no other table::
+
+    @dataclass(frozen=True)
+    class FeatureSettings(ServerSettings):
+        history_limit: int = env("RECMESH_FEATURE_HISTORY_LIMIT", 50)
+
+    settings = load(FeatureSettings)
+
+A value that does not parse fails fast with a :class:`~mesh.errors.ConfigError`
+naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mesh.errors import ConfigError
+from mesh.paths import ARTIFACTS_DIR
+from mesh.ports import DEFAULT_PORTS
+
+S = TypeVar("S")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env(name: str, default: Any, *, doc: str = "") -> Any:
+    """A dataclass field read from environment variable ``name``, else ``default``."""
+    return dataclasses.field(default=default, metadata={"env": name, "doc": doc})
+
+
+def _parse(raw: str, kind: Any, name: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw)
+        if kind is str:
+            return raw
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {name}={raw!r} is invalid: {exc}") from exc
+    raise ConfigError(f"environment variable {name}: unsupported setting type {kind!r}")
+
+
+def load(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
+    """Build settings ``cls`` from ``environ`` (default: ``os.environ``).
+
+    Raises:
+        ConfigError: a variable is set to a value that does not parse as its field's type.
+    """
+    source = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = field.metadata.get("env")
+        if name is not None and name in source:
+            values[field.name] = _parse(source[name], hints[field.name], name)
+    return cls(**values)
+
+
+def describe(cls: type[Any]) -> list[tuple[str, str, str]]:
+    """``(variable, default, doc)`` for every setting of ``cls``, for docs and ``--help``."""
+    rows = []
+    for field in dataclasses.fields(cls):
+        if "env" in field.metadata:
+            rows.append((field.metadata["env"], str(field.default), field.metadata["doc"]))
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What every gRPC service process has: where it listens and how it drains."""
+
+    service_name: str = "recmesh"
+    host: str = env("RECMESH_HOST", "127.0.0.1", doc="interface to bind")
+    port: int = 0
+    log_level: str = env("RECMESH_LOG_LEVEL", "INFO", doc="logging level")
+    drain_grace_s: float = env(
+        "RECMESH_DRAIN_GRACE_S", 5.0, doc="seconds in-flight calls get to finish on SIGTERM"
+    )
+    drain_delay_s: float = env(
+        "RECMESH_DRAIN_DELAY_S",
+        0.5,
+        doc="seconds between NOT_SERVING and closing the port, so callers see the change",
+    )
+    max_concurrent_rpcs: int = env(
+        "RECMESH_MAX_CONCURRENT_RPCS", 256, doc="calls in flight before new ones are refused"
+    )
+    max_receive_bytes: int = env(
+        "RECMESH_MAX_RECEIVE_BYTES", 4 * 1024 * 1024, doc="largest request message accepted"
+    )
+    default_deadline_s: float = env(
+        "RECMESH_DEFAULT_DEADLINE_S",
+        1.0,
+        doc="budget of a call whose caller sent no deadline (and cap of any deadline)",
+    )
+    health_interval_s: float = env(
+        "RECMESH_HEALTH_INTERVAL_S", 1.0, doc="seconds between component health checks"
+    )
+
+
+def downstream(service: str) -> Any:
+    """A field holding the ``host:port`` of ``service``, env ``RECMESH_<SERVICE>_ADDR``."""
+    return env(
+        f"RECMESH_{service.upper()}_ADDR",
+        f"127.0.0.1:{DEFAULT_PORTS[service]}",
+        doc=f"address of the {service} service",
+    )
+
+
+def port_of(service: str) -> Any:
+    """A field holding the port ``service`` listens on, env ``RECMESH_<SERVICE>_PORT``."""
+    return env(
+        f"RECMESH_{service.upper()}_PORT",
+        DEFAULT_PORTS[service],
+        doc=f"gRPC port of the {service} service (0 picks a free one)",
+    )
+
+
+def redis_url() -> Any:
+    """The Redis URL field, env ``REDIS_URL``. Empty means none was given."""
+    return env("REDIS_URL", "", doc="Redis URL; `make up` starts an embedded Valkey when unset")
+
+
+def artifacts_dir() -> Any:
+    """The artifact root field; services load ``<root>/current``."""
+    return env("RECMESH_ARTIFACTS", ARTIFACTS_DIR, doc="artifact root holding `current`")

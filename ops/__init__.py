@@ -1,0 +1,1 @@
+"""Operator tooling: the `recmesh` command, process supervision, stub generation."""

@@ -1,0 +1,1 @@
+"""The internal services of the mesh, one package each."""

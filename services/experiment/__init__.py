@@ -1,0 +1,1 @@
+"""Experiment service: GrowthBook-compatible assignment of users to experiment variants."""

@@ -1,0 +1,1 @@
+"""The online feature store: user and item feature views on Redis."""

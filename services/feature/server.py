@@ -1,0 +1,35 @@
+"""Composition root of the feature service."""
+
+from __future__ import annotations
+
+from mesh import redis as mesh_redis
+from mesh.server import MeshServer, Registration
+from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+from services.feature.materialize import Materializer
+from services.feature.servicer import FeatureServicer
+from services.feature.settings import FeatureSettings
+from services.feature.store import RedisFeatureStore
+
+
+async def build_server(settings: FeatureSettings) -> MeshServer:
+    """The feature service on ``settings.port`` backed by Redis at ``settings.redis_url``."""
+    client = mesh_redis.connect(settings.redis_url)
+    store = RedisFeatureStore(client, history_cap=settings.history_cap)
+    servicer = FeatureServicer(
+        store,
+        Materializer(store, settings.artifacts),
+        history_limit=settings.history_limit,
+        max_batch=settings.max_batch,
+    )
+    return MeshServer(
+        settings,
+        [
+            Registration(
+                feature_pb2_grpc.add_FeatureServiceServicer_to_server,
+                servicer,
+                feature_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name,
+            )
+        ],
+        checks=[mesh_redis.redis_check(client)],
+        cleanups=[client.aclose],
+    )

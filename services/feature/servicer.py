@@ -1,0 +1,116 @@
+"""gRPC face of the feature store: validation and conversion between protobuf and arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mesh.context import current_tenant
+from mesh.errors import InvalidArgument
+from recmesh.common.v1 import common_pb2
+from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+from services.feature.materialize import Materializer
+from services.feature.store import FeatureStore
+from services.validation import check_user_id, matrix_from_proto, vector_from_bytes
+
+Context = Any
+
+
+class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
+    """Implements ``recmesh.feature.v1.FeatureService`` over a :class:`FeatureStore`."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        materializer: Materializer,
+        history_limit: int,
+        max_batch: int,
+    ) -> None:
+        self._store = store
+        self._materializer = materializer
+        self._history_limit = history_limit
+        self._max_batch = max_batch
+
+    async def GetUserFeatures(
+        self, request: feature_pb2.GetUserFeaturesRequest, context: Context
+    ) -> feature_pb2.GetUserFeaturesResponse:
+        check_user_id(request.user_id)
+        if request.history_limit < 0:
+            raise InvalidArgument("history_limit must be >= 0", field="history_limit")
+        limit = request.history_limit or self._history_limit
+        user = await self._store.get_user(current_tenant(), request.user_id, limit)
+        return feature_pb2.GetUserFeaturesResponse(
+            features=user.features.astype("<f4").tobytes(),
+            dim=user.features.size,
+            history=user.history,
+            is_default=user.is_default,
+        )
+
+    async def GetItemFeatures(
+        self, request: feature_pb2.GetItemFeaturesRequest, context: Context
+    ) -> feature_pb2.GetItemFeaturesResponse:
+        if len(request.item_ids) > self._max_batch:
+            raise InvalidArgument(
+                f"at most {self._max_batch} item ids per call, got {len(request.item_ids)}",
+                field="item_ids",
+            )
+        ids = list(request.item_ids)
+        items = await self._store.get_items(current_tenant(), ids)
+        return feature_pb2.GetItemFeaturesResponse(
+            features=common_pb2.FeatureMatrix(
+                rows=items.features.shape[0],
+                dim=items.features.shape[1],
+                values=items.features.astype("<f4").tobytes(),
+            ),
+            categories=items.categories.tolist(),
+            missing_item_ids=np.asarray(ids, dtype=np.int64)[items.missing].tolist(),
+        )
+
+    async def WriteUserFeatures(
+        self, request: feature_pb2.WriteUserFeaturesRequest, context: Context
+    ) -> feature_pb2.WriteFeaturesResponse:
+        tenant = current_tenant()
+        info = await self._materializer.require_info(tenant)
+        rows = np.empty((len(request.users), info.user_dim), dtype=np.float32)
+        for n, user in enumerate(request.users):
+            check_user_id(user.user_id, field=f"users[{n}].user_id")
+            rows[n] = vector_from_bytes(user.features, info.user_dim, f"users[{n}].features")
+        written = await self._store.write_users(
+            tenant,
+            [u.user_id for u in request.users],
+            rows,
+            [list(u.history) for u in request.users],
+        )
+        return feature_pb2.WriteFeaturesResponse(written=written)
+
+    async def WriteItemFeatures(
+        self, request: feature_pb2.WriteItemFeaturesRequest, context: Context
+    ) -> feature_pb2.WriteFeaturesResponse:
+        rows = matrix_from_proto(request.features, len(request.item_ids), field="features")
+        written = await self._store.write_items(
+            current_tenant(), list(request.item_ids), rows, list(request.categories)
+        )
+        return feature_pb2.WriteFeaturesResponse(written=written)
+
+    async def Materialize(
+        self, request: feature_pb2.MaterializeRequest, context: Context
+    ) -> feature_pb2.MaterializeResponse:
+        result = await self._materializer.materialize(current_tenant(), force=request.force)
+        return feature_pb2.MaterializeResponse(
+            version=result.version, users=result.users, items=result.items, loaded=result.loaded
+        )
+
+    async def DescribeViews(
+        self, request: feature_pb2.DescribeViewsRequest, context: Context
+    ) -> feature_pb2.DescribeViewsResponse:
+        info = await self._store.info(current_tenant())
+        if info is None:
+            return feature_pb2.DescribeViewsResponse()
+        return feature_pb2.DescribeViewsResponse(
+            views=[
+                feature_pb2.FeatureViewInfo(name="user", dim=info.user_dim, entities=info.users),
+                feature_pb2.FeatureViewInfo(name="item", dim=info.item_dim, entities=info.items),
+            ],
+            materialized_version=info.version,
+        )

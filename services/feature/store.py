@@ -1,0 +1,243 @@
+"""Feature views on Redis.
+
+Key layout (every key of a tenant carries the ``{tenant}`` hash tag, so in Redis Cluster
+a tenant's keys share a slot and a multi-key read stays one round trip):
+
+* ``rm:{t}:meta`` — hash: ``user_dim``, ``item_dim``, ``version``, ``user_default``,
+  ``item_default`` (packed rows), ``users``, ``items`` (counts at materialisation).
+* ``rm:{t}:u:<user_id>`` — packed user row: ``user_dim`` little-endian float32.
+* ``rm:{t}:h:<user_id>`` — list of recent item ids (decimal), most recent last.
+* ``rm:{t}:i:<item_id>`` — packed item row: ``item_dim`` float32 then one int32 category.
+
+An item batch is one ``MGET`` of packed rows decoded with one ``numpy.frombuffer``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import redis.asyncio as aioredis
+
+from mesh.errors import FailedPrecondition, InvalidArgument
+
+F32 = npt.NDArray[np.float32]
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+
+
+def _item_layout(item_dim: int) -> np.dtype[np.void]:
+    """The packed item row: ``item_dim`` float32 features then an int32 category."""
+    return np.dtype([("features", "<f4", (item_dim,)), ("category", "<i4")])
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    """One user's row; ``is_default`` when the user was unknown."""
+
+    features: F32
+    history: list[int]
+    is_default: bool
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Rows for a batch of items, in request order.
+
+    ``features`` has shape ``[len(ids), item_dim]``; ``categories`` is -1 and ``missing``
+    True for unknown items, whose row is the view default.
+    """
+
+    features: F32
+    categories: I32
+    missing: npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class ViewInfo:
+    """What is materialised for a tenant."""
+
+    version: str
+    user_dim: int
+    item_dim: int
+    users: int
+    items: int
+
+
+class FeatureStore(abc.ABC):
+    """Online feature views of one deployment; every method is scoped to ``tenant``."""
+
+    @abc.abstractmethod
+    async def info(self, tenant: str) -> ViewInfo | None:
+        """The tenant's materialised views, or None when nothing was materialised."""
+
+    @abc.abstractmethod
+    async def get_user(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
+        """The user's row and last ``history_limit`` history entries, or the defaults."""
+
+    @abc.abstractmethod
+    async def get_items(self, tenant: str, item_ids: Sequence[int]) -> ItemFeatures:
+        """Rows for ``item_ids`` in order; unknown ids get the default row."""
+
+    @abc.abstractmethod
+    async def write_users(
+        self, tenant: str, user_ids: Sequence[str], rows: F32, histories: Sequence[Sequence[int]]
+    ) -> int:
+        """Upsert users; a non-empty history replaces the stored one. Returns rows written."""
+
+    @abc.abstractmethod
+    async def write_items(
+        self, tenant: str, item_ids: Sequence[int], rows: F32, categories: Sequence[int]
+    ) -> int:
+        """Upsert items. Returns rows written."""
+
+    @abc.abstractmethod
+    async def set_views(
+        self, tenant: str, version: str, user_default: F32, item_default: F32, users: int, items: int
+    ) -> None:
+        """Declare the tenant's view shapes, defaults and source version."""
+
+
+class RedisFeatureStore(FeatureStore):
+    """:class:`FeatureStore` on a Redis-protocol server.
+
+    Args:
+        client: asyncio Redis client (bytes responses).
+        history_cap: history entries kept per user.
+    """
+
+    def __init__(self, client: aioredis.Redis, history_cap: int = 200) -> None:
+        self._redis = client
+        self._history_cap = history_cap
+
+    @staticmethod
+    def _key(tenant: str, kind: str, entity: str | int) -> str:
+        return f"rm:{{{tenant}}}:{kind}:{entity}"
+
+    @staticmethod
+    def _meta_key(tenant: str) -> str:
+        return f"rm:{{{tenant}}}:meta"
+
+    async def info(self, tenant: str) -> ViewInfo | None:
+        meta = await self._redis.hgetall(self._meta_key(tenant))
+        if not meta:
+            return None
+        return ViewInfo(
+            version=meta[b"version"].decode(),
+            user_dim=int(meta[b"user_dim"]),
+            item_dim=int(meta[b"item_dim"]),
+            users=int(meta[b"users"]),
+            items=int(meta[b"items"]),
+        )
+
+    async def _defaults(self, tenant: str, field: bytes) -> F32:
+        raw = await self._redis.hget(self._meta_key(tenant), field)
+        if raw is None:
+            raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
+        return np.frombuffer(raw, dtype="<f4").copy()
+
+    async def get_user(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._key(tenant, "u", user_id))
+            pipe.lrange(self._key(tenant, "h", user_id), -history_limit, -1)
+            pipe.hget(self._meta_key(tenant), "user_default")
+            row, history, default = await pipe.execute()
+        if default is None:
+            raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
+        is_default = row is None
+        features = np.frombuffer(default if is_default else row, dtype="<f4")
+        return UserFeatures(features, [int(h) for h in history], is_default)
+
+    async def get_items(self, tenant: str, item_ids: Sequence[int]) -> ItemFeatures:
+        if not item_ids:
+            default = await self._defaults(tenant, b"item_default")
+            return ItemFeatures(
+                np.zeros((0, default.size), np.float32), np.zeros(0, np.int32), np.zeros(0, bool)
+            )
+        keys = [self._key(tenant, "i", i) for i in item_ids]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.mget(keys)
+            pipe.hget(self._meta_key(tenant), "item_default")
+            rows, default_raw = await pipe.execute()
+        if default_raw is None:
+            raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
+        default_row = np.frombuffer(default_raw, dtype="<f4")
+        layout = _item_layout(default_row.size)
+        missing = np.fromiter((r is None for r in rows), dtype=bool, count=len(rows))
+        filler = default_row.tobytes() + np.int32(-1).tobytes()
+        records = np.frombuffer(b"".join(filler if r is None else r for r in rows), dtype=layout)
+        return ItemFeatures(
+            np.ascontiguousarray(records["features"]), records["category"].copy(), missing
+        )
+
+    async def _dims(self, tenant: str) -> tuple[int, int]:
+        info = await self.info(tenant)
+        if info is None:
+            raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
+        return info.user_dim, info.item_dim
+
+    async def write_users(
+        self, tenant: str, user_ids: Sequence[str], rows: F32, histories: Sequence[Sequence[int]]
+    ) -> int:
+        user_dim, _ = await self._dims(tenant)
+        if rows.ndim != 2 or rows.shape != (len(user_ids), user_dim):
+            raise InvalidArgument(
+                f"user rows must have shape [{len(user_ids)}, {user_dim}], got {list(rows.shape)}",
+                field="users.features",
+            )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user_id, row, history in zip(user_ids, rows, histories, strict=True):
+                pipe.set(self._key(tenant, "u", user_id), row.astype("<f4").tobytes())
+                if history:
+                    key = self._key(tenant, "h", user_id)
+                    pipe.delete(key)
+                    pipe.rpush(key, *[str(int(h)) for h in history[-self._history_cap :]])
+            await pipe.execute()
+        return len(user_ids)
+
+    async def append_history(self, tenant: str, user_id: str, item_ids: Sequence[int]) -> None:
+        """Append interactions to a user's history, keeping the newest ``history_cap``."""
+        key = self._key(tenant, "h", user_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, *[str(int(i)) for i in item_ids])
+            pipe.ltrim(key, -self._history_cap, -1)
+            await pipe.execute()
+
+    async def write_items(
+        self, tenant: str, item_ids: Sequence[int], rows: F32, categories: Sequence[int]
+    ) -> int:
+        _, item_dim = await self._dims(tenant)
+        if rows.ndim != 2 or rows.shape != (len(item_ids), item_dim):
+            raise InvalidArgument(
+                f"item rows must have shape [{len(item_ids)}, {item_dim}], got {list(rows.shape)}",
+                field="features",
+            )
+        if len(categories) != len(item_ids):
+            raise InvalidArgument("one category per item is required", field="categories")
+        packed = np.empty(len(item_ids), dtype=_item_layout(item_dim))
+        packed["features"] = rows
+        packed["category"] = categories
+        mapping = {
+            self._key(tenant, "i", int(i)): packed[n].tobytes() for n, i in enumerate(item_ids)
+        }
+        await self._redis.mset(mapping)
+        return len(item_ids)
+
+    async def set_views(
+        self, tenant: str, version: str, user_default: F32, item_default: F32, users: int, items: int
+    ) -> None:
+        await self._redis.hset(
+            self._meta_key(tenant),
+            mapping={
+                "version": version,
+                "user_dim": user_default.size,
+                "item_dim": item_default.size,
+                "user_default": user_default.astype("<f4").tobytes(),
+                "item_default": item_default.astype("<f4").tobytes(),
+                "users": users,
+                "items": items,
+            },
+        )

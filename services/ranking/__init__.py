@@ -1,0 +1,1 @@
+"""The ranking cascade: pre-rank, heavy multi-task ranker, re-rank."""

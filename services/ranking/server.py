@@ -1,0 +1,35 @@
+"""Composition root of the ranking service."""
+
+from __future__ import annotations
+
+from mesh.client import open_channel
+from mesh.server import MeshServer, Registration
+from recmesh.feature.v1 import feature_pb2_grpc
+from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from services.ranking.models import RankingModels
+from services.ranking.servicer import RankingServicer
+from services.ranking.settings import RankingSettings
+from training.artifacts import resolve_current
+
+
+async def build_server(settings: RankingSettings) -> MeshServer:
+    """Ranking serving the artifact set under ``settings.artifacts``/current.
+
+    Raises:
+        ArtifactError: the current artifact set is missing or corrupt.
+        ConfigError: the head weights name a head the ranker does not have.
+    """
+    models = RankingModels(resolve_current(settings.artifacts), settings.head_weights)
+    channel = open_channel(settings.feature_addr)
+    servicer = RankingServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
+    return MeshServer(
+        settings,
+        [
+            Registration(
+                ranking_pb2_grpc.add_RankingServiceServicer_to_server,
+                servicer,
+                ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name,
+            )
+        ],
+        cleanups=[channel.close],
+    )

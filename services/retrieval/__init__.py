@@ -1,0 +1,1 @@
+"""Candidate generation: two-tower ANN plus popularity, merged and filtered."""

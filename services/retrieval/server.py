@@ -1,0 +1,34 @@
+"""Composition root of the retrieval service."""
+
+from __future__ import annotations
+
+from mesh.client import open_channel
+from mesh.server import MeshServer, Registration
+from recmesh.feature.v1 import feature_pb2_grpc
+from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+from services.retrieval.index import RetrievalModels
+from services.retrieval.servicer import RetrievalServicer
+from services.retrieval.settings import RetrievalSettings
+from training.artifacts import resolve_current
+
+
+async def build_server(settings: RetrievalSettings) -> MeshServer:
+    """Retrieval serving the artifact set under ``settings.artifacts``/current.
+
+    Raises:
+        ArtifactError: the current artifact set is missing or corrupt.
+    """
+    models = RetrievalModels(resolve_current(settings.artifacts))
+    channel = open_channel(settings.feature_addr)
+    servicer = RetrievalServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
+    return MeshServer(
+        settings,
+        [
+            Registration(
+                retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server,
+                servicer,
+                retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
+            )
+        ],
+        cleanups=[channel.close],
+    )
