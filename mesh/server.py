@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import grpc
@@ -37,6 +38,7 @@ from mesh.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 Cleanup = Callable[[], Awaitable[None]]
+"""A start-up or clean-up step of a server."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,15 @@ class Registration:
     add: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     full_name: str
+
+    @classmethod
+    def of(cls, servicer: Any, pb2: ModuleType, pb2_grpc: ModuleType, service: str) -> Registration:
+        """The registration of ``service`` (e.g. "FeatureService") from its generated modules."""
+        return cls(
+            getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+            servicer,
+            pb2.DESCRIPTOR.services_by_name[service].full_name,
+        )
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: RecMeshError) -> None:
@@ -132,12 +143,14 @@ class MeshServer:
         settings: listening address, limits and drain timings.
         registrations: the servicers to mount.
         checks: component health checks; SERVING only while all pass.
+        startups: awaited after the gRPC port is serving (e.g. an HTTP listener).
         cleanups: awaited after the server stopped (close clients, flush...).
     """
 
     settings: ServerSettings
     registrations: Sequence[Registration]
     checks: Sequence[HealthCheck] = ()
+    startups: list[Cleanup] = field(default_factory=list)
     cleanups: list[Cleanup] = field(default_factory=list)
     port: int = 0
 
@@ -175,6 +188,8 @@ class MeshServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.host}:{self.settings.port}")
         await self._server.start()
+        for startup in self.startups:
+            await startup()
         await self.health.start()
         log.info(
             "serving",

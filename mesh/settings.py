@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mesh.errors import ConfigError
-from mesh.paths import ARTIFACTS_DIR
+from mesh.paths import ARTIFACTS_DIR, PROJECT_ROOT
 from mesh.ports import DEFAULT_PORTS
 
 S = TypeVar("S")
@@ -142,3 +142,12 @@ def redis_url() -> Any:
 def artifacts_dir() -> Any:
     """The artifact root field; services load ``<root>/current``."""
     return env("RECMESH_ARTIFACTS", ARTIFACTS_DIR, doc="artifact root holding `current`")
+
+
+def tenants_file() -> Any:
+    """The tenant registry file field, env ``RECMESH_TENANTS``."""
+    return env(
+        "RECMESH_TENANTS",
+        PROJECT_ROOT / "config" / "tenants.dev.json",
+        doc="tenant registry (API key digests and quotas)",
+    )

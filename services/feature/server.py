@@ -24,11 +24,7 @@ async def build_server(settings: FeatureSettings) -> MeshServer:
     return MeshServer(
         settings,
         [
-            Registration(
-                feature_pb2_grpc.add_FeatureServiceServicer_to_server,
-                servicer,
-                feature_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name,
-            )
+            Registration.of(servicer, feature_pb2, feature_pb2_grpc, "FeatureService")
         ],
         checks=[mesh_redis.redis_check(client)],
         cleanups=[client.aclose],

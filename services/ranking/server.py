@@ -25,11 +25,7 @@ async def build_server(settings: RankingSettings) -> MeshServer:
     return MeshServer(
         settings,
         [
-            Registration(
-                ranking_pb2_grpc.add_RankingServiceServicer_to_server,
-                servicer,
-                ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name,
-            )
+            Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")
         ],
         cleanups=[channel.close],
     )

@@ -24,11 +24,7 @@ async def build_server(settings: RetrievalSettings) -> MeshServer:
     return MeshServer(
         settings,
         [
-            Registration(
-                retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server,
-                servicer,
-                retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
-            )
+            Registration.of(servicer, retrieval_pb2, retrieval_pb2_grpc, "RetrievalService")
         ],
         cleanups=[channel.close],
     )

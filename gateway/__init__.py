@@ -1,0 +1,1 @@
+"""The public API: HTTP/JSON and gRPC in front of the funnel."""

@@ -1,0 +1,306 @@
+"""Orchestration of one recommendation: quota → experiments → retrieval → ranking.
+
+Each stage is capped by its own budget and by what is left of the request's
+deadline. A failing stage falls back instead of failing the request (see the brief):
+quota down → fail open/closed by setting; experiment down → control variants;
+retrieval down → the tenant's cached popular items; ranking down → retrieval order.
+Every fallback is named in ``degraded``. Impressions are logged after the answer is
+ready, off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from gateway.clients import Downstreams
+from gateway.metrics import DEGRADED
+from gateway.settings import GatewaySettings
+from mesh.context import Budget, budget_var, request_id_var, tenant_var
+from mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from recmesh.common.v1 import common_pb2
+from recmesh.events.v1 import events_pb2
+from recmesh.experiment.v1 import experiment_pb2
+from recmesh.quota.v1 import quota_pb2
+from recmesh.ranking.v1 import ranking_pb2
+from recmesh.retrieval.v1 import retrieval_pb2
+from services.experiment.assignment import ExperimentBook, control_params
+from services.validation import check_user_id
+
+log = logging.getLogger(__name__)
+
+DownstreamFailure = (grpc.aio.AioRpcError, DeadlineExceeded)
+
+
+@dataclass
+class Recommendation:
+    """The answer to one request, as both APIs render it."""
+
+    request_id: str
+    item_ids: list[int]
+    scores: list[float]
+    sources: list[int]
+    experiments: list[tuple[str, str]]
+    degraded: list[str]
+    stage_ms: dict[str, float]
+    stages: list[common_pb2.StageReport] = field(default_factory=list)
+
+
+@dataclass
+class _Params:
+    """Pipeline knobs an experiment variant may set."""
+
+    ann_k: int = 0
+    heavy: int = ranking_pb2.HEAVY_MODE_UNSPECIFIED
+
+    @classmethod
+    def from_variants(cls, params: Mapping[str, str]) -> _Params:
+        knobs = cls()
+        if "retrieval.k" in params:
+            knobs.ann_k = int(params["retrieval.k"])
+        if params.get("ranking.heavy") == "off":
+            knobs.heavy = ranking_pb2.HEAVY_MODE_OFF
+        return knobs
+
+
+class Funnel:
+    """Runs the funnel for one tenant's request against the downstream services."""
+
+    def __init__(
+        self, settings: GatewaySettings, downstreams: Downstreams, book: ExperimentBook
+    ) -> None:
+        self._settings = settings
+        self._ds = downstreams
+        self._book = book
+        self._popular: dict[str, common_pb2.Candidates] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def validate(self, user_id: str, num_items: int) -> int:
+        """The effective ``num_items`` (0 means 10).
+
+        Raises:
+            InvalidArgument: user_id empty or over 256 bytes, num_items out of 1..max.
+        """
+        check_user_id(user_id)
+        n = 10 if num_items == 0 else num_items
+        if not 0 < n <= self._settings.max_items:
+            raise InvalidArgument(
+                f"num_items must be in 1..{self._settings.max_items}", field="num_items"
+            )
+        return n
+
+    async def recommend(
+        self,
+        tenant: str,
+        user_id: str,
+        num_items: int,
+        deadline_s: float | None = None,
+        request_id: str = "",
+    ) -> Recommendation:
+        """Run the funnel. ``deadline_s`` (capped by the configured deadline) bounds it all.
+
+        Raises:
+            InvalidArgument: bad user_id or num_items.
+            ResourceExhausted: the tenant is over quota.
+            Unavailable: neither retrieval nor the fallback cache can produce items.
+        """
+        n = self.validate(user_id, num_items)
+        request_id = request_id or uuid.uuid4().hex
+        tenant_var.set(tenant)
+        request_id_var.set(request_id)
+        limit = self._settings.deadline_s
+        budget = Budget(limit if deadline_s is None else min(deadline_s, limit))
+        budget_var.set(budget)
+        stage_ms: dict[str, float] = {}
+        degraded: list[str] = []
+
+        started = time.perf_counter()
+        quota, experiments = await asyncio.gather(
+            self._quota(degraded), self._experiments(tenant, user_id, degraded)
+        )
+        stage_ms["admission"] = (time.perf_counter() - started) * 1000
+        if quota is not None and not quota.allowed:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} is over its quota of {quota.rate:g} requests/s",
+                retry_after_s=quota.retry_after_s,
+            )
+        params: dict[str, str] = {}
+        for assignment in experiments:
+            params.update(assignment.params)
+        knobs = _Params.from_variants(params)
+
+        started = time.perf_counter()
+        retrieved = await self._retrieve(tenant, user_id, knobs, degraded)
+        stage_ms["retrieval"] = (time.perf_counter() - started) * 1000
+
+        started = time.perf_counter()
+        ranked = await self._rank(user_id, n, retrieved, knobs, degraded)
+        stage_ms["ranking"] = (time.perf_counter() - started) * 1000
+        candidates = ranked.ranked if ranked is not None else _head(retrieved.candidates, n)
+
+        stages = [*retrieved.stages, *(ranked.stages if ranked is not None else [])]
+        degraded += [d for d in retrieved.degraded if d not in degraded]
+        if ranked is not None:
+            degraded += [d for d in ranked.degraded if d not in degraded]
+        for stage in degraded:
+            DEGRADED.labels(stage=stage).inc()
+        result = Recommendation(
+            request_id=request_id,
+            item_ids=list(candidates.item_ids),
+            scores=list(candidates.scores),
+            sources=list(candidates.sources),
+            experiments=[(a.experiment_key, a.variant_key) for a in experiments],
+            degraded=degraded,
+            stage_ms=stage_ms,
+            stages=stages,
+        )
+        self._spawn(self._log_impressions(tenant, user_id, result))
+        return result
+
+    async def _quota(self, degraded: list[str]) -> quota_pb2.AcquireResponse | None:
+        try:
+            reply: quota_pb2.AcquireResponse = await self._ds.quota.Acquire(
+                quota_pb2.AcquireRequest(cost=1), timeout=self._settings.quota_budget_s
+            )
+            return reply
+        except DownstreamFailure as exc:
+            log.warning("quota unavailable: %s", _describe(exc))
+            degraded.append("quota")
+            if not self._settings.quota_fail_open:
+                raise Unavailable("quota service unavailable and configured fail-closed") from exc
+            return None
+
+    async def _experiments(
+        self, tenant: str, user_id: str, degraded: list[str]
+    ) -> list[experiment_pb2.Assignment]:
+        try:
+            reply = await self._ds.experiment.Assign(
+                experiment_pb2.AssignRequest(user_id=user_id),
+                timeout=self._settings.experiment_budget_s,
+            )
+            return list(reply.assignments)
+        except DownstreamFailure as exc:
+            log.warning("experiment unavailable: %s", _describe(exc))
+            degraded.append("experiment")
+            return [
+                experiment_pb2.Assignment(experiment_key=key, variant_key="control", params=params)
+                for key, params in control_params(self._book, tenant).items()
+            ]
+
+    async def _retrieve(
+        self, tenant: str, user_id: str, knobs: _Params, degraded: list[str]
+    ) -> retrieval_pb2.RetrieveResponse:
+        try:
+            reply: retrieval_pb2.RetrieveResponse = await self._ds.retrieval.Retrieve(
+                retrieval_pb2.RetrieveRequest(user_id=user_id, ann_k=knobs.ann_k),
+                timeout=self._settings.retrieval_budget_s,
+            )
+        except DownstreamFailure as exc:
+            log.warning("retrieval unavailable: %s", _describe(exc))
+            cached = self._popular.get(tenant)
+            if cached is None:
+                raise Unavailable("retrieval is unavailable and no fallback is cached") from exc
+            degraded.append("retrieval")
+            return retrieval_pb2.RetrieveResponse(candidates=cached)
+        popular = [
+            (i, s)
+            for i, s, src in zip(
+                reply.candidates.item_ids, reply.candidates.scores, reply.candidates.sources,
+                strict=True,
+            )
+            if src == common_pb2.SOURCE_POPULAR
+        ]
+        if popular and (
+            tenant not in self._popular or len(popular) >= len(self._popular[tenant].item_ids)
+        ):
+            self._popular[tenant] = common_pb2.Candidates(
+                item_ids=[i for i, _ in popular],
+                scores=[s for _, s in popular],
+                sources=[common_pb2.SOURCE_FALLBACK] * len(popular),
+            )
+        return reply
+
+    async def _rank(
+        self,
+        user_id: str,
+        n: int,
+        retrieved: retrieval_pb2.RetrieveResponse,
+        knobs: _Params,
+        degraded: list[str],
+    ) -> ranking_pb2.RankResponse | None:
+        try:
+            reply: ranking_pb2.RankResponse = await self._ds.ranking.Rank(
+                ranking_pb2.RankRequest(
+                    user_id=user_id,
+                    user_features=retrieved.user_features,
+                    candidates=retrieved.candidates,
+                    num_items=n,
+                    heavy_mode=knobs.heavy,  # type: ignore[arg-type]
+                ),
+                timeout=self._settings.ranking_budget_s,
+            )
+            return reply
+        except DownstreamFailure as exc:
+            log.warning("ranking unavailable: %s", _describe(exc))
+            degraded.append("ranking")
+            return None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _log_impressions(self, tenant: str, user_id: str, result: Recommendation) -> None:
+        if not result.item_ids:
+            return
+        budget_var.set(None)
+        now_ms = int(time.time() * 1000)
+        events = [
+            events_pb2.Event(
+                event_id=f"{result.request_id}:{position}",
+                type="impression",
+                user_id=user_id,
+                item_id=item_id,
+                request_id=result.request_id,
+                ts_ms=now_ms,
+                position=position,
+            )
+            for position, item_id in enumerate(result.item_ids)
+        ]
+        try:
+            await self.append_events(events)
+        except DownstreamFailure as exc:
+            log.warning("impressions not logged: %s", _describe(exc))
+
+    async def append_events(self, events: list[events_pb2.Event]) -> events_pb2.AppendResponse:
+        """Write events of the current tenant to the event logger."""
+        reply: events_pb2.AppendResponse = await self._ds.events.Append(
+            events_pb2.AppendRequest(events=events), timeout=self._settings.events_timeout_s
+        )
+        return reply
+
+    async def drain(self) -> None:
+        """Wait for background writes still running (shutdown)."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._settings.drain_grace_s)
+
+
+def _head(candidates: common_pb2.Candidates, n: int) -> common_pb2.Candidates:
+    return common_pb2.Candidates(
+        item_ids=candidates.item_ids[:n],
+        scores=candidates.scores[:n],
+        sources=candidates.sources[:n],
+    )
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)

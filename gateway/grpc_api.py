@@ -1,0 +1,78 @@
+"""``recmesh.gateway.v1.GatewayService``: the gRPC face of the same funnel."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway.funnel import DownstreamFailure, Funnel
+from gateway.metrics import LATENCY, REQUESTS
+from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
+from mesh.errors import RecMeshError, Unauthenticated, Unavailable
+from mesh.tenants import Tenant, TenantRegistry
+from recmesh.common.v1 import common_pb2
+from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.events.validation import validate_batch
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """Authenticates by the ``x-api-key`` metadata entry, then runs the funnel."""
+
+    def __init__(self, funnel: Funnel, tenants: TenantRegistry, deadline_s: float) -> None:
+        self._funnel = funnel
+        self._tenants = tenants
+        self._deadline_s = deadline_s
+
+    def _tenant(self, context: Any) -> Tenant:
+        metadata = dict(context.invocation_metadata() or ())
+        key = str(metadata.get(API_KEY, ""))
+        tenant = self._tenants.authenticate(key) if key else None
+        if tenant is None:
+            raise Unauthenticated(f"missing or unknown {API_KEY} metadata")
+        tenant_var.set(tenant.name)
+        return tenant
+
+    async def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: Any
+    ) -> gateway_pb2.RecommendResponse:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            tenant = self._tenant(context)
+            budget = budget_var.get()
+            deadline = clamp_deadline(
+                budget.remaining() if budget else None, self._deadline_s, self._deadline_s
+            )
+            result = await self._funnel.recommend(
+                tenant.name, request.user_id, request.num_items, deadline_s=deadline
+            )
+        except RecMeshError as exc:
+            code = exc.grpc_code.name
+            raise
+        finally:
+            REQUESTS.labels("grpc", "Recommend", tenant_var.get() or "-", code).inc()
+            LATENCY.labels("grpc", "Recommend").observe(time.perf_counter() - started)
+        return gateway_pb2.RecommendResponse(
+            request_id=result.request_id,
+            items=common_pb2.Candidates(
+                item_ids=result.item_ids, scores=result.scores, sources=result.sources  # type: ignore[arg-type]
+            ),
+            experiments=[
+                gateway_pb2.ExperimentVariant(key=k, variant=v) for k, v in result.experiments
+            ],
+            degraded=result.degraded,
+            stage_ms=result.stage_ms,
+            stages=result.stages if request.debug else [],
+        )
+
+    async def LogEvents(
+        self, request: gateway_pb2.LogEventsRequest, context: Any
+    ) -> gateway_pb2.LogEventsResponse:
+        self._tenant(context)
+        events = list(request.events)
+        validate_batch(events)
+        try:
+            await self._funnel.append_events(events)
+        except DownstreamFailure as exc:
+            raise Unavailable("the event logger is unavailable; retry later") from exc
+        return gateway_pb2.LogEventsResponse(accepted=len(events))

@@ -1,0 +1,151 @@
+"""The HTTP/JSON API (aiohttp) on the same event loop as the gRPC server."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.clients import Downstreams
+from gateway.funnel import DownstreamFailure, Funnel, Recommendation
+from gateway.metrics import LATENCY, REQUESTS
+from gateway.openapi import OPENAPI
+from gateway.schema import parse_events, parse_recommend
+from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
+from mesh.errors import RecMeshError, ResourceExhausted, Unauthenticated, Unavailable
+from mesh.tenants import Tenant, TenantRegistry
+from recmesh.common.v1 import common_pb2
+from services.events.validation import validate_batch
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _source_name(source: int) -> str:
+    return common_pb2.Source.Name(source).removeprefix("SOURCE_").lower()  # type: ignore[arg-type]
+
+
+def render(result: Recommendation, debug: bool) -> dict[str, Any]:
+    """The JSON body of a recommendation, as the brief fixes it."""
+    body: dict[str, Any] = {
+        "request_id": result.request_id,
+        "items": [
+            {"item_id": item, "score": round(score, 6), "rank": rank + 1, "source": _source_name(src)}
+            for rank, (item, score, src) in enumerate(
+                zip(result.item_ids, result.scores or [0.0] * len(result.item_ids), result.sources, strict=True)
+            )
+        ],
+        "experiments": [{"key": key, "variant": variant} for key, variant in result.experiments],
+        "degraded": result.degraded,
+        "stage_ms": {stage: round(ms, 3) for stage, ms in result.stage_ms.items()},
+    }
+    if debug:
+        body["stages"] = [
+            {
+                "stage": s.stage,
+                "elapsed_ms": round(s.elapsed_ms, 3),
+                "budget_ms": round(s.budget_ms, 3),
+                "candidates_in": s.candidates_in,
+                "candidates_out": s.candidates_out,
+                "degraded": s.degraded,
+                "reason": s.reason,
+            }
+            for s in result.stages
+        ]
+    return body
+
+
+def _error_response(exc: RecMeshError) -> web.Response:
+    headers = {}
+    if isinstance(exc, ResourceExhausted):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return web.json_response(exc.to_dict(), status=exc.http_status, headers=headers)
+
+
+class HttpApi:
+    """Routes of the public HTTP API."""
+
+    def __init__(self, funnel: Funnel, tenants: TenantRegistry, downstreams: Downstreams) -> None:
+        self._funnel = funnel
+        self._tenants = tenants
+        self._downstreams = downstreams
+
+    def _tenant(self, request: web.Request) -> Tenant:
+        key = request.headers.get(API_KEY, "")
+        tenant = self._tenants.authenticate(key) if key else None
+        if tenant is None:
+            raise Unauthenticated(f"missing or unknown {API_KEY} header")
+        tenant_var.set(tenant.name)
+        return tenant
+
+    def app(self, max_body_bytes: int) -> web.Application:
+        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._observe])
+        app.add_routes(
+            [
+                web.post("/v1/recommend", self.recommend),
+                web.post("/v1/events", self.events),
+                web.get("/healthz", self.healthz),
+                web.get("/metrics", self.metrics),
+                web.get("/openapi.json", self.openapi),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        try:
+            response = await handler(request)
+        except RecMeshError as exc:
+            response = _error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            response = web.json_response(
+                {"error": "INVALID_ARGUMENT", "message": "body too large", "field": "body"},
+                status=413,
+            )
+        REQUESTS.labels("http", route, tenant_var.get() or "-", str(response.status)).inc()
+        LATENCY.labels("http", route).observe(time.perf_counter() - started)
+        return response
+
+    async def recommend(self, request: web.Request) -> web.Response:
+        tenant = self._tenant(request)
+        body = parse_recommend(await request.read())
+        result = await self._funnel.recommend(
+            tenant.name,
+            body.user_id,
+            body.num_items,
+            request_id=request.headers.get(REQUEST_ID_KEY, "")[:64],
+        )
+        return web.json_response(render(result, body.debug))
+
+    async def events(self, request: web.Request) -> web.Response:
+        self._tenant(request)
+        events = parse_events(await request.read())
+        validate_batch(events)
+        try:
+            reply = await self._funnel.append_events(events)
+        except DownstreamFailure as exc:
+            raise Unavailable("the event logger is unavailable; retry later") from exc
+        return web.json_response(
+            {"accepted": len(events), "stored": reply.appended, "duplicates": reply.duplicates},
+            status=202,
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        statuses = await self._downstreams.health()
+        healthy = all(status == "SERVING" for status in statuses.values())
+        return web.json_response(
+            {"status": "SERVING" if healthy else "NOT_SERVING", "dependencies": statuses},
+            status=200 if healthy else 503,
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI, dumps=lambda d: json.dumps(d, indent=2))

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the gateway, served on ``GET /metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+REQUESTS = Counter(
+    "recmesh_gateway_requests_total",
+    "Requests answered by the gateway, by API, route, tenant and status code",
+    ["api", "route", "tenant", "code"],
+)
+LATENCY = Histogram(
+    "recmesh_gateway_request_seconds",
+    "Gateway request latency by API and route",
+    ["api", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+DEGRADED = Counter(
+    "recmesh_gateway_degraded_total",
+    "Requests answered with a stage fallen back, by stage",
+    ["stage"],
+)

@@ -1,0 +1,48 @@
+"""Settings of the gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh.ports import GATEWAY_HTTP_PORT
+from mesh.settings import ServerSettings, downstream, env, port_of, tenants_file
+from services.experiment.settings import experiments_file
+
+
+@dataclass(frozen=True)
+class GatewaySettings(ServerSettings):
+    """Environment of the gateway process. Budgets are in seconds."""
+
+    service_name: str = "gateway"
+    port: int = port_of("gateway")
+    http_port: int = env("RECMESH_GATEWAY_HTTP_PORT", GATEWAY_HTTP_PORT, doc="HTTP API port")
+    tenants: Path = tenants_file()
+    experiments: Path = experiments_file()
+    feature_addr: str = downstream("feature")
+    retrieval_addr: str = downstream("retrieval")
+    ranking_addr: str = downstream("ranking")
+    experiment_addr: str = downstream("experiment")
+    events_addr: str = downstream("events")
+    quota_addr: str = downstream("quota")
+    deadline_s: float = env("RECMESH_GATEWAY_DEADLINE_S", 0.100, doc="default request deadline")
+    quota_budget_s: float = env("RECMESH_GATEWAY_QUOTA_BUDGET_S", 0.005, doc="quota stage cap")
+    experiment_budget_s: float = env(
+        "RECMESH_GATEWAY_EXPERIMENT_BUDGET_S", 0.005, doc="experiment stage cap"
+    )
+    retrieval_budget_s: float = env(
+        "RECMESH_GATEWAY_RETRIEVAL_BUDGET_S", 0.025, doc="retrieval stage cap"
+    )
+    ranking_budget_s: float = env(
+        "RECMESH_GATEWAY_RANKING_BUDGET_S", 0.045, doc="ranking stage cap"
+    )
+    events_timeout_s: float = env(
+        "RECMESH_GATEWAY_EVENTS_TIMEOUT_S", 1.0, doc="timeout of event writes (off the request path)"
+    )
+    quota_fail_open: bool = env(
+        "RECMESH_GATEWAY_QUOTA_FAIL_OPEN", True, doc="serve when the quota service is down"
+    )
+    max_body_bytes: int = env(
+        "RECMESH_GATEWAY_MAX_BODY_BYTES", 1024 * 1024, doc="largest HTTP body accepted"
+    )
+    max_items: int = env("RECMESH_GATEWAY_MAX_ITEMS", 500, doc="largest num_items accepted")

@@ -1,0 +1,1 @@
+"""The event logger: an idempotent per-tenant log on Redis Streams."""

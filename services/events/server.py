@@ -1,0 +1,22 @@
+"""Composition root of the events service."""
+
+from __future__ import annotations
+
+from mesh import redis as mesh_redis
+from mesh.server import MeshServer, Registration
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+from services.events.log import RedisStreamEventLog
+from services.events.servicer import EventServicer
+from services.events.settings import EventsSettings
+
+
+async def build_server(settings: EventsSettings) -> MeshServer:
+    """The events service writing to Redis at ``settings.redis_url``."""
+    client = mesh_redis.connect(settings.redis_url)
+    servicer = EventServicer(RedisStreamEventLog(client, settings.dedupe_ttl_s), settings.max_read)
+    return MeshServer(
+        settings,
+        [Registration.of(servicer, events_pb2, events_pb2_grpc, "EventService")],
+        checks=[mesh_redis.redis_check(client)],
+        cleanups=[client.aclose],
+    )

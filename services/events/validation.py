@@ -1,0 +1,57 @@
+"""What makes an event acceptable; shared by the events service and the gateway."""
+
+from __future__ import annotations
+
+import time
+
+from mesh.errors import InvalidArgument
+from recmesh.events.v1 import events_pb2
+from services.validation import check_user_id
+
+EVENT_TYPES = frozenset({"impression", "click", "conversion", "exposure", "dismiss"})
+MAX_EVENT_ID = 128
+MAX_BATCH = 1000
+MAX_FUTURE_MS = 24 * 3600 * 1000
+
+
+def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = None) -> None:
+    """Check one event of a batch; errors name ``events[index].<field>``.
+
+    Raises:
+        InvalidArgument: a field is missing or out of range.
+    """
+    prefix = f"events[{index}]"
+    if not 0 < len(event.event_id) <= MAX_EVENT_ID:
+        raise InvalidArgument(
+            f"event_id must be 1..{MAX_EVENT_ID} characters", field=f"{prefix}.event_id"
+        )
+    if event.type not in EVENT_TYPES:
+        raise InvalidArgument(
+            f"type must be one of {sorted(EVENT_TYPES)}", field=f"{prefix}.type"
+        )
+    check_user_id(event.user_id, field=f"{prefix}.user_id")
+    if event.item_id < 0:
+        raise InvalidArgument("item_id must be >= 0", field=f"{prefix}.item_id")
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if not 0 < event.ts_ms <= now_ms + MAX_FUTURE_MS:
+        raise InvalidArgument(
+            "ts must be a positive epoch time in milliseconds, not in the far future",
+            field=f"{prefix}.ts",
+        )
+    if not 0.0 <= event.propensity <= 1.0:
+        raise InvalidArgument("propensity must be in [0, 1]", field=f"{prefix}.propensity")
+
+
+def validate_batch(events: list[events_pb2.Event]) -> None:
+    """Check a whole batch (size, each event).
+
+    Raises:
+        InvalidArgument: empty or oversized batch, or an invalid event (named).
+    """
+    if not events:
+        raise InvalidArgument("events must not be empty", field="events")
+    if len(events) > MAX_BATCH:
+        raise InvalidArgument(f"at most {MAX_BATCH} events per call", field="events")
+    now_ms = int(time.time() * 1000)
+    for index, event in enumerate(events):
+        validate_event(event, index, now_ms)

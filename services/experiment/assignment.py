@@ -1,0 +1,459 @@
+"""Experiment definitions and the pure function that assigns a request to variants.
+
+An experiment book is loaded once, at start-up, from a JSON file (``config/experiments.json``
+in development) and validated strictly: any problem is a :class:`~mesh.errors.ConfigError`
+whose message names the file, the experiment and the field. The gateway keeps its own copy of
+the same file so that it can fall back to :func:`control_params` when the experiment service
+is down.
+
+File format::
+
+    {"experiments": [
+      {"key": "retrieval-k",                 # required, unique, non-empty
+       "seed": "retrieval-k",                # optional, defaults to key
+       "hash_version": 2,                    # optional, 1 or 2, defaults to 1 (GrowthBook's)
+       "hash_attribute": "user_id",          # optional, defaults to "user_id"
+       "coverage": 1.0,                      # optional, in [0, 1], defaults to 1
+       "tenants": ["demo", "acme"],          # optional, non-empty; omitted = every tenant
+       "namespace": ["retrieval-layer", 0.0, 1.0],  # optional [id, start, end), 0<=start<end<=1
+       "variants": [                         # required, at least 2; the first is the control
+         {"key": "control", "weight": 0.5, "params": {"retrieval.k": "300"}},
+         {"key": "treatment", "weight": 0.5, "params": {"retrieval.k": "600"}}],
+       "active": true}                       # optional, defaults to true
+    ]}
+
+Variant ``weight`` is given on every variant or on none (then traffic is split evenly); the
+weights must lie in [0, 1] and sum to 1 within GrowthBook's tolerance of 0.99 to 1.01, so the
+bucket ranges used are always the configured ones. ``params`` maps knob names (e.g.
+``retrieval.k``, ``ranking.heavy``, ``ranking.prerank_keep``) to string values that the gateway
+applies to the pipeline; it defaults to ``{}``. Unknown keys anywhere are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from types import MappingProxyType
+
+from mesh.errors import ConfigError, InvalidArgument
+from services.experiment.growthbook import (
+    WEIGHT_SUM_MAX,
+    WEIGHT_SUM_MIN,
+    BucketRange,
+    HashVersion,
+    Namespace,
+    choose_variation,
+    gb_hash,
+    get_bucket_ranges,
+    get_equal_weights,
+    in_namespace,
+)
+
+DEFAULT_HASH_ATTRIBUTE = "user_id"
+
+_BOOK_KEYS = frozenset({"experiments"})
+_EXPERIMENT_KEYS = frozenset(
+    {
+        "key",
+        "seed",
+        "hash_version",
+        "hash_attribute",
+        "coverage",
+        "tenants",
+        "namespace",
+        "variants",
+        "active",
+    }
+)
+_VARIANT_KEYS = frozenset({"key", "weight", "params"})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of an experiment.
+
+    Attributes:
+        key: name of the variant, unique within its experiment.
+        weight: share of covered traffic, in [0, 1].
+        params: read-only knob name to value mapping the gateway applies.
+    """
+
+    key: str
+    weight: float
+    params: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment definition; see the module docstring for each field's meaning.
+
+    Attributes:
+        key: unique experiment key.
+        seed: hash seed.
+        hash_version: GrowthBook hash version.
+        hash_attribute: name of the request attribute that is hashed.
+        coverage: fraction of eligible traffic included, in [0, 1].
+        tenants: tenants targeted, or ``None`` for every tenant.
+        namespace: ``(id, start, end)`` slice, or ``None``.
+        variants: two or more variants; index 0 is the control.
+        active: inactive experiments assign no one.
+    """
+
+    key: str
+    seed: str
+    hash_version: HashVersion
+    hash_attribute: str
+    coverage: float
+    tenants: frozenset[str] | None
+    namespace: Namespace | None
+    variants: tuple[Variant, ...]
+    active: bool
+
+    def targets(self, tenant: str) -> bool:
+        """Whether the experiment is active and open to ``tenant``."""
+        return self.active and (self.tenants is None or tenant in self.tenants)
+
+    @cached_property
+    def bucket_ranges(self) -> list[BucketRange]:
+        """The GrowthBook bucket range of each variant, coverage applied."""
+        return get_bucket_ranges(
+            len(self.variants), self.coverage, [variant.weight for variant in self.variants]
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentBook:
+    """Every experiment of a deployment, in file order (which is also the order of results).
+
+    Attributes:
+        experiments: the experiments; keys are unique.
+    """
+
+    experiments: tuple[Experiment, ...]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A request's place in one experiment.
+
+    Attributes:
+        experiment_key: the experiment.
+        variant_key: the variant the request is bucketed into.
+        variant_index: position of that variant, 0 being the control.
+        params: the variant's knobs (read-only).
+        in_experiment: GrowthBook's ``inExperiment``; True for every assignment :func:`assign`
+            returns, since requests not bucketed get no assignment at all. Exposure logging
+            should key on it.
+        hash_value: the GrowthBook bucket hash of the request, in [0, 1).
+    """
+
+    experiment_key: str
+    variant_key: str
+    variant_index: int
+    params: Mapping[str, str]
+    in_experiment: bool
+    hash_value: float
+
+
+def load_experiments(path: Path) -> ExperimentBook:
+    """Read and validate an experiment book.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        The validated, immutable book.
+
+    Raises:
+        ConfigError: the file cannot be read, is not JSON, repeats a key inside one JSON
+            object, or breaks any rule of the format; the message names the file, the
+            experiment (by key, or by index when the key itself is bad) and the field, and
+            ``field`` holds the dotted path, e.g. ``experiments[0].variants[1].weight``.
+    """
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read experiment config: {exc}") from exc
+    try:
+        document = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
+        ) from exc
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source}: key {exc.key!r} appears twice in one JSON object") from exc
+    return _parse_book(document, source)
+
+
+def assign(book: ExperimentBook, *, tenant: str, attributes: Mapping[str, str]) -> list[Assignment]:
+    """Bucket one request into every experiment it is eligible for.
+
+    For each experiment, in book order, the steps of GrowthBook's ``runExperiment`` that
+    RecMesh supports are applied, and the first that fails skips the experiment: inactive;
+    tenant not targeted; hash attribute missing or empty; outside the namespace slice; hash
+    outside every bucket range (not covered). Skipped experiments yield no assignment, and the
+    caller uses the experiment's control params (see :func:`control_params`) or its defaults.
+
+    The function is pure: the result depends only on its arguments, so the same request is
+    always assigned the same way, by any process.
+
+    Args:
+        book: the experiments.
+        tenant: the requesting tenant.
+        attributes: request attributes (e.g. ``user_id``); only each experiment's hash
+            attribute is read.
+
+    Returns:
+        One assignment per experiment the request is bucketed into, in book order.
+
+    Raises:
+        InvalidArgument: ``tenant`` is empty (field ``tenant``), or a hash attribute's value
+            is not a string (field ``attributes.<name>``).
+    """
+    if not tenant:
+        raise InvalidArgument("tenant must be a non-empty string", field="tenant")
+    assignments: list[Assignment] = []
+    for experiment in book.experiments:
+        if not experiment.targets(tenant):
+            continue
+        value = attributes.get(experiment.hash_attribute, "")
+        if not isinstance(value, str):
+            raise InvalidArgument(
+                f"attribute {experiment.hash_attribute!r} must be a string",
+                field=f"attributes.{experiment.hash_attribute}",
+            )
+        if not value:
+            continue
+        if experiment.namespace is not None and not in_namespace(value, experiment.namespace):
+            continue
+        bucket = gb_hash(experiment.seed, value, experiment.hash_version)
+        index = choose_variation(bucket, experiment.bucket_ranges)
+        if index < 0:
+            continue
+        variant = experiment.variants[index]
+        assignments.append(
+            Assignment(
+                experiment_key=experiment.key,
+                variant_key=variant.key,
+                variant_index=index,
+                params=variant.params,
+                in_experiment=True,
+                hash_value=bucket,
+            )
+        )
+    return assignments
+
+
+def control_params(book: ExperimentBook, tenant: str) -> dict[str, Mapping[str, str]]:
+    """The control (first) variant's params of every active experiment open to ``tenant``.
+
+    This is what a request of ``tenant`` gets from each experiment it is not bucketed into,
+    and what the gateway applies to every request while the experiment service is down.
+
+    Args:
+        book: the experiments.
+        tenant: the tenant.
+
+    Returns:
+        Experiment key to control params, in book order.
+    """
+    return {
+        experiment.key: experiment.variants[0].params
+        for experiment in book.experiments
+        if experiment.targets(tenant)
+    }
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where in the file a value sits, for error messages."""
+
+    source: str
+    label: str
+    path: str
+
+    def error(self, field: str, problem: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {self.label}: field {field!r}: {problem}",
+            field=f"{self.path}.{field}",
+        )
+
+
+def _parse_book(document: object, source: str) -> ExperimentBook:
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: top level must be an object with key 'experiments'")
+    unknown = sorted(set(document) - _BOOK_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level key {unknown[0]!r} (allowed: 'experiments')",
+            field=unknown[0],
+        )
+    raw_experiments = document.get("experiments")
+    if not isinstance(raw_experiments, list):
+        raise ConfigError(f"{source}: 'experiments' must be a list", field="experiments")
+    experiments: list[Experiment] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_experiments):
+        experiment = _parse_experiment(raw, index, source)
+        if experiment.key in seen:
+            raise ConfigError(
+                f"{source}: experiment {experiment.key!r}: duplicate experiment key",
+                field=f"experiments[{index}].key",
+            )
+        seen.add(experiment.key)
+        experiments.append(experiment)
+    return ExperimentBook(experiments=tuple(experiments))
+
+
+def _parse_experiment(raw: object, index: int, source: str) -> Experiment:
+    path = f"experiments[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {path}: must be an object", field=path)
+    key = raw.get("key")
+    if not isinstance(key, str) or not key:
+        raise ConfigError(
+            f"{source}: {path}: 'key' must be a non-empty string", field=f"{path}.key"
+        )
+    where = _Where(source, f"experiment {key!r}", path)
+    _reject_unknown(raw, _EXPERIMENT_KEYS, where)
+
+    seed = raw.get("seed", key)
+    if not isinstance(seed, str) or not seed:
+        raise where.error("seed", "must be a non-empty string")
+    hash_attribute = raw.get("hash_attribute", DEFAULT_HASH_ATTRIBUTE)
+    if not isinstance(hash_attribute, str) or not hash_attribute:
+        raise where.error("hash_attribute", "must be a non-empty string")
+    active = raw.get("active", True)
+    if not isinstance(active, bool):
+        raise where.error("active", "must be true or false")
+    coverage = _fraction(raw.get("coverage", 1.0), where, "coverage")
+    return Experiment(
+        key=key,
+        seed=seed,
+        hash_version=_hash_version(raw.get("hash_version", 1), where),
+        hash_attribute=hash_attribute,
+        coverage=coverage,
+        tenants=_tenants(raw.get("tenants"), where),
+        namespace=_namespace(raw.get("namespace"), where),
+        variants=_variants(raw.get("variants"), where),
+        active=active,
+    )
+
+
+def _reject_unknown(
+    raw: dict[str, object], allowed: frozenset[str], where: _Where, prefix: str = ""
+) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise where.error(
+            prefix + unknown[0], f"unknown key (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a finite float when it is a JSON number, else None (booleans excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _fraction(value: object, where: _Where, field: str) -> float:
+    number = _number(value)
+    if number is None or not 0.0 <= number <= 1.0:
+        raise where.error(field, f"must be a number in [0, 1], got {value!r}")
+    return number
+
+
+def _hash_version(value: object, where: _Where) -> HashVersion:
+    if value == 1 and not isinstance(value, bool):
+        return 1
+    if value == 2 and not isinstance(value, bool):
+        return 2
+    raise where.error("hash_version", f"must be 1 or 2, got {value!r}")
+
+
+def _tenants(value: object, where: _Where) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(tenant, str) and tenant for tenant in value)
+    ):
+        raise where.error(
+            "tenants", "must be a non-empty list of non-empty strings (omit it for all tenants)"
+        )
+    return frozenset(value)
+
+
+def _namespace(value: object, where: _Where) -> Namespace | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 3:
+        raise where.error("namespace", "must be [id, start, end]")
+    namespace_id, raw_start, raw_end = value
+    start, end = _number(raw_start), _number(raw_end)
+    if not isinstance(namespace_id, str) or not namespace_id:
+        raise where.error("namespace", "id must be a non-empty string")
+    if start is None or end is None or not 0.0 <= start < end <= 1.0:
+        raise where.error("namespace", f"needs 0 <= start < end <= 1, got {value[1:]!r}")
+    return (namespace_id, start, end)
+
+
+def _variants(value: object, where: _Where) -> tuple[Variant, ...]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise where.error("variants", "must list at least 2 variants (the first is the control)")
+    weighted = ["weight" in raw for raw in value if isinstance(raw, dict)]
+    if any(weighted) and not all(weighted):
+        raise where.error("variants", "give a weight to every variant or to none")
+    weights = None if any(weighted) else get_equal_weights(len(value))
+    variants: list[Variant] = []
+    for index, raw in enumerate(value):
+        variant = _variant(raw, where, index, None if weights is None else weights[index])
+        if any(variant.key == earlier.key for earlier in variants):
+            raise where.error(f"variants[{index}].key", f"duplicate variant key {variant.key!r}")
+        variants.append(variant)
+    total = sum(variant.weight for variant in variants)
+    if not WEIGHT_SUM_MIN <= total <= WEIGHT_SUM_MAX:
+        raise where.error("variants", f"weights sum to {total:g}; they must sum to 1")
+    return tuple(variants)
+
+
+def _variant(raw: object, where: _Where, index: int, weight: float | None) -> Variant:
+    field = f"variants[{index}]"
+    if not isinstance(raw, dict):
+        raise where.error(field, "must be an object")
+    _reject_unknown(raw, _VARIANT_KEYS, where, prefix=f"{field}.")
+    key = raw.get("key")
+    if not isinstance(key, str) or not key:
+        raise where.error(f"{field}.key", "must be a non-empty string")
+    if weight is None:
+        weight = _fraction(raw["weight"], where, f"{field}.weight")
+    params = raw.get("params", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(name, str) and name and isinstance(setting, str)
+        for name, setting in params.items()
+    ):
+        raise where.error(f"{field}.params", "must map non-empty names to string values")
+    return Variant(key=key, weight=weight, params=MappingProxyType(dict(params)))

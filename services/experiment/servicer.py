@@ -1,0 +1,37 @@
+"""``recmesh.experiment.v1.ExperimentService`` over a loaded experiment book."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.context import current_tenant
+from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
+from services.experiment.assignment import ExperimentBook, assign
+from services.validation import check_user_id
+
+
+class ExperimentServicer(experiment_pb2_grpc.ExperimentServiceServicer):
+    """Deterministic assignment: the same tenant and attributes always get the same variants."""
+
+    def __init__(self, book: ExperimentBook) -> None:
+        self._book = book
+
+    async def Assign(
+        self, request: experiment_pb2.AssignRequest, context: Any
+    ) -> experiment_pb2.AssignResponse:
+        check_user_id(request.user_id)
+        attributes = {**request.attributes, "user_id": request.user_id}
+        assignments = assign(self._book, tenant=current_tenant(), attributes=attributes)
+        return experiment_pb2.AssignResponse(
+            assignments=[
+                experiment_pb2.Assignment(
+                    experiment_key=a.experiment_key,
+                    variant_key=a.variant_key,
+                    variant_index=a.variant_index,
+                    params=dict(a.params),
+                    hash_value=a.hash_value,
+                )
+                for a in assignments
+                if a.in_experiment
+            ]
+        )

@@ -1,0 +1,1 @@
+"""Per-tenant rate limits on Redis, for the gateway and for Envoy's rate-limit filter."""

@@ -1,0 +1,38 @@
+"""Composition root of the quota service (RecMesh quota API and Envoy's RLS v3)."""
+
+from __future__ import annotations
+
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from mesh import redis as mesh_redis
+from mesh.server import MeshServer, Registration
+from mesh.tenants import load_tenants
+from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.quota.envoy import EnvoyRateLimitServicer
+from services.quota.limiter import RedisRateLimiter
+from services.quota.servicer import QuotaServicer
+from services.quota.settings import QuotaSettings
+
+
+async def build_server(settings: QuotaSettings) -> MeshServer:
+    """The quota service; limits come from the tenant registry file.
+
+    Raises:
+        ConfigError: the tenant file is missing or invalid.
+    """
+    tenants = load_tenants(settings.tenants)
+    client = mesh_redis.connect(settings.redis_url)
+    limiter = RedisRateLimiter(client)
+    return MeshServer(
+        settings,
+        [
+            Registration.of(QuotaServicer(limiter, tenants), quota_pb2, quota_pb2_grpc, "QuotaService"),
+            Registration.of(
+                EnvoyRateLimitServicer(limiter, tenants, settings.rls_domain),
+                rls_pb2,
+                rls_pb2_grpc,
+                "RateLimitService",
+            ),
+        ],
+        checks=[mesh_redis.redis_check(client)],
+        cleanups=[client.aclose],
+    )

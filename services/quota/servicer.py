@@ -1,0 +1,56 @@
+"""``recmesh.quota.v1.QuotaService``: tenant buckets from the tenant registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.context import current_tenant, validate_tenant
+from mesh.errors import InvalidArgument, NotFound
+from mesh.tenants import Tenant, TenantRegistry
+from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+from services.quota.limiter import RedisRateLimiter
+
+MAX_COST = 1000
+
+
+class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
+    """Acquire units from a tenant's bucket; report usage."""
+
+    def __init__(self, limiter: RedisRateLimiter, tenants: TenantRegistry) -> None:
+        self._limiter = limiter
+        self._tenants = tenants
+
+    def _tenant(self, name: str) -> Tenant:
+        tenant = self._tenants.get(validate_tenant(name))
+        if tenant is None:
+            raise NotFound(f"tenant {name!r} is not configured", field="tenant")
+        return tenant
+
+    async def Acquire(
+        self, request: quota_pb2.AcquireRequest, context: Any
+    ) -> quota_pb2.AcquireResponse:
+        tenant = self._tenant(request.tenant or current_tenant())
+        if not 0 <= request.cost <= MAX_COST:
+            raise InvalidArgument(f"cost must be in 0..{MAX_COST}", field="cost")
+        decision = await self._limiter.acquire(
+            f"tenant:{tenant.name}", tenant.rate, tenant.burst, request.cost or 1
+        )
+        return quota_pb2.AcquireResponse(
+            allowed=decision.allowed,
+            rate=tenant.rate,
+            burst=tenant.burst,
+            remaining=decision.remaining,
+            retry_after_s=decision.retry_after_s,
+        )
+
+    async def GetUsage(
+        self, request: quota_pb2.GetUsageRequest, context: Any
+    ) -> quota_pb2.GetUsageResponse:
+        names = [self._tenant(request.tenant).name] if request.tenant else list(self._tenants.tenants)
+        rows = []
+        for name in names:
+            usage = await self._limiter.usage(f"tenant:{name}")
+            rows.append(
+                quota_pb2.TenantUsage(tenant=name, allowed=usage.allowed, rejected=usage.rejected)
+            )
+        return quota_pb2.GetUsageResponse(usage=rows)
