@@ -1,0 +1,42 @@
+# RecMesh developer commands. `make up` and `make test` work from a fresh clone:
+# both create .venv and install the project when it is missing or out of date.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: up down status test test-fast lint protos protos-check bench chaos clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -e '.[dev,train]'
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/recmesh up
+
+down: $(STAMP)
+	$(BIN)/recmesh down
+
+status: $(STAMP)
+	$(BIN)/recmesh status
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+protos: $(STAMP)
+	$(BIN)/recmesh protos
+
+protos-check: $(STAMP)
+	$(BIN)/recmesh protos --check
+
+clean:
+	rm -rf var

@@ -1,0 +1,45 @@
+"""Session fixtures: a real Redis-protocol server and a real (tiny) artifact set."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ops.redis_server import start_embedded_redis
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of an embedded Valkey server started for this test session."""
+    base = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    process = start_embedded_redis(base / "data", port, base / "redis.log")
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root holding ``current`` -> a small world trained for real by the training pipeline."""
+    from training.pipeline import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("artifacts")
+    train(root, TrainConfig.tiny())
+    return root

@@ -1,0 +1,143 @@
+"""The whole mesh started in-process on free ports, for integration tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.server import HttpListener, build_gateway
+from gateway.settings import GatewaySettings
+from mesh.context import TENANT_KEY
+from mesh.server import MeshServer
+from mesh.testing import serving
+from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+from services.events.server import build_server as build_events
+from services.events.settings import EventsSettings
+from services.experiment.server import build_server as build_experiment
+from services.experiment.settings import ExperimentSettings
+from services.feature.server import build_server as build_feature
+from services.feature.settings import FeatureSettings
+from services.quota.server import build_server as build_quota
+from services.quota.settings import QuotaSettings
+from services.ranking.server import build_server as build_ranking
+from services.ranking.settings import RankingSettings
+from services.retrieval.server import build_server as build_retrieval
+from services.retrieval.settings import RetrievalSettings
+
+TENANTS = {"demo": ("demo-key", 1000, 2000), "acme": ("acme-key", 1000, 2000), "tiny": ("tiny-key", 0.5, 2)}
+"""Test tenants: name -> (API key, rate/s, burst). ``tiny`` exists to hit its quota."""
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def write_tenants(path: Path) -> Path:
+    """Write the test tenant registry to ``path``."""
+    path.write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    name: {
+                        "api_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                        "rate": rate,
+                        "burst": burst,
+                    }
+                    for name, (key, rate, burst) in TENANTS.items()
+                }
+            }
+        )
+    )
+    return path
+
+
+@dataclass
+class Mesh:
+    servers: dict[str, MeshServer]
+    http: HttpListener
+
+    def addr(self, name: str) -> str:
+        return f"127.0.0.1:{self.servers[name].port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http.port}"
+
+
+@asynccontextmanager
+async def inprocess_mesh(
+    redis_url: str, artifacts: Path, tenants_file: Path
+) -> AsyncIterator[Mesh]:
+    """Every service and the gateway, in this process, on port 0, features materialised."""
+    async with AsyncExitStack() as stack:
+        servers: dict[str, MeshServer] = {}
+
+        async def start(name: str, server: MeshServer) -> str:
+            servers[name] = await stack.enter_async_context(serving(server))
+            return f"127.0.0.1:{servers[name].port}"
+
+        common = {"port": 0, "drain_delay_s": 0.0}
+        feature = await start(
+            "feature",
+            await build_feature(FeatureSettings(redis_url=redis_url, artifacts=artifacts, **common)),
+        )
+        retrieval = await start(
+            "retrieval",
+            await build_retrieval(
+                RetrievalSettings(artifacts=artifacts, feature_addr=feature, **common)
+            ),
+        )
+        ranking = await start(
+            "ranking",
+            await build_ranking(RankingSettings(artifacts=artifacts, feature_addr=feature, **common)),
+        )
+        experiment = await start(
+            "experiment",
+            await build_experiment(
+                ExperimentSettings(experiments=PROJECT / "config" / "experiments.json", **common)
+            ),
+        )
+        events = await start("events", await build_events(EventsSettings(redis_url=redis_url, **common)))
+        quota = await start(
+            "quota", await build_quota(QuotaSettings(redis_url=redis_url, tenants=tenants_file, **common))
+        )
+        from mesh.client import open_channel
+
+        channel = open_channel(feature)
+        for tenant in TENANTS:
+            await feature_pb2_grpc.FeatureServiceStub(channel).Materialize(
+                feature_pb2.MaterializeRequest(), metadata=[(TENANT_KEY, tenant)], timeout=120
+            )
+        await channel.close()
+        gateway, http = await build_gateway(
+            GatewaySettings(
+                http_port=0,
+                tenants=tenants_file,
+                experiments=PROJECT / "config" / "experiments.json",
+                feature_addr=feature,
+                retrieval_addr=retrieval,
+                ranking_addr=ranking,
+                experiment_addr=experiment,
+                events_addr=events,
+                quota_addr=quota,
+                deadline_s=2.0,
+                retrieval_budget_s=1.0,
+                ranking_budget_s=1.0,
+                quota_budget_s=0.5,
+                experiment_budget_s=0.5,
+                **common,
+            )
+        )
+        await start("gateway", gateway)
+        yield Mesh(servers, http)
+
+
+async def reset_quota(redis_url: str, tenant: str) -> None:
+    """Refill ``tenant``'s bucket, so a quota test starts from a full burst."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    await client.delete(f"rm:{{tenant:{tenant}}}:gcra")
+    await client.aclose()

@@ -1,0 +1,130 @@
+"""The shared runtime: settings, budgets, error mapping, health and drain."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mesh.context import Budget, clamp_deadline
+from mesh.errors import ConfigError, DeadlineExceeded
+from mesh.health import HealthCheck
+from mesh.settings import ServerSettings, env, load
+from mesh.testing import channel_to, serving, tenant_metadata
+from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
+from services.experiment.server import build_server
+from services.experiment.settings import ExperimentSettings
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Example(ServerSettings):
+    size: int = env("EXAMPLE_SIZE", 3)
+    ratio: float = env("EXAMPLE_RATIO", 0.5)
+    enabled: bool = env("EXAMPLE_ENABLED", False)
+
+
+def test_settings_read_env_with_defaults_in_one_place() -> None:
+    settings = load(Example, {"EXAMPLE_SIZE": "7", "EXAMPLE_ENABLED": "yes"})
+    assert (settings.size, settings.ratio, settings.enabled) == (7, 0.5, True)
+
+
+def test_a_bad_setting_fails_fast_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="EXAMPLE_SIZE"):
+        load(Example, {"EXAMPLE_SIZE": "many"})
+
+
+def test_no_deadline_gets_the_default_and_huge_ones_are_clamped() -> None:
+    assert clamp_deadline(None, 0.1, 1.0) == 0.1
+    assert clamp_deadline(1e9, 0.1, 1.0) == 0.1  # what grpc reports without a deadline
+    assert clamp_deadline(5.0, 0.1, 1.0) == 1.0
+    assert clamp_deadline(0.02, 0.1, 1.0) == 0.02
+
+
+def test_budget_gives_the_remainder_minus_margin_and_fails_when_spent() -> None:
+    now = [100.0]
+    budget = Budget(0.050, clock=lambda: now[0])
+    assert budget.for_call(cap_s=0.010, margin_s=0.002) == pytest.approx(0.010)
+    now[0] += 0.045
+    assert budget.for_call(cap_s=0.010, margin_s=0.002) == pytest.approx(0.003)
+    now[0] += 0.004
+    with pytest.raises(DeadlineExceeded):
+        budget.for_call(margin_s=0.002)
+
+
+async def test_server_has_health_reflection_and_maps_errors() -> None:
+    server = await build_server(
+        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json")
+    )
+    async with serving(server), channel_to(server) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        named = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="recmesh.experiment.v1.ExperimentService")
+        )
+        assert named.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        async for response in responses:
+            names = {s.name for s in response.list_services_response.service}
+            assert "recmesh.experiment.v1.ExperimentService" in names
+            break
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await experiment_pb2_grpc.ExperimentServiceStub(channel).Assign(
+                experiment_pb2.AssignRequest(user_id=""), metadata=tenant_metadata("demo")
+            )
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("x-recmesh-field", "user_id") in tuple(error.value.trailing_metadata() or ())
+
+
+async def test_failing_component_turns_health_not_serving() -> None:
+    healthy = asyncio.Event()
+    healthy.set()
+
+    async def probe() -> None:
+        if not healthy.is_set():
+            raise ConnectionError("redis gone")
+
+    server = await build_server(
+        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json")
+    )
+    server.health._checks.append(HealthCheck("fake-redis", probe))
+    async with serving(server), channel_to(server) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        healthy.clear()
+        await server.health.run_checks()
+        reply = await stub.Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "fake-redis" in server.health.failures
+
+
+async def test_drain_reports_not_serving_and_lets_in_flight_calls_finish() -> None:
+    server = await build_server(
+        ExperimentSettings(
+            port=0,
+            experiments=PROJECT / "config" / "experiments.json",
+            drain_delay_s=0.3,
+            drain_grace_s=2.0,
+        )
+    )
+    await server.start()
+    async with channel_to(server) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = experiment_pb2_grpc.ExperimentServiceStub(channel)
+        stopping = asyncio.create_task(server.stop())
+        await asyncio.sleep(0.1)
+        reply = await health.Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assigned = await stub.Assign(
+            experiment_pb2.AssignRequest(user_id="u1"), metadata=tenant_metadata("demo")
+        )
+        assert assigned.assignments
+        await stopping
