@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from gateway.settings import GatewaySettings
-from mesh.client import open_channel
 from recmesh.events.v1 import events_pb2_grpc
 from recmesh.experiment.v1 import experiment_pb2_grpc
 from recmesh.quota.v1 import quota_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2_grpc
+
+from gateway.settings import GatewaySettings
+from mesh.client import connect_eagerly, open_channel
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Downstreams:
     events: events_pb2_grpc.EventServiceStub
 
     @classmethod
-    def connect(cls, settings: GatewaySettings) -> Downstreams:
+    def open(cls, settings: GatewaySettings) -> Downstreams:
         """Open channels to every address in ``settings`` (inside the running loop)."""
         channels = {
             name: open_channel(getattr(settings, f"{name}_addr"))
@@ -42,6 +42,10 @@ class Downstreams:
             ranking=ranking_pb2_grpc.RankingServiceStub(channels["ranking"]),
             events=events_pb2_grpc.EventServiceStub(channels["events"]),
         )
+
+    async def connect(self) -> None:
+        """Open every channel now (start-up), so first requests do not pay for connecting."""
+        await connect_eagerly(list(self.channels.values()))
 
     async def health(self, timeout_s: float = 0.5) -> dict[str, str]:
         """Each downstream's ``grpc.health.v1`` status name, or the error reaching it."""

@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-
-from gateway.clients import Downstreams
-from gateway.metrics import DEGRADED
-from gateway.settings import GatewaySettings
-from mesh.context import Budget, budget_var, request_id_var, tenant_var
-from mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2
 from recmesh.quota.v1 import quota_pb2
 from recmesh.ranking.v1 import ranking_pb2
 from recmesh.retrieval.v1 import retrieval_pb2
+
+from gateway.clients import Downstreams
+from gateway.metrics import DEGRADED
+from gateway.settings import GatewaySettings
+from mesh.context import Budget, budget_var, request_id_var, tenant_var
+from mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.experiment.assignment import ExperimentBook, control_params
 from services.validation import check_user_id
 
@@ -83,13 +83,13 @@ class Funnel:
         self._background: set[asyncio.Task[None]] = set()
 
     def validate(self, user_id: str, num_items: int) -> int:
-        """The effective ``num_items`` (0 means 10).
+        """``num_items`` once checked.
 
         Raises:
             InvalidArgument: user_id empty or over 256 bytes, num_items out of 1..max.
         """
         check_user_id(user_id)
-        n = 10 if num_items == 0 else num_items
+        n = num_items
         if not 0 < n <= self._settings.max_items:
             raise InvalidArgument(
                 f"num_items must be in 1..{self._settings.max_items}", field="num_items"
@@ -212,7 +212,9 @@ class Funnel:
         popular = [
             (i, s)
             for i, s, src in zip(
-                reply.candidates.item_ids, reply.candidates.scores, reply.candidates.sources,
+                reply.candidates.item_ids,
+                reply.candidates.scores,
+                reply.candidates.sources,
                 strict=True,
             )
             if src == common_pb2.SOURCE_POPULAR

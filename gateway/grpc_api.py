@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from recmesh.common.v1 import common_pb2
+from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
 from gateway.funnel import DownstreamFailure, Funnel
 from gateway.metrics import LATENCY, REQUESTS
 from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
 from mesh.errors import RecMeshError, Unauthenticated, Unavailable
 from mesh.tenants import Tenant, TenantRegistry
-from recmesh.common.v1 import common_pb2
-from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.events.validation import validate_batch
+
+DEFAULT_NUM_ITEMS = 10
+"""What an unset (0) ``num_items`` means in the gRPC API."""
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -44,7 +48,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 budget.remaining() if budget else None, self._deadline_s, self._deadline_s
             )
             result = await self._funnel.recommend(
-                tenant.name, request.user_id, request.num_items, deadline_s=deadline
+                tenant.name,
+                request.user_id,
+                request.num_items or DEFAULT_NUM_ITEMS,
+                deadline_s=deadline,
             )
         except RecMeshError as exc:
             code = exc.grpc_code.name
@@ -55,7 +62,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.RecommendResponse(
             request_id=result.request_id,
             items=common_pb2.Candidates(
-                item_ids=result.item_ids, scores=result.scores, sources=result.sources  # type: ignore[arg-type]
+                item_ids=result.item_ids,
+                scores=result.scores,
+                sources=result.sources,  # type: ignore[arg-type]
             ),
             experiments=[
                 gateway_pb2.ExperimentVariant(key=k, variant=v) for k, v in result.experiments

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from recmesh.common.v1 import common_pb2
 
 from gateway.clients import Downstreams
 from gateway.funnel import DownstreamFailure, Funnel, Recommendation
@@ -19,7 +20,6 @@ from gateway.schema import parse_events, parse_recommend
 from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
 from mesh.errors import RecMeshError, ResourceExhausted, Unauthenticated, Unavailable
 from mesh.tenants import Tenant, TenantRegistry
-from recmesh.common.v1 import common_pb2
 from services.events.validation import validate_batch
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,9 +34,19 @@ def render(result: Recommendation, debug: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "request_id": result.request_id,
         "items": [
-            {"item_id": item, "score": round(score, 6), "rank": rank + 1, "source": _source_name(src)}
+            {
+                "item_id": item,
+                "score": round(score, 6),
+                "rank": rank + 1,
+                "source": _source_name(src),
+            }
             for rank, (item, score, src) in enumerate(
-                zip(result.item_ids, result.scores or [0.0] * len(result.item_ids), result.sources, strict=True)
+                zip(
+                    result.item_ids,
+                    result.scores or [0.0] * len(result.item_ids),
+                    result.sources,
+                    strict=True,
+                )
             )
         ],
         "experiments": [{"key": key, "variant": variant} for key, variant in result.experiments],
@@ -98,7 +108,11 @@ class HttpApi:
     @web.middleware
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        route = (
+            request.match_info.route.resource.canonical
+            if request.match_info.route.resource
+            else "other"
+        )
         try:
             response = await handler(request)
         except RecMeshError as exc:

@@ -96,7 +96,13 @@ OPENAPI: dict[str, Any] = {
                                 "event_id": {"type": "string", "maxLength": 128},
                                 "type": {
                                     "type": "string",
-                                    "enum": ["impression", "click", "conversion", "exposure", "dismiss"],
+                                    "enum": [
+                                        "impression",
+                                        "click",
+                                        "conversion",
+                                        "exposure",
+                                        "dismiss",
+                                    ],
                                 },
                                 "user_id": {"type": "string"},
                                 "item_id": {"type": "integer", "minimum": 0},
@@ -144,7 +150,9 @@ OPENAPI: dict[str, Any] = {
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/EventsRequest"}}
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/EventsRequest"}
+                        }
                     },
                 },
                 "responses": {"202": {"description": "accepted"}, **_errors(400, 401, 503)},

@@ -6,8 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.errors import InvalidArgument
 from recmesh.events.v1 import events_pb2
+
+from mesh.errors import InvalidArgument
 
 MAX_CONTEXT_ENTRIES = 64
 
@@ -39,9 +40,7 @@ def _typed(document: dict[str, Any], name: str, kind: type, default: Any, prefix
     value = document.get(name, default)
     # bool is an int subclass: a JSON true is never a valid count.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidArgument(
-            f"{prefix}{name} must be a {kind.__name__}", field=f"{prefix}{name}"
-        )
+        raise InvalidArgument(f"{prefix}{name} must be a {kind.__name__}", field=f"{prefix}{name}")
     return value
 
 

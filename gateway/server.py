@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.clients import Downstreams
 from gateway.funnel import Funnel
@@ -13,7 +14,6 @@ from gateway.http import HttpApi
 from gateway.settings import GatewaySettings
 from mesh.server import MeshServer, Registration
 from mesh.tenants import load_tenants
-from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.experiment.assignment import load_experiments
 
 
@@ -49,7 +49,7 @@ async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpList
     """
     tenants = load_tenants(settings.tenants)
     book = load_experiments(settings.experiments)
-    downstreams = Downstreams.connect(settings)
+    downstreams = Downstreams.open(settings)
     funnel = Funnel(settings, downstreams, book)
     http = HttpListener(
         HttpApi(funnel, tenants, downstreams).app(settings.max_body_bytes),
@@ -66,7 +66,7 @@ async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpList
                 "GatewayService",
             )
         ],
-        startups=[http.start],
+        startups=[downstreams.connect, http.start],
         cleanups=[http.stop, funnel.drain, downstreams.close],
     )
     return server, http

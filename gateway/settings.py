@@ -37,7 +37,9 @@ class GatewaySettings(ServerSettings):
         "RECMESH_GATEWAY_RANKING_BUDGET_S", 0.045, doc="ranking stage cap"
     )
     events_timeout_s: float = env(
-        "RECMESH_GATEWAY_EVENTS_TIMEOUT_S", 1.0, doc="timeout of event writes (off the request path)"
+        "RECMESH_GATEWAY_EVENTS_TIMEOUT_S",
+        1.0,
+        doc="timeout of event writes (off the request path)",
     )
     quota_fail_open: bool = env(
         "RECMESH_GATEWAY_QUOTA_FAIL_OPEN", True, doc="serve when the quota service is down"

@@ -14,6 +14,7 @@ Create channels inside the running event loop (one loop per process).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -72,3 +73,20 @@ def open_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         target, options=CHANNEL_OPTIONS, interceptors=[_ContextInterceptor()]
     )
+
+
+async def connect_eagerly(channels: list[grpc.aio.Channel], timeout_s: float = 2.0) -> int:
+    """Open the connections of ``channels`` now, so the first request does not pay for it.
+
+    A downstream that is not up yet is not an error: its channel connects on first use.
+    Returns how many channels are ready.
+    """
+
+    async def ready(channel: grpc.aio.Channel) -> bool:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    return sum(await asyncio.gather(*(ready(c) for c in channels)))

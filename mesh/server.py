@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from mesh.context import (
@@ -31,7 +32,7 @@ from mesh.context import (
     request_id_var,
     tenant_var,
 )
-from mesh.errors import RecMeshError
+from mesh.errors import InvalidArgument, RecMeshError
 from mesh.health import HealthCheck, HealthMonitor
 from mesh.settings import ServerSettings
 
@@ -72,6 +73,16 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: RecMeshEr
     await context.abort(exc.grpc_code, exc.message)
 
 
+def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes, method: str) -> Any:
+    """The request message, decoded here so corrupt bytes map to INVALID_ARGUMENT."""
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(f"request to {method} is not a valid message: {exc}", field="request") from exc
+
+
 class _MeshInterceptor(grpc.aio.ServerInterceptor):
     """Sets request context, budget and error mapping around every unary call."""
 
@@ -88,9 +99,10 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
             return handler
         inner = handler.unary_unary
+        deserialize = handler.request_deserializer
         settings = self._settings
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def wrapped(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = dict(context.invocation_metadata() or ())
             tenant_var.set(str(metadata.get(TENANT_KEY, "")))
             request_id_var.set(str(metadata.get(REQUEST_ID_KEY, "")) or uuid.uuid4().hex)
@@ -101,6 +113,7 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                request = _decode(deserialize, raw, method)
                 return await inner(request, context)
             except RecMeshError as exc:
                 code = exc.grpc_code
@@ -130,7 +143,7 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from mesh.errors import ArtifactError
 from mesh.ports import DEFAULT_PORTS
 from ops import protos, supervisor
 from training.artifacts import resolve_current
@@ -20,7 +21,7 @@ def _ensure_artifacts(layout: supervisor.Layout) -> None:
     try:
         resolve_current(layout.artifacts)
         return
-    except Exception:  # any reason the current set cannot be resolved: build one
+    except ArtifactError:
         print(f"no artifact set under {layout.artifacts}; training one (first run only)")
     subprocess.run(
         [sys.executable, "-m", "training", "train", "--root", str(layout.artifacts)], check=True
@@ -40,7 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  logs     : {layout.log_dir}")
     print("try:")
     print(
-        f"  curl -s -H 'x-api-key: demo-key' -d '{{\"user_id\":\"u1\",\"num_items\":10}}' "
+        f'  curl -s -H \'x-api-key: demo-key\' -d \'{{"user_id":"u1","num_items":10}}\' '
         f"{http}/v1/recommend"
     )
     return 0

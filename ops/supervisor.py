@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh.context import TENANT_KEY
 from mesh.paths import ARTIFACTS_DIR, VAR_DIR
@@ -25,7 +26,6 @@ from mesh.ports import DEFAULT_PORTS, GATEWAY_HTTP_PORT, SERVICES
 from mesh.settings import load, tenants_file
 from mesh.tenants import load_tenants
 from ops.redis_server import start_embedded_redis, wait_for_redis
-from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 MODULES: dict[str, str] = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
 REDIS_PORT = 6390
@@ -103,7 +103,7 @@ def _running_pid(layout: Layout, name: str) -> int | None:
     return pid if marker in cmdline else None
 
 
-def _spawn(layout: Layout, name: str, command: list[str]) -> None:
+def _spawn(layout: Layout, name: str, command: list[str]) -> subprocess.Popen[bytes]:
     layout.log_dir.mkdir(parents=True, exist_ok=True)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     with open(layout.log_dir / f"{name}.log", "ab") as log:
@@ -116,6 +116,7 @@ def _spawn(layout: Layout, name: str, command: list[str]) -> None:
             start_new_session=True,
         )
     _pid_file(layout, name).write_text(str(process.pid))
+    return process
 
 
 def health_status(port: int, timeout_s: float = 0.5) -> str:
@@ -130,12 +131,15 @@ def health_status(port: int, timeout_s: float = 0.5) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def _wait_serving(layout: Layout, names: list[str], timeout_s: float) -> None:
+def _wait_serving(
+    layout: Layout, names: list[str], started: Mapping[str, subprocess.Popen[bytes]], timeout_s: float
+) -> None:
+    """Wait until each of ``names`` is SERVING; fail early when one ``up`` started exits."""
     deadline = time.monotonic() + timeout_s
     pending = list(names)
     while pending and time.monotonic() < deadline:
         for name in list(pending):
-            if _running_pid(layout, name) is None:
+            if name in started and started[name].poll() is not None:
                 tail = (layout.log_dir / f"{name}.log").read_text()[-3000:]
                 raise RuntimeError(f"{name} exited during start-up; its log ends:\n{tail}")
             if health_status(layout.ports[name]) == "SERVING":
@@ -172,15 +176,17 @@ def up(layout: Layout, timeout_s: float = 120.0) -> None:
         layout.run_dir.mkdir(parents=True, exist_ok=True)
         _pid_file(layout, "redis").write_text(str(process.pid))
     wait_for_redis(layout.effective_redis_url())
-    for name in SERVICES:
-        if _running_pid(layout, name) is None:
-            _spawn(layout, name, [sys.executable, "-m", MODULES[name]])
-    _wait_serving(layout, list(SERVICES), timeout_s)
+    started = {
+        name: _spawn(layout, name, [sys.executable, "-m", MODULES[name]])
+        for name in SERVICES
+        if _running_pid(layout, name) is None
+    }
+    _wait_serving(layout, list(SERVICES), started, timeout_s)
     registry_path = layout.tenants or load(_TenantsOnly).tenants
     materialize(layout, list(load_tenants(registry_path).tenants))
     if _running_pid(layout, "gateway") is None:
-        _spawn(layout, "gateway", [sys.executable, "-m", "gateway"])
-    _wait_serving(layout, ["gateway"], timeout_s)
+        started["gateway"] = _spawn(layout, "gateway", [sys.executable, "-m", "gateway"])
+    _wait_serving(layout, ["gateway"], started, timeout_s)
 
 
 def down(layout: Layout, grace_s: float = 10.0) -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+from recmesh.common.v1 import common_pb2
 
 from mesh.errors import InvalidArgument
-from recmesh.common.v1 import common_pb2
 
 MAX_USER_ID_BYTES = 256
 

@@ -41,5 +41,10 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.pipeline import TrainConfig, train
 
     root = tmp_path_factory.mktemp("artifacts")
-    train(root, TrainConfig.tiny())
+    train(
+        root,
+        TrainConfig(
+            n_users=500, n_items=2000, n_categories=20, epochs=1, evaluate=False, progress=False
+        ),
+    )
     return root

@@ -9,12 +9,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+
 from gateway.server import HttpListener, build_gateway
 from gateway.settings import GatewaySettings
 from mesh.context import TENANT_KEY
 from mesh.server import MeshServer
 from mesh.testing import serving
-from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from services.events.server import build_server as build_events
 from services.events.settings import EventsSettings
 from services.experiment.server import build_server as build_experiment
@@ -28,7 +29,11 @@ from services.ranking.settings import RankingSettings
 from services.retrieval.server import build_server as build_retrieval
 from services.retrieval.settings import RetrievalSettings
 
-TENANTS = {"demo": ("demo-key", 1000, 2000), "acme": ("acme-key", 1000, 2000), "tiny": ("tiny-key", 0.5, 2)}
+TENANTS = {
+    "demo": ("demo-key", 1000, 2000),
+    "acme": ("acme-key", 1000, 2000),
+    "tiny": ("tiny-key", 0.5, 2),
+}
 """Test tenants: name -> (API key, rate/s, burst). ``tiny`` exists to hit its quota."""
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -81,7 +86,9 @@ async def inprocess_mesh(
         common = {"port": 0, "drain_delay_s": 0.0}
         feature = await start(
             "feature",
-            await build_feature(FeatureSettings(redis_url=redis_url, artifacts=artifacts, **common)),
+            await build_feature(
+                FeatureSettings(redis_url=redis_url, artifacts=artifacts, **common)
+            ),
         )
         retrieval = await start(
             "retrieval",
@@ -91,7 +98,9 @@ async def inprocess_mesh(
         )
         ranking = await start(
             "ranking",
-            await build_ranking(RankingSettings(artifacts=artifacts, feature_addr=feature, **common)),
+            await build_ranking(
+                RankingSettings(artifacts=artifacts, feature_addr=feature, **common)
+            ),
         )
         experiment = await start(
             "experiment",
@@ -99,9 +108,12 @@ async def inprocess_mesh(
                 ExperimentSettings(experiments=PROJECT / "config" / "experiments.json", **common)
             ),
         )
-        events = await start("events", await build_events(EventsSettings(redis_url=redis_url, **common)))
+        events = await start(
+            "events", await build_events(EventsSettings(redis_url=redis_url, **common))
+        )
         quota = await start(
-            "quota", await build_quota(QuotaSettings(redis_url=redis_url, tenants=tenants_file, **common))
+            "quota",
+            await build_quota(QuotaSettings(redis_url=redis_url, tenants=tenants_file, **common)),
         )
         from mesh.client import open_channel
 

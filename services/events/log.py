@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-
 from recmesh.events.v1 import events_pb2
 
 _APPEND = """
@@ -39,9 +38,7 @@ class EventLog(abc.ABC):
         """Store events whose id was not seen before, in order."""
 
     @abc.abstractmethod
-    async def read(
-        self, tenant: str, after: str, limit: int
-    ) -> list[tuple[str, events_pb2.Event]]:
+    async def read(self, tenant: str, after: str, limit: int) -> list[tuple[str, events_pb2.Event]]:
         """Up to ``limit`` entries after position ``after`` ("" = from the start)."""
 
 
@@ -75,9 +72,7 @@ class RedisStreamEventLog(EventLog):
         appended = sum(1 for r in results if r)
         return AppendResult(appended, len(results) - appended)
 
-    async def read(
-        self, tenant: str, after: str, limit: int
-    ) -> list[tuple[str, events_pb2.Event]]:
+    async def read(self, tenant: str, after: str, limit: int) -> list[tuple[str, events_pb2.Event]]:
         start = f"({after}" if after else "-"
         entries = await self._redis.xrange(self.stream_key(tenant), min=start, count=limit)
         return [

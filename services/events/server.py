@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+
 from mesh import redis as mesh_redis
 from mesh.server import MeshServer, Registration
-from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from services.events.log import RedisStreamEventLog
 from services.events.servicer import EventServicer
 from services.events.settings import EventsSettings

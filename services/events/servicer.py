@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+
 from mesh.context import current_tenant
 from mesh.errors import InvalidArgument
-from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from services.events.log import EventLog
 from services.events.validation import validate_batch
 
@@ -30,7 +31,9 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         if not 0 <= request.limit <= self._max_read:
             raise InvalidArgument(f"limit must be in 0..{self._max_read}", field="limit")
         if request.after and not _is_stream_id(request.after):
-            raise InvalidArgument("after must be a stream position like 1700000000000-0", field="after")
+            raise InvalidArgument(
+                "after must be a stream position like 1700000000000-0", field="after"
+            )
         entries = await self._log.read(current_tenant(), request.after, request.limit or 100)
         return events_pb2.ReadResponse(
             events=[events_pb2.StoredEvent(position=p, event=e) for p, e in entries]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from mesh.errors import InvalidArgument
 from recmesh.events.v1 import events_pb2
+
+from mesh.errors import InvalidArgument
 from services.validation import check_user_id
 
 EVENT_TYPES = frozenset({"impression", "click", "conversion", "exposure", "dismiss"})
@@ -26,9 +27,7 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
             f"event_id must be 1..{MAX_EVENT_ID} characters", field=f"{prefix}.event_id"
         )
     if event.type not in EVENT_TYPES:
-        raise InvalidArgument(
-            f"type must be one of {sorted(EVENT_TYPES)}", field=f"{prefix}.type"
-        )
+        raise InvalidArgument(f"type must be one of {sorted(EVENT_TYPES)}", field=f"{prefix}.type")
     check_user_id(event.user_id, field=f"{prefix}.user_id")
     if event.item_id < 0:
         raise InvalidArgument("item_id must be >= 0", field=f"{prefix}.item_id")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from mesh.server import MeshServer, Registration
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
+
+from mesh.server import MeshServer, Registration
 from services.experiment.assignment import load_experiments
 from services.experiment.servicer import ExperimentServicer
 from services.experiment.settings import ExperimentSettings

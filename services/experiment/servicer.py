@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.context import current_tenant
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
+
+from mesh.context import current_tenant
 from services.experiment.assignment import ExperimentBook, assign
 from services.validation import check_user_id
 

@@ -56,10 +56,10 @@ class Materializer:
             current = await self._store.info(tenant)
             if current is not None and current.version == artifacts.version and not force:
                 return MaterializeResult(current.version, current.users, current.items, False)
-            users = np.load(artifacts.path("user_features"), mmap_mode="r")
-            items = np.load(artifacts.path("item_features"), mmap_mode="r")
-            categories = np.load(artifacts.path("item_categories"))
-            history = np.load(artifacts.path("user_history"))
+            users = np.load(artifacts.file("user_features"), mmap_mode="r")
+            items = np.load(artifacts.file("item_features"), mmap_mode="r")
+            categories = np.load(artifacts.file("item_categories"))
+            history = np.load(artifacts.file("user_history"))
             indptr, history_items = history["indptr"], history["items"]
             await self._store.set_views(
                 tenant,

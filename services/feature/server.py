@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+
 from mesh import redis as mesh_redis
 from mesh.server import MeshServer, Registration
-from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from services.feature.materialize import Materializer
 from services.feature.servicer import FeatureServicer
 from services.feature.settings import FeatureSettings
@@ -23,9 +24,7 @@ async def build_server(settings: FeatureSettings) -> MeshServer:
     )
     return MeshServer(
         settings,
-        [
-            Registration.of(servicer, feature_pb2, feature_pb2_grpc, "FeatureService")
-        ],
+        [Registration.of(servicer, feature_pb2, feature_pb2_grpc, "FeatureService")],
         checks=[mesh_redis.redis_check(client)],
         cleanups=[client.aclose],
     )

@@ -96,7 +96,13 @@ class FeatureStore(abc.ABC):
 
     @abc.abstractmethod
     async def set_views(
-        self, tenant: str, version: str, user_default: F32, item_default: F32, users: int, items: int
+        self,
+        tenant: str,
+        version: str,
+        user_default: F32,
+        item_default: F32,
+        users: int,
+        items: int,
     ) -> None:
         """Declare the tenant's view shapes, defaults and source version."""
 
@@ -227,7 +233,13 @@ class RedisFeatureStore(FeatureStore):
         return len(item_ids)
 
     async def set_views(
-        self, tenant: str, version: str, user_default: F32, item_default: F32, users: int, items: int
+        self,
+        tenant: str,
+        version: str,
+        user_default: F32,
+        item_default: F32,
+        users: int,
+        items: int,
     ) -> None:
         await self._redis.hset(
             self._meta_key(tenant),

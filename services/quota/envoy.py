@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from mesh.errors import InvalidArgument
 from mesh.tenants import TenantRegistry
 from services.quota.limiter import RedisRateLimiter

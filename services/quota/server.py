@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+
 from mesh import redis as mesh_redis
 from mesh.server import MeshServer, Registration
 from mesh.tenants import load_tenants
-from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.envoy import EnvoyRateLimitServicer
 from services.quota.limiter import RedisRateLimiter
 from services.quota.servicer import QuotaServicer
@@ -25,7 +26,9 @@ async def build_server(settings: QuotaSettings) -> MeshServer:
     return MeshServer(
         settings,
         [
-            Registration.of(QuotaServicer(limiter, tenants), quota_pb2, quota_pb2_grpc, "QuotaService"),
+            Registration.of(
+                QuotaServicer(limiter, tenants), quota_pb2, quota_pb2_grpc, "QuotaService"
+            ),
             Registration.of(
                 EnvoyRateLimitServicer(limiter, tenants, settings.rls_domain),
                 rls_pb2,

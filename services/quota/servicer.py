@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+
 from mesh.context import current_tenant, validate_tenant
 from mesh.errors import InvalidArgument, NotFound
 from mesh.tenants import Tenant, TenantRegistry
-from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.limiter import RedisRateLimiter
 
 MAX_COST = 1000
@@ -46,7 +47,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def GetUsage(
         self, request: quota_pb2.GetUsageRequest, context: Any
     ) -> quota_pb2.GetUsageResponse:
-        names = [self._tenant(request.tenant).name] if request.tenant else list(self._tenants.tenants)
+        names = (
+            [self._tenant(request.tenant).name] if request.tenant else list(self._tenants.tenants)
+        )
         rows = []
         for name in names:
             usage = await self._limiter.usage(f"tenant:{name}")

@@ -10,7 +10,7 @@ import numpy.typing as npt
 from mesh.errors import ConfigError
 from services.models import onnx_session
 from training.artifacts import load_artifact_set
-from training.prerank_model import PrerankModel
+from training.prerank_model import load_prerank, prerank_scores
 
 F32 = npt.NDArray[np.float32]
 
@@ -43,8 +43,8 @@ class RankingModels:
     def __init__(self, path: Path, head_weights: str) -> None:
         artifacts = load_artifact_set(path)
         self.version = artifacts.version
-        self.prerank = PrerankModel.load(artifacts.path("prerank"))
-        self.ranker = onnx_session(str(artifacts.path("ranker")))
+        self.prerank = load_prerank(artifacts.file("prerank"))
+        self.ranker = onnx_session(str(artifacts.file("ranker")))
         inputs = {i.name: i.shape for i in self.ranker.get_inputs()}
         self.user_dim = int(inputs["user_features"][1])
         self.item_dim = int(inputs["item_features"][1])
@@ -53,7 +53,7 @@ class RankingModels:
 
     def prerank_scores(self, user: F32, items: F32) -> F32:
         """Cheap score of each item row for the user."""
-        return self.prerank.score(user, items)
+        return prerank_scores(self.prerank, user, items)
 
     def heavy_scores(self, user: F32, items: F32) -> F32:
         """Combined multi-task score (head probabilities weighted) of each item row."""

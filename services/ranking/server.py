@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from mesh.client import open_channel
-from mesh.server import MeshServer, Registration
+from functools import partial
+
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+from mesh.client import connect_eagerly, open_channel
+from mesh.server import MeshServer, Registration
 from services.ranking.models import RankingModels
 from services.ranking.servicer import RankingServicer
 from services.ranking.settings import RankingSettings
@@ -24,8 +27,7 @@ async def build_server(settings: RankingSettings) -> MeshServer:
     servicer = RankingServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
     return MeshServer(
         settings,
-        [
-            Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")
-        ],
+        [Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")],
+        startups=[partial(connect_eagerly, [channel])],
         cleanups=[channel.close],
     )

@@ -7,11 +7,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-
-from mesh.errors import DeadlineExceeded, InvalidArgument
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+from mesh.errors import DeadlineExceeded, InvalidArgument
 from services.ranking.models import RankingModels
 from services.ranking.rerank import diversify
 from services.ranking.settings import RankingSettings

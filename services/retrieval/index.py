@@ -34,13 +34,13 @@ class RetrievalModels:
     def __init__(self, path: Path) -> None:
         artifacts = load_artifact_set(path)
         self.version = artifacts.version
-        self.user_tower = onnx_session(str(artifacts.path("user_tower")))
+        self.user_tower = onnx_session(str(artifacts.file("user_tower")))
         self.user_dim = int(self.user_tower.get_inputs()[0].shape[1])
-        self.index = faiss.read_index(str(artifacts.path("ann_index")))
+        self.index = faiss.read_index(str(artifacts.file("ann_index")))
         nprobe = artifacts.manifest.get("config", {}).get("ann", {}).get("nprobe")
         if nprobe is not None and hasattr(self.index, "nprobe"):
             faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
-        popularity = np.load(artifacts.path("item_popularity"))
+        popularity = np.load(artifacts.file("item_popularity"))
         order = np.argsort(-popularity, kind="stable")[:POPULAR_LIST]
         self.popular_ids = order.astype(np.int64)
         self.popular_scores = popularity[order].astype(np.float32)
@@ -70,7 +70,10 @@ def merge(
     ids = np.concatenate([ann[0], popular[0]])
     scores = np.concatenate([ann[1], popular[1]])
     sources = np.concatenate(
-        [np.full(ann[0].size, ann_source, np.int32), np.full(popular[0].size, popular_source, np.int32)]
+        [
+            np.full(ann[0].size, ann_source, np.int32),
+            np.full(popular[0].size, popular_source, np.int32),
+        ]
     )
     _, first = np.unique(ids, return_index=True)
     keep = np.zeros(ids.size, dtype=bool)

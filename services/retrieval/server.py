@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from mesh.client import open_channel
-from mesh.server import MeshServer, Registration
+from functools import partial
+
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+from mesh.client import connect_eagerly, open_channel
+from mesh.server import MeshServer, Registration
 from services.retrieval.index import RetrievalModels
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
@@ -23,8 +26,7 @@ async def build_server(settings: RetrievalSettings) -> MeshServer:
     servicer = RetrievalServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
     return MeshServer(
         settings,
-        [
-            Registration.of(servicer, retrieval_pb2, retrieval_pb2_grpc, "RetrievalService")
-        ],
+        [Registration.of(servicer, retrieval_pb2, retrieval_pb2_grpc, "RetrievalService")],
+        startups=[partial(connect_eagerly, [channel])],
         cleanups=[channel.close],
     )

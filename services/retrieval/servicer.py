@@ -7,11 +7,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-
-from mesh.errors import DeadlineExceeded, InvalidArgument
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+from mesh.errors import DeadlineExceeded, InvalidArgument
 from services.retrieval.index import RetrievalModels, merge
 from services.retrieval.settings import RetrievalSettings
 from services.stages import StageClock
@@ -73,9 +73,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         clock.lap("ann", candidates_out=ann[0].size)
         popular = (models.popular_ids[: popular_k + seen.size], models.popular_scores)
         popular = (popular[0], popular[1][: popular[0].size])
-        candidates = merge(
-            ann, popular, seen, common_pb2.SOURCE_ANN, common_pb2.SOURCE_POPULAR
-        )
+        candidates = merge(ann, popular, seen, common_pb2.SOURCE_ANN, common_pb2.SOURCE_POPULAR)
         clock.lap(
             "merge",
             candidates_in=ann[0].size + popular[0].size,

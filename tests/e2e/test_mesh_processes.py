@@ -22,7 +22,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def layout(artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[supervisor.Layout]:
+def layout(
+    artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[supervisor.Layout]:
     base = tmp_path_factory.mktemp("e2e")
     mesh = supervisor.Layout(
         var_dir=base / "var",
@@ -31,8 +33,11 @@ def layout(artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         http_port=free_port(),
         redis_port=free_port(),
         tenants=write_tenants(base / "tenants.json"),
-        extra_env={"RECMESH_GATEWAY_DEADLINE_S": "1.0", "RECMESH_GATEWAY_RANKING_BUDGET_S": "0.5",
-                   "RECMESH_GATEWAY_RETRIEVAL_BUDGET_S": "0.4"},
+        extra_env={
+            "RECMESH_GATEWAY_DEADLINE_S": "1.0",
+            "RECMESH_GATEWAY_RANKING_BUDGET_S": "0.5",
+            "RECMESH_GATEWAY_RETRIEVAL_BUDGET_S": "0.4",
+        },
     )
     try:
         supervisor.up(mesh, timeout_s=90)
@@ -41,7 +46,9 @@ def layout(artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         supervisor.down(mesh)
 
 
-def call(layout: supervisor.Layout, path: str, body: Any, key: str | None = "demo-key") -> tuple[int, Any, Any]:
+def call(
+    layout: supervisor.Layout, path: str, body: Any, key: str | None = "demo-key"
+) -> tuple[int, Any, Any]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{layout.http_port}{path}",
         data=json.dumps(body).encode(),
@@ -58,7 +65,8 @@ def call(layout: supervisor.Layout, path: str, body: Any, key: str | None = "dem
 def test_every_process_is_serving(layout: supervisor.Layout) -> None:
     rows = supervisor.status(layout)
     assert {name: health for name, _, health in rows} == {
-        "redis": "running", **{name: "SERVING" for name in DEFAULT_PORTS}
+        "redis": "running",
+        **{name: "SERVING" for name in DEFAULT_PORTS},
     }
 
 
@@ -71,7 +79,13 @@ def test_recommendation_through_every_process(layout: supervisor.Layout) -> None
 
 def test_event_round_trip(layout: supervisor.Layout) -> None:
     event_id = uuid.uuid4().hex
-    event = {"event_id": event_id, "type": "click", "user_id": "u1", "item_id": 9, "ts": int(time.time() * 1000)}
+    event = {
+        "event_id": event_id,
+        "type": "click",
+        "user_id": "u1",
+        "item_id": 9,
+        "ts": int(time.time() * 1000),
+    }
     first = call(layout, "/v1/events", {"events": [event]})
     second = call(layout, "/v1/events", {"events": [event]})
     assert (first[0], first[1]["stored"]) == (202, 1)

@@ -11,11 +11,11 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
-from recmesh.events.v1 import events_pb2, events_pb2_grpc
-from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.inprocess import Mesh, inprocess_mesh, reset_quota, write_tenants
 
 DEMO = {"x-api-key": "demo-key"}
@@ -130,7 +130,7 @@ async def test_events_are_accepted_and_stored_once(mesh: Mesh) -> None:
         "ts": int(time.time() * 1000),
     }
     for _ in range(2):
-        status, body, _ = await post(mesh, "/v1/events", {"events": [event]}, DEMO)
+        status, _, _ = await post(mesh, "/v1/events", {"events": [event]}, DEMO)
         assert status == 202
     async with open_channel(mesh.addr("events")) as channel:
         reply = await events_pb2_grpc.EventServiceStub(channel).Read(

@@ -10,13 +10,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
 from mesh.context import Budget, clamp_deadline
 from mesh.errors import ConfigError, DeadlineExceeded
 from mesh.health import HealthCheck
 from mesh.settings import ServerSettings, env, load
 from mesh.testing import channel_to, serving, tenant_metadata
-from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 from services.experiment.server import build_server
 from services.experiment.settings import ExperimentSettings
 

@@ -9,19 +9,28 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from mesh.testing import channel_to, serving, tenant_metadata
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+
+from mesh.server import MeshServer
+from mesh.testing import channel_to, serving, tenant_metadata
 from services.feature.server import build_server
 from services.feature.settings import FeatureSettings
 from training.artifacts import load_artifact_set, resolve_current
 
 
 @pytest.fixture(scope="module")
-async def stub(redis_url: str, artifacts_root: Path) -> AsyncIterator[feature_pb2_grpc.FeatureServiceStub]:
-    server = await build_server(FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root))
-    async with serving(server), channel_to(server) as channel:
+async def server(redis_url: str, artifacts_root: Path) -> AsyncIterator[MeshServer]:
+    built = await build_server(
+        FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root)
+    )
+    async with serving(built):
+        yield built
+
+
+@pytest.fixture(scope="module")
+async def stub(server: MeshServer) -> AsyncIterator[feature_pb2_grpc.FeatureServiceStub]:
+    async with channel_to(server) as channel:
         yield feature_pb2_grpc.FeatureServiceStub(channel)
 
 
@@ -31,22 +40,31 @@ async def fresh_tenant(stub: feature_pb2_grpc.FeatureServiceStub) -> str:
     return tenant
 
 
-async def test_materialize_is_idempotent(stub: feature_pb2_grpc.FeatureServiceStub, artifacts_root: Path) -> None:
+async def test_materialize_is_idempotent(
+    stub: feature_pb2_grpc.FeatureServiceStub, artifacts_root: Path
+) -> None:
     tenant = await fresh_tenant(stub)
-    again = await stub.Materialize(feature_pb2.MaterializeRequest(), metadata=tenant_metadata(tenant))
+    again = await stub.Materialize(
+        feature_pb2.MaterializeRequest(), metadata=tenant_metadata(tenant)
+    )
     assert not again.loaded
     assert again.version == load_artifact_set(resolve_current(artifacts_root)).version
-    views = await stub.DescribeViews(feature_pb2.DescribeViewsRequest(), metadata=tenant_metadata(tenant))
+    views = await stub.DescribeViews(
+        feature_pb2.DescribeViewsRequest(), metadata=tenant_metadata(tenant)
+    )
     assert {v.name for v in views.views} == {"user", "item"}
 
 
-async def test_user_rows_match_the_artifacts(stub: feature_pb2_grpc.FeatureServiceStub, artifacts_root: Path) -> None:
+async def test_user_rows_match_the_artifacts(
+    stub: feature_pb2_grpc.FeatureServiceStub, artifacts_root: Path
+) -> None:
     tenant = await fresh_tenant(stub)
     artifacts = load_artifact_set(resolve_current(artifacts_root))
-    users = np.load(artifacts.path("user_features"))
-    history = np.load(artifacts.path("user_history"))
+    users = np.load(artifacts.file("user_features"))
+    history = np.load(artifacts.file("user_history"))
     reply = await stub.GetUserFeatures(
-        feature_pb2.GetUserFeaturesRequest(user_id="u3", history_limit=1000), metadata=tenant_metadata(tenant)
+        feature_pb2.GetUserFeaturesRequest(user_id="u3", history_limit=1000),
+        metadata=tenant_metadata(tenant),
     )
     assert not reply.is_default
     np.testing.assert_array_equal(np.frombuffer(reply.features, "<f4"), users[3])
@@ -54,7 +72,9 @@ async def test_user_rows_match_the_artifacts(stub: feature_pb2_grpc.FeatureServi
     assert list(reply.history) == expected[-1000:].tolist()
 
 
-async def test_unknown_user_gets_flagged_defaults(stub: feature_pb2_grpc.FeatureServiceStub) -> None:
+async def test_unknown_user_gets_flagged_defaults(
+    stub: feature_pb2_grpc.FeatureServiceStub,
+) -> None:
     tenant = await fresh_tenant(stub)
     reply = await stub.GetUserFeatures(
         feature_pb2.GetUserFeaturesRequest(user_id="nobody"), metadata=tenant_metadata(tenant)
@@ -68,21 +88,27 @@ async def test_item_batch_in_request_order_with_missing_flagged(
 ) -> None:
     tenant = await fresh_tenant(stub)
     artifacts = load_artifact_set(resolve_current(artifacts_root))
-    items = np.load(artifacts.path("item_features"))
-    categories = np.load(artifacts.path("item_categories"))
+    items = np.load(artifacts.file("item_features"))
+    categories = np.load(artifacts.file("item_categories"))
     ids = [5, 10**9, 2, 0]
     reply = await stub.GetItemFeatures(
         feature_pb2.GetItemFeaturesRequest(item_ids=ids), metadata=tenant_metadata(tenant)
     )
-    matrix = np.frombuffer(reply.features.values, "<f4").reshape(reply.features.rows, reply.features.dim)
+    matrix = np.frombuffer(reply.features.values, "<f4").reshape(
+        reply.features.rows, reply.features.dim
+    )
     np.testing.assert_array_equal(matrix[[0, 2, 3]], items[[5, 2, 0]])
     assert list(reply.categories) == [categories[5], -1, categories[2], categories[0]]
     assert list(reply.missing_item_ids) == [10**9]
 
 
-async def test_writes_are_visible_only_to_their_tenant(stub: feature_pb2_grpc.FeatureServiceStub) -> None:
+async def test_writes_are_visible_only_to_their_tenant(
+    stub: feature_pb2_grpc.FeatureServiceStub,
+) -> None:
     owner, other = await fresh_tenant(stub), await fresh_tenant(stub)
-    probe = await stub.GetItemFeatures(feature_pb2.GetItemFeaturesRequest(item_ids=[1]), metadata=tenant_metadata(owner))
+    probe = await stub.GetItemFeatures(
+        feature_pb2.GetItemFeaturesRequest(item_ids=[1]), metadata=tenant_metadata(owner)
+    )
     dim = probe.features.dim
     row = np.full((1, dim), 7.0, dtype="<f4")
     await stub.WriteItemFeatures(
@@ -93,8 +119,12 @@ async def test_writes_are_visible_only_to_their_tenant(stub: feature_pb2_grpc.Fe
         ),
         metadata=tenant_metadata(owner),
     )
-    mine = await stub.GetItemFeatures(feature_pb2.GetItemFeaturesRequest(item_ids=[1]), metadata=tenant_metadata(owner))
-    theirs = await stub.GetItemFeatures(feature_pb2.GetItemFeaturesRequest(item_ids=[1]), metadata=tenant_metadata(other))
+    mine = await stub.GetItemFeatures(
+        feature_pb2.GetItemFeaturesRequest(item_ids=[1]), metadata=tenant_metadata(owner)
+    )
+    theirs = await stub.GetItemFeatures(
+        feature_pb2.GetItemFeaturesRequest(item_ids=[1]), metadata=tenant_metadata(other)
+    )
     assert np.frombuffer(mine.features.values, "<f4").tolist() == [7.0] * dim
     assert list(mine.categories) == [3]
     assert np.frombuffer(theirs.features.values, "<f4").tolist() != [7.0] * dim
@@ -109,7 +139,9 @@ async def test_writes_are_visible_only_to_their_tenant(stub: feature_pb2_grpc.Fe
     ],
 )
 async def test_bad_user_requests_are_invalid_argument(
-    stub: feature_pb2_grpc.FeatureServiceStub, request_: feature_pb2.GetUserFeaturesRequest, field: str
+    stub: feature_pb2_grpc.FeatureServiceStub,
+    request_: feature_pb2.GetUserFeaturesRequest,
+    field: str,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.GetUserFeatures(request_, metadata=tenant_metadata("demo"))
@@ -117,7 +149,9 @@ async def test_bad_user_requests_are_invalid_argument(
     assert ("x-recmesh-field", field) in tuple(error.value.trailing_metadata() or ())
 
 
-async def test_malformed_matrix_and_missing_tenant_are_rejected(stub: feature_pb2_grpc.FeatureServiceStub) -> None:
+async def test_malformed_matrix_and_missing_tenant_are_rejected(
+    stub: feature_pb2_grpc.FeatureServiceStub,
+) -> None:
     tenant = await fresh_tenant(stub)
     with pytest.raises(grpc.aio.AioRpcError) as bad_matrix:
         await stub.WriteItemFeatures(
@@ -132,13 +166,16 @@ async def test_malformed_matrix_and_missing_tenant_are_rejected(stub: feature_pb
     assert no_tenant.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_garbage_bytes_do_not_crash_the_server(stub: feature_pb2_grpc.FeatureServiceStub) -> None:
-    channel = stub.GetUserFeatures._channel  # type: ignore[attr-defined]
-    raw = channel.unary_unary("/recmesh.feature.v1.FeatureService/GetUserFeatures")
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await raw(b"\xff\xff\xff\xff garbage", metadata=tenant_metadata("demo"))
-    assert error.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+async def test_garbage_bytes_do_not_crash_the_server(
+    server: MeshServer, stub: feature_pb2_grpc.FeatureServiceStub
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        raw = channel.unary_unary("/recmesh.feature.v1.FeatureService/GetUserFeatures")
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await raw(b"\xff\xff\xff\xff garbage", metadata=tenant_metadata("demo"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     healthy = await stub.GetUserFeatures(
-        feature_pb2.GetUserFeaturesRequest(user_id="u1"), metadata=tenant_metadata(await fresh_tenant(stub))
+        feature_pb2.GetUserFeaturesRequest(user_id="u1"),
+        metadata=tenant_metadata(await fresh_tenant(stub)),
     )
     assert healthy.dim > 0

@@ -1,0 +1,136 @@
+"""End to end: a tiny real training run yields a loadable set that honours the contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from training.artifacts import (
+    REQUIRED_FILES,
+    ArtifactSet,
+    list_versions,
+    load_artifact_set,
+    resolve_current,
+    rollback,
+)
+from training.pipeline import TrainConfig, train
+from training.prerank_model import load_prerank, prerank_pair_scores, prerank_scores
+
+REQUIRED_METRICS = (
+    "retrieval.recall@100",
+    "retrieval.popularity_recall@100",
+    "retrieval.oracle_recall@100",
+    "ann.recall@100_vs_exact",
+    "ranking.ndcg@10.prerank",
+    "ranking.ndcg@10.heavy",
+    "ranking.ndcg@10.oracle",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tiny_root: Path) -> ArtifactSet:
+    return load_artifact_set(resolve_current(tiny_root))
+
+
+def test_manifest_describes_the_set(tiny_set: ArtifactSet, tiny_config: TrainConfig) -> None:
+    m = tiny_set.manifest
+    assert m["seeds"] == {"data": tiny_config.data_seed, "train": tiny_config.train_seed}
+    c = m["config"]
+    expected = (tiny_config.n_users, tiny_config.n_items, tiny_config.n_categories)
+    assert (c["n_users"], c["n_items"], c["n_categories"]) == expected
+    assert c["ranker_heads"] == ["click", "conversion"]
+    assert c["ann"]["type"] == "flat_ip" and c["ann"]["metric"] == "inner_product"
+    assert set(m["files"]) == set(REQUIRED_FILES)
+    assert set(m["libraries"]) >= {"torch", "onnxruntime", "faiss", "numpy"}
+    for key in REQUIRED_METRICS:
+        assert 0.0 <= tiny_set.metrics[key] <= 1.0, key
+    assert tiny_set.metrics["ann.recall@100_vs_exact"] == pytest.approx(1.0)
+
+
+def test_user_tower_runs_with_declared_shapes(tiny_set: ArtifactSet) -> None:
+    c = tiny_set.config
+    session = ort.InferenceSession(str(tiny_set.file("user_tower")))
+    [inp], [out] = session.get_inputs(), session.get_outputs()
+    assert inp.name == "user_features" and inp.shape[1] == c["user_feature_dim"]
+    assert out.name == "user_embedding" and out.shape[1] == c["embedding_dim"]
+    users = np.asarray(tiny_set.open_array("user_features")[:5])
+    emb = session.run(None, {"user_features": users})[0]
+    assert emb.shape == (5, c["embedding_dim"]) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+    # The ANN index over item embeddings answers with item ids, best first.
+    items = tiny_set.open_array("item_embeddings")
+    assert items.shape == (c["n_items"], c["embedding_dim"]) and items.dtype == np.float32
+    index = faiss.read_index(str(tiny_set.file("ann_index")))
+    assert index.ntotal == c["n_items"]
+    scores, ids = index.search(emb, 10)
+    np.testing.assert_allclose(scores, np.take_along_axis(emb @ items.T, ids, axis=1), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_ranker_and_prerank_score_candidates(tiny_set: ArtifactSet) -> None:
+    c = tiny_set.config
+    users = np.asarray(tiny_set.open_array("user_features"))
+    items = np.asarray(tiny_set.open_array("item_features"))
+    assert users.shape == (c["n_users"], c["user_feature_dim"])
+    assert items.shape == (c["n_items"], c["item_feature_dim"])
+    session = ort.InferenceSession(str(tiny_set.file("ranker")))
+    batch = {"user_features": np.repeat(users[:1], 50, axis=0), "item_features": items[:50]}
+    scores = session.run(None, batch)[0]
+    assert scores.shape == (50, len(c["ranker_heads"])) and scores.dtype == np.float32
+    assert ((scores > 0) & (scores < 1)).all()
+
+    model = load_prerank(tiny_set.file("prerank"))
+    pre = prerank_scores(model, users[0], items[:50])
+    assert pre.shape == (50,) and pre.dtype == np.float32
+    explicit = (users[0] @ model["user_proj"]) @ (items[:50] @ model["item_proj"]).T
+    np.testing.assert_allclose(pre, explicit + items[:50] @ model["item_bias"], rtol=1e-4)
+    paired = prerank_pair_scores(model, batch["user_features"], batch["item_features"])
+    np.testing.assert_allclose(pre, paired, rtol=1e-4, atol=1e-5)
+
+
+def test_data_files_are_consistent(tiny_set: ArtifactSet) -> None:
+    c = tiny_set.config
+    categories = tiny_set.open_array("item_categories")
+    assert categories.dtype == np.int32 and categories.shape == (c["n_items"],)
+    popularity = tiny_set.open_array("item_popularity")
+    assert popularity.dtype == np.float32 and popularity.sum() == pytest.approx(1.0, abs=1e-4)
+    history = tiny_set.open_npz("user_history")
+    indptr, items = history["indptr"], history["items"]
+    assert indptr.dtype == items.dtype == np.int64
+    assert indptr.shape == (c["n_users"] + 1,) and indptr[-1] == items.size
+    assert (np.diff(indptr) >= 0).all() and items.max() < c["n_items"]
+    # Popularity is the normalised count of exactly these train clicks.
+    counts = np.bincount(items, minlength=c["n_items"])
+    np.testing.assert_allclose(popularity, counts / counts.sum(), rtol=1e-5)
+    heldout = tiny_set.open_npz("heldout")
+    assert heldout["users"].max() < c["n_users"] and heldout["items"].max() < c["n_items"]
+
+
+def test_same_seeds_same_metrics_and_rollback(
+    tiny_root: Path, tiny_set: ArtifactSet, tiny_config: TrainConfig
+) -> None:
+    again = load_artifact_set(train(tiny_root, tiny_config))
+    assert again.version != tiny_set.version
+    assert resolve_current(tiny_root) == again.path
+    assert again.metrics == tiny_set.metrics
+    for name in ("item_embeddings", "prerank", "user_features"):
+        same = again.manifest["files"][name]["sha256"]
+        assert same == tiny_set.manifest["files"][name]["sha256"], name
+    assert list_versions(tiny_root) == [tiny_set.version, again.version]
+    assert rollback(tiny_root) == tiny_set.path
+    assert resolve_current(tiny_root) == tiny_set.path
+
+
+def test_services_can_import_without_torch() -> None:
+    code = (
+        "import sys, training.artifacts, training.prerank_model, training.index;"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
