@@ -21,11 +21,11 @@ class Downstreams:
     """Stubs of every service the gateway calls, and their channels for health and close."""
 
     channels: dict[str, grpc.aio.Channel]
-    quota: quota_pb2_grpc.QuotaServiceStub
-    experiment: experiment_pb2_grpc.ExperimentServiceStub
-    retrieval: retrieval_pb2_grpc.RetrievalServiceStub
-    ranking: ranking_pb2_grpc.RankingServiceStub
-    events: events_pb2_grpc.EventServiceStub
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub
+    experiment: experiment_pb2_grpc.ExperimentServiceAsyncStub
+    retrieval: retrieval_pb2_grpc.RetrievalServiceAsyncStub
+    ranking: ranking_pb2_grpc.RankingServiceAsyncStub
+    events: events_pb2_grpc.EventServiceAsyncStub
 
     @classmethod
     def open(cls, settings: GatewaySettings) -> Downstreams:

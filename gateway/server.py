@@ -31,8 +31,7 @@ class HttpListener:
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_port=False)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1]
+        self.port = int(self.runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self.runner is not None:

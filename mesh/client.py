@@ -15,6 +15,7 @@ Create channels inside the running event loop (one loop per process).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ NO_BUDGET_TIMEOUT_S = 1.0
 """Timeout of a call made outside any request (tooling, background jobs)."""
 
 
-class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self,
         continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
@@ -44,7 +45,7 @@ class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore
             timeout = cap if cap is not None else NO_BUDGET_TIMEOUT_S
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
         for key, value in outgoing_metadata():
-            if key not in metadata:
+            if not metadata.get_all(key):
                 metadata.add(key, value)
         details = grpc.aio.ClientCallDetails(
             method=client_call_details.method,
@@ -75,18 +76,14 @@ def open_channel(target: str) -> grpc.aio.Channel:
     )
 
 
-async def connect_eagerly(channels: list[grpc.aio.Channel], timeout_s: float = 2.0) -> int:
+async def connect_eagerly(channels: list[grpc.aio.Channel], timeout_s: float = 2.0) -> None:
     """Open the connections of ``channels`` now, so the first request does not pay for it.
 
     A downstream that is not up yet is not an error: its channel connects on first use.
-    Returns how many channels are ready.
     """
 
-    async def ready(channel: grpc.aio.Channel) -> bool:
-        try:
+    async def ready(channel: grpc.aio.Channel) -> None:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(channel.channel_ready(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
 
-    return sum(await asyncio.gather(*(ready(c) for c in channels)))
+    await asyncio.gather(*(ready(c) for c in channels))

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -80,7 +80,9 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes, method: str)
     try:
         return deserialize(raw)
     except DecodeError as exc:
-        raise InvalidArgument(f"request to {method} is not a valid message: {exc}", field="request") from exc
+        raise InvalidArgument(
+            f"request to {method} is not a valid message: {exc}", field="request"
+        ) from exc
 
 
 class _MeshInterceptor(grpc.aio.ServerInterceptor):
@@ -91,14 +93,16 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
             return handler
-        inner = handler.unary_unary
+        inner = cast(Callable[[Any, Any], Awaitable[Any]], handler.unary_unary)
         deserialize = handler.request_deserializer
         settings = self._settings
 
@@ -123,7 +127,7 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unhandled error in %s", method)

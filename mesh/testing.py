@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
@@ -32,6 +32,6 @@ async def channel_to(server: MeshServer) -> AsyncIterator[grpc.aio.Channel]:
         await channel.close()
 
 
-def tenant_metadata(tenant: str) -> Sequence[tuple[str, str]]:
+def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
     """Call metadata that names ``tenant``."""
     return ((TENANT_KEY, tenant),)

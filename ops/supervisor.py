@@ -128,11 +128,14 @@ def health_status(port: int, timeout_s: float = 0.5) -> str:
             )
         except grpc.RpcError:
             return "UNREACHABLE"
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 def _wait_serving(
-    layout: Layout, names: list[str], started: Mapping[str, subprocess.Popen[bytes]], timeout_s: float
+    layout: Layout,
+    names: list[str],
+    started: Mapping[str, subprocess.Popen[bytes]],
+    timeout_s: float,
 ) -> None:
     """Wait until each of ``names`` is SERVING; fail early when one ``up`` started exits."""
     deadline = time.monotonic() + timeout_s
@@ -155,7 +158,7 @@ def materialize(layout: Layout, tenants: list[str]) -> None:
         stub = feature_pb2_grpc.FeatureServiceStub(channel)
         for tenant in tenants:
             reply = stub.Materialize(
-                feature_pb2.MaterializeRequest(), metadata=[(TENANT_KEY, tenant)], timeout=600
+                feature_pb2.MaterializeRequest(), metadata=((TENANT_KEY, tenant),), timeout=600
             )
             state = "loaded" if reply.loaded else "already current"
             print(f"  features for {tenant}: {reply.users} users, {reply.items} items ({state})")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
@@ -83,7 +84,7 @@ async def inprocess_mesh(
             servers[name] = await stack.enter_async_context(serving(server))
             return f"127.0.0.1:{servers[name].port}"
 
-        common = {"port": 0, "drain_delay_s": 0.0}
+        common: dict[str, Any] = {"port": 0, "drain_delay_s": 0.0}
         feature = await start(
             "feature",
             await build_feature(

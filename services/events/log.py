@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
@@ -74,7 +75,10 @@ class RedisStreamEventLog(EventLog):
 
     async def read(self, tenant: str, after: str, limit: int) -> list[tuple[str, events_pb2.Event]]:
         start = f"({after}" if after else "-"
-        entries = await self._redis.xrange(self.stream_key(tenant), min=start, count=limit)
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await self._redis.xrange(self.stream_key(tenant), min=start, count=limit),
+        )
         return [
             (position.decode(), events_pb2.Event.FromString(fields[b"e"]))
             for position, fields in entries

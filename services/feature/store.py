@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -128,7 +129,7 @@ class RedisFeatureStore(FeatureStore):
         return f"rm:{{{tenant}}}:meta"
 
     async def info(self, tenant: str) -> ViewInfo | None:
-        meta = await self._redis.hgetall(self._meta_key(tenant))
+        meta = cast(dict[bytes, bytes], await self._redis.hgetall(self._meta_key(tenant)))
         if not meta:
             return None
         return ViewInfo(
@@ -140,7 +141,7 @@ class RedisFeatureStore(FeatureStore):
         )
 
     async def _defaults(self, tenant: str, field: bytes) -> F32:
-        raw = await self._redis.hget(self._meta_key(tenant), field)
+        raw = cast(bytes | None, await self._redis.hget(self._meta_key(tenant), field))
         if raw is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         return np.frombuffer(raw, dtype="<f4").copy()

@@ -32,7 +32,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(
         self,
         models: RankingModels,
-        features: feature_pb2_grpc.FeatureServiceStub,
+        features: feature_pb2_grpc.FeatureServiceAsyncStub,
         settings: RankingSettings,
     ) -> None:
         self.models = models

@@ -31,7 +31,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(
         self,
         models: RetrievalModels,
-        features: feature_pb2_grpc.FeatureServiceStub,
+        features: feature_pb2_grpc.FeatureServiceAsyncStub,
         settings: RetrievalSettings,
     ) -> None:
         self.models = models

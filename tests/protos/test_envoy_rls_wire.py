@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from grpc_tools import protoc  # type: ignore[import-untyped]
+from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parents[2] / "protos"
 PROTO_FILES = (

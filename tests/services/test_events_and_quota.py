@@ -22,7 +22,7 @@ from tests.inprocess import reset_quota, write_tenants
 
 
 @pytest.fixture(scope="module")
-async def events(redis_url: str) -> AsyncIterator[events_pb2_grpc.EventServiceStub]:
+async def events(redis_url: str) -> AsyncIterator[events_pb2_grpc.EventServiceAsyncStub]:
     server = await build_events(EventsSettings(port=0, redis_url=redis_url))
     async with serving(server), channel_to(server) as channel:
         yield events_pb2_grpc.EventServiceStub(channel)
@@ -51,7 +51,7 @@ def event(event_id: str, **overrides: object) -> events_pb2.Event:
 
 
 async def test_append_is_idempotent_and_read_in_order(
-    events: events_pb2_grpc.EventServiceStub,
+    events: events_pb2_grpc.EventServiceAsyncStub,
 ) -> None:
     tenant = "ev" + uuid.uuid4().hex[:8]
     ids = [f"e{i}" for i in range(5)]
@@ -73,7 +73,7 @@ async def test_append_is_idempotent_and_read_in_order(
 
 
 async def test_tenants_never_see_each_others_events(
-    events: events_pb2_grpc.EventServiceStub,
+    events: events_pb2_grpc.EventServiceAsyncStub,
 ) -> None:
     a, b = "ev" + uuid.uuid4().hex[:8], "ev" + uuid.uuid4().hex[:8]
     await events.Append(
@@ -98,7 +98,7 @@ async def test_tenants_never_see_each_others_events(
     ],
 )
 async def test_invalid_event_rejects_the_batch(
-    events: events_pb2_grpc.EventServiceStub, bad: events_pb2.Event, field: str
+    events: events_pb2_grpc.EventServiceAsyncStub, bad: events_pb2.Event, field: str
 ) -> None:
     tenant = "ev" + uuid.uuid4().hex[:8]
     with pytest.raises(grpc.aio.AioRpcError) as error:

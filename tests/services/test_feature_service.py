@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,19 +30,19 @@ async def server(redis_url: str, artifacts_root: Path) -> AsyncIterator[MeshServ
 
 
 @pytest.fixture(scope="module")
-async def stub(server: MeshServer) -> AsyncIterator[feature_pb2_grpc.FeatureServiceStub]:
+async def stub(server: MeshServer) -> AsyncIterator[feature_pb2_grpc.FeatureServiceAsyncStub]:
     async with channel_to(server) as channel:
         yield feature_pb2_grpc.FeatureServiceStub(channel)
 
 
-async def fresh_tenant(stub: feature_pb2_grpc.FeatureServiceStub) -> str:
+async def fresh_tenant(stub: feature_pb2_grpc.FeatureServiceAsyncStub) -> str:
     tenant = "t" + uuid.uuid4().hex[:12]
     await stub.Materialize(feature_pb2.MaterializeRequest(), metadata=tenant_metadata(tenant))
     return tenant
 
 
 async def test_materialize_is_idempotent(
-    stub: feature_pb2_grpc.FeatureServiceStub, artifacts_root: Path
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub, artifacts_root: Path
 ) -> None:
     tenant = await fresh_tenant(stub)
     again = await stub.Materialize(
@@ -56,7 +57,7 @@ async def test_materialize_is_idempotent(
 
 
 async def test_user_rows_match_the_artifacts(
-    stub: feature_pb2_grpc.FeatureServiceStub, artifacts_root: Path
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub, artifacts_root: Path
 ) -> None:
     tenant = await fresh_tenant(stub)
     artifacts = load_artifact_set(resolve_current(artifacts_root))
@@ -73,7 +74,7 @@ async def test_user_rows_match_the_artifacts(
 
 
 async def test_unknown_user_gets_flagged_defaults(
-    stub: feature_pb2_grpc.FeatureServiceStub,
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub,
 ) -> None:
     tenant = await fresh_tenant(stub)
     reply = await stub.GetUserFeatures(
@@ -84,7 +85,7 @@ async def test_unknown_user_gets_flagged_defaults(
 
 
 async def test_item_batch_in_request_order_with_missing_flagged(
-    stub: feature_pb2_grpc.FeatureServiceStub, artifacts_root: Path
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub, artifacts_root: Path
 ) -> None:
     tenant = await fresh_tenant(stub)
     artifacts = load_artifact_set(resolve_current(artifacts_root))
@@ -103,7 +104,7 @@ async def test_item_batch_in_request_order_with_missing_flagged(
 
 
 async def test_writes_are_visible_only_to_their_tenant(
-    stub: feature_pb2_grpc.FeatureServiceStub,
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub,
 ) -> None:
     owner, other = await fresh_tenant(stub), await fresh_tenant(stub)
     probe = await stub.GetItemFeatures(
@@ -139,7 +140,7 @@ async def test_writes_are_visible_only_to_their_tenant(
     ],
 )
 async def test_bad_user_requests_are_invalid_argument(
-    stub: feature_pb2_grpc.FeatureServiceStub,
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub,
     request_: feature_pb2.GetUserFeaturesRequest,
     field: str,
 ) -> None:
@@ -150,7 +151,7 @@ async def test_bad_user_requests_are_invalid_argument(
 
 
 async def test_malformed_matrix_and_missing_tenant_are_rejected(
-    stub: feature_pb2_grpc.FeatureServiceStub,
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub,
 ) -> None:
     tenant = await fresh_tenant(stub)
     with pytest.raises(grpc.aio.AioRpcError) as bad_matrix:
@@ -167,10 +168,10 @@ async def test_malformed_matrix_and_missing_tenant_are_rejected(
 
 
 async def test_garbage_bytes_do_not_crash_the_server(
-    server: MeshServer, stub: feature_pb2_grpc.FeatureServiceStub
+    server: MeshServer, stub: feature_pb2_grpc.FeatureServiceAsyncStub
 ) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        raw = channel.unary_unary("/recmesh.feature.v1.FeatureService/GetUserFeatures")
+        raw: Any = channel.unary_unary("/recmesh.feature.v1.FeatureService/GetUserFeatures")
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await raw(b"\xff\xff\xff\xff garbage", metadata=tenant_metadata("demo"))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
