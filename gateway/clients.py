@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
@@ -49,16 +50,18 @@ class Downstreams:
 
     async def health(self, timeout_s: float = 0.5) -> dict[str, str]:
         """Each downstream's ``grpc.health.v1`` status name, or the error reaching it."""
-        result: dict[str, str] = {}
-        for name, channel in self.channels.items():
+
+        async def check(channel: grpc.aio.Channel) -> str:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=timeout_s
                 )
-                result[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as exc:
-                result[name] = f"UNREACHABLE ({exc.code().name})"
-        return result
+                return f"UNREACHABLE ({exc.code().name})"
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+        statuses = await asyncio.gather(*(check(c) for c in self.channels.values()))
+        return dict(zip(self.channels, statuses, strict=True))
 
     async def close(self) -> None:
         for channel in self.channels.values():

@@ -12,7 +12,6 @@ import sys
 import time
 
 from mesh.errors import ArtifactError
-from mesh.ports import DEFAULT_PORTS
 from ops import protos, supervisor
 from training.artifacts import resolve_current
 
@@ -54,10 +53,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = supervisor.status(supervisor.Layout.from_env())
+    layout = supervisor.Layout.from_env()
+    rows = supervisor.status(layout)
     print(f"{'process':<12}{'pid':>8}  {'port':>6}  health")
     for name, pid, health in rows:
-        port = str(DEFAULT_PORTS.get(name, "-"))
+        port = str(layout.ports.get(name, layout.redis_port if name == "redis" else "-"))
         print(f"{name:<12}{pid:>8}  {port:>6}  {health}")
     serving = all(h in ("SERVING", "running", "external") for _, _, h in rows)
     return 0 if serving else 1

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnxruntime as ort
+
+from mesh.health import HealthCheck
 
 
 def onnx_session(path: str) -> ort.InferenceSession:
@@ -18,3 +22,13 @@ def onnx_session(path: str) -> ort.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def artifacts_check(version_dir: Path) -> HealthCheck:
+    """Healthy while the artifact set the service loaded is still on disk (manifest present)."""
+
+    async def probe() -> None:
+        if not (version_dir / "manifest.json").is_file():
+            raise FileNotFoundError(f"{version_dir}/manifest.json is gone")
+
+    return HealthCheck("artifacts", probe)
