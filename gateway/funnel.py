@@ -29,6 +29,7 @@ from recmesh.retrieval.v1 import retrieval_pb2
 from gateway.clients import Downstreams
 from gateway.metrics import DEGRADED
 from gateway.settings import GatewaySettings
+from mesh.client import describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
 from mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.experiment.assignment import ExperimentBook, control_params
@@ -171,7 +172,7 @@ class Funnel:
             )
             return reply
         except DownstreamFailure as exc:
-            log.warning("quota unavailable: %s", _describe(exc))
+            log.warning("quota unavailable: %s", describe_failure(exc))
             degraded.append("quota")
             if not self._settings.quota_fail_open:
                 raise Unavailable("quota service unavailable and configured fail-closed") from exc
@@ -187,7 +188,7 @@ class Funnel:
             )
             return list(reply.assignments)
         except DownstreamFailure as exc:
-            log.warning("experiment unavailable: %s", _describe(exc))
+            log.warning("experiment unavailable: %s", describe_failure(exc))
             degraded.append("experiment")
             return [
                 experiment_pb2.Assignment(experiment_key=key, variant_key="control", params=params)
@@ -203,7 +204,7 @@ class Funnel:
                 timeout=self._settings.retrieval_budget_s,
             )
         except DownstreamFailure as exc:
-            log.warning("retrieval unavailable: %s", _describe(exc))
+            log.warning("retrieval unavailable: %s", describe_failure(exc))
             cached = self._popular.get(tenant)
             if cached is None:
                 raise Unavailable("retrieval is unavailable and no fallback is cached") from exc
@@ -250,7 +251,7 @@ class Funnel:
             )
             return reply
         except DownstreamFailure as exc:
-            log.warning("ranking unavailable: %s", _describe(exc))
+            log.warning("ranking unavailable: %s", describe_failure(exc))
             degraded.append("ranking")
             return None
 
@@ -279,7 +280,7 @@ class Funnel:
         try:
             await self.append_events(events)
         except DownstreamFailure as exc:
-            log.warning("impressions not logged: %s", _describe(exc))
+            log.warning("impressions not logged: %s", describe_failure(exc))
 
     async def append_events(self, events: list[events_pb2.Event]) -> events_pb2.AppendResponse:
         """Write events of the current tenant to the event logger."""
@@ -300,9 +301,3 @@ def _head(candidates: common_pb2.Candidates, n: int) -> common_pb2.Candidates:
         scores=candidates.scores[:n],
         sources=candidates.sources[:n],
     )
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)

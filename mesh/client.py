@@ -69,6 +69,13 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 done by the channel: the retry policy lives in one layer of :mod:`mesh`."""
 
 
+def describe_failure(exc: Exception) -> str:
+    """One line for a failed downstream call: status code and details, or the error text."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def open_channel(target: str) -> grpc.aio.Channel:
     """An insecure channel to ``target`` (``host:port``) with the mesh interceptor."""
     return grpc.aio.insecure_channel(

@@ -51,6 +51,13 @@ class RankingModels:
         self.heads: list[str] = list(artifacts.manifest["config"]["ranker_heads"])
         self.head_weights = parse_head_weights(head_weights, self.heads)
 
+    def warm_up(self, rows: int) -> None:
+        """Score ``rows`` blank candidates once, so the first request does not pay set-up costs."""
+        user = np.zeros(self.user_dim, dtype=np.float32)
+        items = np.zeros((rows, self.item_dim), dtype=np.float32)
+        self.prerank_scores(user, items)
+        self.heavy_scores(user, items)
+
     def prerank_scores(self, user: F32, items: F32) -> F32:
         """Cheap score of each item row for the user."""
         return prerank_scores(self.prerank, user, items)

@@ -25,6 +25,7 @@ async def build_server(settings: RankingSettings) -> MeshServer:
     """
     version_dir = resolve_current(settings.artifacts)
     models = RankingModels(version_dir, settings.head_weights)
+    models.warm_up(settings.prerank_keep)
     channel = open_channel(settings.feature_addr)
     servicer = RankingServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
     return MeshServer(

@@ -11,6 +11,7 @@ from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from mesh.client import describe_failure
 from mesh.errors import DeadlineExceeded, InvalidArgument
 from services.ranking.models import RankingModels
 from services.ranking.rerank import diversify
@@ -86,7 +87,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 timeout=self._settings.feature_budget_s,
             )
         except (grpc.aio.AioRpcError, DeadlineExceeded) as exc:
-            log.warning("item features unavailable: %s", exc)
+            log.warning("item features unavailable: %s", describe_failure(exc))
         clock.lap(
             "item_features",
             candidates_in=ids.size,

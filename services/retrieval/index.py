@@ -36,6 +36,9 @@ class RetrievalModels:
         self.version = artifacts.version
         self.user_tower = onnx_session(str(artifacts.file("user_tower")))
         self.user_dim = int(self.user_tower.get_inputs()[0].shape[1])
+        # One query per request: OpenMP threads only contend with the event loop
+        # (measured 15 ms with 2 threads vs 0.4 ms with 1 for flat IP over 20k items).
+        faiss.omp_set_num_threads(1)
         self.index = faiss.read_index(str(artifacts.file("ann_index")))
         nprobe = artifacts.manifest.get("config", {}).get("ann", {}).get("nprobe")
         if nprobe is not None and hasattr(self.index, "nprobe"):
@@ -44,6 +47,10 @@ class RetrievalModels:
         order = np.argsort(-popularity, kind="stable")[:POPULAR_LIST]
         self.popular_ids = order.astype(np.int64)
         self.popular_scores = popularity[order].astype(np.float32)
+
+    def warm_up(self, k: int) -> None:
+        """Run the tower and the index once, so the first request does not pay their lazy set-up."""
+        self.search(self.embed(np.zeros(self.user_dim, dtype=np.float32)), k)
 
     def embed(self, user_features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The user's L2-normalised embedding, shape ``[1, D]``."""

@@ -24,6 +24,7 @@ async def build_server(settings: RetrievalSettings) -> MeshServer:
     """
     version_dir = resolve_current(settings.artifacts)
     models = RetrievalModels(version_dir)
+    models.warm_up(settings.ann_k)
     channel = open_channel(settings.feature_addr)
     servicer = RetrievalServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
     return MeshServer(

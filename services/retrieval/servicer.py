@@ -11,6 +11,7 @@ from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from mesh.client import describe_failure
 from mesh.errors import DeadlineExceeded, InvalidArgument
 from services.retrieval.index import RetrievalModels, merge
 from services.retrieval.settings import RetrievalSettings
@@ -58,7 +59,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 timeout=self._settings.feature_budget_s,
             )
         except (grpc.aio.AioRpcError, DeadlineExceeded) as exc:
-            log.warning("user features unavailable: %s", exc)
+            log.warning("user features unavailable: %s", describe_failure(exc))
         clock.lap(
             "user_features",
             budget_s=self._settings.feature_budget_s,
