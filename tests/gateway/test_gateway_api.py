@@ -16,7 +16,8 @@ from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
-from tests.inprocess import Mesh, inprocess_mesh, reset_quota, write_tenants
+from services.experiment.assignment import assign, load_experiments
+from tests.inprocess import PROJECT, Mesh, inprocess_mesh, reset_quota, write_tenants
 
 DEMO = {"x-api-key": "demo-key"}
 
@@ -209,3 +210,34 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+async def test_the_assigned_variant_changes_the_pipeline(mesh: Mesh) -> None:
+    book = load_experiments(PROJECT / "config" / "experiments.json")
+
+    def variant_of(user: str, key: str) -> str | None:
+        chosen = assign(book, tenant="demo", attributes={"user_id": user})
+        return next((a.variant_key for a in chosen if a.experiment_key == key), None)
+
+    users = [f"u{i}" for i in range(500)]
+    light = next(u for u in users if variant_of(u, "heavy-ranker-holdout") == "light-only")
+    heavy = next(u for u in users if variant_of(u, "heavy-ranker-holdout") == "control")
+    stages = {}
+    for user in (light, heavy):
+        status, body, _ = await post(mesh, "/v1/recommend", {"user_id": user, "debug": True}, DEMO)
+        assert status == 200
+        assert {
+            "key": "heavy-ranker-holdout",
+            "variant": variant_of(user, "heavy-ranker-holdout"),
+        } in body["experiments"]
+        stages[user] = {s["stage"] for s in body["stages"]}
+    assert "heavy" not in stages[light]
+    assert "heavy" in stages[heavy]
+
+    wide = next(u for u in users if variant_of(u, "retrieval-k") == "wide")
+    narrow = next(u for u in users if variant_of(u, "retrieval-k") == "control")
+    ann_out = {}
+    for user in (wide, narrow):
+        _, body, _ = await post(mesh, "/v1/recommend", {"user_id": user, "debug": True}, DEMO)
+        ann_out[user] = next(s["candidates_out"] for s in body["stages"] if s["stage"] == "ann")
+    assert ann_out[wide] > ann_out[narrow]

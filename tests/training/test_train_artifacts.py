@@ -68,6 +68,7 @@ def test_write_then_load_round_trips(tmp_path: Path) -> None:
     assert isinstance(array, np.memmap)
     np.testing.assert_array_equal(array, np.arange(12, dtype=np.float32).reshape(3, 4))
     assert loaded.file("ranker").read_bytes() == b"ranker-a"
+    assert loaded.paths == {n: path / f for n, f in REQUIRED_FILES.items()}
     # Nothing partial is left behind, and source files were moved.
     assert [p.name for p in root.iterdir()] == [path.name]
     assert not (tmp_path / "src-a" / "ranker.onnx").exists()
