@@ -1,0 +1,79 @@
+"""Command line: ``python -m training train|rollback``.
+
+``train`` runs :func:`training.pipeline.train` and prints a summary (version, wall time
+per phase, metrics). ``rollback`` moves ``current`` to the previous version, or to
+``--to VERSION``. Artifact problems exit with status 1 and the error on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mesh.errors import ArtifactError
+from training.artifacts import load_artifact_set, resolve_current, rollback
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; returns the process exit status."""
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_cmd = commands.add_parser("train", help="build and publish a new artifact set")
+    train_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
+    train_cmd.add_argument("--items", type=int, default=20000)
+    train_cmd.add_argument("--users", type=int, default=5000)
+    train_cmd.add_argument("--categories", type=int, default=50)
+    train_cmd.add_argument("--data-seed", type=int, default=0)
+    train_cmd.add_argument("--train-seed", type=int, default=0)
+    train_cmd.add_argument("--epochs", type=int, default=3)
+    train_cmd.add_argument("--eval-users", type=int, default=2000)
+    train_cmd.add_argument("--no-eval", action="store_true", help="skip offline evaluation")
+    train_cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    rollback_cmd = commands.add_parser("rollback", help="move current to an older version")
+    rollback_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
+    rollback_cmd.add_argument("--to", metavar="VERSION", help="default: the previous version")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        before = resolve_current(args.root).name
+        after = rollback(args.root, args.to).name
+        print(f"current: {before} -> {after}")
+        return 0
+    except ArtifactError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    # Imported here so that `rollback` does not pay for importing torch.
+    from training.evaluate import format_metrics
+    from training.pipeline import PHASES, TrainConfig, train
+
+    config = TrainConfig(
+        n_users=args.users,
+        n_items=args.items,
+        n_categories=args.categories,
+        data_seed=args.data_seed,
+        train_seed=args.train_seed,
+        epochs=args.epochs,
+        evaluate=not args.no_eval,
+        progress=not args.no_progress,
+        eval_users=args.eval_users,
+    )
+    path = train(args.root, config)
+    artifact_set = load_artifact_set(path, verify=False)
+    timings = artifact_set.manifest["timings_s"]
+    print(f"\nversion  {artifact_set.version}\npath     {path}\ncurrent  -> {path.name}")
+    phases = [*PHASES, "total"]
+    print("wall time (s): " + ", ".join(f"{p} {timings[p]:.1f}" for p in phases if p in timings))
+    print(format_metrics(artifact_set.metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The end-to-end training pipeline: world -> models -> export -> index -> eval -> artifact set.
+
+:func:`train` is the one entry point, used by ``python -m training train``, the ``recmesh``
+CLI and test fixtures. It builds every file of the artifact contract (see
+:mod:`training.artifacts`) in a hidden build directory under ``root``, evaluates them
+(unless disabled), moves them into a new version directory and points ``current`` at it.
+The same config (seeds included) yields the same models and metrics on the same machine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from training.artifacts import REQUIRED_FILES, set_current, write_artifact_set
+from training.evaluate import EvalConfig, evaluate
+from training.export import export_ranker, export_user_tower
+from training.index import build_index, write_index
+from training.prerank import PrerankConfig, train_prerank
+from training.prerank_model import save_prerank
+from training.ranker import HEADS, RankerConfig, ranking_examples, train_ranker
+from training.two_tower import TwoTowerConfig, embed, train_two_tower
+from training.world import World, WorldConfig, generate_world
+
+PHASES = ("world", "two_tower", "ranker", "prerank", "export", "index", "evaluate", "write")
+EXPORT_SAMPLE = 256
+"""Rows used to verify each ONNX export against torch."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything :func:`train` needs; ``epochs`` applies to each of the three models."""
+
+    n_users: int = 5000
+    n_items: int = 20000
+    n_categories: int = 50
+    data_seed: int = 0
+    train_seed: int = 0
+    epochs: int = 3
+    evaluate: bool = True
+    progress: bool = True
+    eval_users: int = 2000
+
+    def world_config(self) -> WorldConfig:
+        """The world this config trains on (sizes and ``data_seed``)."""
+        return WorldConfig(
+            n_users=self.n_users,
+            n_items=self.n_items,
+            n_categories=self.n_categories,
+            seed=self.data_seed,
+        )
+
+
+def train(root: Path, config: TrainConfig) -> Path:
+    """Build, evaluate and publish a new artifact set under ``root``; returns its directory,
+    which ``root/current`` now points at. Wall time per phase lands in the manifest's
+    ``timings_s``."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    two_tower_cfg = TwoTowerConfig(epochs=config.epochs)
+    ranker_cfg = RankerConfig(epochs=config.epochs)
+    prerank_cfg = PrerankConfig(epochs=config.epochs)
+    eval_cfg = EvalConfig(max_users=config.eval_users, seed=config.data_seed)
+    seed = config.train_seed
+    root.mkdir(parents=True, exist_ok=True)
+    with (
+        tqdm(total=len(PHASES), desc="pipeline", disable=not config.progress) as bar,
+        tempfile.TemporaryDirectory(dir=root, prefix=".build-") as build_dir,
+    ):
+        build = Path(build_dir)
+        with _phase("world", timings, bar):
+            world = generate_world(config.world_config())
+            clicks = world.train.select(world.train.clicked)
+        with _phase("two_tower", timings, bar):
+            two_tower = train_two_tower(
+                world.user_features,
+                world.item_features,
+                clicks.users,
+                clicks.items,
+                two_tower_cfg,
+                seed=seed,
+                progress=config.progress,
+            )
+            item_embeddings = embed(two_tower.item_tower, world.item_features)
+        with _phase("ranker", timings, bar):
+            examples = ranking_examples(world, ranker_cfg.exploration_share, seed=seed)
+            ranker = train_ranker(
+                world.user_features,
+                world.item_features,
+                examples,
+                ranker_cfg,
+                seed=seed,
+                progress=config.progress,
+            )
+        with _phase("prerank", timings, bar):
+            prerank = train_prerank(
+                world.user_features,
+                world.item_features,
+                examples,
+                prerank_cfg,
+                seed=seed,
+                progress=config.progress,
+            )
+        files = {name: build / file_name for name, file_name in REQUIRED_FILES.items()}
+        with _phase("export", timings, bar):
+            sample_users = world.user_features[examples.users[:EXPORT_SAMPLE]]
+            sample_items = world.item_features[examples.items[:EXPORT_SAMPLE]]
+            export_user_tower(two_tower.user_tower, files["user_tower"], sample_users)
+            export_ranker(ranker, files["ranker"], sample_users, sample_items)
+            save_prerank(files["prerank"], prerank)
+            _save_data(world, item_embeddings, files)
+        with _phase("index", timings, bar):
+            index, ann_spec = build_index(item_embeddings)
+            write_index(index, files["ann_index"])
+        with _phase("evaluate", timings, bar):
+            metrics = evaluate(world, files, HEADS, eval_cfg) if config.evaluate else {}
+        with _phase("write", timings, bar):
+            manifest_config: dict[str, Any] = {
+                "n_users": world.config.n_users,
+                "n_items": world.config.n_items,
+                "n_categories": world.config.n_categories,
+                "user_feature_dim": world.config.user_feature_dim,
+                "item_feature_dim": world.config.item_feature_dim,
+                "embedding_dim": two_tower_cfg.embedding_dim,
+                "user_id_format": "u{row}",
+                "ranker_heads": list(HEADS),
+                "ranker_head_weights": dict(eval_cfg.head_weights),
+                "prerank_rank": prerank_cfg.rank,
+                "ann": ann_spec.to_manifest(),
+                "epochs": config.epochs,
+                "evaluation": {"max_users": eval_cfg.max_users, "candidates": eval_cfg.candidates},
+            }
+            timings["total"] = round(time.perf_counter() - started, 3)
+            version_dir = write_artifact_set(
+                root,
+                files,
+                seeds={"data": config.data_seed, "train": config.train_seed},
+                config=manifest_config,
+                metrics=metrics,
+                libraries=_library_versions(),
+                timings_s=timings,
+            )
+        set_current(root, version_dir.name)
+    return version_dir
+
+
+def _save_data(world: World, item_embeddings: NDArray[np.float32], files: dict[str, Path]) -> None:
+    """Write the array files that come straight from the world and the item tower."""
+    clicks = world.train.select(world.train.clicked)
+    counts = world.train_click_counts().astype(np.float64)
+    per_user = np.bincount(clicks.users, minlength=world.config.n_users)
+    held = world.heldout.select(world.heldout.clicked)
+    np.save(files["item_embeddings"], item_embeddings.astype(np.float32))
+    np.save(files["user_features"], world.user_features)
+    np.save(files["item_features"], world.item_features)
+    np.save(files["item_categories"], world.item_categories.astype(np.int32))
+    np.save(files["item_popularity"], (counts / max(counts.sum(), 1.0)).astype(np.float32))
+    np.savez(
+        files["user_history"],
+        indptr=np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64),
+        items=clicks.items.astype(np.int64),
+    )
+    np.savez(
+        files["heldout"],
+        users=held.users.astype(np.int64),
+        items=held.items.astype(np.int64),
+        converted=held.converted,
+    )
+
+
+def _library_versions() -> dict[str, str]:
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+    }
+
+
+@contextmanager
+def _phase(name: str, timings: dict[str, float], bar: tqdm) -> Iterator[None]:
+    """Time one pipeline phase into ``timings[name]`` and advance the progress bar."""
+    bar.set_description(name)
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+    bar.update()
