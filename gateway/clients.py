@@ -1,4 +1,4 @@
-"""The gateway's downstream stubs, one channel per service."""
+"""The gateway's downstream services, one guarded channel each."""
 
 from __future__ import annotations
 
@@ -14,35 +14,46 @@ from recmesh.ranking.v1 import ranking_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2_grpc
 
 from gateway.settings import GatewaySettings
-from mesh.client import connect_eagerly, open_channel
+from mesh.client import Downstream, connect_eagerly, open_channel
 
 
 @dataclass
 class Downstreams:
-    """Stubs of every service the gateway calls, and their channels for health and close."""
+    """Every service the gateway calls, each behind its breaker, retry budget and bulkhead.
 
-    channels: dict[str, grpc.aio.Channel]
-    quota: quota_pb2_grpc.QuotaServiceAsyncStub
-    experiment: experiment_pb2_grpc.ExperimentServiceAsyncStub
-    retrieval: retrieval_pb2_grpc.RetrievalServiceAsyncStub
-    ranking: ranking_pb2_grpc.RankingServiceAsyncStub
-    events: events_pb2_grpc.EventServiceAsyncStub
+    The feature service is not called by the gateway; its channel is kept for ``/healthz``.
+    """
+
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]
+    experiment: Downstream[experiment_pb2_grpc.ExperimentServiceAsyncStub]
+    retrieval: Downstream[retrieval_pb2_grpc.RetrievalServiceAsyncStub]
+    ranking: Downstream[ranking_pb2_grpc.RankingServiceAsyncStub]
+    events: Downstream[events_pb2_grpc.EventServiceAsyncStub]
+    feature_channel: grpc.aio.Channel
 
     @classmethod
     def open(cls, settings: GatewaySettings) -> Downstreams:
         """Open channels to every address in ``settings`` (inside the running loop)."""
-        channels = {
-            name: open_channel(getattr(settings, f"{name}_addr"))
-            for name in ("feature", "quota", "experiment", "retrieval", "ranking", "events")
-        }
         return cls(
-            channels=channels,
-            quota=quota_pb2_grpc.QuotaServiceStub(channels["quota"]),
-            experiment=experiment_pb2_grpc.ExperimentServiceStub(channels["experiment"]),
-            retrieval=retrieval_pb2_grpc.RetrievalServiceStub(channels["retrieval"]),
-            ranking=ranking_pb2_grpc.RankingServiceStub(channels["ranking"]),
-            events=events_pb2_grpc.EventServiceStub(channels["events"]),
+            quota=Downstream("quota", settings.quota_addr, quota_pb2_grpc.QuotaServiceStub),
+            experiment=Downstream(
+                "experiment", settings.experiment_addr, experiment_pb2_grpc.ExperimentServiceStub
+            ),
+            retrieval=Downstream(
+                "retrieval", settings.retrieval_addr, retrieval_pb2_grpc.RetrievalServiceStub
+            ),
+            ranking=Downstream(
+                "ranking", settings.ranking_addr, ranking_pb2_grpc.RankingServiceStub
+            ),
+            events=Downstream("events", settings.events_addr, events_pb2_grpc.EventServiceStub),
+            feature_channel=open_channel(settings.feature_addr),
         )
+
+    @property
+    def channels(self) -> dict[str, grpc.aio.Channel]:
+        """Every downstream's channel by service name."""
+        guarded = (self.quota, self.experiment, self.retrieval, self.ranking, self.events)
+        return {d.name: d.channel for d in guarded} | {"feature": self.feature_channel}
 
     async def connect(self) -> None:
         """Open every channel now (start-up), so first requests do not pay for connecting."""

@@ -32,12 +32,14 @@ from gateway.settings import GatewaySettings
 from mesh.client import describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
 from mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from mesh.resilience import BulkheadFull, CircuitOpen
 from services.experiment.assignment import ExperimentBook, control_params
 from services.validation import check_user_id
 
 log = logging.getLogger(__name__)
 
-DownstreamFailure = (grpc.aio.AioRpcError, DeadlineExceeded)
+DownstreamFailure = (grpc.aio.AioRpcError, DeadlineExceeded, CircuitOpen, BulkheadFull)
+"""Failures of a downstream call that the funnel answers with a fallback."""
 
 
 @dataclass
@@ -167,10 +169,12 @@ class Funnel:
 
     async def _quota(self, degraded: list[str]) -> quota_pb2.AcquireResponse | None:
         try:
-            reply: quota_pb2.AcquireResponse = await self._ds.quota.Acquire(
-                quota_pb2.AcquireRequest(cost=1), timeout=self._settings.quota_budget_s
+            quota = self._ds.quota
+            return await quota.call(
+                quota.stub.Acquire,
+                quota_pb2.AcquireRequest(cost=1),
+                cap_s=self._settings.quota_budget_s,
             )
-            return reply
         except DownstreamFailure as exc:
             log.warning("quota unavailable: %s", describe_failure(exc))
             degraded.append("quota")
@@ -182,9 +186,12 @@ class Funnel:
         self, tenant: str, user_id: str, degraded: list[str]
     ) -> list[experiment_pb2.Assignment]:
         try:
-            reply = await self._ds.experiment.Assign(
+            experiment = self._ds.experiment
+            reply = await experiment.call(
+                experiment.stub.Assign,
                 experiment_pb2.AssignRequest(user_id=user_id),
-                timeout=self._settings.experiment_budget_s,
+                cap_s=self._settings.experiment_budget_s,
+                idempotent=True,
             )
             return list(reply.assignments)
         except DownstreamFailure as exc:
@@ -199,9 +206,12 @@ class Funnel:
         self, tenant: str, user_id: str, knobs: _Params, degraded: list[str]
     ) -> retrieval_pb2.RetrieveResponse:
         try:
-            reply: retrieval_pb2.RetrieveResponse = await self._ds.retrieval.Retrieve(
+            retrieval = self._ds.retrieval
+            reply = await retrieval.call(
+                retrieval.stub.Retrieve,
                 retrieval_pb2.RetrieveRequest(user_id=user_id, ann_k=knobs.ann_k),
-                timeout=self._settings.retrieval_budget_s,
+                cap_s=self._settings.retrieval_budget_s,
+                idempotent=True,
             )
         except DownstreamFailure as exc:
             log.warning("retrieval unavailable: %s", describe_failure(exc))
@@ -239,7 +249,9 @@ class Funnel:
         degraded: list[str],
     ) -> ranking_pb2.RankResponse | None:
         try:
-            reply: ranking_pb2.RankResponse = await self._ds.ranking.Rank(
+            ranking = self._ds.ranking
+            reply: ranking_pb2.RankResponse = await ranking.call(
+                ranking.stub.Rank,
                 ranking_pb2.RankRequest(
                     user_id=user_id,
                     user_features=retrieved.user_features,
@@ -247,7 +259,8 @@ class Funnel:
                     num_items=n,
                     heavy_mode=knobs.heavy,  # type: ignore[arg-type]
                 ),
-                timeout=self._settings.ranking_budget_s,
+                cap_s=self._settings.ranking_budget_s,
+                idempotent=True,
             )
             return reply
         except DownstreamFailure as exc:
@@ -284,10 +297,13 @@ class Funnel:
 
     async def append_events(self, events: list[events_pb2.Event]) -> events_pb2.AppendResponse:
         """Write events of the current tenant to the event logger."""
-        reply: events_pb2.AppendResponse = await self._ds.events.Append(
-            events_pb2.AppendRequest(events=events), timeout=self._settings.events_timeout_s
+        events_ds = self._ds.events
+        return await events_ds.call(
+            events_ds.stub.Append,
+            events_pb2.AppendRequest(events=events),
+            cap_s=self._settings.events_timeout_s,
+            idempotent=True,
         )
-        return reply
 
     async def drain(self) -> None:
         """Wait for background writes still running (shutdown)."""

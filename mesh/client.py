@@ -16,12 +16,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Any
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
 
 from mesh.context import Budget, budget_var, outgoing_metadata
+from mesh.metrics import (
+    BREAKER_STATE,
+    DOWNSTREAM_CALLS,
+    DOWNSTREAM_REJECTED,
+    DOWNSTREAM_RETRIES,
+    BreakerMetrics,
+)
+from mesh.resilience import (
+    AsyncBreaker,
+    Bulkhead,
+    BulkheadFull,
+    CircuitOpen,
+    RetryBudget,
+    backoff_s,
+    is_retryable,
+)
+
+StubT = TypeVar("StubT")
+R = TypeVar("R")
 
 CALL_MARGIN_S = 0.002
 """Time kept back from every downstream call so the caller can still answer."""
@@ -94,3 +116,128 @@ async def connect_eagerly(channels: list[grpc.aio.Channel], timeout_s: float = 2
             await asyncio.wait_for(channel.channel_ready(), timeout_s)
 
     await asyncio.gather(*(ready(c) for c in channels))
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """How calls to one downstream are guarded. Defaults suit calls inside a 100 ms request.
+
+    Attributes:
+        max_attempts: first try plus retries, at most.
+        backoff_base_s / backoff_cap_s: full-jitter exponential backoff between attempts.
+        retry_ratio: retry budget, as a share of requests over the breaker window.
+        max_in_flight: bulkhead size; more concurrent calls fail fast.
+        fail_max / failure_rate / window_s / min_calls / reset_timeout_s: the breaker.
+    """
+
+    max_attempts: int = 2
+    backoff_base_s: float = 0.002
+    backoff_cap_s: float = 0.010
+    retry_ratio: float = 0.2
+    max_in_flight: int = 64
+    fail_max: int = 5
+    failure_rate: float = 0.5
+    window_s: float = 10.0
+    min_calls: int = 20
+    reset_timeout_s: float = 2.0
+
+
+class Downstream(Generic[StubT]):
+    """One downstream service: its channel, stub and the guards every call goes through.
+
+    ``await downstream.call(downstream.stub.Method, request, cap_s=budget)`` runs, in this
+    order: the bulkhead (fail fast when ``max_in_flight`` calls are out), the circuit
+    breaker (fail fast while open), the call itself (timeout from the request budget, see
+    :class:`_ContextInterceptor`), and — only for retryable failures, only while the retry
+    budget and the request deadline allow — one more attempt after a jittered backoff.
+    This is the only retry layer of the mesh: channels have gRPC retries disabled.
+
+    Args:
+        name: the downstream's name in metrics, logs and errors.
+        target: ``host:port``.
+        stub_factory: the generated stub class.
+        policy: the guards' settings.
+        clock: monotonic clock for the breaker and budget (tests inject one).
+        rng: uniform [0, 1) source for backoff jitter.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        target: str,
+        stub_factory: Callable[[grpc.aio.Channel], StubT],
+        policy: CallPolicy = CallPolicy(),
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.channel = open_channel(target)
+        self.stub = stub_factory(self.channel)
+        self.breaker = AsyncBreaker(
+            name,
+            fail_max=policy.fail_max,
+            failure_rate=policy.failure_rate,
+            window_s=policy.window_s,
+            min_calls=policy.min_calls,
+            reset_timeout_s=policy.reset_timeout_s,
+            clock=clock,
+        )
+        self.breaker.add_listener(BreakerMetrics())
+        BREAKER_STATE.labels(name).set(0)
+        self.retry_budget = RetryBudget(policy.retry_ratio, policy.window_s, clock=clock)
+        self.bulkhead = Bulkhead(name, policy.max_in_flight)
+        self._rng = rng
+
+    async def _attempt(self, method: Callable[..., Awaitable[R]], request: Any, cap_s: float) -> R:
+        try:
+            result = await self.breaker.call(lambda: method(request, timeout=cap_s))
+        except grpc.aio.AioRpcError as exc:
+            DOWNSTREAM_CALLS.labels(self.name, exc.code().name).inc()
+            raise
+        DOWNSTREAM_CALLS.labels(self.name, "OK").inc()
+        return result
+
+    async def call(
+        self,
+        method: Callable[..., Awaitable[R]],
+        request: Any,
+        *,
+        cap_s: float,
+        idempotent: bool = False,
+    ) -> R:
+        """Call ``method(request)``; each attempt waits at most ``cap_s`` seconds.
+
+        Raises:
+            CircuitOpen / BulkheadFull: the call was not sent (both are ``Unavailable``).
+            DeadlineExceeded: the request budget was spent before an attempt.
+            grpc.aio.AioRpcError: the downstream's answer, once no retry is allowed.
+        """
+        self.retry_budget.record_request()
+        attempt = 1
+        while True:
+            try:
+                return await self.bulkhead.run(lambda: self._attempt(method, request, cap_s))
+            except (CircuitOpen, BulkheadFull) as exc:
+                reason = "breaker_open" if isinstance(exc, CircuitOpen) else "bulkhead_full"
+                DOWNSTREAM_REJECTED.labels(self.name, reason).inc()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                delay = backoff_s(
+                    attempt, self.policy.backoff_base_s, self.policy.backoff_cap_s, self._rng
+                )
+                budget = budget_var.get()
+                time_left = budget is None or budget.remaining() - delay > 2 * CALL_MARGIN_S
+                if not (
+                    attempt < self.policy.max_attempts
+                    and is_retryable(exc, idempotent)
+                    and time_left
+                    and self.retry_budget.try_spend()
+                ):
+                    raise
+            DOWNSTREAM_RETRIES.labels(self.name).inc()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def close(self) -> None:
+        await self.channel.close()
