@@ -136,7 +136,7 @@ class CallPolicy:
     retry_ratio: float = 0.2
     max_in_flight: int = 64
     fail_max: int = 5
-    failure_rate: float = 0.5
+    failure_rate: float = 0.3
     window_s: float = 10.0
     min_calls: int = 20
     reset_timeout_s: float = 2.0

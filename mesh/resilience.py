@@ -208,6 +208,11 @@ class RetryBudget:
         """Count one first attempt."""
         self._requests.append(self._clock())
 
+    def counts(self) -> tuple[int, int]:
+        """``(requests, retries)`` in the current window."""
+        self._trim(self._clock())
+        return len(self._requests), len(self._retries)
+
     def try_spend(self) -> bool:
         """Take one retry from the budget if there is one."""
         now = self._clock()

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
 
@@ -33,6 +34,7 @@ from mesh.context import (
     tenant_var,
 )
 from mesh.errors import InvalidArgument, RecMeshError
+from mesh.faults import FaultInjector
 from mesh.health import HealthCheck, HealthMonitor
 from mesh.settings import ServerSettings
 
@@ -88,8 +90,9 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes, method: str)
 class _MeshInterceptor(grpc.aio.ServerInterceptor):
     """Sets request context, budget and error mapping around every unary call."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, faults: FaultInjector) -> None:
         self._settings = settings
+        self._faults = faults
 
     async def intercept_service(
         self,
@@ -105,6 +108,8 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
         inner = cast(Callable[[Any, Any], Awaitable[Any]], handler.unary_unary)
         deserialize = handler.request_deserializer
         settings = self._settings
+        faults = self._faults
+        short_name = method.rsplit("/", 1)[-1]
 
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = dict(context.invocation_metadata() or ())
@@ -118,6 +123,7 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             try:
                 request = _decode(deserialize, raw, method)
+                await faults.apply(short_name)
                 return await inner(request, context)
             except RecMeshError as exc:
                 code = exc.grpc_code
@@ -177,8 +183,11 @@ class MeshServer:
             [r.full_name for r in self.registrations],
             self.settings.health_interval_s,
         )
+        faults_file = Path(self.settings.faults_file) if self.settings.faults_file else None
+        self.faults = FaultInjector(self.settings.service_name, faults_file)
+        self._faults_task: asyncio.Task[None] | None = None
         self._server = grpc.aio.server(
-            interceptors=[_MeshInterceptor(self.settings)],
+            interceptors=[_MeshInterceptor(self.settings, self.faults)],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", self.settings.max_receive_bytes),
@@ -205,6 +214,7 @@ class MeshServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.host}:{self.settings.port}")
         await self._server.start()
+        self._faults_task = asyncio.create_task(self.faults.watch())
         for startup in self.startups:
             await startup()
         await self.health.start()
@@ -222,6 +232,8 @@ class MeshServer:
         await asyncio.sleep(self.settings.drain_delay_s if grace_s is None else 0)
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         await self._server.stop(grace)
+        if self._faults_task is not None:
+            self._faults_task.cancel()
         for cleanup in self.cleanups:
             await cleanup()
         self._stopped.set()

@@ -111,6 +111,9 @@ class ServerSettings:
         1.0,
         doc="budget of a call whose caller sent no deadline (and cap of any deadline)",
     )
+    faults_file: str = env(
+        "RECMESH_FAULTS_FILE", "", doc="fault flags file watched for chaos runs (empty: none)"
+    )
     health_interval_s: float = env(
         "RECMESH_HEALTH_INTERVAL_S", 1.0, doc="seconds between component health checks"
     )
