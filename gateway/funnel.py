@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
@@ -28,6 +29,7 @@ from recmesh.retrieval.v1 import retrieval_pb2
 
 from gateway.clients import Downstreams
 from gateway.metrics import DEGRADED
+from gateway.outbox import Outbox
 from gateway.settings import GatewaySettings
 from mesh.client import describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
@@ -77,9 +79,14 @@ class Funnel:
     """Runs the funnel for one tenant's request against the downstream services."""
 
     def __init__(
-        self, settings: GatewaySettings, downstreams: Downstreams, book: ExperimentBook
+        self,
+        settings: GatewaySettings,
+        downstreams: Downstreams,
+        book: ExperimentBook,
+        outbox: Outbox,
     ) -> None:
         self._settings = settings
+        self._outbox = outbox
         self._ds = downstreams
         self._book = book
         self._popular: dict[str, common_pb2.Candidates] = {}
@@ -292,11 +299,19 @@ class Funnel:
         ]
         try:
             await self.append_events(events)
-        except DownstreamFailure as exc:
-            log.warning("impressions not logged: %s", describe_failure(exc))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("impressions not logged: %s", exc)
 
-    async def append_events(self, events: list[events_pb2.Event]) -> events_pb2.AppendResponse:
-        """Write events of the current tenant to the event logger."""
+    async def append_events(self, events: list[events_pb2.Event]) -> None:
+        """Accept events of the current tenant: durably in the outbox, delivered later.
+
+        Raises:
+            OSError / sqlite3.Error: the outbox could not store them (nothing was accepted).
+        """
+        await self._outbox.put(tenant_var.get(), events)
+
+    async def deliver(self, events: list[events_pb2.Event]) -> events_pb2.AppendResponse:
+        """Send one batch of the current tenant to the event logger (the outbox relay)."""
         events_ds = self._ds.events
         return await events_ds.call(
             events_ds.stub.Append,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any
 
 from recmesh.common.v1 import common_pb2
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from gateway.funnel import DownstreamFailure, Funnel
+from gateway.funnel import Funnel
 from gateway.metrics import LATENCY, REQUESTS
 from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
 from mesh.errors import RecMeshError, Unauthenticated, Unavailable
@@ -82,6 +83,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         validate_batch(events)
         try:
             await self._funnel.append_events(events)
-        except DownstreamFailure as exc:
-            raise Unavailable("the event logger is unavailable; retry later") from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable("events could not be stored; retry later") from exc
         return gateway_pb2.LogEventsResponse(accepted=len(events))

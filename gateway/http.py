@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from recmesh.common.v1 import common_pb2
 
 from gateway.clients import Downstreams
-from gateway.funnel import DownstreamFailure, Funnel, Recommendation
+from gateway.funnel import Funnel, Recommendation
 from gateway.metrics import LATENCY, REQUESTS
 from gateway.openapi import OPENAPI
 from gateway.schema import parse_events, parse_recommend
@@ -142,13 +143,10 @@ class HttpApi:
         events = parse_events(await request.read())
         validate_batch(events)
         try:
-            reply = await self._funnel.append_events(events)
-        except DownstreamFailure as exc:
-            raise Unavailable("the event logger is unavailable; retry later") from exc
-        return web.json_response(
-            {"accepted": len(events), "stored": reply.appended, "duplicates": reply.duplicates},
-            status=202,
-        )
+            await self._funnel.append_events(events)
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable("events could not be stored; retry later") from exc
+        return web.json_response({"accepted": len(events)}, status=202)
 
     async def healthz(self, request: web.Request) -> web.Response:
         statuses = await self._downstreams.health()

@@ -11,6 +11,7 @@ from gateway.clients import Downstreams
 from gateway.funnel import Funnel
 from gateway.grpc_api import GatewayServicer
 from gateway.http import HttpApi
+from gateway.outbox import Outbox, OutboxRelay
 from gateway.settings import GatewaySettings
 from mesh.server import MeshServer, Registration
 from mesh.tenants import load_tenants
@@ -49,7 +50,9 @@ async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpList
     tenants = load_tenants(settings.tenants)
     book = load_experiments(settings.experiments)
     downstreams = Downstreams.open(settings)
-    funnel = Funnel(settings, downstreams, book)
+    outbox = Outbox(settings.outbox)
+    funnel = Funnel(settings, downstreams, book, outbox)
+    relay = OutboxRelay(outbox, funnel.deliver)
     http = HttpListener(
         HttpApi(funnel, tenants, downstreams).app(settings.max_body_bytes),
         settings.host,
@@ -65,8 +68,8 @@ async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpList
                 "GatewayService",
             )
         ],
-        startups=[downstreams.connect, http.start],
-        cleanups=[http.stop, funnel.drain, downstreams.close],
+        startups=[downstreams.connect, relay.start, http.start],
+        cleanups=[http.stop, funnel.drain, relay.stop, downstreams.close],
     )
     return server, http
 

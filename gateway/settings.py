@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.paths import VAR_DIR
 from mesh.ports import GATEWAY_HTTP_PORT
 from mesh.settings import ServerSettings, downstream, env, port_of, tenants_file
 from services.experiment.settings import experiments_file
@@ -40,6 +41,9 @@ class GatewaySettings(ServerSettings):
         "RECMESH_GATEWAY_EVENTS_TIMEOUT_S",
         1.0,
         doc="timeout of event writes (off the request path)",
+    )
+    outbox: Path = env(
+        "RECMESH_GATEWAY_OUTBOX", VAR_DIR / "outbox.db", doc="durable outbox of accepted events"
     )
     quota_fail_open: bool = env(
         "RECMESH_GATEWAY_QUOTA_FAIL_OPEN", True, doc="serve when the quota service is down"

@@ -79,6 +79,7 @@ class Layout:
         environment["REDIS_URL"] = self.effective_redis_url()
         environment["RECMESH_ARTIFACTS"] = str(self.artifacts)
         environment["RECMESH_GATEWAY_HTTP_PORT"] = str(self.http_port)
+        environment["RECMESH_GATEWAY_OUTBOX"] = str(self.var_dir / "outbox.db")
         if self.tenants is not None:
             environment["RECMESH_TENANTS"] = str(self.tenants)
         for name, port in self.ports.items():

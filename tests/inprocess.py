@@ -127,6 +127,7 @@ async def inprocess_mesh(
         gateway, http = await build_gateway(
             GatewaySettings(
                 http_port=0,
+                outbox=tenants_file.parent / "outbox.db",
                 tenants=tenants_file,
                 experiments=PROJECT / "config" / "experiments.json",
                 feature_addr=feature,

@@ -56,6 +56,10 @@ class RedisStreamEventLog(EventLog):
         self._append = client.register_script(_APPEND)
         self._ttl = dedupe_ttl_s
 
+    async def prepare(self) -> None:
+        """Load the append script into Redis now, so the first append is one round trip."""
+        await self._redis.script_load(_APPEND)
+
     @staticmethod
     def stream_key(tenant: str) -> str:
         return f"rm:{{{tenant}}}:events"

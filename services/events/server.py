@@ -14,10 +14,12 @@ from services.events.settings import EventsSettings
 async def build_server(settings: EventsSettings) -> MeshServer:
     """The events service writing to Redis at ``settings.redis_url``."""
     client = mesh_redis.connect(settings.redis_url)
-    servicer = EventServicer(RedisStreamEventLog(client, settings.dedupe_ttl_s), settings.max_read)
+    log = RedisStreamEventLog(client, settings.dedupe_ttl_s)
+    servicer = EventServicer(log, settings.max_read)
     return MeshServer(
         settings,
         [Registration.of(servicer, events_pb2, events_pb2_grpc, "EventService")],
         checks=[mesh_redis.redis_check(client)],
+        startups=[log.prepare],
         cleanups=[client.aclose],
     )

@@ -66,6 +66,10 @@ class RedisRateLimiter:
         self._script = client.register_script(_GCRA)
         self._clock = clock
 
+    async def prepare(self) -> None:
+        """Load the script into Redis now, so the first decision is one round trip."""
+        await self._redis.script_load(_GCRA)
+
     def _usage_key(self, bucket: str, hour: int | None = None) -> str:
         hour = int(self._clock() // 3600) if hour is None else hour
         return f"rm:{{{bucket}}}:usage:{hour}"

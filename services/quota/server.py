@@ -37,5 +37,6 @@ async def build_server(settings: QuotaSettings) -> MeshServer:
             ),
         ],
         checks=[mesh_redis.redis_check(client)],
+        startups=[limiter.prepare],
         cleanups=[client.aclose],
     )

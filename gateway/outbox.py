@@ -1,0 +1,166 @@
+"""The durable outbox: events the gateway accepted, kept on local disk until delivered.
+
+``POST /v1/events`` answers 202 only after its events are committed to an SQLite file
+(WAL journal, ``synchronous=FULL``: the commit is fsynced). A relay task delivers them
+to the events service in order, in batches per tenant, and deletes them only once the
+events service acknowledged the batch. Delivery is at least once; the events service
+drops repeats by event id, so the effect is exactly once. A gateway killed after a 202
+finds the rows again on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from prometheus_client import Gauge
+from recmesh.events.v1 import events_pb2
+
+from mesh.client import describe_failure
+from mesh.context import tenant_var
+
+log = logging.getLogger(__name__)
+
+OUTBOX_DEPTH = Gauge("recmesh_gateway_outbox_depth", "Events accepted and not yet delivered")
+
+Send = Callable[[list[events_pb2.Event]], Awaitable[object]]
+"""Delivers one tenant's batch (the tenant is in the context); raises when not delivered."""
+
+
+class Outbox:
+    """An SQLite-backed FIFO of ``(tenant, event)`` rows; all methods are coroutine-safe."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, event BLOB NOT NULL)"
+        )
+        OUTBOX_DEPTH.set(self._depth())
+
+    def _depth(self) -> int:
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(count)
+
+    def _put(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:
+        rows = [(tenant, e.SerializeToString()) for e in events]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO outbox (tenant, event) VALUES (?, ?)", rows)
+            self._db.execute("COMMIT")
+
+    async def put(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:
+        """Store ``events`` durably (returns after the fsynced commit)."""
+        await asyncio.to_thread(self._put, tenant, events)
+        OUTBOX_DEPTH.inc(len(events))
+
+    def _take(self, limit: int) -> list[tuple[int, str, bytes]]:
+        with self._lock:
+            return self._db.execute(
+                "SELECT id, tenant, event FROM outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+
+    async def take(self, limit: int) -> list[tuple[int, str, events_pb2.Event]]:
+        """The oldest ``limit`` rows, not removed."""
+        rows = await asyncio.to_thread(self._take, limit)
+        return [(i, t, events_pb2.Event.FromString(blob)) for i, t, blob in rows]
+
+    def _ack(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    async def ack(self, ids: Sequence[int]) -> None:
+        """Remove delivered rows."""
+        await asyncio.to_thread(self._ack, ids)
+        OUTBOX_DEPTH.dec(len(ids))
+
+    async def depth(self) -> int:
+        """Rows not yet delivered."""
+        return await asyncio.to_thread(self._depth)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class OutboxRelay:
+    """Moves outbox rows to the events service, retrying with capped exponential backoff.
+
+    Args:
+        outbox: the queue to drain.
+        send: delivers one tenant's batch.
+        batch: rows taken per round.
+        idle_s: pause when the outbox is empty.
+        max_backoff_s: longest pause after failed deliveries.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        send: Send,
+        batch: int = 500,
+        idle_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        self._outbox = outbox
+        self._send = send
+        self._batch = batch
+        self._idle_s = idle_s
+        self._max_backoff_s = max_backoff_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def deliver_once(self) -> int:
+        """Deliver one round; returns rows delivered.
+
+        Raises:
+            Exception: the first tenant batch that could not be delivered (earlier
+                batches of the round stay delivered).
+        """
+        rows = await self._outbox.take(self._batch)
+        delivered = 0
+        for tenant, group in itertools.groupby(rows, key=lambda row: row[1]):
+            batch = list(group)
+            tenant_var.set(tenant)
+            await self._send([event for _, _, event in batch])
+            await self._outbox.ack([row_id for row_id, _, _ in batch])
+            delivered += len(batch)
+        return delivered
+
+    async def _run(self) -> None:
+        backoff = self._idle_s
+        while True:
+            try:
+                delivered = await self.deliver_once()
+                backoff = self._idle_s
+                if delivered == 0:
+                    await asyncio.sleep(self._idle_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox delivery failed, will retry: %s", describe_failure(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(self._max_backoff_s, backoff * 2)
+
+    async def start(self) -> None:
+        """Run the relay in the background."""
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stop the relay after a last delivery attempt of at most ``grace_s``."""
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await asyncio.wait_for(self.deliver_once(), grace_s)
+        except Exception as exc:
+            log.warning("outbox kept undelivered rows at shutdown: %s", describe_failure(exc))
+        self._outbox.close()
