@@ -69,6 +69,11 @@ class Layout:
     def log_dir(self) -> Path:
         return self.var_dir / "log"
 
+    @property
+    def faults_file(self) -> Path:
+        """The fault flags file every process of this mesh watches."""
+        return self.var_dir / "faults.json"
+
     def effective_redis_url(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
 
@@ -80,6 +85,7 @@ class Layout:
         environment["RECMESH_ARTIFACTS"] = str(self.artifacts)
         environment["RECMESH_GATEWAY_HTTP_PORT"] = str(self.http_port)
         environment["RECMESH_GATEWAY_OUTBOX"] = str(self.var_dir / "outbox.db")
+        environment["RECMESH_FAULTS_FILE"] = str(self.faults_file)
         if self.tenants is not None:
             environment["RECMESH_TENANTS"] = str(self.tenants)
         for name, port in self.ports.items():
