@@ -28,6 +28,7 @@ from recmesh.ranking.v1 import ranking_pb2
 from recmesh.retrieval.v1 import retrieval_pb2
 
 from gateway.clients import Downstreams
+from gateway.fallback import PopularFallback
 from gateway.metrics import DEGRADED
 from gateway.outbox import Outbox
 from gateway.settings import GatewaySettings
@@ -84,12 +85,13 @@ class Funnel:
         downstreams: Downstreams,
         book: ExperimentBook,
         outbox: Outbox,
+        fallback: PopularFallback,
     ) -> None:
         self._settings = settings
         self._outbox = outbox
+        self._fallback = fallback
         self._ds = downstreams
         self._book = book
-        self._popular: dict[str, common_pb2.Candidates] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     def validate(self, user_id: str, num_items: int) -> int:
@@ -222,29 +224,11 @@ class Funnel:
             )
         except DownstreamFailure as exc:
             log.warning("retrieval unavailable: %s", describe_failure(exc))
-            cached = self._popular.get(tenant)
+            cached = self._fallback.get(tenant)
             if cached is None:
                 raise Unavailable("retrieval is unavailable and no fallback is cached") from exc
             degraded.append("retrieval")
             return retrieval_pb2.RetrieveResponse(candidates=cached)
-        popular = [
-            (i, s)
-            for i, s, src in zip(
-                reply.candidates.item_ids,
-                reply.candidates.scores,
-                reply.candidates.sources,
-                strict=True,
-            )
-            if src == common_pb2.SOURCE_POPULAR
-        ]
-        if popular and (
-            tenant not in self._popular or len(popular) >= len(self._popular[tenant].item_ids)
-        ):
-            self._popular[tenant] = common_pb2.Candidates(
-                item_ids=[i for i, _ in popular],
-                scores=[s for _, s in popular],
-                sources=[common_pb2.SOURCE_FALLBACK] * len(popular),
-            )
         return reply
 
     async def _rank(

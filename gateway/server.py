@@ -8,6 +8,7 @@ from aiohttp import web
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.clients import Downstreams
+from gateway.fallback import PopularFallback
 from gateway.funnel import Funnel
 from gateway.grpc_api import GatewayServicer
 from gateway.http import HttpApi
@@ -51,7 +52,8 @@ async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpList
     book = load_experiments(settings.experiments)
     downstreams = Downstreams.open(settings)
     outbox = Outbox(settings.outbox)
-    funnel = Funnel(settings, downstreams, book, outbox)
+    fallback = PopularFallback(downstreams.retrieval, list(tenants.tenants))
+    funnel = Funnel(settings, downstreams, book, outbox, fallback)
     relay = OutboxRelay(outbox, funnel.deliver)
     http = HttpListener(
         HttpApi(funnel, tenants, downstreams).app(settings.max_body_bytes),
@@ -68,8 +70,8 @@ async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpList
                 "GatewayService",
             )
         ],
-        startups=[downstreams.connect, relay.start, http.start],
-        cleanups=[http.stop, funnel.drain, relay.stop, downstreams.close],
+        startups=[downstreams.connect, fallback.start, relay.start, http.start],
+        cleanups=[http.stop, funnel.drain, relay.stop, fallback.stop, downstreams.close],
     )
     return server, http
 

@@ -74,9 +74,12 @@ class Mesh:
 
 @asynccontextmanager
 async def inprocess_mesh(
-    redis_url: str, artifacts: Path, tenants_file: Path
+    redis_url: str, artifacts: Path, tenants_file: Path, faults_file: Path | None = None
 ) -> AsyncIterator[Mesh]:
-    """Every service and the gateway, in this process, on port 0, features materialised."""
+    """Every service and the gateway, in this process, on port 0, features materialised.
+
+    With ``faults_file`` every server watches it for fault flags (see ``mesh.faults``).
+    """
     async with AsyncExitStack() as stack:
         servers: dict[str, MeshServer] = {}
 
@@ -84,7 +87,11 @@ async def inprocess_mesh(
             servers[name] = await stack.enter_async_context(serving(server))
             return f"127.0.0.1:{servers[name].port}"
 
-        common: dict[str, Any] = {"port": 0, "drain_delay_s": 0.0}
+        common: dict[str, Any] = {
+            "port": 0,
+            "drain_delay_s": 0.0,
+            "faults_file": str(faults_file or ""),
+        }
         feature = await start(
             "feature",
             await build_feature(

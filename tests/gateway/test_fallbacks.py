@@ -1,0 +1,80 @@
+"""Each downstream failing in turn: the gateway still answers and names the fallback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.inprocess import Mesh, inprocess_mesh, write_tenants
+
+DEMO = {"x-api-key": "demo-key"}
+
+
+@pytest.fixture(scope="module")
+async def faulty(
+    redis_url: str, artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Mesh, Path]]:
+    base = tmp_path_factory.mktemp("fallbacks")
+    faults = base / "faults.json"
+    async with inprocess_mesh(
+        redis_url, artifacts_root, write_tenants(base / "tenants.json"), faults
+    ) as mesh:
+        yield mesh, faults
+
+
+def set_faults(mesh: Mesh, path: Path, flags: dict[str, Any]) -> None:
+    path.write_text(json.dumps(flags))
+    for server in mesh.servers.values():
+        server.faults.reload()
+
+
+async def recommend(mesh: Mesh, user: str = "u1", n: int = 10) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            mesh.http_url + "/v1/recommend", json={"user_id": user, "num_items": n}, headers=DEMO
+        ) as response,
+    ):
+        return response.status, await response.json()
+
+
+@pytest.mark.parametrize(
+    ("service", "degraded", "sources"),
+    [
+        ("ranking", ["ranking"], {"ann", "popular"}),
+        ("retrieval", ["retrieval", "user_features"], {"fallback"}),
+        ("experiment", ["experiment"], {"ann", "popular"}),
+        ("quota", ["quota"], {"ann", "popular"}),
+        ("feature", ["user_features", "item_features"], {"popular"}),
+    ],
+)
+async def test_a_failing_service_degrades_the_answer_not_the_status(
+    faulty: tuple[Mesh, Path], service: str, degraded: list[str], sources: set[str]
+) -> None:
+    mesh, faults = faulty
+    set_faults(mesh, faults, {service: {"*": {"error_rate": 1.0, "code": "UNAVAILABLE"}}})
+    try:
+        status, body = await recommend(mesh)
+    finally:
+        set_faults(mesh, faults, {})
+    assert status == 200, body
+    assert len(body["items"]) == 10
+    assert set(body["degraded"]) >= set(degraded) - {"user_features"}
+    assert {item["source"] for item in body["items"]} <= sources
+
+
+async def test_hung_ranking_is_cut_by_the_deadline(faulty: tuple[Mesh, Path]) -> None:
+    mesh, faults = faulty
+    set_faults(mesh, faults, {"ranking": {"Rank": {"hang": True}}})
+    try:
+        status, body = await recommend(mesh)
+    finally:
+        set_faults(mesh, faults, {})
+    assert status == 200
+    assert "ranking" in body["degraded"]
+    assert body["stage_ms"]["ranking"] < 1100  # the in-process gateway's ranking budget is 1 s
