@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from mesh.errors import ConfigError
-from services.models import onnx_session
+from mesh.errors import ArtifactError, ConfigError
+from services.models import check_same_width, check_set_contract, loading, open_onnx
 from training.artifacts import load_artifact_set
 from training.prerank_model import load_prerank, prerank_scores
 
@@ -36,27 +36,66 @@ def parse_head_weights(spec: str, heads: list[str]) -> F32:
 class RankingModels:
     """Pre-ranker and heavy ranker loaded from the artifact set at ``path``.
 
+    Loading is blocking (hashing, ONNX); the hot swap runs it off the event loop.
+
     Raises:
-        ArtifactError: (from loading) a file is missing, corrupt or the wrong shape.
+        ArtifactError: (from loading) a file is missing, corrupt or the wrong shape; the
+            message names the file.
+        ConfigError: ``head_weights`` name a head the set's ranker does not have.
     """
 
     def __init__(self, path: Path, head_weights: str) -> None:
         artifacts = load_artifact_set(path)
+        self.path = artifacts.path
         self.version = artifacts.version
-        self.prerank = load_prerank(artifacts.file("prerank"))
-        self.ranker = onnx_session(str(artifacts.file("ranker")))
-        inputs = {i.name: i.shape for i in self.ranker.get_inputs()}
-        self.user_dim = int(inputs["user_features"][1])
-        self.item_dim = int(inputs["item_features"][1])
-        self.heads: list[str] = list(artifacts.manifest["config"]["ranker_heads"])
+        prerank_path = artifacts.file("prerank")
+        self.prerank = load_prerank(prerank_path)
+        self.ranker_path = artifacts.file("ranker")
+        self.ranker = open_onnx(self.ranker_path)
+        check_set_contract(artifacts, {"ranker": self.ranker})
+        self.user_dim = int(artifacts.config["user_feature_dim"])
+        self.item_dim = int(artifacts.config["item_feature_dim"])
+        user_proj, item_proj = self.prerank["user_proj"], self.prerank["item_proj"]
+        if user_proj.shape[0] != self.user_dim or item_proj.shape[0] != self.item_dim:
+            raise ArtifactError(
+                f"{prerank_path}: projections take {user_proj.shape[0]} user and "
+                f"{item_proj.shape[0]} item features, but the set's config says "
+                f"{self.user_dim} and {self.item_dim}"
+            )
+        self.heads: list[str] = list(artifacts.config["ranker_heads"])
         self.head_weights = parse_head_weights(head_weights, self.heads)
 
+    @classmethod
+    def replacing(
+        cls, path: Path, served: RankingModels, head_weights: str, warm_rows: int
+    ) -> RankingModels:
+        """The set at ``path``, checked against the ``served`` one and warmed up (blocking).
+
+        Raises:
+            ArtifactError: the set is corrupt, inconsistent, or cannot take the served set's
+                place (other feature widths).
+            ConfigError: ``head_weights`` name a head the new ranker does not have.
+        """
+        candidate = cls(path, head_weights)
+        for what, new, old in (
+            ("user features", candidate.user_dim, served.user_dim),
+            ("item features", candidate.item_dim, served.item_dim),
+        ):
+            check_same_width(candidate.ranker_path, what, new, old, served.version)
+        candidate.warm_up(warm_rows)
+        return candidate
+
     def warm_up(self, rows: int) -> None:
-        """Score ``rows`` blank candidates once, so the first request does not pay set-up costs."""
+        """Score ``rows`` blank candidates once, so the first request does not pay set-up costs.
+
+        Raises:
+            ArtifactError: the ranker fails on blank candidates.
+        """
         user = np.zeros(self.user_dim, dtype=np.float32)
         items = np.zeros((rows, self.item_dim), dtype=np.float32)
         self.prerank_scores(user, items)
-        self.heavy_scores(user, items)
+        with loading(self.ranker_path):
+            self.heavy_scores(user, items)
 
     def prerank_scores(self, user: F32, items: F32) -> F32:
         """Cheap score of each item row for the user."""

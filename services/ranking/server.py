@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from mesh.client import connect_eagerly, open_channel
 from mesh.server import MeshServer, Registration
+from mesh.settings import load
+from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
 from services.models import artifacts_check
 from services.ranking.models import RankingModels
 from services.ranking.servicer import RankingServicer
@@ -16,22 +19,55 @@ from services.ranking.settings import RankingSettings
 from training.artifacts import resolve_current
 
 
-async def build_server(settings: RankingSettings) -> MeshServer:
+async def build_server(
+    settings: RankingSettings, watch: ArtifactWatchSettings | None = None
+) -> MeshServer:
     """Ranking serving the artifact set under ``settings.artifacts``/current.
 
     Raises:
         ArtifactError: the current artifact set is missing or corrupt.
         ConfigError: the head weights name a head the ranker does not have.
     """
-    version_dir = resolve_current(settings.artifacts)
-    models = RankingModels(version_dir, settings.head_weights)
+    server, _ = await build_service(settings, watch)
+    return server
+
+
+async def build_service(
+    settings: RankingSettings, watch: ArtifactWatchSettings | None = None
+) -> tuple[MeshServer, ArtifactWatcher[RankingModels]]:
+    """:func:`build_server` and the watcher that swaps in each new ``current``.
+
+    ``watch`` defaults to the environment (``RECMESH_ARTIFACT_POLL_S``); see
+    :mod:`services.artifact_watch`.
+
+    Raises:
+        ArtifactError: the current artifact set is missing or corrupt.
+        ConfigError: the head weights name a head the ranker does not have.
+    """
+    watch = watch if watch is not None else load(ArtifactWatchSettings)
+    models = RankingModels(resolve_current(settings.artifacts), settings.head_weights)
     models.warm_up(settings.prerank_keep)
     channel = open_channel(settings.feature_addr)
     servicer = RankingServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
+
+    def load_candidate(path: Path, served: RankingModels) -> RankingModels:
+        return RankingModels.replacing(path, served, settings.head_weights, settings.prerank_keep)
+
+    def install(candidate: RankingModels) -> None:
+        servicer.models = candidate
+
+    watcher = ArtifactWatcher(
+        service=settings.service_name,
+        root=settings.artifacts,
+        served=models,
+        load=load_candidate,
+        install=install,
+        poll_s=watch.poll_s,
+    )
     return MeshServer(
         settings,
         [Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")],
-        checks=[artifacts_check(version_dir)],
-        startups=[partial(connect_eagerly, [channel])],
-        cleanups=[channel.close],
-    )
+        checks=[artifacts_check(lambda: watcher.served.path)],
+        startups=[partial(connect_eagerly, [channel]), watcher.start],
+        cleanups=[watcher.stop, channel.close],
+    ), watcher

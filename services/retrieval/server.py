@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from mesh.client import connect_eagerly, open_channel
 from mesh.server import MeshServer, Registration
+from mesh.settings import load
+from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
 from services.models import artifacts_check
 from services.retrieval.index import RetrievalModels
 from services.retrieval.servicer import RetrievalServicer
@@ -16,21 +19,53 @@ from services.retrieval.settings import RetrievalSettings
 from training.artifacts import resolve_current
 
 
-async def build_server(settings: RetrievalSettings) -> MeshServer:
+async def build_server(
+    settings: RetrievalSettings, watch: ArtifactWatchSettings | None = None
+) -> MeshServer:
     """Retrieval serving the artifact set under ``settings.artifacts``/current.
 
     Raises:
         ArtifactError: the current artifact set is missing or corrupt.
     """
-    version_dir = resolve_current(settings.artifacts)
-    models = RetrievalModels(version_dir)
+    server, _ = await build_service(settings, watch)
+    return server
+
+
+async def build_service(
+    settings: RetrievalSettings, watch: ArtifactWatchSettings | None = None
+) -> tuple[MeshServer, ArtifactWatcher[RetrievalModels]]:
+    """:func:`build_server` and the watcher that swaps in each new ``current``.
+
+    ``watch`` defaults to the environment (``RECMESH_ARTIFACT_POLL_S``); see
+    :mod:`services.artifact_watch`.
+
+    Raises:
+        ArtifactError: the current artifact set is missing or corrupt.
+    """
+    watch = watch if watch is not None else load(ArtifactWatchSettings)
+    models = RetrievalModels(resolve_current(settings.artifacts))
     models.warm_up(settings.ann_k)
     channel = open_channel(settings.feature_addr)
     servicer = RetrievalServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
+
+    def load_candidate(path: Path, served: RetrievalModels) -> RetrievalModels:
+        return RetrievalModels.replacing(path, served, settings.ann_k)
+
+    def install(candidate: RetrievalModels) -> None:
+        servicer.models = candidate
+
+    watcher = ArtifactWatcher(
+        service=settings.service_name,
+        root=settings.artifacts,
+        served=models,
+        load=load_candidate,
+        install=install,
+        poll_s=watch.poll_s,
+    )
     return MeshServer(
         settings,
         [Registration.of(servicer, retrieval_pb2, retrieval_pb2_grpc, "RetrievalService")],
-        checks=[artifacts_check(version_dir)],
-        startups=[partial(connect_eagerly, [channel])],
-        cleanups=[channel.close],
-    )
+        checks=[artifacts_check(lambda: watcher.served.path)],
+        startups=[partial(connect_eagerly, [channel]), watcher.start],
+        cleanups=[watcher.stop, channel.close],
+    ), watcher
