@@ -1,7 +1,10 @@
 """The ``recmesh`` command: run, inspect and feed the mesh.
 
 ``recmesh up|down|status`` manage local processes; ``recmesh train`` builds a new
-artifact set (``python -m training``); ``recmesh protos [--check]`` regenerates stubs.
+artifact set (``python -m training``); ``recmesh versions`` lists the sets under the
+artifact root, ``recmesh rollback [--to VERSION]`` moves ``current`` back (running
+services pick it up without restart) and ``recmesh eval`` evaluates a set offline;
+``recmesh protos [--check]`` regenerates stubs.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from mesh.errors import ArtifactError
 from ops import protos, supervisor
-from training.artifacts import resolve_current
+from training.artifacts import list_versions, load_artifact_set, resolve_current, rollback
 
 
 def _ensure_artifacts(layout: supervisor.Layout) -> None:
@@ -67,6 +71,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return subprocess.run([sys.executable, "-m", "training", "train", *args.rest]).returncode
 
 
+def _artifact_root(args: argparse.Namespace) -> Path:
+    root: Path | None = args.root
+    return root if root is not None else supervisor.Layout.from_env().artifacts
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    root = _artifact_root(args)
+    try:
+        live = resolve_current(root).name
+    except ArtifactError:
+        live = ""
+    versions = list_versions(root)
+    if not versions:
+        print(f"no artifact sets under {root}", file=sys.stderr)
+        return 1
+    print(f"artifact sets under {root} (* = current):")
+    for version in versions:
+        mark = "*" if version == live else " "
+        try:
+            manifest = load_artifact_set(root / version, verify=False).manifest
+        except ArtifactError as exc:
+            print(f"{mark} {version}  BROKEN: {exc.message}")
+            continue
+        seeds = manifest["seeds"]
+        recall = manifest["metrics"].get("retrieval.recall@100")
+        print(
+            f"{mark} {version}  seeds {seeds.get('data')}/{seeds.get('train')}  "
+            f"recall@100 {'-' if recall is None else f'{recall:.3f}'}"
+        )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    root = _artifact_root(args)
+    try:
+        before = resolve_current(root).name
+        after = rollback(root, args.to).name
+    except ArtifactError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"current: {before} -> {after}")
+    print(
+        "running retrieval and ranking swap to it within RECMESH_ARTIFACT_POLL_S "
+        "(log event artifact_swapped)"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    root = _artifact_root(args)
+    command = [sys.executable, "-m", "training", "eval", "--root", str(root), *args.rest]
+    return subprocess.run(command).returncode
+
+
 def cmd_protos(args: argparse.Namespace) -> int:
     return protos.main(check=args.check)
 
@@ -81,6 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train a new artifact set (see --help)")
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(run=cmd_train)
+    versions = commands.add_parser("versions", help="artifact sets under the root, and current")
+    versions.add_argument("--root", type=Path, help="artifact root (default: RECMESH_ARTIFACTS)")
+    versions.set_defaults(run=cmd_versions)
+    back = commands.add_parser(
+        "rollback", help="point current at the previous artifact set (or --to VERSION)"
+    )
+    back.add_argument("--to", metavar="VERSION", help="default: the version before current")
+    back.add_argument("--root", type=Path, help="artifact root (default: RECMESH_ARTIFACTS)")
+    back.set_defaults(run=cmd_rollback)
+    # Everything after `eval` goes to `python -m training eval` untouched (its own --help too).
+    evaluate = commands.add_parser(
+        "eval",
+        help="offline evaluation of an artifact set (python -m training eval --help)",
+        prefix_chars="+",
+        add_help=False,
+    )
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(run=cmd_eval, root=None)
     gen = commands.add_parser("protos", help="generate stubs into gen/")
     gen.add_argument("--check", action="store_true", help="fail when gen/ is stale")
     gen.set_defaults(run=cmd_protos)
