@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mesh.errors import ArtifactError
 from ops import protos, supervisor
@@ -90,7 +91,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     for version in versions:
         mark = "*" if version == live else " "
         try:
-            manifest = load_artifact_set(root / version, verify=False).manifest
+            manifest = load_artifact_set(root / version, verify=args.verify).manifest
         except ArtifactError as exc:
             print(f"{mark} {version}  BROKEN: {exc.message}")
             continue
@@ -100,7 +101,40 @@ def cmd_versions(args: argparse.Namespace) -> int:
             f"{mark} {version}  seeds {seeds.get('data')}/{seeds.get('train')}  "
             f"recall@100 {'-' if recall is None else f'{recall:.3f}'}"
         )
+    if args.root is None:
+        layout = supervisor.Layout.from_env()
+        print("served now:")
+        for name in ("retrieval", "ranking"):
+            print(f"  {name:<10}{_served_version(name, layout.ports[name])}")
     return 0
+
+
+def _served_version(service: str, port: int, timeout_s: float = 1.0) -> str:
+    """The ``model_version`` a running retrieval or ranking answers with (one cheap request)."""
+    import grpc
+    from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+    from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+    from mesh.context import TENANT_KEY
+
+    metadata = ((TENANT_KEY, "demo"),)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            if service == "retrieval":
+                reply: Any = retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(
+                    retrieval_pb2.RetrieveRequest(user_id="u0", ann_k=1, popular_k=1),
+                    metadata=metadata,
+                    timeout=timeout_s,
+                )
+            else:
+                reply = ranking_pb2_grpc.RankingServiceStub(channel).Rank(
+                    ranking_pb2.RankRequest(user_id="u0", num_items=1),
+                    metadata=metadata,
+                    timeout=timeout_s,
+                )
+        except grpc.RpcError as exc:
+            return f"unreachable ({exc.code().name})"
+    return str(reply.model_version)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -141,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(run=cmd_train)
     versions = commands.add_parser("versions", help="artifact sets under the root, and current")
     versions.add_argument("--root", type=Path, help="artifact root (default: RECMESH_ARTIFACTS)")
+    versions.add_argument(
+        "--verify", action="store_true", help="check every file's sha256 (reads every set)"
+    )
     versions.set_defaults(run=cmd_versions)
     back = commands.add_parser(
         "rollback", help="point current at the previous artifact set (or --to VERSION)"

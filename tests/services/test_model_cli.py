@@ -69,6 +69,13 @@ def test_versions_marks_current_and_broken_sets(
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith(f"* {NEW}  seeds 0/0") for line in lines)
     assert any(line.startswith(f"  {OLD}  BROKEN:") and "ann.faiss" in line for line in lines)
+    with (root / NEW / "ranker.onnx").open("ab") as ranker:
+        ranker.write(b"tampered")
+    assert main(["versions", "--root", str(root)]) == 0
+    assert f"* {NEW}  seeds" in capsys.readouterr().out
+    assert main(["versions", "--root", str(root), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"* {NEW}  BROKEN:" in out and "does not match its sha256" in out
 
 
 def test_eval_passes_every_argument_to_the_training_command(
