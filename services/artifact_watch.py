@@ -307,6 +307,8 @@ def _attempt(load: Callable[[Path, M], M], target: Path, served: M) -> M | str:
     try:
         return load(target, served)
     except RecMeshError as exc:
-        return exc.message
+        message = exc.message
     except Exception as exc:  # a loader bug or an unexpected library error refuses the set too
-        return f"{target}: {type(exc).__name__}: {exc}"
+        message = f"{type(exc).__name__}: {exc}"
+    # ArtifactErrors name the file; anything else (e.g. head weights) gets the set's path.
+    return message if str(target) in message else f"{target}: {message}"

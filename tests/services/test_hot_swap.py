@@ -186,7 +186,9 @@ async def one_request(stack: Stack, tenant: str, user: str) -> tuple[str, str]:
         timeout=5,
     )
     assert len(ranked.ranked.item_ids) == 10
-    assert not ranked.degraded
+    # Stages may fall back on their latency budgets under this load (the loop is shared);
+    # the features must have arrived and been accepted by the models in service.
+    assert not {"user_features", "item_features"} & set(ranked.degraded)
     return retrieved.model_version, ranked.model_version
 
 
