@@ -38,5 +38,10 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(BIN)/recmesh protos --check
 
+# Chaos suite: the whole mesh under locust load, one fault at a time (~10 minutes).
+# Writes docs/chaos.md, docs/chaos/report.json and docs/chaos/*.png; fails when a bar is missed.
+chaos: $(STAMP)
+	$(BIN)/python -m chaos
+
 clean:
 	rm -rf var

@@ -4,7 +4,8 @@
 artifact set (``python -m training``); ``recmesh versions`` lists the sets under the
 artifact root, ``recmesh rollback [--to VERSION]`` moves ``current`` back (running
 services pick it up without restart) and ``recmesh eval`` evaluates a set offline;
-``recmesh protos [--check]`` regenerates stubs.
+``recmesh protos [--check]`` regenerates stubs; ``recmesh chaos`` runs the chaos suite
+(``python -m chaos``).
 """
 
 from __future__ import annotations
@@ -163,6 +164,12 @@ def cmd_protos(args: argparse.Namespace) -> int:
     return protos.main(check=args.check)
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from chaos.run import main as chaos_main
+
+    return chaos_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recmesh`` console script."""
     parser = argparse.ArgumentParser(prog="recmesh", description=__doc__)
@@ -197,6 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("protos", help="generate stubs into gen/")
     gen.add_argument("--check", action="store_true", help="fail when gen/ is stale")
     gen.set_defaults(run=cmd_protos)
+    # Everything after `chaos` goes to the suite untouched (`recmesh chaos --help`).
+    chaos = commands.add_parser(
+        "chaos",
+        help="break the mesh under load and report (see --help)",
+        prefix_chars="+",
+        add_help=False,
+    )
+    chaos.add_argument("rest", nargs=argparse.REMAINDER)
+    chaos.set_defaults(run=cmd_chaos)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

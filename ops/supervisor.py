@@ -22,7 +22,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh.context import TENANT_KEY
 from mesh.paths import ARTIFACTS_DIR, VAR_DIR
-from mesh.ports import DEFAULT_PORTS, GATEWAY_HTTP_PORT, SERVICES
+from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GATEWAY_HTTP_PORT, SERVICES
 from mesh.settings import load, tenants_file
 from mesh.tenants import load_tenants
 from ops.redis_server import start_embedded_redis, wait_for_redis
@@ -35,7 +35,8 @@ REDIS_PORT = 6390
 class Layout:
     """Where one mesh lives: ports, state directory, artifacts, Redis.
 
-    ``redis_url`` empty means start the embedded server on ``redis_port``.
+    ``redis_url`` empty means start the embedded server on ``redis_port``. A service
+    missing from ``metrics_ports`` serves ``/metrics`` on a free port.
     """
 
     var_dir: Path = VAR_DIR
@@ -46,6 +47,7 @@ class Layout:
     redis_port: int = REDIS_PORT
     tenants: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    metrics_ports: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Layout:
@@ -54,8 +56,13 @@ class Layout:
             name: int(os.environ.get(f"RECMESH_{name.upper()}_PORT", port))
             for name, port in DEFAULT_PORTS.items()
         }
+        metrics_ports = {
+            name: int(os.environ.get(f"RECMESH_{name.upper()}_METRICS_PORT", port))
+            for name, port in DEFAULT_METRICS_PORTS.items()
+        }
         return cls(
             ports=ports,
+            metrics_ports=metrics_ports,
             http_port=int(os.environ.get("RECMESH_GATEWAY_HTTP_PORT", GATEWAY_HTTP_PORT)),
             redis_url=os.environ.get("REDIS_URL", ""),
             artifacts=Path(os.environ.get("RECMESH_ARTIFACTS", ARTIFACTS_DIR)),
@@ -91,6 +98,9 @@ class Layout:
         for name, port in self.ports.items():
             environment[f"RECMESH_{name.upper()}_PORT"] = str(port)
             environment[f"RECMESH_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+        for name in DEFAULT_METRICS_PORTS:
+            port = self.metrics_ports.get(name, 0)
+            environment[f"RECMESH_{name.upper()}_METRICS_PORT"] = str(port)
         return environment
 
 
@@ -197,6 +207,28 @@ def up(layout: Layout, timeout_s: float = 120.0) -> None:
     if _running_pid(layout, "gateway") is None:
         started["gateway"] = _spawn(layout, "gateway", [sys.executable, "-m", "gateway"])
     _wait_serving(layout, ["gateway"], started, timeout_s)
+
+
+def restart(layout: Layout, name: str, timeout_s: float = 60.0) -> None:
+    """Start ``name`` (a service, the gateway or the embedded Redis) again after it exited.
+
+    Chaos runs kill one process and call this to bring it back; it waits until the
+    process is SERVING (Redis: answers PING).
+
+    Raises:
+        RuntimeError: ``name`` is still running, exited during start-up or did not
+            become SERVING in time.
+    """
+    if _running_pid(layout, name) is not None:
+        raise RuntimeError(f"{name} is still running; not starting a second one")
+    if name == "redis":
+        process = start_embedded_redis(
+            layout.var_dir / "redis", layout.redis_port, layout.log_dir / "redis.log"
+        )
+        _pid_file(layout, "redis").write_text(str(process.pid))
+        return
+    started = {name: _spawn(layout, name, [sys.executable, "-m", MODULES[name]])}
+    _wait_serving(layout, [name], started, timeout_s)
 
 
 def down(layout: Layout, grace_s: float = 10.0) -> list[str]:

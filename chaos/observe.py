@@ -1,0 +1,159 @@
+"""Watching the mesh while it is broken: ``/metrics`` scrapes, health checks, event read-back.
+
+:class:`Observer` runs two background threads: one scrapes the gateway's ``/metrics``
+twice a second into :class:`~chaos.timeline.Sample`, the other asks every process for its
+``grpc.health.v1`` status once a second (Redis: PING). :func:`read_events` reads a
+tenant's whole event log back through ``EventService.Read``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+
+from chaos.timeline import HealthSample, Sample
+from mesh.context import TENANT_KEY
+from ops import supervisor
+
+RECOMMEND_ROUTE = "/v1/recommend"
+
+
+def parse_metrics(text: str, t: float, load1: float = 0.0) -> Sample:
+    """The figures the suite needs from one Prometheus text exposition of the gateway."""
+    breaker: dict[str, float] = {}
+    opened: dict[str, float] = {}
+    attempts: dict[str, float] = {}
+    retries: dict[str, float] = {}
+    rejected: dict[str, float] = {}
+    requests = outbox = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels, value = sample.labels, float(sample.value)
+            ds = labels.get("downstream", "")
+            if sample.name == "recmesh_breaker_state":
+                breaker[ds] = value
+            elif sample.name == "recmesh_breaker_transitions_total" and labels["state"] == "open":
+                opened[ds] = value
+            elif sample.name == "recmesh_downstream_attempts_total":
+                attempts[ds] = attempts.get(ds, 0.0) + value
+            elif sample.name == "recmesh_downstream_retries_total":
+                retries[ds] = value
+            elif sample.name == "recmesh_downstream_rejected_total":
+                rejected[ds] = rejected.get(ds, 0.0) + value
+            elif sample.name == "recmesh_gateway_requests_total" and (
+                labels.get("route") == RECOMMEND_ROUTE and labels.get("api") == "http"
+            ):
+                requests += value
+            elif sample.name == "recmesh_gateway_outbox_depth":
+                outbox = value
+    return Sample(t, True, breaker, opened, attempts, retries, rejected, requests, outbox, load1)
+
+
+def _redis_status(url: str) -> str:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.3)
+    try:
+        client.ping()
+        return "SERVING"
+    except redis.RedisError:
+        return "UNREACHABLE"
+    finally:
+        client.close()
+
+
+class Observer:
+    """Background scrapes of one mesh; read ``samples`` and ``health`` at any time."""
+
+    def __init__(
+        self, layout: supervisor.Layout, scrape_s: float = 0.5, health_s: float = 1.0
+    ) -> None:
+        self._layout = layout
+        self._url = f"http://127.0.0.1:{layout.http_port}/metrics"
+        self._scrape_s = scrape_s
+        self._health_s = health_s
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chaos-health")
+        self.samples: list[Sample] = []
+        self.health: list[HealthSample] = []
+        self._threads = [
+            threading.Thread(target=self._scrape_loop, name="chaos-scrape", daemon=True),
+            threading.Thread(target=self._health_loop, name="chaos-health", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._pool.shutdown(wait=True)
+
+    def scrape(self) -> Sample:
+        """One scrape now (``up`` False when the gateway did not answer)."""
+        now = time.time()
+        load1 = os.getloadavg()[0]
+        try:
+            with urllib.request.urlopen(self._url, timeout=1.0) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return Sample(now, False, load1=load1)
+        return parse_metrics(text, now, load1)
+
+    def check_health(self) -> HealthSample:
+        """Every process's health status now."""
+        now = time.time()
+        names = [*self._layout.ports]
+        futures = {
+            name: self._pool.submit(supervisor.health_status, self._layout.ports[name])
+            for name in names
+        }
+        redis_status = self._pool.submit(_redis_status, self._layout.effective_redis_url())
+        status = {name: future.result() for name, future in futures.items()}
+        status["redis"] = redis_status.result()
+        return HealthSample(now, status)
+
+    def _scrape_loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.samples.append(self.scrape())
+            self._stop.wait(max(0.0, self._scrape_s - (time.monotonic() - started)))
+
+    def _health_loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.health.append(self.check_health())
+            self._stop.wait(max(0.0, self._health_s - (time.monotonic() - started)))
+
+    def latest(self) -> tuple[Sample | None, HealthSample | None]:
+        """The most recent answered scrape and health check."""
+        sample = next((s for s in reversed(self.samples) if s.up), None)
+        return sample, (self.health[-1] if self.health else None)
+
+
+def read_events(port: int, tenant: str, page: int = 1000) -> Iterable[events_pb2.Event]:
+    """Every event in ``tenant``'s log, in order, read through ``EventService.Read``."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = events_pb2_grpc.EventServiceStub(channel)
+        after = ""
+        while True:
+            reply = stub.Read(
+                events_pb2.ReadRequest(after=after, limit=page),
+                metadata=((TENANT_KEY, tenant),),
+                timeout=10,
+            )
+            if not reply.events:
+                return
+            for stored in reply.events:
+                yield stored.event
+            after = reply.events[-1].position

@@ -1,0 +1,492 @@
+"""Figures of each scenario, their bars, and the JSON and Markdown reports. Pure functions.
+
+Definitions (also written into the Markdown report):
+
+* **answered** — an HTTP 200 that reached the client within the gateway's deadline;
+  the share is over every recommendation request started in the scenario's window
+  (fault injected → end of the recovery period).
+* **retry amplification** — attempts the gateway sent to a downstream ÷ recommendation
+  requests the gateway counted, over the window (``recmesh_downstream_attempts_total`` and
+  ``recmesh_gateway_requests_total`` from ``/metrics``); the bar takes the largest over the
+  downstreams on the request path (quota, experiment, retrieval, ranking).
+* **events lost** — clicks answered 202 during the scenario whose id is not in the events
+  service's log at the end of the run (read back with ``EventService.Read``).
+* **time to recover** — from the start of the repair to the first of three consecutive
+  seconds in which no request failed, the fault's stages were degraded in at most
+  max(10 %, twice the baseline share) of answers, the breaker in front of the target was
+  closed, every process was SERVING and the outbox was back to its usual depth.
+* **drain errors** (SIGTERM) — requests that reached the gateway and got no successful
+  answer; connections refused while no gateway listened are counted apart (one gateway,
+  no load balancer to route around it).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chaos.scenarios import BAR_TEXT, ISSUE_BARS, Scenario
+from chaos.timeline import (
+    BREAKER_OPEN,
+    HealthSample,
+    Request,
+    Sample,
+    Second,
+    in_window,
+    increase,
+    max_in_flight,
+    percentile,
+    seconds,
+    series,
+)
+
+REQUEST_PATH = ("quota", "experiment", "retrieval", "ranking")
+"""Downstreams the gateway calls once per recommendation."""
+
+ANSWERED_BAR_PCT = 99.9
+AMPLIFICATION_BAR = 1.2
+STEADY_SECONDS = 3
+
+
+@dataclass(frozen=True)
+class Marks:
+    """When each phase of a scenario began (wall-clock seconds)."""
+
+    start: float
+    fault: float
+    recover: float
+    recovered: float
+    end: float
+
+
+@dataclass
+class Figures:
+    """What one scenario measured; times in seconds, latencies in milliseconds."""
+
+    requests: int = 0
+    answered_pct: float | None = None
+    non_ok_pct: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    degraded_pct: float | None = None
+    stage_pct: float | None = None
+    baseline_answered_pct: float | None = None
+    baseline_p99_ms: float | None = None
+    baseline_stage_pct: float | None = None
+    breaker_opened: bool | None = None
+    time_to_open_s: float | None = None
+    breaker_closed_s: float | None = None
+    repair_s: float = 0.0
+    time_to_recover_s: float | None = None
+    amplification: dict[str, float | None] = field(default_factory=dict)
+    max_amplification: float | None = None
+    retries: dict[str, float] = field(default_factory=dict)
+    max_in_flight: int = 0
+    clicks_sent: int = 0
+    clicks_accepted: int = 0
+    clicks_stored: int = 0
+    events_lost: int | None = None
+    duplicates_stored: int = 0
+    outbox_peak: float | None = None
+    outbox_drain_s: float | None = None
+    drain_errors: int | None = None
+    refused: int = 0
+    load1_mean: float | None = None
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar of one scenario; ``passed`` is None when the figure could not be measured."""
+
+    name: str
+    text: str
+    measured: float | bool | None
+    passed: bool | None
+    source: str
+
+
+@dataclass
+class ScenarioReport:
+    scenario: Scenario
+    marks: Marks
+    figures: Figures
+    bars: list[Bar]
+    timeline: list[Second]
+
+    @property
+    def passed(self) -> bool:
+        return all(bar.passed is not False for bar in self.bars)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _steady(second: Second, scenario: Scenario, stage_limit: float, outbox_limit: float) -> bool:
+    if second.requests == 0 or (second.error_pct or 0.0) > 0.0:
+        return False
+    if scenario.stages and (second.stage_pct or 0.0) > stage_limit:
+        return False
+    if scenario.downstream and second.breaker.get(scenario.downstream, 0.0) > 0.0:
+        return False
+    if second.serving is False:
+        return False
+    return second.outbox is None or second.outbox <= outbox_limit
+
+
+def recovery_time(
+    timeline: Sequence[Second],
+    repair_at: float,
+    scenario: Scenario,
+    stage_limit: float,
+    outbox_limit: float,
+) -> float | None:
+    """Seconds from ``repair_at`` (relative to the fault) to the first of
+    :data:`STEADY_SECONDS` steady seconds; None when the window never settles."""
+    run = 0
+    for index, second in enumerate(timeline):
+        if second.t + 1.0 <= repair_at:
+            continue
+        run = run + 1 if _steady(second, scenario, stage_limit, outbox_limit) else 0
+        if run == STEADY_SECONDS:
+            first = timeline[index - STEADY_SECONDS + 1]
+            return max(0.0, first.t - repair_at)
+    return None
+
+
+def outbox_limit(samples: Sequence[Sample], t0: float, t1: float) -> float:
+    """The outbox depth counted as drained: twice the baseline peak, at least 50 rows."""
+    peak = max((s.outbox for s in samples if s.up and t0 <= s.t < t1), default=0.0)
+    return max(50.0, 2.0 * peak)
+
+
+def compute(
+    scenario: Scenario,
+    marks: Marks,
+    requests: Sequence[Request],
+    samples: Sequence[Sample],
+    health: Sequence[HealthSample],
+    stored: Mapping[str, int] | None,
+    deadline_ms: float,
+) -> tuple[Figures, list[Second]]:
+    """The figures of one scenario and its per-second timeline (baseline included).
+
+    ``stored`` counts each click id found in the event log (None: not read back).
+    """
+    f = Figures()
+    window = in_window(requests, marks.fault, marks.end, "rec")
+    base = in_window(requests, marks.start, marks.fault, "rec")
+    ok = [r for r in window if r.ok]
+    f.requests = len(window)
+    if window:
+        f.answered_pct = 100.0 * sum(r.answered(deadline_ms) for r in window) / len(window)
+        f.non_ok_pct = 100.0 * (len(window) - len(ok)) / len(window)
+    f.errors = dict(collections.Counter(r.error or str(r.status) for r in window if not r.ok))
+    latencies = [r.ms for r in ok]
+    f.p50_ms, f.p99_ms = percentile(latencies, 50), percentile(latencies, 99)
+    f.max_ms = max(latencies, default=None)
+    stages = set(scenario.stages)
+    if ok:
+        f.degraded_pct = 100.0 * sum(bool(r.degraded) for r in ok) / len(ok)
+        f.stage_pct = 100.0 * sum(bool(stages & set(r.degraded)) for r in ok) / len(ok)
+    base_ok = [r for r in base if r.ok]
+    if base:
+        f.baseline_answered_pct = 100.0 * sum(r.answered(deadline_ms) for r in base) / len(base)
+        f.baseline_p99_ms = percentile([r.ms for r in base_ok], 99)
+    if base_ok:
+        hits = sum(bool(stages & set(r.degraded)) for r in base_ok)
+        f.baseline_stage_pct = 100.0 * hits / len(base_ok)
+
+    ds = scenario.downstream
+    if ds is not None:
+        opened = series(samples, "opened", ds)
+        at_fault = [v for t, v in opened if t <= marks.fault]
+        before = at_fault[-1] if at_fault else 0.0
+        first_open = next(
+            (
+                s.t
+                for s in samples
+                if s.up
+                and marks.fault <= s.t <= marks.end
+                and (s.breaker.get(ds, 0.0) >= BREAKER_OPEN or s.opened.get(ds, 0.0) > before)
+            ),
+            None,
+        )
+        f.breaker_opened = first_open is not None
+        f.time_to_open_s = None if first_open is None else first_open - marks.fault
+        if f.breaker_opened:
+            closed = next(
+                (
+                    s.t
+                    for s in samples
+                    if s.up and marks.recovered <= s.t <= marks.end and s.breaker.get(ds) == 0.0
+                ),
+                None,
+            )
+            f.breaker_closed_s = None if closed is None else max(0.0, closed - marks.recovered)
+
+    gateway_requests = increase(series(samples, "requests"), marks.fault, marks.end)
+    for name in REQUEST_PATH:
+        attempts = increase(series(samples, "attempts", name), marks.fault, marks.end)
+        f.amplification[name] = attempts / gateway_requests if gateway_requests else None
+        f.retries[name] = increase(series(samples, "retries", name), marks.fault, marks.end)
+    measured = [v for v in f.amplification.values() if v is not None]
+    f.max_amplification = max(measured) if measured else None
+    f.max_in_flight = max_in_flight(requests, marks.fault, marks.end)
+
+    clicks = in_window(requests, marks.start, marks.end, "evt")
+    accepted = {r.event_id for r in clicks if r.ok}
+    f.clicks_sent, f.clicks_accepted = len(clicks), len(accepted)
+    if stored is not None:
+        f.clicks_stored = sum(1 for i in accepted if stored.get(i, 0) > 0)
+        f.events_lost = len(accepted) - f.clicks_stored
+        f.duplicates_stored = sum(stored.get(i, 0) - 1 for i in accepted if stored.get(i, 0) > 1)
+
+    limit = outbox_limit(samples, marks.start, marks.fault)
+    depths = [s for s in samples if s.up and marks.fault <= s.t <= marks.end]
+    f.outbox_peak = max((s.outbox for s in depths), default=None)
+    if f.outbox_peak is not None and f.outbox_peak > limit:
+        drained = next((s.t for s in depths if s.t >= marks.recovered and s.outbox <= limit), None)
+        f.outbox_drain_s = None if drained is None else drained - marks.recovered
+
+    if scenario.action == "term":
+        term = [r for r in requests if marks.fault <= r.t < marks.end]
+        f.refused = sum(r.error == "refused" for r in term)
+        f.drain_errors = sum(not r.ok and r.error != "refused" for r in term)
+    f.repair_s = marks.recovered - marks.recover
+    loads = [s.load1 for s in samples if s.up and marks.fault <= s.t <= marks.end]
+    f.load1_mean = _mean(loads)
+
+    timeline = seconds(
+        requests,
+        samples,
+        health,
+        marks.start,
+        marks.end,
+        marks.fault,
+        deadline_ms,
+        scenario.stages,
+    )
+    stage_limit = max(10.0, 2.0 * (f.baseline_stage_pct or 0.0))
+    f.time_to_recover_s = recovery_time(
+        timeline, marks.recover - marks.fault, scenario, stage_limit, limit
+    )
+    return f, timeline
+
+
+def evaluate(scenario: Scenario, f: Figures, deadline_ms: float) -> list[Bar]:
+    """The bars of ``scenario`` judged on ``f``."""
+    bars = []
+    for name in scenario.all_bars:
+        measured: float | bool | None
+        if name == "answered":
+            measured = f.answered_pct
+            passed = None if measured is None else measured >= ANSWERED_BAR_PCT
+        elif name == "lost":
+            measured = f.events_lost
+            passed = None if measured is None else measured == 0
+        elif name == "amplification":
+            measured = f.max_amplification
+            passed = None if measured is None else measured <= AMPLIFICATION_BAR
+        elif name == "drain":
+            measured = f.drain_errors
+            passed = None if measured is None else measured == 0
+        elif name == "p99":
+            measured = f.p99_ms
+            passed = None if measured is None else measured <= deadline_ms
+        elif name == "opens":
+            measured = f.breaker_opened
+            passed = bool(measured)
+        elif name == "closes":
+            measured = f.breaker_closed_s is not None
+            passed = measured
+        else:
+            raise ValueError(f"unknown bar {name!r}")
+        source = "issue 5" if name in ISSUE_BARS else "reliability.md"
+        bars.append(Bar(name, BAR_TEXT[name], measured, passed, source))
+    return bars
+
+
+def build(
+    scenario: Scenario,
+    marks: Marks,
+    requests: Sequence[Request],
+    samples: Sequence[Sample],
+    health: Sequence[HealthSample],
+    stored: Mapping[str, int] | None,
+    deadline_ms: float,
+) -> ScenarioReport:
+    """Figures, bars and timeline of one scenario."""
+    figures, timeline = compute(scenario, marks, requests, samples, health, stored, deadline_ms)
+    return ScenarioReport(
+        scenario, marks, figures, evaluate(scenario, figures, deadline_ms), timeline
+    )
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 3)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(reports: Sequence[ScenarioReport], run: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON report: run settings and totals, then each scenario with its timeline."""
+    document: dict[str, Any] = _clean(
+        {
+            **run,
+            "passed": all(r.passed for r in reports),
+            "scenarios": [
+                {
+                    "name": r.scenario.name,
+                    "title": r.scenario.title,
+                    "expect": r.scenario.expect,
+                    "passed": r.passed,
+                    "marks": {k: v - r.marks.fault for k, v in asdict(r.marks).items()},
+                    "figures": asdict(r.figures),
+                    "bars": [asdict(b) for b in r.bars],
+                    "timeline": [asdict(s) for s in r.timeline],
+                }
+                for r in reports
+            ],
+        }
+    )
+    return document
+
+
+def _fmt(value: float | int | bool | None, digits: int = 1, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value}{unit}"
+    return f"{value:.{digits}f}{unit}"
+
+
+def _bar_cell(bar: Bar) -> str:
+    mark = {True: "✅", False: "❌", None: "n/a"}[bar.passed]
+    return f"{mark} {bar.text}"
+
+
+def to_markdown(
+    reports: Sequence[ScenarioReport], run: Mapping[str, Any], images: Mapping[str, str]
+) -> str:
+    """The Markdown summary: settings, one table of every scenario, then one section each.
+
+    ``images`` maps a scenario name to its PNG path relative to the Markdown file.
+    """
+    passed = all(r.passed for r in reports)
+    deadline = run["deadline_ms"]
+    lines = [
+        "# Chaos suite report",
+        "",
+        "Generated by `make chaos` (`recmesh chaos`, package `chaos/`); the raw figures and "
+        "per-second timelines are in [`chaos/report.json`](chaos/report.json). "
+        "See the end of this page for how each figure is defined.",
+        "",
+        f"**Result: {'all bars met' if passed else 'BARS MISSED'}** — "
+        f"{sum(r.passed for r in reports)}/{len(reports)} scenarios met every bar.",
+        "",
+        "## Run",
+        "",
+        f"- started {run['started']}, {run['total_s']:.0f} s in all "
+        f"(mesh start {run['startup_s']:.1f} s), on {run['host']}",
+        f"- load: locust, {run['rate']:g} recommendations/s open-loop "
+        f"({run['users']} users on a fixed schedule), "
+        f"{100 * run['click_share']:.0f} % followed by a click with a unique id",
+        f"- gateway deadline {deadline:g} ms (its default); artifacts `{run['artifacts']}`",
+        f"- host load (1-min average) during the run: mean {_fmt(run.get('load1_mean'), 2)}, "
+        f"max {_fmt(run.get('load1_max'), 2)} on {run['cpus']} CPUs",
+        f"- events: {run['events']['clicks_accepted']} clicks accepted (202), "
+        f"{run['events']['clicks_stored']} stored, "
+        f"**{_fmt(run['events']['clicks_lost'])} lost**, "
+        f"{run['events']['duplicates']} duplicates in the log; impressions: "
+        f"{run['events']['impressions_expected']} expected, "
+        f"{run['events']['impressions_stored']} stored",
+        "",
+        "## Scenarios",
+        "",
+        "| scenario | answered ≤ deadline | non-OK | p99 ms | degraded (fault's stages) "
+        "| breaker open after | recovered after | max amplification | events lost | bars |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        f = r.figures
+        missed = [b.name for b in r.bars if b.passed is False]
+        lines.append(
+            f"| [{r.scenario.name}](#{r.scenario.name}) "
+            f"| {_fmt(f.answered_pct, 2, ' %')} | {_fmt(f.non_ok_pct, 2, ' %')} "
+            f"| {_fmt(f.p99_ms)} | {_fmt(f.stage_pct, 1, ' %') if r.scenario.stages else '—'} "
+            f"| {_fmt(f.time_to_open_s, 1, ' s')} | {_fmt(f.time_to_recover_s, 0, ' s')} "
+            f"| {_fmt(f.max_amplification, 3)} | {_fmt(f.events_lost)} "
+            f"| {'✅' if r.passed else '❌ ' + ', '.join(missed)} |"
+        )
+    for r in reports:
+        f = r.figures
+        amp = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in f.amplification.items())
+        retries = ", ".join(f"{k} {v:.0f}" for k, v in f.retries.items() if v)
+        lines += [
+            "",
+            f"## {r.scenario.name}",
+            "",
+            f"**{r.scenario.title}.** Expected: {r.scenario.expect}.",
+            "",
+            *[f"- {_bar_cell(b)} — measured {_fmt(b.measured, 3)}" for b in r.bars],
+            "",
+            "| figure | value |",
+            "|---|---|",
+            f"| requests in the window | {f.requests} |",
+            f"| answered within {deadline:g} ms | {_fmt(f.answered_pct, 2, ' %')} "
+            f"(baseline {_fmt(f.baseline_answered_pct, 2, ' %')}) |",
+            f"| failed requests by kind | {f.errors or 'none'} |",
+            f"| latency p50 / p99 / max | {_fmt(f.p50_ms)} / {_fmt(f.p99_ms)} / "
+            f"{_fmt(f.max_ms)} ms (baseline p99 {_fmt(f.baseline_p99_ms)}) |",
+            f"| degraded: any stage / the fault's stages | {_fmt(f.degraded_pct, 1, ' %')} / "
+            f"{_fmt(f.stage_pct, 1, ' %')} (baseline {_fmt(f.baseline_stage_pct, 1, ' %')}) |",
+            f"| breaker ({r.scenario.downstream or 'none at the gateway'}) opened "
+            f"| {_fmt(f.breaker_opened)}, after {_fmt(f.time_to_open_s, 1, ' s')}; closed "
+            f"{_fmt(f.breaker_closed_s, 1, ' s')} after the repair |",
+            f"| repair took / recovered after | {_fmt(f.repair_s, 1, ' s')} / "
+            f"{_fmt(f.time_to_recover_s, 0, ' s')} |",
+            f"| attempts ÷ gateway requests | {amp} |",
+            f"| retries sent | {retries or 'none'} |",
+            f"| most requests in flight (client side) | {f.max_in_flight} |",
+            f"| clicks sent / accepted / stored / lost | {f.clicks_sent} / {f.clicks_accepted} "
+            f"/ {f.clicks_stored} / {_fmt(f.events_lost)} (duplicates {f.duplicates_stored}) |",
+            f"| outbox peak / drained after | {_fmt(f.outbox_peak, 0)} rows / "
+            f"{_fmt(f.outbox_drain_s, 1, ' s')} |",
+        ]
+        if f.drain_errors is not None:
+            lines.append(
+                f"| drain errors / refused while no gateway listened "
+                f"| {f.drain_errors} / {f.refused} |"
+            )
+        lines.append(f"| host load (1-min average) | {_fmt(f.load1_mean, 2)} |")
+        if r.scenario.name in images:
+            lines += ["", f"![{r.scenario.name} timeline]({images[r.scenario.name]})"]
+    findings = run.get("findings") or []
+    if findings:
+        lines += ["", "## Findings", "", *[f"- {item}" for item in findings]]
+    lines += ["", "## Definitions", "", *_definitions(), ""]
+    return "\n".join(lines)
+
+
+def _definitions() -> list[str]:
+    text = (__doc__ or "").split("Definitions (also written into the Markdown report):", 1)[1]
+    out: list[str] = []
+    for line in text.strip().splitlines():
+        line = line.strip()
+        if line.startswith("* "):
+            out.append("- " + line[2:])
+        elif line and out:
+            out[-1] += " " + line
+    return out

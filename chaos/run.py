@@ -1,0 +1,461 @@
+"""``recmesh chaos``: break the mesh under steady load, one scenario at a time, and report.
+
+The run starts its own mesh (``ops.supervisor``: a temporary var directory, free ports,
+its own Redis and tenant registry), starts locust (:mod:`chaos.load`) at a fixed rate,
+lets it warm up, and then, per scenario: ``pre_s`` seconds of baseline, the fault, the
+fault held, the repair, a wait until the gateway's breakers are closed and every process
+is SERVING again, and ``post_s`` more seconds. Afterwards it waits for the outbox to
+drain, reads the event log back, stops the mesh, and writes ``docs/chaos.md``,
+``docs/chaos/report.json`` and one PNG per scenario. The exit status is 1 when a bar was
+missed. Raw observations stay in the run directory (``--keep``), and
+``--reanalyse <dir>`` rebuilds the report from them without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from chaos.scenarios import Scenario, default_scenarios, select
+from chaos.timeline import HealthSample, Request, Sample
+
+PROJECT = Path(__file__).resolve().parent.parent
+TENANT = "demo"
+MODULE_MARKERS = {"redis": "valkey-server", "gateway": "-m gateway"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Knobs of one run (``recmesh chaos --help`` lists them)."""
+
+    rate: float = 25.0
+    click_share: float = 0.2
+    fault_s: float = 20.0
+    long_fault_s: float = 30.0
+    pre_s: float = 5.0
+    post_s: float = 8.0
+    settle_max_s: float = 30.0
+    warmup_s: float = 10.0
+    only: tuple[str, ...] = ()
+    doc: Path = PROJECT / "docs" / "chaos.md"
+    out_dir: Path = PROJECT / "docs" / "chaos"
+    artifacts: Path | None = None
+    keep: bool = False
+    seed: int = 0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_tenants(path: Path, api_key: str) -> Path:
+    """A tenant registry with one tenant whose quota the suite never reaches."""
+    digest = hashlib.sha256(api_key.encode()).hexdigest()
+    document = {"tenants": {TENANT: {"api_key_sha256": digest, "rate": 1000, "burst": 2000}}}
+    path.write_text(json.dumps(document))
+    return path
+
+
+def ensure_artifacts(explicit: Path | None, base: Path) -> tuple[Path, int]:
+    """An artifact root with ``current`` and its number of users.
+
+    The repository's ``artifacts/`` is reused when it holds a valid set; otherwise a small
+    one is trained under ``base`` (a few minutes).
+    """
+    from mesh.errors import ArtifactError
+    from mesh.paths import ARTIFACTS_DIR
+    from training.artifacts import load_artifact_set, resolve_current
+
+    root = explicit or ARTIFACTS_DIR
+    try:
+        current = load_artifact_set(resolve_current(root), verify=False)
+    except (ArtifactError, OSError):
+        from training.pipeline import TrainConfig, train
+
+        print(f"no usable artifact set under {root}; training a small one")
+        root = base / "artifacts"
+        train(
+            root,
+            TrainConfig(n_users=2000, n_items=10000, epochs=2, evaluate=False, progress=False),
+        )
+        current = load_artifact_set(resolve_current(root), verify=False)
+    return root, int(current.config["n_users"])
+
+
+class Control:
+    """Signals, restarts and fault flags for the processes of one mesh."""
+
+    def __init__(self, layout: Any) -> None:
+        self.layout = layout
+        self.stopped: set[str] = set()
+
+    def pid(self, name: str) -> int | None:
+        """The live pid of ``name`` (None when it exited or is a zombie)."""
+        try:
+            pid = int((self.layout.run_dir / f"{name}.pid").read_text())
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            return None
+        marker = MODULE_MARKERS.get(name, f"-m services.{name}")
+        state = stat.rsplit(")", 1)[1].split()[0]
+        return pid if marker in cmdline and state not in ("Z", "X") else None
+
+    def signal(self, name: str, signum: signal.Signals) -> None:
+        pid = self.pid(name)
+        if pid is None:
+            raise RuntimeError(f"{name} is not running")
+        os.kill(pid, signum)
+        if signum == signal.SIGSTOP:
+            self.stopped.add(name)
+        elif signum == signal.SIGCONT:
+            self.stopped.discard(name)
+
+    def wait_exit(self, name: str, timeout_s: float) -> float:
+        """Wait until ``name`` exited; returns when it did (wall clock)."""
+        deadline = time.monotonic() + timeout_s
+        while self.pid(name) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} still running {timeout_s:g} s after the signal")
+            time.sleep(0.02)
+        return time.time()
+
+    def set_flags(self, flags: Mapping[str, Any]) -> None:
+        """Replace the fault flags file atomically (every server re-reads it)."""
+        path: Path = self.layout.faults_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(".tmp")
+        scratch.write_text(json.dumps(flags))
+        scratch.replace(path)
+
+    def resume_all(self) -> None:
+        """SIGCONT whatever this run stopped (clean-up)."""
+        for name in list(self.stopped):
+            with contextlib.suppress(RuntimeError, OSError):
+                self.signal(name, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def load_generator(
+    url: str, api_key: str, opts: Options, n_users: int, base: Path
+) -> Iterator[Path]:
+    """Run :mod:`chaos.load` in its own process; yields its output file."""
+    out, stop = base / "requests.jsonl", base / "load.stop"
+    command = [
+        sys.executable,
+        "-m",
+        "chaos.load",
+        f"--url={url}",
+        f"--api-key={api_key}",
+        f"--rate={opts.rate}",
+        f"--click-share={opts.click_share}",
+        f"--n-users={n_users}",
+        f"--stop-file={stop}",
+        f"--out={out}",
+        f"--seed={opts.seed}",
+        "--duration=3600",
+    ]
+    with open(base / "load.log", "ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    try:
+        yield out
+    finally:
+        stop.touch()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _sleep_until(wall: float) -> None:
+    time.sleep(max(0.0, wall - time.time()))
+
+
+def _steady(observer: Any) -> bool:
+    sample, health = observer.latest()
+    if sample is None or health is None or time.time() - sample.t > 2.0:
+        return False
+    closed = all(state == 0.0 for state in sample.breaker.values())
+    return closed and all(status == "SERVING" for status in health.status.values())
+
+
+def perform(scenario: Scenario, control: Control, observer: Any, opts: Options) -> Any:
+    """Run one scenario; returns its :class:`~chaos.report.Marks`."""
+    from chaos.report import Marks
+    from ops import supervisor
+
+    layout = control.layout
+    start = time.time()
+    time.sleep(opts.pre_s)
+    fault = time.time()
+    print(f"[{scenario.name}] {scenario.title}", flush=True)
+    if scenario.action == "kill":
+        control.signal(scenario.target, signal.SIGKILL)
+        control.wait_exit(scenario.target, 10)
+    elif scenario.action == "stop":
+        control.signal(scenario.target, signal.SIGSTOP)
+    elif scenario.action == "flag":
+        control.set_flags(scenario.flags)
+    elif scenario.action in ("redis", "term"):
+        control.signal(scenario.target, signal.SIGTERM)
+        exited = control.wait_exit(scenario.target, 60)
+        print(f"  {scenario.target} exited {exited - fault:.1f} s after SIGTERM", flush=True)
+    _sleep_until(fault + scenario.fault_s)
+    recover = time.time()
+    if scenario.action in ("kill", "redis", "term"):
+        supervisor.restart(layout, scenario.target)
+    elif scenario.action == "stop":
+        control.signal(scenario.target, signal.SIGCONT)
+    else:
+        control.set_flags({})
+    recovered = time.time()
+    print(f"  repaired in {recovered - recover:.1f} s", flush=True)
+    settle_until = recovered + opts.settle_max_s
+    while time.time() < settle_until and not _steady(observer):
+        time.sleep(0.25)
+    if not _steady(observer):
+        print(f"  not steady {opts.settle_max_s:g} s after the repair", flush=True)
+    time.sleep(opts.post_s)
+    return Marks(start, fault, recover, recovered, time.time())
+
+
+def _wait_outbox_drained(observer: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        sample, _ = observer.latest()
+        if sample is not None and sample.outbox == 0.0 and time.time() - sample.t < 1.5:
+            return
+        time.sleep(0.5)
+    print(f"  outbox not empty {timeout_s:g} s after the load stopped", flush=True)
+
+
+def _dump(path: Path, rows: list[Any]) -> None:
+    with path.open("w") as out:
+        for row in rows:
+            out.write(json.dumps(dataclasses.asdict(row)) + "\n")
+
+
+def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
+    """Start the mesh, run ``scenarios`` under load and save every observation in ``base``."""
+    from chaos.observe import Observer, read_events
+    from gateway.settings import GatewaySettings
+    from mesh.ports import DEFAULT_PORTS
+    from mesh.settings import load
+    from ops import supervisor
+
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    t_begin = time.monotonic()
+    artifacts, n_users = ensure_artifacts(opts.artifacts, base)
+    api_key = "chaos-" + secrets.token_hex(12)
+    layout = supervisor.Layout(
+        var_dir=base / "var",
+        artifacts=artifacts,
+        ports={name: free_port() for name in DEFAULT_PORTS},
+        http_port=free_port(),
+        redis_port=free_port(),
+        tenants=write_tenants(base / "tenants.json", api_key),
+    )
+    control = Control(layout)
+    observer = Observer(layout)
+    marks: dict[str, Any] = {}
+    print(f"chaos run in {base}; starting the mesh ...", flush=True)
+    try:
+        t_up = time.monotonic()
+        supervisor.up(layout, timeout_s=120)
+        startup_s = time.monotonic() - t_up
+        print(f"mesh SERVING after {startup_s:.1f} s", flush=True)
+        observer.start()
+        url = f"http://127.0.0.1:{layout.http_port}"
+        with load_generator(url, api_key, opts, n_users, base):
+            time.sleep(opts.warmup_s)
+            for scenario in scenarios:
+                marks[scenario.name] = perform(scenario, control, observer, opts)
+        _wait_outbox_drained(observer)
+        clicks: collections.Counter[str] = collections.Counter()
+        impressions: collections.Counter[str] = collections.Counter()
+        for event in read_events(layout.ports["events"], TENANT):
+            (clicks if event.type == "click" else impressions)[event.event_id] += 1
+    finally:
+        control.resume_all()
+        observer.stop()
+        supervisor.down(layout)
+    _dump(base / "samples.jsonl", observer.samples)
+    _dump(base / "health.jsonl", observer.health)
+    (base / "stored.json").write_text(json.dumps({"clicks": clicks, "impressions": impressions}))
+    gateway = load(GatewaySettings, layout.env())
+    run = {
+        "started": started,
+        "deadline_ms": gateway.deadline_s * 1000.0,
+        "total_s": time.monotonic() - t_begin,
+        "startup_s": startup_s,
+        "host": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "cpus": os.cpu_count(),
+        "rate": opts.rate,
+        "users": max(1, round(opts.rate / 0.5)),
+        "click_share": opts.click_share,
+        "artifacts": _display(artifacts),
+        "durations_s": {
+            "pre": opts.pre_s,
+            "fault": opts.fault_s,
+            "long_fault": opts.long_fault_s,
+            "post": opts.post_s,
+        },
+        "scenarios": [s.name for s in scenarios],
+        "marks": {name: dataclasses.asdict(m) for name, m in marks.items()},
+    }
+    (base / "run.json").write_text(json.dumps(run, indent=2))
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(PROJECT))
+    except ValueError:
+        return "trained for this run"
+
+
+def analyse(base: Path, opts: Options) -> bool:
+    """Build the reports from the observations saved in ``base``; True when all bars hold."""
+    from chaos.plot import timeline_png
+    from chaos.report import Marks, build, to_json, to_markdown
+
+    run = json.loads((base / "run.json").read_text())
+    deadline_ms = float(run["deadline_ms"])
+    requests = [Request.parse(json.loads(line)) for line in _lines(base / "requests.jsonl")]
+    samples = [Sample(**json.loads(line)) for line in _lines(base / "samples.jsonl")]
+    health = [HealthSample(**json.loads(line)) for line in _lines(base / "health.jsonl")]
+    stored = json.loads((base / "stored.json").read_text())
+    clicks: dict[str, int] = stored["clicks"]
+    scenarios = {
+        s.name: s
+        for s in default_scenarios(run["durations_s"]["fault"], run["durations_s"]["long_fault"])
+    }
+    reports = [
+        build(scenarios[name], Marks(**marks), requests, samples, health, clicks, deadline_ms)
+        for name, marks in run["marks"].items()
+    ]
+    accepted = {r.event_id for r in requests if r.kind == "evt" and r.ok}
+    expected = {
+        f"{r.request_id}:{i}" for r in requests if r.kind == "rec" and r.ok for i in range(r.items)
+    }
+    loads = [s.load1 for s in samples]
+    run |= {
+        "load1_mean": sum(loads) / len(loads) if loads else None,
+        "load1_max": max(loads, default=None),
+        "events": {
+            "clicks_accepted": len(accepted),
+            "clicks_stored": sum(1 for i in accepted if clicks.get(i, 0) > 0),
+            "clicks_lost": sum(1 for i in accepted if clicks.get(i, 0) == 0),
+            "duplicates": sum(n - 1 for n in clicks.values() if n > 1)
+            + sum(n - 1 for n in stored["impressions"].values() if n > 1),
+            "impressions_expected": len(expected),
+            "impressions_stored": sum(1 for i in expected if stored["impressions"].get(i, 0)),
+        },
+        "findings": [
+            f"{r.scenario.name}: {bar.text} missed (measured {bar.measured})"
+            for r in reports
+            for bar in r.bars
+            if bar.passed is False
+        ],
+    }
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for report in reports:
+        png = timeline_png(report, deadline_ms, opts.out_dir / f"{report.scenario.name}.png")
+        images[report.scenario.name] = os.path.relpath(png, opts.doc.parent)
+    document = to_json(reports, run)
+    (opts.out_dir / "report.json").write_text(json.dumps(document, indent=1) + "\n")
+    opts.doc.write_text(to_markdown(reports, run, images))
+    for report in reports:
+        missed = [b.name for b in report.bars if b.passed is False]
+        state = "ok" if not missed else "MISSED " + ", ".join(missed)
+        print(f"  {report.scenario.name:<26} {state}")
+    print(f"report: {opts.doc} and {opts.out_dir / 'report.json'}")
+    return bool(document["passed"])
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with path.open() as lines:
+        for line in lines:
+            if line.strip():
+                yield line
+
+
+def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
+    parser = argparse.ArgumentParser(prog="recmesh chaos", description=__doc__)
+    defaults = Options()
+    parser.add_argument("--rate", type=float, default=defaults.rate, help="requests/s")
+    parser.add_argument("--fault-s", type=float, default=defaults.fault_s)
+    parser.add_argument("--long-fault-s", type=float, default=defaults.long_fault_s)
+    parser.add_argument("--post-s", type=float, default=defaults.post_s)
+    parser.add_argument("--only", nargs="*", default=[], help="scenario names (default: all)")
+    parser.add_argument("--doc", type=Path, default=defaults.doc, help="Markdown report")
+    parser.add_argument("--out-dir", type=Path, default=defaults.out_dir, help="JSON and PNGs")
+    parser.add_argument("--artifacts", type=Path, default=None, help="artifact root")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reanalyse", type=Path, default=None, help="run directory to report")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    args = parser.parse_args(argv)
+    scenarios = default_scenarios(args.fault_s, args.long_fault_s)
+    if args.list:
+        for s in scenarios:
+            print(f"{s.name:<26} {s.title}")
+        raise SystemExit(0)
+    try:
+        select(scenarios, args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
+    opts = Options(
+        rate=args.rate,
+        fault_s=args.fault_s,
+        long_fault_s=args.long_fault_s,
+        post_s=args.post_s,
+        only=tuple(args.only),
+        doc=args.doc,
+        out_dir=args.out_dir,
+        artifacts=args.artifacts,
+        keep=args.keep,
+        seed=args.seed,
+    )
+    return opts, args.reanalyse
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``recmesh chaos`` and ``python -m chaos``; 1 when a bar was missed."""
+    opts, reanalyse = parse_args(argv)
+    if reanalyse is not None:
+        return 0 if analyse(reanalyse, opts) else 1
+    scenarios = select(default_scenarios(opts.fault_s, opts.long_fault_s), list(opts.only))
+    base = Path(tempfile.mkdtemp(prefix="recmesh-chaos-"))
+    execute(opts, scenarios, base)
+    passed = analyse(base, opts)
+    if passed and not opts.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    else:
+        print(f"observations kept in {base}")
+    return 0 if passed else 1

@@ -1,0 +1,184 @@
+"""The scenarios of the chaos suite: what is broken, for how long, and which bars apply.
+
+Pure data; :mod:`chaos.run` performs them. The list follows issue 5 and the
+reliability table: SIGKILL each internal service in turn (the events service stays down
+30 s), SIGSTOP the feature service, 50 % UNAVAILABLE from ranking, +200 ms on retrieval,
+a Redis restart and a SIGTERM of the gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Action = Literal["kill", "stop", "flag", "redis", "term"]
+
+BAR_TEXT: dict[str, str] = {
+    "answered": "answered within the deadline >= 99.9 %",
+    "lost": "events lost = 0",
+    "amplification": "retry amplification <= 1.2",
+    "drain": "SIGTERM drain: 0 errors",
+    "p99": "p99 <= deadline",
+    "opens": "breaker opens",
+    "closes": "breaker closes after recovery",
+}
+"""Every bar a scenario can carry. The first four are issue 5's; the others are rows of
+the reliability table."""
+
+ISSUE_BARS = frozenset({"answered", "lost", "amplification", "drain"})
+
+ALWAYS = ("lost", "amplification")
+"""Bars of every scenario: no event is lost and retries never multiply load."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fault, held for ``fault_s`` seconds, then repaired.
+
+    Attributes:
+        name: short id (file names, ``--only``).
+        title: what is done, for people.
+        action: ``kill`` (SIGKILL, restart), ``stop`` (SIGSTOP, SIGCONT), ``flag``
+            (fault flags file, cleared), ``redis`` (SIGTERM Redis, start it again),
+            ``term`` (SIGTERM the gateway, wait for its exit, start it again).
+        target: the process acted on.
+        fault_s: how long the fault lasts before the repair starts.
+        stages: ``degraded`` names that show the fault in answers.
+        downstream: the gateway's breaker in front of ``target`` (None: no such breaker).
+        flags: the fault flags document of a ``flag`` scenario.
+        bars: bars besides :data:`ALWAYS`.
+        expect: what the user must see, from the reliability table.
+    """
+
+    name: str
+    title: str
+    action: Action
+    target: str
+    fault_s: float
+    stages: tuple[str, ...] = ()
+    downstream: str | None = None
+    flags: Mapping[str, Any] = field(default_factory=dict)
+    bars: tuple[str, ...] = ()
+    expect: str = ""
+
+    @property
+    def all_bars(self) -> tuple[str, ...]:
+        return (*self.bars, *ALWAYS)
+
+
+FEATURE_STAGES = ("user_features", "item_features")
+
+
+def default_scenarios(fault_s: float = 20.0, long_fault_s: float = 30.0) -> list[Scenario]:
+    """The suite, in run order (the gateway's SIGTERM last: it resets its counters)."""
+    kills = [
+        Scenario(
+            f"kill-{name}",
+            f"SIGKILL {name}, restart after {fault_s:g} s",
+            "kill",
+            name,
+            fault_s,
+            stages=stages,
+            downstream=downstream,
+            bars=bars,
+            expect=expect,
+        )
+        for name, stages, downstream, bars, expect in [
+            (
+                "feature",
+                FEATURE_STAGES,
+                None,
+                ("answered",),
+                "retrieval answers from popularity, ranking keeps retrieval order",
+            ),
+            ("retrieval", ("retrieval",), "retrieval", ("answered",), "popular-items fallback"),
+            (
+                "ranking",
+                ("ranking",),
+                "ranking",
+                ("answered", "p99", "opens", "closes"),
+                "answers in retrieval order; breaker opens, closes after restart",
+            ),
+            ("experiment", ("experiment",), "experiment", ("answered",), "control variants"),
+            ("quota", ("quota",), "quota", ("answered",), "fail open"),
+        ]
+    ]
+    return [
+        *kills,
+        Scenario(
+            "kill-events",
+            f"SIGKILL events, down {long_fault_s:g} s, restart",
+            "kill",
+            "events",
+            long_fault_s,
+            downstream="events",
+            bars=("answered",),
+            expect="events wait in the gateway's outbox and are delivered after it returns",
+        ),
+        Scenario(
+            "stop-feature",
+            f"SIGSTOP feature {long_fault_s:g} s, then SIGCONT",
+            "stop",
+            "feature",
+            long_fault_s,
+            stages=FEATURE_STAGES,
+            bars=("p99",),
+            expect="deadlines fire, default features used, no pile-up of in-flight calls",
+        ),
+        Scenario(
+            "ranking-unavailable-50",
+            f"ranking fails 50 % of calls with UNAVAILABLE for {long_fault_s:g} s",
+            "flag",
+            "ranking",
+            long_fault_s,
+            stages=("ranking",),
+            downstream="ranking",
+            flags={"ranking": {"Rank": {"error_rate": 0.5, "code": "UNAVAILABLE"}}},
+            bars=("opens",),
+            expect="retry budget caps attempts; the failure-rate breaker opens",
+        ),
+        Scenario(
+            "retrieval-latency-200ms",
+            f"+200 ms on every retrieval call for {long_fault_s:g} s",
+            "flag",
+            "retrieval",
+            long_fault_s,
+            stages=("retrieval",),
+            downstream="retrieval",
+            flags={"retrieval": {"Retrieve": {"latency_ms": 200}}},
+            bars=("p99",),
+            expect="the stage times out and falls back; retries do not multiply load",
+        ),
+        Scenario(
+            "redis-restart",
+            "Redis stopped (SIGTERM), started again after 5 s",
+            "redis",
+            "redis",
+            5.0,
+            stages=("quota", *FEATURE_STAGES),
+            expect="services report NOT_SERVING, reconnect and recover",
+        ),
+        Scenario(
+            "term-gateway",
+            "SIGTERM the gateway under load, start it again once it exited",
+            "term",
+            "gateway",
+            0.0,
+            bars=("drain",),
+            expect="health NOT_SERVING, in-flight calls finish, then exit",
+        ),
+    ]
+
+
+def select(scenarios: list[Scenario], names: list[str]) -> list[Scenario]:
+    """The scenarios named, in suite order (all when ``names`` is empty).
+
+    Raises:
+        ValueError: a name that is no scenario.
+    """
+    known = {s.name for s in scenarios}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; known: {sorted(known)}")
+    return [s for s in scenarios if not names or s.name in names]

@@ -1,0 +1,251 @@
+"""Figures and bars of a scenario, computed from synthetic observations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chaos.report import Marks, build, recovery_time, to_json, to_markdown
+from chaos.scenarios import Scenario, default_scenarios, select
+from chaos.timeline import HealthSample, Request, Sample, Second
+
+DEADLINE_MS = 100.0
+MARKS = Marks(start=0.0, fault=5.0, recover=15.0, recovered=17.0, end=30.0)
+RUN = {
+    "started": "2026-01-01T00:00:00+00:00",
+    "total_s": 30.0,
+    "startup_s": 7.0,
+    "host": "Linux x86_64, 2 CPUs",
+    "cpus": 2,
+    "rate": 25.0,
+    "users": 50,
+    "click_share": 0.2,
+    "artifacts": "artifacts",
+    "deadline_ms": DEADLINE_MS,
+    "load1_mean": 1.0,
+    "load1_max": 2.0,
+    "events": {
+        "clicks_accepted": 3,
+        "clicks_stored": 2,
+        "clicks_lost": 1,
+        "duplicates": 1,
+        "impressions_expected": 10,
+        "impressions_stored": 10,
+    },
+}
+
+
+def scenario(name: str) -> Scenario:
+    return select(default_scenarios(10.0, 10.0), [name])[0]
+
+
+def load(late_at: float | None = 20.0) -> list[Request]:
+    """25 requests/s for 30 s; ranking degraded while it is down (5 s to 17 s)."""
+    requests = []
+    for i in range(750):
+        t = i / 25
+        degraded = ("ranking",) if MARKS.fault <= t < MARKS.recovered else ()
+        ms = 150.0 if late_at is not None and t == late_at else 20.0
+        requests.append(Request("rec", t, ms, 200, "", degraded, f"r{i}", 10))
+    clicks = [("a", 6.0), ("b", 7.0), ("c", 8.0), ("z", 2.0)]
+    requests += [Request("evt", t, 3.0, 202, "", event_id=i) for i, t in clicks]
+    return requests
+
+
+def samples(retrieval_factor: float = 1.0) -> list[Sample]:
+    out = []
+    for k in range(61):
+        t = k / 2
+        if t < MARKS.fault:
+            ranking = 25 * t
+        elif t < MARKS.recovered:
+            ranking = 125 + 2 * (t - MARKS.fault)
+        else:
+            ranking = 149 + 25 * (t - MARKS.recovered)
+        is_open = MARKS.fault + 0.5 <= t < MARKS.recovered + 0.5
+        out.append(
+            Sample(
+                t,
+                True,
+                breaker={"ranking": 2.0 if is_open else 0.0, "quota": 0.0},
+                opened={"ranking": 1.0 if t >= MARKS.fault + 0.5 else 0.0},
+                attempts={
+                    "quota": 25 * t,
+                    "experiment": 25 * t,
+                    "retrieval": 25 * t * retrieval_factor,
+                    "ranking": ranking,
+                },
+                retries={"ranking": 3.0 if t > MARKS.fault else 0.0},
+                requests=25 * t,
+                outbox=10.0,
+            )
+        )
+    return out
+
+
+def health() -> list[HealthSample]:
+    return [
+        HealthSample(
+            float(t),
+            {"ranking": "UNREACHABLE" if MARKS.fault <= t < MARKS.recovered else "SERVING"},
+        )
+        for t in range(30)
+    ]
+
+
+STORED = {"a": 1, "b": 2, "z": 1}
+
+
+def test_figures_of_a_killed_downstream() -> None:
+    report = build(
+        scenario("kill-ranking"), MARKS, load(), samples(), health(), STORED, DEADLINE_MS
+    )
+    f = report.figures
+    assert f.requests == 625
+    assert f.answered_pct == pytest.approx(100 * 624 / 625)
+    assert f.non_ok_pct == 0.0 and f.errors == {}
+    assert f.p99_ms == 20.0 and f.max_ms == 150.0
+    assert f.stage_pct == pytest.approx(100 * 300 / 625)
+    assert f.baseline_answered_pct == 100.0 and f.baseline_stage_pct == 0.0
+    assert f.breaker_opened and f.time_to_open_s == pytest.approx(0.5)
+    assert f.breaker_closed_s == pytest.approx(0.5)
+    assert f.repair_s == pytest.approx(2.0)
+    assert f.time_to_recover_s == pytest.approx(3.0)
+    assert f.amplification["ranking"] == pytest.approx((24 + 25 * 13) / 625)
+    assert f.max_amplification == pytest.approx(1.0)
+    assert f.retries["ranking"] == 3.0
+    assert (f.clicks_sent, f.clicks_accepted, f.clicks_stored) == (4, 4, 3)
+    assert f.events_lost == 1 and f.duplicates_stored == 1
+    assert f.outbox_peak == 10.0 and f.outbox_drain_s is None
+    assert f.drain_errors is None
+
+
+def test_bars_name_what_was_missed() -> None:
+    report = build(
+        scenario("kill-ranking"), MARKS, load(), samples(), health(), STORED, DEADLINE_MS
+    )
+    verdict = {bar.name: bar.passed for bar in report.bars}
+    assert verdict == {
+        "answered": False,  # 624 / 625 = 99.84 % < 99.9 %
+        "p99": True,
+        "opens": True,
+        "closes": True,
+        "lost": False,  # click "c" was accepted and never stored
+        "amplification": True,
+    }
+    assert not report.passed
+    sources = {bar.name: bar.source for bar in report.bars}
+    assert sources["answered"] == "issue 5" and sources["p99"] == "reliability.md"
+
+    clean = build(
+        scenario("kill-ranking"),
+        MARKS,
+        load(late_at=None),
+        samples(),
+        health(),
+        {"a": 1, "b": 1, "c": 1, "z": 1},
+        DEADLINE_MS,
+    )
+    assert clean.passed, clean.bars
+
+
+def test_amplification_bar_takes_the_worst_request_path_downstream() -> None:
+    report = build(
+        scenario("kill-ranking"), MARKS, load(), samples(1.3), health(), STORED, DEADLINE_MS
+    )
+    assert report.figures.max_amplification == pytest.approx(1.3)
+    assert {b.name: b.passed for b in report.bars}["amplification"] is False
+
+
+def test_unmeasurable_figures_are_not_counted_as_passed_or_failed() -> None:
+    report = build(scenario("kill-ranking"), MARKS, load(), [], [], None, DEADLINE_MS)
+    verdict = {bar.name: bar.passed for bar in report.bars}
+    assert verdict["lost"] is None and verdict["amplification"] is None
+    assert verdict["opens"] is False, "a breaker never seen open did not open"
+
+
+def test_sigterm_counts_refused_connections_apart_from_drain_errors() -> None:
+    marks = Marks(start=0.0, fault=5.0, recover=6.0, recovered=9.0, end=12.0)
+    requests = [Request("rec", t / 10, 20.0, 200, "") for t in range(120)]
+    requests += [
+        Request("rec", 6.5, 1.0, 0, "refused"),
+        Request("evt", 7.0, 1.0, 0, "refused", event_id="x"),
+        Request("rec", 5.9, 30.0, 0, "reset"),
+    ]
+    report = build(scenario("term-gateway"), marks, requests, [], [], {}, DEADLINE_MS)
+    assert report.figures.refused == 2
+    assert report.figures.drain_errors == 1
+    assert report.figures.errors == {"refused": 1, "reset": 1}
+    assert {b.name: b.passed for b in report.bars}["drain"] is False
+
+
+def test_recovery_needs_three_steady_seconds_after_the_repair() -> None:
+    kill = scenario("kill-ranking")
+    timeline = [
+        Second(t=float(t), requests=10, error_pct=0.0, stage_pct=stage)
+        for t, stage in enumerate([0, 100, 100, 0, 50, 0, 0, 0, 0, 0])
+    ]
+    assert recovery_time(timeline, 2.0, kill, 10.0, 50.0) == pytest.approx(3.0)
+    assert recovery_time(timeline[:7], 2.0, kill, 10.0, 50.0) is None
+    timeline[6].breaker = {"ranking": 1.0}
+    assert recovery_time(timeline, 2.0, kill, 10.0, 50.0) == pytest.approx(5.0)
+
+
+def test_reports_render_as_json_and_markdown() -> None:
+    reports = [
+        build(scenario(name), MARKS, load(), samples(), health(), STORED, DEADLINE_MS)
+        for name in ("kill-ranking", "kill-events")
+    ]
+    run = RUN | {"findings": ["kill-ranking: answered missed"]}
+    document = json.loads(json.dumps(to_json(reports, run)))
+    assert document["passed"] is False
+    assert [s["name"] for s in document["scenarios"]] == ["kill-ranking", "kill-events"]
+    first = document["scenarios"][0]
+    assert first["marks"] == {
+        "start": -5.0,
+        "fault": 0.0,
+        "recover": 10.0,
+        "recovered": 12.0,
+        "end": 25.0,
+    }
+    assert len(first["timeline"]) == 30 and first["timeline"][0]["t"] == -5.0
+    markdown = to_markdown(reports, run, {"kill-ranking": "chaos/kill-ranking.png"})
+    assert "| [kill-ranking](#kill-ranking) | 99.84 %" in markdown
+    assert "❌ answered, lost" in markdown
+    assert "![kill-ranking timeline](chaos/kill-ranking.png)" in markdown
+    assert "- **events lost** — clicks answered 202" in markdown
+
+
+def test_a_timeline_png_is_drawn(tmp_path: Path) -> None:
+    from chaos.plot import timeline_png
+
+    report = build(
+        scenario("kill-ranking"), MARKS, load(), samples(), health(), STORED, DEADLINE_MS
+    )
+    path = timeline_png(report, DEADLINE_MS, tmp_path / "kill-ranking.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_suite_covers_every_fault_of_the_issue() -> None:
+    names = [s.name for s in default_scenarios()]
+    assert names == [
+        "kill-feature",
+        "kill-retrieval",
+        "kill-ranking",
+        "kill-experiment",
+        "kill-quota",
+        "kill-events",
+        "stop-feature",
+        "ranking-unavailable-50",
+        "retrieval-latency-200ms",
+        "redis-restart",
+        "term-gateway",
+    ]
+    events = select(default_scenarios(20.0, 30.0), ["kill-events"])[0]
+    assert events.fault_s == 30.0, "the events service stays down 30 s"
+    assert all("answered" in s.bars for s in default_scenarios() if s.action == "kill")
+    assert all({"lost", "amplification"} <= set(s.all_bars) for s in default_scenarios())
+    with pytest.raises(ValueError, match="unknown scenario"):
+        select(default_scenarios(), ["kill-nothing"])
