@@ -16,3 +16,14 @@ GATEWAY_HTTP_PORT = 8080
 
 SERVICES: tuple[str, ...] = ("feature", "retrieval", "ranking", "experiment", "events", "quota")
 """Internal services, in start order (the gateway starts last)."""
+
+DEFAULT_METRICS_PORTS: dict[str, int] = {
+    "feature": 9101,
+    "retrieval": 9102,
+    "ranking": 9103,
+    "experiment": 9104,
+    "events": 9105,
+    "quota": 9106,
+}
+"""Prometheus ``/metrics`` port of every service (``RECMESH_<SERVICE>_METRICS_PORT``); the
+gateway serves ``/metrics`` on its HTTP API port instead."""
