@@ -6,6 +6,12 @@ quota down → fail open/closed by setting; experiment down → control variants
 retrieval down → the tenant's cached popular items; ranking down → retrieval order.
 Every fallback is named in ``degraded``. Impressions are logged after the answer is
 ready, off the request path.
+
+Tracing: each stage runs in a ``stage.<name>`` span (budget, candidate counts, breaker
+state, degraded reason as ``recmesh.*`` attributes) under the request's SERVER span, which
+gets the tenant, request id, experiments and degraded stages. The impressions' outbox
+write is a child of the request; their delivery is its own trace linked to it
+(``gateway.outbox``).
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from recmesh.common.v1 import common_pb2
@@ -29,9 +35,10 @@ from recmesh.retrieval.v1 import retrieval_pb2
 
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
-from gateway.metrics import DEGRADED
+from gateway.metrics import DEGRADED, QUOTA_DECISIONS, STAGE_SECONDS
 from gateway.outbox import Outbox
 from gateway.settings import GatewaySettings
+from mesh import tracing
 from mesh.client import describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
 from mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
@@ -43,6 +50,18 @@ log = logging.getLogger(__name__)
 
 DownstreamFailure = (grpc.aio.AioRpcError, DeadlineExceeded, CircuitOpen, BulkheadFull)
 """Failures of a downstream call that the funnel answers with a fallback."""
+
+T = TypeVar("T")
+
+
+async def _staged(stage: str, budget_s: float, work: Awaitable[T]) -> T:
+    """Await ``work`` inside a ``stage.<stage>`` span, timed into the stage histogram."""
+    started = time.perf_counter()
+    with tracing.stage_span(stage, budget_ms=round(budget_s * 1000, 3)):
+        try:
+            return await work
+        finally:
+            STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
 
 
 @dataclass
@@ -130,15 +149,25 @@ class Funnel:
         limit = self._settings.deadline_s
         budget = Budget(limit if deadline_s is None else min(deadline_s, limit))
         budget_var.set(budget)
+        tracing.annotate(tenant=tenant, request_id=request_id, num_items=n)
         stage_ms: dict[str, float] = {}
         degraded: list[str] = []
+        settings = self._settings
 
         started = time.perf_counter()
         quota, experiments = await asyncio.gather(
-            self._quota(degraded), self._experiments(tenant, user_id, degraded)
+            _staged("quota", settings.quota_budget_s, self._quota(degraded)),
+            _staged(
+                "experiment",
+                settings.experiment_budget_s,
+                self._experiments(tenant, user_id, degraded),
+            ),
         )
         stage_ms["admission"] = (time.perf_counter() - started) * 1000
+        if quota is not None:
+            QUOTA_DECISIONS.labels(tenant, "allowed" if quota.allowed else "denied").inc()
         if quota is not None and not quota.allowed:
+            tracing.annotate(quota_allowed=False)
             raise ResourceExhausted(
                 f"tenant {tenant!r} is over its quota of {quota.rate:g} requests/s",
                 retry_after_s=quota.retry_after_s,
@@ -149,11 +178,17 @@ class Funnel:
         knobs = _Params.from_variants(params)
 
         started = time.perf_counter()
-        retrieved = await self._retrieve(tenant, user_id, knobs, degraded)
+        retrieved = await _staged(
+            "retrieval",
+            settings.retrieval_budget_s,
+            self._retrieve(tenant, user_id, knobs, degraded),
+        )
         stage_ms["retrieval"] = (time.perf_counter() - started) * 1000
 
         started = time.perf_counter()
-        ranked = await self._rank(user_id, n, retrieved, knobs, degraded)
+        ranked = await _staged(
+            "ranking", settings.ranking_budget_s, self._rank(user_id, n, retrieved, knobs, degraded)
+        )
         stage_ms["ranking"] = (time.perf_counter() - started) * 1000
         candidates = ranked.ranked if ranked is not None else _head(retrieved.candidates, n)
 
@@ -162,7 +197,13 @@ class Funnel:
         if ranked is not None:
             degraded += [d for d in ranked.degraded if d not in degraded]
         for stage in degraded:
-            DEGRADED.labels(stage=stage).inc()
+            DEGRADED.labels(stage=stage, tenant=tenant).inc()
+        tracing.annotate(
+            experiments=[f"{a.experiment_key}={a.variant_key}" for a in experiments],
+            degraded=bool(degraded),
+            degraded_stages=degraded,
+            items=len(candidates.item_ids),
+        )
         result = Recommendation(
             request_id=request_id,
             item_ids=list(candidates.item_ids),
@@ -186,6 +227,8 @@ class Funnel:
             )
         except DownstreamFailure as exc:
             log.warning("quota unavailable: %s", describe_failure(exc))
+            tracing.mark_degraded(f"quota unavailable: {describe_failure(exc)}")
+            QUOTA_DECISIONS.labels(tenant_var.get(), "unavailable").inc()
             degraded.append("quota")
             if not self._settings.quota_fail_open:
                 raise Unavailable("quota service unavailable and configured fail-closed") from exc
@@ -205,6 +248,7 @@ class Funnel:
             return list(reply.assignments)
         except DownstreamFailure as exc:
             log.warning("experiment unavailable: %s", describe_failure(exc))
+            tracing.mark_degraded(f"experiment unavailable: {describe_failure(exc)}")
             degraded.append("experiment")
             return [
                 experiment_pb2.Assignment(experiment_key=key, variant_key="control", params=params)
@@ -227,8 +271,13 @@ class Funnel:
             cached = self._fallback.get(tenant)
             if cached is None:
                 raise Unavailable("retrieval is unavailable and no fallback is cached") from exc
+            tracing.mark_degraded(f"retrieval unavailable: {describe_failure(exc)}")
+            tracing.annotate(candidates_out=len(cached.item_ids))
             degraded.append("retrieval")
             return retrieval_pb2.RetrieveResponse(candidates=cached)
+        tracing.annotate(candidates_out=len(reply.candidates.item_ids))
+        if reply.degraded:
+            tracing.mark_degraded(f"retrieval degraded: {', '.join(reply.degraded)}")
         return reply
 
     async def _rank(
@@ -253,9 +302,16 @@ class Funnel:
                 cap_s=self._settings.ranking_budget_s,
                 idempotent=True,
             )
+            tracing.annotate(
+                candidates_in=len(retrieved.candidates.item_ids),
+                candidates_out=len(reply.ranked.item_ids),
+            )
+            if reply.degraded:
+                tracing.mark_degraded(f"ranking degraded: {', '.join(reply.degraded)}")
             return reply
         except DownstreamFailure as exc:
             log.warning("ranking unavailable: %s", describe_failure(exc))
+            tracing.mark_degraded(f"ranking unavailable: {describe_failure(exc)}")
             degraded.append("ranking")
             return None
 
@@ -281,10 +337,12 @@ class Funnel:
             )
             for position, item_id in enumerate(result.item_ids)
         ]
-        try:
-            await self.append_events(events)
-        except (OSError, sqlite3.Error) as exc:
-            log.error("impressions not logged: %s", exc)
+        with tracing.stage_span("impressions", events=len(events)) as span:
+            try:
+                await self.append_events(events)
+            except (OSError, sqlite3.Error) as exc:
+                tracing.record_error(span, exc)
+                log.error("impressions not logged: %s", exc)
 
     async def append_events(self, events: list[events_pb2.Event]) -> None:
         """Accept events of the current tenant: durably in the outbox, delivered later.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -10,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from recmesh.common.v1 import common_pb2
 
 from gateway.clients import Downstreams
@@ -18,8 +18,10 @@ from gateway.funnel import Funnel, Recommendation
 from gateway.metrics import LATENCY, REQUESTS
 from gateway.openapi import OPENAPI
 from gateway.schema import parse_events, parse_recommend
+from mesh import tracing
 from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
 from mesh.errors import RecMeshError, ResourceExhausted, Unauthenticated, Unavailable
+from mesh.telemetry import metrics_response
 from mesh.tenants import Tenant, TenantRegistry
 from services.events.validation import validate_batch
 
@@ -114,17 +116,26 @@ class HttpApi:
             if request.match_info.route.resource
             else "other"
         )
-        try:
-            response = await handler(request)
-        except RecMeshError as exc:
-            response = _error_response(exc)
-        except web.HTTPRequestEntityTooLarge:
-            response = web.json_response(
-                {"error": "INVALID_ARGUMENT", "message": "body too large", "field": "body"},
-                status=413,
-            )
+        span_of_request = (
+            tracing.http_server_span(request.method, route, request.headers, request.path)
+            if request.path.startswith("/v1/")  # the API; health, metrics, docs are not traced
+            else contextlib.nullcontext(tracing.NO_SPAN)
+        )
+        with span_of_request as span:
+            try:
+                response = await handler(request)
+            except RecMeshError as exc:
+                response = _error_response(exc)
+            except web.HTTPRequestEntityTooLarge:
+                response = web.json_response(
+                    {"error": "INVALID_ARGUMENT", "message": "body too large", "field": "body"},
+                    status=413,
+                )
+            tracing.end_http(span, response.status)
         REQUESTS.labels("http", route, tenant_var.get() or "-", str(response.status)).inc()
-        LATENCY.labels("http", route).observe(time.perf_counter() - started)
+        LATENCY.labels("http", route).observe(
+            time.perf_counter() - started, tracing.exemplar(span)
+        )
         return response
 
     async def recommend(self, request: web.Request) -> web.Response:
@@ -136,7 +147,10 @@ class HttpApi:
             body.num_items,
             request_id=request.headers.get(REQUEST_ID_KEY, "")[:64],
         )
-        return web.json_response(render(result, body.debug))
+        payload = render(result, body.debug)
+        if body.debug and (ids := tracing.current_ids()):
+            payload["trace_id"] = ids[0]
+        return web.json_response(payload)
 
     async def events(self, request: web.Request) -> web.Response:
         self._tenant(request)
@@ -157,7 +171,7 @@ class HttpApi:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return metrics_response(request.headers.get("Accept", ""))
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI, dumps=lambda d: json.dumps(d, indent=2))

@@ -19,6 +19,17 @@ LATENCY = Histogram(
 )
 DEGRADED = Counter(
     "recmesh_gateway_degraded_total",
-    "Requests answered with a stage fallen back, by stage",
+    "Requests answered with a stage fallen back, by stage and tenant",
+    ["stage", "tenant"],
+)
+STAGE_SECONDS = Histogram(
+    "recmesh_gateway_stage_seconds",
+    "Time of each funnel stage as the gateway sees it (quota, experiment, retrieval, ranking)",
     ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+QUOTA_DECISIONS = Counter(
+    "recmesh_gateway_quota_decisions_total",
+    "Quota answers per tenant: allowed, denied, or unavailable (quota service down)",
+    ["tenant", "decision"],
 )

@@ -6,6 +6,12 @@ to the events service in order, in batches per tenant, and deletes them only onc
 events service acknowledged the batch. Delivery is at least once; the events service
 drops repeats by event id, so the effect is exactly once. A gateway killed after a 202
 finds the rows again on restart.
+
+Each row keeps the W3C ``traceparent`` of the span that stored it (the request's
+``stage.impressions`` span, or the ``POST /v1/events`` span). A delivery round is its own
+trace — a batch mixes rows of many requests and may run after retries or a restart — and
+its ``outbox.deliver`` span links to every stored row's span (a span link, as the
+OpenTelemetry messaging conventions do for batches).
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from opentelemetry.trace import Link
 from prometheus_client import Gauge
 from recmesh.events.v1 import events_pb2
 
+from mesh import tracing
 from mesh.client import describe_failure
 from mesh.context import tenant_var
 
@@ -43,8 +51,12 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS outbox ("
-            " id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, event BLOB NOT NULL)"
+            " id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, event BLOB NOT NULL,"
+            " trace TEXT NOT NULL DEFAULT '')"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "trace" not in columns:  # a file written before rows carried their trace
+            self._db.execute("ALTER TABLE outbox ADD COLUMN trace TEXT NOT NULL DEFAULT ''")
         OUTBOX_DEPTH.set(self._depth())
 
     def _depth(self) -> int:
@@ -52,28 +64,35 @@ class Outbox:
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(count)
 
-    def _put(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:
-        rows = [(tenant, e.SerializeToString()) for e in events]
+    def _put(self, tenant: str, events: Sequence[events_pb2.Event], trace: str) -> None:
+        rows = [(tenant, e.SerializeToString(), trace) for e in events]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT INTO outbox (tenant, event) VALUES (?, ?)", rows)
+            self._db.executemany(
+                "INSERT INTO outbox (tenant, event, trace) VALUES (?, ?, ?)", rows
+            )
             self._db.execute("COMMIT")
 
     async def put(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:
-        """Store ``events`` durably (returns after the fsynced commit)."""
-        await asyncio.to_thread(self._put, tenant, events)
+        """Store ``events`` durably (returns after the fsynced commit), with the current
+        span's trace context."""
+        await asyncio.to_thread(self._put, tenant, events, tracing.current_traceparent())
         OUTBOX_DEPTH.inc(len(events))
 
-    def _take(self, limit: int) -> list[tuple[int, str, bytes]]:
+    def _take(self, limit: int) -> list[tuple[int, str, bytes, str]]:
         with self._lock:
             return self._db.execute(
-                "SELECT id, tenant, event FROM outbox ORDER BY id LIMIT ?", (limit,)
+                "SELECT id, tenant, event, trace FROM outbox ORDER BY id LIMIT ?", (limit,)
             ).fetchall()
+
+    async def take_traced(self, limit: int) -> list[tuple[int, str, events_pb2.Event, str]]:
+        """The oldest ``limit`` rows, not removed, each with the traceparent it was stored with."""
+        rows = await asyncio.to_thread(self._take, limit)
+        return [(i, t, events_pb2.Event.FromString(blob), tp) for i, t, blob, tp in rows]
 
     async def take(self, limit: int) -> list[tuple[int, str, events_pb2.Event]]:
         """The oldest ``limit`` rows, not removed."""
-        rows = await asyncio.to_thread(self._take, limit)
-        return [(i, t, events_pb2.Event.FromString(blob)) for i, t, blob in rows]
+        return [(i, t, e) for i, t, e, _ in await self.take_traced(limit)]
 
     def _ack(self, ids: Sequence[int]) -> None:
         with self._lock:
@@ -126,13 +145,20 @@ class OutboxRelay:
             Exception: the first tenant batch that could not be delivered (earlier
                 batches of the round stay delivered).
         """
-        rows = await self._outbox.take(self._batch)
+        rows = await self._outbox.take_traced(self._batch)
         delivered = 0
         for tenant, group in itertools.groupby(rows, key=lambda row: row[1]):
             batch = list(group)
             tenant_var.set(tenant)
-            await self._send([event for _, _, event in batch])
-            await self._outbox.ack([row_id for row_id, _, _ in batch])
+            links = {tp: tracing.link_to(tp) for _, _, _, tp in batch}
+            with tracing.tracer.start_as_current_span(
+                "outbox.deliver",
+                context=tracing.ROOT,
+                links=[link for link in links.values() if isinstance(link, Link)],
+                attributes=tracing.recmesh_attributes(tenant=tenant, events=len(batch)),
+            ):
+                await self._send([event for _, _, event, _ in batch])
+            await self._outbox.ack([row_id for row_id, _, _, _ in batch])
             delivered += len(batch)
         return delivered
 

@@ -7,7 +7,9 @@ match the servers', and a client interceptor that, for every unary call:
 * sets the call timeout to the smaller of the caller's cap (``timeout=`` at the call
   site, the stage budget) and the request's remaining budget minus a safety margin,
   so no hop ever waits past the request's deadline;
-* fails fast with :class:`~mesh.errors.DeadlineExceeded` when nothing is left.
+* fails fast with :class:`~mesh.errors.DeadlineExceeded` when nothing is left;
+* opens a CLIENT span for the attempt and injects its W3C trace context into the
+  metadata, so the server's span is its child (``mesh.tracing``).
 
 Create channels inside the running event loop (one loop per process).
 """
@@ -24,12 +26,14 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from mesh import tracing
 from mesh.context import Budget, budget_var, outgoing_metadata
 from mesh.metrics import (
     BREAKER_STATE,
     DOWNSTREAM_CALLS,
     DOWNSTREAM_REJECTED,
     DOWNSTREAM_RETRIES,
+    RPC_CLIENT_SECONDS,
     BreakerMetrics,
 )
 from mesh.resilience import (
@@ -53,6 +57,9 @@ NO_BUDGET_TIMEOUT_S = 1.0
 
 
 class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, target: str = "") -> None:
+        self._target = target
+
     async def intercept_unary_unary(
         self,
         continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
@@ -69,6 +76,8 @@ class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         for key, value in outgoing_metadata():
             if not metadata.get_all(key):
                 metadata.add(key, value)
+        raw_method: str | bytes = client_call_details.method
+        method = raw_method.decode() if isinstance(raw_method, bytes) else raw_method
         details = grpc.aio.ClientCallDetails(
             method=client_call_details.method,
             timeout=timeout,
@@ -76,7 +85,45 @@ class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             credentials=client_call_details.credentials,
             wait_for_ready=client_call_details.wait_for_ready,
         )
-        return await continuation(details, request)
+        if method.startswith("/grpc."):  # health and reflection: no span
+            return await continuation(details, request)
+        return await self._traced(continuation, details, request, method, timeout)
+
+    async def _traced(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+        method: str,
+        timeout_s: float,
+    ) -> Any:
+        """One attempt inside a CLIENT span; waits for the answer so the span covers it."""
+        span = tracing.client_span(method, self._target)
+        tracing.annotate(span, timeout_ms=round(timeout_s * 1000, 3))
+        carrier: dict[str, str] = {}
+        tracing.inject(carrier, span)
+        for key, value in carrier.items():
+            details.metadata.add(key, value)  # type: ignore[union-attr]
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        message = ""
+        try:
+            call = await continuation(details, request)
+            await call
+            return call
+        except grpc.aio.AioRpcError as exc:
+            code, message = exc.code(), exc.details() or ""
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            tracing.end_rpc(span, code, server=False, details=message)
+            span.end()
+            service, _, name = method.lstrip("/").rpartition("/")
+            RPC_CLIENT_SECONDS.labels(service, name, code.name).observe(
+                time.perf_counter() - started
+            )
 
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -101,7 +148,7 @@ def describe_failure(exc: Exception) -> str:
 def open_channel(target: str) -> grpc.aio.Channel:
     """An insecure channel to ``target`` (``host:port``) with the mesh interceptor."""
     return grpc.aio.insecure_channel(
-        target, options=CHANNEL_OPTIONS, interceptors=[_ContextInterceptor()]
+        target, options=CHANNEL_OPTIONS, interceptors=[_ContextInterceptor(target)]
     )
 
 
@@ -214,6 +261,7 @@ class Downstream(Generic[StubT]):
             grpc.aio.AioRpcError: the downstream's answer, once no retry is allowed.
         """
         self.retry_budget.record_request()
+        tracing.annotate(breaker_state=self.breaker.state)
         attempt = 1
         while True:
             try:
@@ -221,6 +269,7 @@ class Downstream(Generic[StubT]):
             except (CircuitOpen, BulkheadFull) as exc:
                 reason = "breaker_open" if isinstance(exc, CircuitOpen) else "bulkhead_full"
                 DOWNSTREAM_REJECTED.labels(self.name, reason).inc()
+                tracing.annotate(rejected=reason)
                 raise
             except grpc.aio.AioRpcError as exc:
                 delay = backoff_s(
@@ -236,6 +285,7 @@ class Downstream(Generic[StubT]):
                 ):
                     raise
             DOWNSTREAM_RETRIES.labels(self.name).inc()
+            tracing.annotate(retries=attempt)
             await asyncio.sleep(delay)
             attempt += 1
 

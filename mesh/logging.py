@@ -1,4 +1,5 @@
-"""Structured JSON logs: one object per line with service, tenant and request id."""
+"""Structured JSON logs: one object per line with service, tenant, request id, and the
+trace and span ids of the current span (when tracing is on), so a line links to its trace."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 
 from mesh.context import request_id_var, tenant_var
+from mesh.tracing import current_ids
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,6 +32,8 @@ class JsonFormatter(logging.Formatter):
             entry["tenant"] = tenant
         if request_id := request_id_var.get():
             entry["request_id"] = request_id
+        if ids := current_ids():
+            entry["trace_id"], entry["span_id"] = ids
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)

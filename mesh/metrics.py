@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pybreaker
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 DOWNSTREAM_CALLS = Counter(
     "recmesh_downstream_attempts_total",
@@ -27,6 +27,33 @@ BREAKER_TRANSITIONS = Counter(
     "recmesh_breaker_transitions_total",
     "Circuit breaker state changes per downstream, by new state",
     ["downstream", "state"],
+)
+
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Seconds: calls inside a 100 ms request, with room for slow and timed-out ones."""
+
+RPC_SERVER_HANDLED = Counter(
+    "recmesh_rpc_server_handled_total",
+    "Calls a server answered, by gRPC service, method and status code (rate and errors)",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+RPC_SERVER_SECONDS = Histogram(
+    "recmesh_rpc_server_handling_seconds",
+    "Time a server took to answer a call, by gRPC service and method (duration)",
+    ["grpc_service", "grpc_method"],
+    buckets=RPC_BUCKETS,
+)
+RPC_CLIENT_SECONDS = Histogram(
+    "recmesh_rpc_client_handling_seconds",
+    "Time one attempt of an outgoing call took, by gRPC service, method and status code",
+    ["grpc_service", "grpc_method", "grpc_code"],
+    buckets=RPC_BUCKETS,
+)
+STAGE_SECONDS = Histogram(
+    "recmesh_stage_seconds",
+    "Time spent in each stage of a service's handler (services.stages.StageClock laps)",
+    ["stage"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25),
 )
 
 _STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
+from mesh import tracing
 from mesh.context import (
     REQUEST_ID_KEY,
     TENANT_KEY,
@@ -34,8 +35,9 @@ from mesh.context import (
     tenant_var,
 )
 from mesh.errors import InvalidArgument, RecMeshError
-from mesh.faults import FaultInjector
+from mesh.faults import FaultInjector, InjectedFault
 from mesh.health import HealthCheck, HealthMonitor
+from mesh.metrics import RPC_SERVER_HANDLED, RPC_SERVER_SECONDS
 from mesh.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,8 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes, method: str)
 
 
 class _MeshInterceptor(grpc.aio.ServerInterceptor):
-    """Sets request context, budget and error mapping around every unary call."""
+    """Sets request context, budget, error mapping, a SERVER span and RED metrics around
+    every unary call (the span continues the caller's trace from the call metadata)."""
 
     def __init__(self, settings: ServerSettings, faults: FaultInjector) -> None:
         self._settings = settings
@@ -110,45 +113,65 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
         settings = self._settings
         faults = self._faults
         short_name = method.rsplit("/", 1)[-1]
+        grpc_service = method.lstrip("/").rsplit("/", 1)[0]
+        seconds_metric = RPC_SERVER_SECONDS.labels(grpc_service, short_name)
 
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = dict(context.invocation_metadata() or ())
-            tenant_var.set(str(metadata.get(TENANT_KEY, "")))
-            request_id_var.set(str(metadata.get(REQUEST_ID_KEY, "")) or uuid.uuid4().hex)
+            tenant = str(metadata.get(TENANT_KEY, ""))
+            request_id = str(metadata.get(REQUEST_ID_KEY, "")) or uuid.uuid4().hex
+            tenant_var.set(tenant)
+            request_id_var.set(request_id)
             seconds = clamp_deadline(
                 context.time_remaining(), settings.default_deadline_s, settings.default_deadline_s
             )
             budget_var.set(Budget(seconds))
             started = time.perf_counter()
             code = grpc.StatusCode.OK
-            try:
-                request = _decode(deserialize, raw, method)
-                await faults.apply(short_name)
-                return await inner(request, context)
-            except RecMeshError as exc:
-                code = exc.grpc_code
-                await abort_with(context, exc)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    code = context.code() or grpc.StatusCode.UNKNOWN
+            with tracing.server_span(
+                method,
+                metadata,
+                tenant=tenant or None,
+                request_id=request_id,
+                deadline_ms=round(seconds * 1000, 3),
+            ) as span:
+                try:
+                    request = _decode(deserialize, raw, method)
+                    if (flag := faults.active(short_name)) is not None:
+                        tracing.annotate(span, fault_flag=f"{settings.service_name}.{flag[0]}")
+                    await faults.apply(short_name)
+                    return await inner(request, context)
+                except RecMeshError as exc:
+                    code = exc.grpc_code
+                    if isinstance(exc, InjectedFault):
+                        tracing.annotate(span, fault_injected=True)
+                    await abort_with(context, exc)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
                     raise
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unhandled error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            finally:
-                log.debug(
-                    "rpc",
-                    extra={
-                        "fields": {
-                            "method": method,
-                            "code": code.name,
-                            "ms": round((time.perf_counter() - started) * 1000, 3),
-                        }
-                    },
-                )
+                except Exception as exc:
+                    if isinstance(exc, grpc.aio.AbortError):
+                        code = context.code() or grpc.StatusCode.UNKNOWN
+                        raise
+                    code = grpc.StatusCode.INTERNAL
+                    span.record_exception(exc)
+                    log.exception("unhandled error in %s", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                finally:
+                    elapsed = time.perf_counter() - started
+                    tracing.end_rpc(span, code, server=True)
+                    RPC_SERVER_HANDLED.labels(grpc_service, short_name, code.name).inc()
+                    seconds_metric.observe(elapsed, tracing.exemplar(span))
+                    log.debug(
+                        "rpc",
+                        extra={
+                            "fields": {
+                                "method": method,
+                                "code": code.name,
+                                "ms": round(elapsed * 1000, 3),
+                            }
+                        },
+                    )
             return None  # unreachable: abort raises
 
         return grpc.unary_unary_rpc_method_handler(

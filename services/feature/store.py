@@ -10,6 +10,7 @@ a tenant's keys share a slot and a multi-key read stays one round trip):
 * ``rm:{t}:i:<item_id>`` — packed item row: ``item_dim`` float32 then one int32 category.
 
 An item batch is one ``MGET`` of packed rows decoded with one ``numpy.frombuffer``.
+Every round trip to Redis is a ``redis <COMMANDS>`` CLIENT span (``mesh.tracing.redis_span``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy.typing as npt
 import redis.asyncio as aioredis
 
 from mesh.errors import FailedPrecondition, InvalidArgument
+from mesh.tracing import redis_span
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -129,7 +131,8 @@ class RedisFeatureStore(FeatureStore):
         return f"rm:{{{tenant}}}:meta"
 
     async def info(self, tenant: str) -> ViewInfo | None:
-        meta = cast(dict[bytes, bytes], await self._redis.hgetall(self._meta_key(tenant)))
+        with redis_span("HGETALL", self._redis):
+            meta = cast(dict[bytes, bytes], await self._redis.hgetall(self._meta_key(tenant)))
         if not meta:
             return None
         return ViewInfo(
@@ -141,7 +144,8 @@ class RedisFeatureStore(FeatureStore):
         )
 
     async def _defaults(self, tenant: str, field: bytes) -> F32:
-        raw = cast(bytes | None, await self._redis.hget(self._meta_key(tenant), field))
+        with redis_span("HGET", self._redis):
+            raw = cast(bytes | None, await self._redis.hget(self._meta_key(tenant), field))
         if raw is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         return np.frombuffer(raw, dtype="<f4").copy()
@@ -151,7 +155,8 @@ class RedisFeatureStore(FeatureStore):
             pipe.get(self._key(tenant, "u", user_id))
             pipe.lrange(self._key(tenant, "h", user_id), -history_limit, -1)
             pipe.hget(self._meta_key(tenant), "user_default")
-            row, history, default = await pipe.execute()
+            with redis_span("GET+LRANGE+HGET", self._redis):
+                row, history, default = await pipe.execute()
         if default is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         is_default = row is None
@@ -168,7 +173,8 @@ class RedisFeatureStore(FeatureStore):
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.mget(keys)
             pipe.hget(self._meta_key(tenant), "item_default")
-            rows, default_raw = await pipe.execute()
+            with redis_span("MGET+HGET", self._redis, keys=len(keys)):
+                rows, default_raw = await pipe.execute()
         if default_raw is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         default_row = np.frombuffer(default_raw, dtype="<f4")
@@ -202,7 +208,8 @@ class RedisFeatureStore(FeatureStore):
                     key = self._key(tenant, "h", user_id)
                     pipe.delete(key)
                     pipe.rpush(key, *[str(int(h)) for h in history[-self._history_cap :]])
-            await pipe.execute()
+            with redis_span("PIPELINE", self._redis, keys=len(user_ids)):
+                await pipe.execute()
         return len(user_ids)
 
     async def append_history(self, tenant: str, user_id: str, item_ids: Sequence[int]) -> None:
@@ -211,7 +218,8 @@ class RedisFeatureStore(FeatureStore):
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.rpush(key, *[str(int(i)) for i in item_ids])
             pipe.ltrim(key, -self._history_cap, -1)
-            await pipe.execute()
+            with redis_span("RPUSH+LTRIM", self._redis):
+                await pipe.execute()
 
     async def write_items(
         self, tenant: str, item_ids: Sequence[int], rows: F32, categories: Sequence[int]
@@ -230,7 +238,8 @@ class RedisFeatureStore(FeatureStore):
         mapping = {
             self._key(tenant, "i", int(i)): packed[n].tobytes() for n, i in enumerate(item_ids)
         }
-        await self._redis.mset(mapping)
+        with redis_span("MSET", self._redis, keys=len(mapping)):
+            await self._redis.mset(mapping)
         return len(item_ids)
 
     async def set_views(
@@ -242,15 +251,16 @@ class RedisFeatureStore(FeatureStore):
         users: int,
         items: int,
     ) -> None:
-        await self._redis.hset(
-            self._meta_key(tenant),
-            mapping={
-                "version": version,
-                "user_dim": user_default.size,
-                "item_dim": item_default.size,
-                "user_default": user_default.astype("<f4").tobytes(),
-                "item_default": item_default.astype("<f4").tobytes(),
-                "users": users,
-                "items": items,
-            },
-        )
+        with redis_span("HSET", self._redis):
+            await self._redis.hset(
+                self._meta_key(tenant),
+                mapping={
+                    "version": version,
+                    "user_dim": user_default.size,
+                    "item_dim": item_default.size,
+                    "user_default": user_default.astype("<f4").tobytes(),
+                    "item_default": item_default.astype("<f4").tobytes(),
+                    "users": users,
+                    "items": items,
+                },
+            )
