@@ -5,7 +5,7 @@ artifact set (``python -m training``); ``recmesh versions`` lists the sets under
 artifact root, ``recmesh rollback [--to VERSION]`` moves ``current`` back (running
 services pick it up without restart) and ``recmesh eval`` evaluates a set offline;
 ``recmesh protos [--check]`` regenerates stubs; ``recmesh chaos`` runs the chaos suite
-(``python -m chaos``).
+(``python -m chaos``); ``recmesh trace <request_id>`` prints a request's trace from Jaeger.
 """
 
 from __future__ import annotations
@@ -170,6 +170,16 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return chaos_main(args.rest)
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from ops import trace
+
+    code, lines = trace.show(
+        args.request_id, args.jaeger or trace.jaeger_url(), supervisor.Layout.from_env().log_dir
+    )
+    print("\n".join(lines))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recmesh`` console script."""
     parser = argparse.ArgumentParser(prog="recmesh", description=__doc__)
@@ -213,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     chaos.add_argument("rest", nargs=argparse.REMAINDER)
     chaos.set_defaults(run=cmd_chaos)
+    trace = commands.add_parser("trace", help="a request's trace from Jaeger, as a tree")
+    trace.add_argument("request_id", help="the request_id of a response (or x-request-id sent)")
+    trace.add_argument("--jaeger", help="Jaeger URL (default: RECMESH_JAEGER_URL or :16686)")
+    trace.set_defaults(run=cmd_trace)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result
