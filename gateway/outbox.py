@@ -95,8 +95,16 @@ class Outbox:
         return [(i, t, e) for i, t, e, _ in await self.take_traced(limit)]
 
     def _ack(self, ids: Sequence[int]) -> None:
+        # One transaction, so one fsync per batch: in autocommit every DELETE would commit
+        # (and fsync) on its own, ~1 s for 500 rows, while ``put`` waits on the lock.
         with self._lock:
-            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     async def ack(self, ids: Sequence[int]) -> None:
         """Remove delivered rows."""
