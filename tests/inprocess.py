@@ -78,6 +78,8 @@ async def inprocess_mesh(
 ) -> AsyncIterator[Mesh]:
     """Every service and the gateway, in this process, on port 0, features materialised.
 
+    Budgets are generous: these tests check behaviour, not latency (that is `make bench`).
+
     With ``faults_file`` every server watches it for fault flags (see ``mesh.faults``).
     """
     async with AsyncExitStack() as stack:
@@ -101,13 +103,17 @@ async def inprocess_mesh(
         retrieval = await start(
             "retrieval",
             await build_retrieval(
-                RetrievalSettings(artifacts=artifacts, feature_addr=feature, **common)
+                RetrievalSettings(
+                    artifacts=artifacts, feature_addr=feature, feature_budget_s=0.5, **common
+                )
             ),
         )
         ranking = await start(
             "ranking",
             await build_ranking(
-                RankingSettings(artifacts=artifacts, feature_addr=feature, **common)
+                RankingSettings(
+                    artifacts=artifacts, feature_addr=feature, feature_budget_s=0.5, **common
+                )
             ),
         )
         experiment = await start(
