@@ -8,6 +8,8 @@ tenant's whole event log back through ``EventService.Read``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -15,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import redis
@@ -59,6 +62,32 @@ def parse_metrics(text: str, t: float, load1: float = 0.0) -> Sample:
     return Sample(t, True, breaker, opened, attempts, retries, rejected, requests, outbox, load1)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_s() -> float:
+    """The host's busy CPU time since boot, all CPUs (``/proc/stat``).
+
+    Busy is user + nice + system + irq + softirq + steal: time the hypervisor gave to
+    other machines counts as taken from this one.
+    """
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(v) for v in stat.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU time of ``pid`` (None when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def _redis_status(url: str) -> str:
     client = redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.3)
     try:
@@ -84,6 +113,9 @@ class Observer:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chaos-health")
         self.samples: list[Sample] = []
         self.health: list[HealthSample] = []
+        self.extra_pids: list[int] = [os.getpid()]
+        self._cpu_seen: dict[int, float] = {}
+        self._cpu_ours = 0.0
         self._threads = [
             threading.Thread(target=self._scrape_loop, name="chaos-scrape", daemon=True),
             threading.Thread(target=self._health_loop, name="chaos-health", daemon=True),
@@ -99,16 +131,38 @@ class Observer:
             thread.join(timeout=5)
         self._pool.shutdown(wait=True)
 
+    def _our_pids(self) -> list[int]:
+        pids = list(self.extra_pids)
+        for path in self._layout.run_dir.glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.append(int(path.read_text()))
+        return pids
+
+    def _cpu(self) -> tuple[float, float]:
+        """Host busy CPU seconds and the cumulative share of this run's processes."""
+        first = not self._cpu_seen
+        for pid in self._our_pids():
+            now = process_cpu_s(pid)
+            if now is None:
+                continue
+            # A pid first seen after the start is a restarted process: count it from zero.
+            before = self._cpu_seen.get(pid, now if first else 0.0)
+            self._cpu_ours += max(0.0, now - before)
+            self._cpu_seen[pid] = now
+        return busy_cpu_s(), self._cpu_ours
+
     def scrape(self) -> Sample:
         """One scrape now (``up`` False when the gateway did not answer)."""
         now = time.time()
         load1 = os.getloadavg()[0]
+        busy, ours = self._cpu()
         try:
             with urllib.request.urlopen(self._url, timeout=1.0) as response:
                 text = response.read().decode()
         except (urllib.error.URLError, OSError, TimeoutError):
-            return Sample(now, False, load1=load1)
-        return parse_metrics(text, now, load1)
+            return Sample(now, False, load1=load1, cpu_busy_s=busy, cpu_ours_s=ours)
+        sample = parse_metrics(text, now, load1)
+        return dataclasses.replace(sample, cpu_busy_s=busy, cpu_ours_s=ours)
 
     def check_health(self) -> HealthSample:
         """Every process's health status now."""

@@ -46,7 +46,15 @@ def timeline_png(report: ScenarioReport, deadline_ms: float, path: Path) -> Path
             label="degraded: " + "/".join(report.scenario.stages),
             color="tab:green",
         )
-    rate.set_ylabel("% of requests")
+    rate.plot(
+        xs,
+        _values(timeline, "other_cpu_pct"),
+        label="host CPU taken by others",
+        color="black",
+        linestyle="--",
+        linewidth=0.8,
+    )
+    rate.set_ylabel("%")
     rate.set_ylim(-3, 103)
     rate.legend(loc="upper right", fontsize=8, ncol=2)
 

@@ -15,9 +15,13 @@ Definitions (also written into the Markdown report):
   seconds in which no request failed, the fault's stages were degraded in at most
   max(10 %, twice the baseline share) of answers, the breaker in front of the target was
   closed, every process was SERVING and the outbox was back to its usual depth.
-* **drain errors** (SIGTERM) — requests that reached the gateway and got no successful
-  answer; connections refused while no gateway listened are counted apart (one gateway,
-  no load balancer to route around it).
+* **drain errors** (SIGTERM) — requests open at any moment between the SIGTERM and the
+  gateway's exit that got no successful answer; connections refused once it stopped
+  listening are counted apart (one gateway, no load balancer to route around it), and
+  failures after the restart show in the scenario's failed requests.
+* **CPU taken by other processes** — the host's busy CPU time minus that of the mesh, the
+  load generator and the suite, as a share of all CPUs: the machine is shared, and
+  latency bars are only as good as the CPU the mesh was left.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from chaos.timeline import (
     in_window,
     increase,
     max_in_flight,
+    other_cpu,
     percentile,
     seconds,
     series,
@@ -97,6 +102,8 @@ class Figures:
     drain_errors: int | None = None
     refused: int = 0
     load1_mean: float | None = None
+    other_cpu_pct: float | None = None
+    baseline_other_cpu_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -255,12 +262,15 @@ def compute(
         f.outbox_drain_s = None if drained is None else drained - marks.recovered
 
     if scenario.action == "term":
-        term = [r for r in requests if marks.fault <= r.t < marks.end]
-        f.refused = sum(r.error == "refused" for r in term)
-        f.drain_errors = sum(not r.ok and r.error != "refused" for r in term)
+        f.refused = sum(r.error == "refused" for r in requests if marks.fault <= r.t < marks.end)
+        # The drain: requests open at any moment between the SIGTERM and the exit.
+        draining = [r for r in requests if r.t < marks.recover and r.t + r.ms / 1000 > marks.fault]
+        f.drain_errors = sum(not r.ok and r.error != "refused" for r in draining)
     f.repair_s = marks.recovered - marks.recover
     loads = [s.load1 for s in samples if s.up and marks.fault <= s.t <= marks.end]
     f.load1_mean = _mean(loads)
+    f.other_cpu_pct = other_cpu(samples, marks.fault, marks.end)
+    f.baseline_other_cpu_pct = other_cpu(samples, marks.start, marks.fault)
 
     timeline = seconds(
         requests,
@@ -404,7 +414,8 @@ def to_markdown(
         f"({run['users']} users on a fixed schedule), "
         f"{100 * run['click_share']:.0f} % followed by a click with a unique id",
         f"- gateway deadline {deadline:g} ms (its default); artifacts `{run['artifacts']}`",
-        f"- host load (1-min average) during the run: mean {_fmt(run.get('load1_mean'), 2)}, "
+        f"- host: {_fmt(run.get('other_cpu_pct'), 0, ' %')} of the CPUs taken by other "
+        f"processes over the run; 1-min load mean {_fmt(run.get('load1_mean'), 2)}, "
         f"max {_fmt(run.get('load1_max'), 2)} on {run['cpus']} CPUs",
         f"- events: {run['events']['clicks_accepted']} clicks accepted (202), "
         f"{run['events']['clicks_stored']} stored, "
@@ -415,19 +426,22 @@ def to_markdown(
         "",
         "## Scenarios",
         "",
-        "| scenario | answered ≤ deadline | non-OK | p99 ms | degraded (fault's stages) "
-        "| breaker open after | recovered after | max amplification | events lost | bars |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | answered ≤ deadline (baseline) | non-OK | p99 ms | degraded (fault's "
+        "stages) | breaker open after | recovered after | max amplification | events lost "
+        "| other CPU | bars |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         f = r.figures
         missed = [b.name for b in r.bars if b.passed is False]
         lines.append(
             f"| [{r.scenario.name}](#{r.scenario.name}) "
-            f"| {_fmt(f.answered_pct, 2, ' %')} | {_fmt(f.non_ok_pct, 2, ' %')} "
+            f"| {_fmt(f.answered_pct, 2, ' %')} ({_fmt(f.baseline_answered_pct, 1, ' %')}) "
+            f"| {_fmt(f.non_ok_pct, 2, ' %')} "
             f"| {_fmt(f.p99_ms)} | {_fmt(f.stage_pct, 1, ' %') if r.scenario.stages else '—'} "
             f"| {_fmt(f.time_to_open_s, 1, ' s')} | {_fmt(f.time_to_recover_s, 0, ' s')} "
             f"| {_fmt(f.max_amplification, 3)} | {_fmt(f.events_lost)} "
+            f"| {_fmt(f.other_cpu_pct, 0, ' %')} "
             f"| {'✅' if r.passed else '❌ ' + ', '.join(missed)} |"
         )
     for r in reports:
@@ -470,14 +484,46 @@ def to_markdown(
                 f"| drain errors / refused while no gateway listened "
                 f"| {f.drain_errors} / {f.refused} |"
             )
-        lines.append(f"| host load (1-min average) | {_fmt(f.load1_mean, 2)} |")
+        lines.append(
+            f"| CPU taken by other processes on the host | {_fmt(f.other_cpu_pct, 0, ' %')} "
+            f"(baseline {_fmt(f.baseline_other_cpu_pct, 0, ' %')}); 1-min load "
+            f"{_fmt(f.load1_mean, 2)} |"
+        )
         if r.scenario.name in images:
             lines += ["", f"![{r.scenario.name} timeline]({images[r.scenario.name]})"]
     findings = run.get("findings") or []
     if findings:
         lines += ["", "## Findings", "", *[f"- {item}" for item in findings]]
+    lines += ["", "## How the suite runs", "", HOW_IT_RUNS]
     lines += ["", "## Definitions", "", *_definitions(), ""]
     return "\n".join(lines)
+
+
+HOW_IT_RUNS = """\
+`make chaos` (or `recmesh chaos`, `python -m chaos`; `--help` for options such as `--only
+kill-ranking`, `--rate`, `--fault-s`, `--keep`, `--reanalyse DIR`) starts its own mesh with
+`ops.supervisor` — a temporary var directory, free ports, its own embedded Redis, a tenant
+registry with one tenant and a random API key, the repository's artifact set (a small one is
+trained when there is none) — and the load generator, locust used as a library (`Environment`
++ `LocalRunner`, headless, `FastHttpUser`, 127.0.0.1 only) in a process of its own so that
+gevent's monkey-patching never reaches the process that drives the mesh. Users fire on a
+fixed time grid, evenly staggered (locust's `constant_throughput` anchors every user at its
+creation, so users spawned together would fire together): the arrival rate stays constant
+whatever the mesh does. Each recommendation is followed, for a fifth of them, by a click
+with a fresh event id.
+
+After a warm-up, each scenario runs: baseline, fault (SIGKILL / SIGSTOP / SIGTERM through
+the pid files the supervisor writes; fault flags by rewriting the `faults.json` every server
+watches), the fault held, the repair (`supervisor.restart`, SIGCONT, flags cleared), a wait
+until every process is SERVING and the target's breaker is closed (at most 20 s), then a
+few more seconds. The gateway's `/metrics` is scraped twice a second, every process's
+health once a second. At the end the suite waits for the outbox to drain, reads the whole
+event log back through `EventService.Read` and stops the mesh. The exit status is 1 when
+any bar is missed.
+
+The machine is shared: the host load column shows how much else was running. Latency is
+measured by the client, on the same machine, so it includes the load generator's own
+scheduling delays."""
 
 
 def _definitions() -> list[str]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos.scenarios import Scenario, default_scenarios, select
-from chaos.timeline import HealthSample, Request, Sample
+from chaos.timeline import HealthSample, Request, Sample, other_cpu
 
 PROJECT = Path(__file__).resolve().parent.parent
 TENANT = "demo"
@@ -52,7 +52,7 @@ class Options:
     long_fault_s: float = 30.0
     pre_s: float = 5.0
     post_s: float = 8.0
-    settle_max_s: float = 30.0
+    settle_max_s: float = 20.0
     warmup_s: float = 10.0
     only: tuple[str, ...] = ()
     doc: Path = PROJECT / "docs" / "chaos.md"
@@ -160,8 +160,9 @@ class Control:
 @contextlib.contextmanager
 def load_generator(
     url: str, api_key: str, opts: Options, n_users: int, base: Path
-) -> Iterator[Path]:
-    """Run :mod:`chaos.load` in its own process; yields its output file."""
+) -> Iterator[int]:
+    """Run :mod:`chaos.load` in its own process (writing ``base/requests.jsonl``); yields
+    its pid."""
     out, stop = base / "requests.jsonl", base / "load.stop"
     command = [
         sys.executable,
@@ -182,7 +183,7 @@ def load_generator(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
     try:
-        yield out
+        yield process.pid
     finally:
         stop.touch()
         try:
@@ -196,11 +197,12 @@ def _sleep_until(wall: float) -> None:
     time.sleep(max(0.0, wall - time.time()))
 
 
-def _steady(observer: Any) -> bool:
+def _steady(observer: Any, scenario: Scenario) -> bool:
+    """Every process SERVING and the breaker in front of the target closed, right now."""
     sample, health = observer.latest()
     if sample is None or health is None or time.time() - sample.t > 2.0:
         return False
-    closed = all(state == 0.0 for state in sample.breaker.values())
+    closed = scenario.downstream is None or sample.breaker.get(scenario.downstream) == 0.0
     return closed and all(status == "SERVING" for status in health.status.values())
 
 
@@ -236,9 +238,9 @@ def perform(scenario: Scenario, control: Control, observer: Any, opts: Options) 
     recovered = time.time()
     print(f"  repaired in {recovered - recover:.1f} s", flush=True)
     settle_until = recovered + opts.settle_max_s
-    while time.time() < settle_until and not _steady(observer):
+    while time.time() < settle_until and not _steady(observer, scenario):
         time.sleep(0.25)
-    if not _steady(observer):
+    if not _steady(observer, scenario):
         print(f"  not steady {opts.settle_max_s:g} s after the repair", flush=True)
     time.sleep(opts.post_s)
     return Marks(start, fault, recover, recovered, time.time())
@@ -291,7 +293,8 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         print(f"mesh SERVING after {startup_s:.1f} s", flush=True)
         observer.start()
         url = f"http://127.0.0.1:{layout.http_port}"
-        with load_generator(url, api_key, opts, n_users, base):
+        with load_generator(url, api_key, opts, n_users, base) as load_pid:
+            observer.extra_pids.append(load_pid)
             time.sleep(opts.warmup_s)
             for scenario in scenarios:
                 marks[scenario.name] = perform(scenario, control, observer, opts)
@@ -364,6 +367,7 @@ def analyse(base: Path, opts: Options) -> bool:
     }
     loads = [s.load1 for s in samples]
     run |= {
+        "other_cpu_pct": other_cpu(samples, samples[0].t, samples[-1].t) if samples else None,
         "load1_mean": sum(loads) / len(loads) if loads else None,
         "load1_max": max(loads, default=None),
         "events": {

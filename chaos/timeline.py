@@ -14,6 +14,7 @@ Three streams are recorded while the suite runs:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +63,12 @@ class Request:
 
 @dataclass(frozen=True)
 class Sample:
-    """One scrape of the gateway's ``/metrics`` (``up`` False when it did not answer)."""
+    """One scrape of the gateway's ``/metrics`` (``up`` False when it did not answer).
+
+    ``cpu_busy_s`` is the host's busy CPU time so far and ``cpu_ours_s`` the part of it
+    spent by the mesh, the load generator and the driver (both cumulative, any origin):
+    their difference is what other processes on the machine took.
+    """
 
     t: float
     up: bool
@@ -74,6 +80,8 @@ class Sample:
     requests: float = 0.0
     outbox: float = 0.0
     load1: float = 0.0
+    cpu_busy_s: float = 0.0
+    cpu_ours_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,7 @@ class Second:
     breaker: dict[str, float] = field(default_factory=dict)
     outbox: float | None = None
     serving: bool | None = None
+    other_cpu_pct: float | None = None
     clicks_accepted: int = 0
     clicks_failed: int = 0
 
@@ -179,6 +188,8 @@ def seconds(
         for name, state in sample.breaker.items():
             second.breaker[name] = max(second.breaker.get(name, 0.0), state)
         second.outbox = max(second.outbox or 0.0, sample.outbox)
+    for index, share in enumerate(other_cpu(samples, t0 + i, t0 + i + 1) for i in range(count)):
+        out[index].other_cpu_pct = share
     for check in health:
         index = slot(check.t)
         if index is None:
@@ -220,6 +231,22 @@ def series(
             value = value.get(key, 0.0)
         points.append((sample.t, float(value)))
     return points
+
+
+def other_cpu(samples: Sequence[Sample], t0: float, t1: float, cpus: int = 0) -> float | None:
+    """Share (%) of the host's CPU capacity used by other processes over ``[t0, t1]``.
+
+    Taken between the last sample at or before ``t0`` and the last one at or before ``t1``;
+    ``cpus`` defaults to this machine's count. None without two samples.
+    """
+    first = [s for s in samples if s.t <= t0]
+    last = [s for s in samples if s.t <= t1]
+    if not first or not last or last[-1].t <= first[-1].t:
+        return None
+    a, b = first[-1], last[-1]
+    capacity = (b.t - a.t) * (cpus or os.cpu_count() or 1)
+    others = (b.cpu_busy_s - a.cpu_busy_s) - (b.cpu_ours_s - a.cpu_ours_s)
+    return max(0.0, min(100.0, 100.0 * others / capacity))
 
 
 def max_in_flight(requests: Iterable[Request], t0: float, t1: float) -> int:

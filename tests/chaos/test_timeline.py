@@ -10,6 +10,7 @@ from chaos.timeline import (
     Sample,
     increase,
     max_in_flight,
+    other_cpu,
     percentile,
     seconds,
     series,
@@ -97,3 +98,16 @@ def test_max_in_flight_counts_overlapping_requests() -> None:
     requests = [rec(0.0, 500), rec(0.1, 100), rec(0.15, 100), rec(0.3, 100), rec(9.0, 100)]
     assert max_in_flight(requests, 0.0, 1.0) == 3
     assert max_in_flight([rec(0.0, 100), rec(0.1, 100)], 0.0, 1.0) == 1, "back to back"
+
+
+def test_other_cpu_is_the_hosts_busy_time_minus_ours() -> None:
+    samples = [
+        Sample(0.0, True, cpu_busy_s=100.0, cpu_ours_s=10.0),
+        Sample(1.0, False, cpu_busy_s=101.0, cpu_ours_s=10.5),
+        Sample(2.0, True, cpu_busy_s=103.0, cpu_ours_s=11.0),
+    ]
+    assert other_cpu(samples, 0.0, 2.0, cpus=2) == pytest.approx(50.0)
+    assert other_cpu(samples, 0.5, 1.5, cpus=2) == pytest.approx(25.0), "CPU of a failed scrape"
+    assert other_cpu(samples, 1.0, 2.0, cpus=2) == pytest.approx(75.0)
+    assert other_cpu(samples, -2.0, -1.0, cpus=2) is None
+    assert other_cpu(samples, 0.2, 0.8, cpus=2) is None, "both ends fall on one sample"
