@@ -38,6 +38,7 @@ def parse_metrics(text: str, t: float, load1: float = 0.0) -> Sample:
     attempts: dict[str, float] = {}
     retries: dict[str, float] = {}
     rejected: dict[str, float] = {}
+    buckets: dict[str, float] = {}
     requests = outbox = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -59,7 +60,23 @@ def parse_metrics(text: str, t: float, load1: float = 0.0) -> Sample:
                 requests += value
             elif sample.name == "recmesh_gateway_outbox_depth":
                 outbox = value
-    return Sample(t, True, breaker, opened, attempts, retries, rejected, requests, outbox, load1)
+            elif sample.name == "recmesh_gateway_request_seconds_bucket" and (
+                labels.get("route") == RECOMMEND_ROUTE and labels.get("api") == "http"
+            ):
+                buckets[labels["le"]] = value
+    return Sample(
+        t,
+        True,
+        breaker,
+        opened,
+        attempts,
+        retries,
+        rejected,
+        requests,
+        outbox,
+        load1,
+        latency_buckets=buckets,
+    )
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

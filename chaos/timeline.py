@@ -67,7 +67,8 @@ class Sample:
 
     ``cpu_busy_s`` is the host's busy CPU time so far and ``cpu_ours_s`` the part of it
     spent by the mesh, the load generator and the driver (both cumulative, any origin):
-    their difference is what other processes on the machine took.
+    their difference is what other processes on the machine took. ``latency_buckets`` is
+    the gateway's own latency histogram of HTTP recommendations (``le`` -> count).
     """
 
     t: float
@@ -82,6 +83,7 @@ class Sample:
     load1: float = 0.0
     cpu_busy_s: float = 0.0
     cpu_ours_s: float = 0.0
+    latency_buckets: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

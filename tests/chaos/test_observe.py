@@ -26,6 +26,13 @@ recmesh_gateway_requests_total{api="http",code="200",route="/v1/recommend",tenan
 recmesh_gateway_requests_total{api="http",code="503",route="/v1/recommend",tenant="demo"} 5.0
 recmesh_gateway_requests_total{api="http",code="202",route="/v1/events",tenant="demo"} 30.0
 recmesh_gateway_requests_total{api="grpc",code="OK",route="/v1/recommend",tenant="demo"} 9.0
+# TYPE recmesh_gateway_request_seconds histogram
+recmesh_gateway_request_seconds_bucket{api="http",le="0.05",route="/v1/recommend"} 100.0
+recmesh_gateway_request_seconds_bucket{api="http",le="0.1",route="/v1/recommend"} 118.0
+recmesh_gateway_request_seconds_bucket{api="http",le="+Inf",route="/v1/recommend"} 125.0
+recmesh_gateway_request_seconds_count{api="http",route="/v1/recommend"} 125.0
+recmesh_gateway_request_seconds_sum{api="http",route="/v1/recommend"} 4.2
+recmesh_gateway_request_seconds_bucket{api="http",le="0.1",route="/v1/events"} 30.0
 # TYPE recmesh_gateway_outbox_depth gauge
 recmesh_gateway_outbox_depth 42.0
 """
@@ -41,3 +48,4 @@ def test_parse_metrics_keeps_what_the_suite_needs() -> None:
     assert sample.rejected == {"ranking": 8.0}
     assert sample.requests == 125.0, "HTTP recommendations of every status"
     assert sample.outbox == 42.0
+    assert sample.latency_buckets == {"0.05": 100.0, "0.1": 118.0, "+Inf": 125.0}

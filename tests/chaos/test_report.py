@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chaos.report import Marks, build, recovery_time, to_json, to_markdown
+from chaos.report import Marks, build, recovery_time, to_json, to_markdown, within
 from chaos.scenarios import Scenario, default_scenarios, select
 from chaos.timeline import HealthSample, Request, Sample, Second
 
@@ -251,3 +251,14 @@ def test_the_suite_covers_every_fault_of_the_issue() -> None:
     assert all({"lost", "amplification"} <= set(s.all_bars) for s in default_scenarios())
     with pytest.raises(ValueError, match="unknown scenario"):
         select(default_scenarios(), ["kill-nothing"])
+
+
+def test_gateway_side_share_comes_from_the_histogram_bucket_at_the_deadline() -> None:
+    def sample(t: float, fast: float, total: float) -> Sample:
+        return Sample(t, True, latency_buckets={"0.05": fast / 2, "0.1": fast, "+Inf": total})
+
+    samples = [sample(0.0, 10, 10), sample(1.0, 100, 110), sample(2.0, 5, 5), sample(3.0, 95, 105)]
+    # 90 of 100 before the gateway restarted, then 5 of 5 and 90 of 100 after it.
+    assert within(samples, 100.0, 0.0, 3.0) == pytest.approx(100 * 185 / 205)
+    assert within(samples, 75.0, 0.0, 3.0) is None, "75 ms is no bucket bound"
+    assert within(samples, 100.0, 5.0, 6.0) is None
