@@ -70,7 +70,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    return subprocess.run([sys.executable, "-m", "training", "train", *args.rest]).returncode
+    rest = list(args.rest)
+    if "--root" not in rest:
+        rest = ["--root", str(supervisor.Layout.from_env().artifacts), *rest]
+    return subprocess.run([sys.executable, "-m", "training", "train", *rest]).returncode
 
 
 def _artifact_root(args: argparse.Namespace) -> Path:
@@ -187,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("up", help="start Redis and every service").set_defaults(run=cmd_up)
     commands.add_parser("down", help="stop what `up` started").set_defaults(run=cmd_down)
     commands.add_parser("status", help="health of every process").set_defaults(run=cmd_status)
-    train = commands.add_parser("train", help="train a new artifact set (see --help)")
+    # Everything after `train` goes to `python -m training train` (its own --help too).
+    train = commands.add_parser(
+        "train",
+        help="train a new artifact set (python -m training train --help)",
+        prefix_chars="+",
+        add_help=False,
+    )
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(run=cmd_train)
     versions = commands.add_parser("versions", help="artifact sets under the root, and current")
