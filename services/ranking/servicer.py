@@ -1,33 +1,66 @@
-"""``recmesh.ranking.v1.RankingService``: pre-rank → heavy ranker → re-rank."""
+"""``recmesh.ranking.v1.RankingService``: pre-rank → heavy ranker → re-rank, inside a budget.
+
+The cascade itself is :mod:`services.ranking.cascade`; this module checks the request,
+resolves the tenant's policy and the stage budgets, runs the cascade and records its
+timings (metrics and the adaptive quality factors).
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-import grpc
 import numpy as np
-from recmesh.common.v1 import common_pb2
-from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from mesh.client import describe_failure
-from mesh.errors import DeadlineExceeded, InvalidArgument
+from mesh.context import budget_var, request_id_var, tenant_var
+from mesh.errors import InvalidArgument
+from services.ranking.budget import STAGES, StagePlanner
+from services.ranking.cascade import Cascade, Outcome, warm_up_paths
+from services.ranking.item_cache import ItemFeatureCache
+from services.ranking.metrics import DEGRADED, QUALITY, STAGE_SECONDS
 from services.ranking.models import RankingModels
-from services.ranking.rerank import diversify
+from services.ranking.policy import PolicyBook
+from services.ranking.quality import QualityFactor
 from services.ranking.settings import RankingSettings
 from services.stages import StageClock
-from services.validation import check_user_id, matrix_from_proto, vector_from_bytes
+from services.validation import check_user_id, vector_from_bytes
 
 log = logging.getLogger(__name__)
 
 
-class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    """Ranks a candidate list for one user.
+def quality_factors(
+    settings: RankingSettings, budgets: dict[str, float]
+) -> dict[str, QualityFactor]:
+    """One quality factor per budgeted stage, its target a share of the stage's budget."""
+    return {
+        stage: QualityFactor(
+            settings.quality_target * budgets[stage],
+            minimum=settings.quality_min,
+            step=settings.quality_step,
+            window=settings.quality_window,
+            every=settings.quality_every,
+        )
+        for stage in STAGES
+    }
 
-    Without item features (feature service down) the candidates keep their incoming
-    order and ``item_features`` is named in ``degraded``; without user features the
-    view default (zeros) is used and ``user_features`` is named.
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """Ranks a candidate list for one user within the request's deadline.
+
+    Without item features (feature service down, nothing cached) the candidates keep
+    their incoming order and ``item_features`` is named in ``degraded``; without user
+    features the view default (zeros) is used and ``user_features`` is named. See
+    :mod:`services.ranking.cascade` for how each stage degrades.
+
+    Args:
+        models: the served model set; the hot swap replaces the ``models`` attribute and a
+            request reads it once.
+        features: feature service stub.
+        settings: service settings (defaults of every policy knob).
+        policies: per-tenant policies (default: loaded from ``settings.policies``).
+        cache: item feature cache (default: sized by ``settings``).
     """
 
     def __init__(
@@ -35,10 +68,24 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         models: RankingModels,
         features: feature_pb2_grpc.FeatureServiceAsyncStub,
         settings: RankingSettings,
+        *,
+        policies: PolicyBook | None = None,
+        cache: ItemFeatureCache | None = None,
     ) -> None:
         self.models = models
-        self._features = features
         self._settings = settings
+        self.policies = policies if policies is not None else PolicyBook.load(settings)
+        self.cascade = Cascade(
+            features=features,
+            settings=settings,
+            cache=cache
+            if cache is not None
+            else ItemFeatureCache(int(settings.item_cache_mb * 2**20), settings.item_cache_ttl_s),
+            quality=quality_factors(settings, dict(self.policies.default.budgets)),
+        )
+        for stage, quality in self.cascade.quality.items():
+            QUALITY.labels(stage).set(quality.factor)
+        warm_up_paths()
 
     def _validate(self, request: ranking_pb2.RankRequest) -> int:
         check_user_id(request.user_id)
@@ -58,19 +105,21 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     f"candidates.{name} must be empty or as long as item_ids",
                     field=f"candidates.{name}",
                 )
-        if request.prerank_keep < 0:
-            raise InvalidArgument("prerank_keep must be >= 0", field="prerank_keep")
         return n
 
     async def Rank(
         self, request: ranking_pb2.RankRequest, context: Any
     ) -> ranking_pb2.RankResponse:
         n = self._validate(request)
+        tenant = tenant_var.get()
+        policy = self.policies.resolve(tenant, request)
         models = self.models
-        ids = np.asarray(request.candidates.item_ids, dtype=np.int64)
-        incoming = request.candidates
-        scores = np.asarray(incoming.scores or np.zeros(ids.size), dtype=np.float32)
-        sources = np.asarray(incoming.sources or np.zeros(ids.size), dtype=np.int32)
+        planner = StagePlanner(
+            policy.budgets,
+            budget_var.get(),
+            self._settings.reply_margin_s,
+            self._settings.stage_reserve_s,
+        )
         clock = StageClock()
         user_reason = ""
         if request.user_features:
@@ -79,55 +128,30 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             user = np.zeros(models.user_dim, dtype=np.float32)
             user_reason = "no user features sent"
         clock.lap("user_features", degraded_reason=user_reason)
-
-        items: feature_pb2.GetItemFeaturesResponse | None = None
-        try:
-            items = await self._features.GetItemFeatures(
-                feature_pb2.GetItemFeaturesRequest(item_ids=ids.tolist()),
-                timeout=self._settings.feature_budget_s,
-            )
-        except (grpc.aio.AioRpcError, DeadlineExceeded) as exc:
-            log.warning("item features unavailable: %s", describe_failure(exc))
-        clock.lap(
-            "item_features",
-            candidates_in=ids.size,
-            budget_s=self._settings.feature_budget_s,
-            degraded_reason="" if items is not None else "feature service unavailable",
+        outcome = await self.cascade.run(
+            models=models,
+            tenant=tenant,
+            request_id=request_id_var.get(),
+            request=request,
+            n=n,
+            policy=policy,
+            planner=planner,
+            user=user,
+            clock=clock,
         )
-        if items is None or ids.size == 0:
-            keep = np.arange(min(n, ids.size))
-            return self._response(ids[keep], scores[keep], sources[keep], clock)
+        self._record(outcome, tenant)
+        return outcome.response(models.version)
 
-        matrix = matrix_from_proto(items.features, ids.size, "features")
-        categories = np.asarray(items.categories, dtype=np.int32)
-        pre = models.prerank_scores(user, matrix)
-        keep_n = request.prerank_keep or self._settings.prerank_keep
-        survivors = np.argsort(-pre, kind="stable")[: max(keep_n, n)]
-        clock.lap("prerank", candidates_in=ids.size, candidates_out=survivors.size)
-
-        final = pre[survivors]
-        if request.heavy_mode != ranking_pb2.HEAVY_MODE_OFF:
-            final = models.heavy_scores(user, np.ascontiguousarray(matrix[survivors]))
-            clock.lap("heavy", candidates_in=survivors.size, candidates_out=survivors.size)
-        order = survivors[np.argsort(-final, kind="stable")]
-        rank_score = np.empty(ids.size, dtype=np.float32)
-        rank_score[survivors] = final
-        chosen = diversify(order, categories, n, self._settings.max_per_category)
-        clock.lap("rerank", candidates_in=order.size, candidates_out=chosen.size)
-        return self._response(ids[chosen], rank_score[chosen], sources[chosen], clock)
-
-    def _response(
-        self,
-        ids: np.ndarray[Any, np.dtype[np.int64]],
-        scores: np.ndarray[Any, np.dtype[np.float32]],
-        sources: np.ndarray[Any, np.dtype[np.int32]],
-        clock: StageClock,
-    ) -> ranking_pb2.RankResponse:
-        return ranking_pb2.RankResponse(
-            ranked=common_pb2.Candidates(
-                item_ids=ids.tolist(), scores=scores.tolist(), sources=sources.tolist()
-            ),
-            stages=clock.reports,
-            degraded=clock.degraded,
-            model_version=self.models.version,
-        )
+    def _record(self, outcome: Outcome, tenant: str) -> None:
+        """Stage timings into the histogram and the quality factors; degradations counted."""
+        quality = self.cascade.quality
+        for report in outcome.clock.reports:
+            if report.stage not in quality:
+                continue
+            seconds = report.elapsed_ms / 1000
+            STAGE_SECONDS.labels(report.stage).observe(seconds)
+            if report.stage in outcome.ran:
+                quality[report.stage].observe(seconds)
+                QUALITY.labels(report.stage).set(quality[report.stage].factor)
+        for stage, degradation in outcome.degradations.items():
+            DEGRADED.labels(stage, degradation.code, tenant or "-").inc()

@@ -1,4 +1,9 @@
-"""Settings of the ranking service."""
+"""Settings of the ranking service.
+
+Counts, re-rank knobs and stage budgets here are the service defaults; a tenant's policy
+file (``RECMESH_RANKING_POLICIES``, see :mod:`services.ranking.policy`) overrides them per
+tenant, and an experiment variant overrides both per request (``RankRequest`` fields).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,12 @@ from mesh.settings import ServerSettings, artifacts_dir, downstream, env, port_o
 
 @dataclass(frozen=True)
 class RankingSettings(ServerSettings):
-    """Environment of the ranking service process."""
+    """Environment of the ranking service process. Budgets are in seconds."""
 
     service_name: str = "ranking"
     port: int = port_of("ranking")
     artifacts: Path = artifacts_dir()
     feature_addr: str = downstream("feature")
-    prerank_keep: int = env("RECMESH_RANKING_PRERANK_KEEP", 200, doc="survivors of pre-rank")
     max_candidates: int = env(
         "RECMESH_RANKING_MAX_CANDIDATES", 3000, doc="largest candidate list accepted"
     )
@@ -26,9 +30,104 @@ class RankingSettings(ServerSettings):
         "click=1.0,conversion=2.0",
         doc="weights of the ranker heads in the combined score",
     )
-    max_per_category: int = env(
-        "RECMESH_RANKING_MAX_PER_CATEGORY", 3, doc="re-rank cap of items per category"
+    policies: str = env(
+        "RECMESH_RANKING_POLICIES",
+        "",
+        doc="JSON file of per-tenant ranking policies (counts, rules, budgets); empty: none",
     )
+
+    # Counts of the cascade (before the adaptive quality factor scales them).
+    candidates_keep: int = env(
+        "RECMESH_RANKING_CANDIDATES", 1000, doc="head of the candidate list considered at all"
+    )
+    prerank_keep: int = env("RECMESH_RANKING_PRERANK_KEEP", 200, doc="survivors of pre-rank")
+    heavy_keep: int = env(
+        "RECMESH_RANKING_HEAVY_KEEP", 50, doc="candidates the heavy ranker hands to re-rank"
+    )
+
+    # Stage budgets (the brief's defaults) and what is kept back for later stages.
     feature_budget_s: float = env(
-        "RECMESH_RANKING_FEATURE_BUDGET_S", 0.010, doc="cap on the item feature read"
+        "RECMESH_RANKING_FEATURE_BUDGET_S", 0.010, doc="item feature read budget"
+    )
+    prerank_budget_s: float = env("RECMESH_RANKING_PRERANK_BUDGET_S", 0.005, doc="pre-rank budget")
+    heavy_budget_s: float = env("RECMESH_RANKING_HEAVY_BUDGET_S", 0.025, doc="heavy ranker budget")
+    rerank_budget_s: float = env("RECMESH_RANKING_RERANK_BUDGET_S", 0.005, doc="re-rank budget")
+    reply_margin_s: float = env(
+        "RECMESH_RANKING_REPLY_MARGIN_S",
+        0.002,
+        doc="time kept back from the request deadline to receive, encode and send the answer",
+    )
+    stage_reserve_s: float = env(
+        "RECMESH_RANKING_STAGE_RESERVE_S",
+        0.001,
+        doc="time an earlier stage leaves for each later stage that cannot be skipped",
+    )
+
+    # Scoring within a budget (moving-average cost per candidate).
+    heavy_chunk: int = env(
+        "RECMESH_RANKING_HEAVY_CHUNK", 256, doc="most candidates per heavy ranker call"
+    )
+    heavy_probe: int = env(
+        "RECMESH_RANKING_HEAVY_PROBE",
+        32,
+        doc="candidates of the first heavy call while the cost per candidate is unknown",
+    )
+    cost_safety: float = env(
+        "RECMESH_RANKING_COST_SAFETY",
+        0.9,
+        doc="share of a stage budget planned with the estimated cost per candidate",
+    )
+
+    # Adaptive quality factor per stage.
+    quality_target: float = env(
+        "RECMESH_RANKING_QUALITY_TARGET",
+        0.8,
+        doc="target p95 of each stage, as a share of its default budget",
+    )
+    quality_min: float = env(
+        "RECMESH_RANKING_QUALITY_MIN", 0.2, doc="lowest quality factor (share of the counts)"
+    )
+    quality_step: float = env(
+        "RECMESH_RANKING_QUALITY_STEP", 0.05, doc="quality factor change per adjustment"
+    )
+    quality_window: int = env(
+        "RECMESH_RANKING_QUALITY_WINDOW", 200, doc="recent stage timings the p95 is taken over"
+    )
+    quality_every: int = env(
+        "RECMESH_RANKING_QUALITY_EVERY", 20, doc="stage timings between two adjustments"
+    )
+
+    # Re-rank.
+    diversity: str = env(
+        "RECMESH_RANKING_DIVERSITY", "mmr", doc="re-rank diversity: mmr, cap or none"
+    )
+    mmr_lambda: float = env(
+        "RECMESH_RANKING_MMR_LAMBDA", 0.7, doc="MMR weight of relevance against diversity"
+    )
+    max_per_category: int = env(
+        "RECMESH_RANKING_MAX_PER_CATEGORY", 3, doc="re-rank cap of items per category (cap mode)"
+    )
+    freshness_boost: float = env(
+        "RECMESH_RANKING_FRESHNESS_BOOST", 0.0, doc="score added per unit of item freshness"
+    )
+    freshness_column: int = env(
+        "RECMESH_RANKING_FRESHNESS_COLUMN",
+        -1,
+        doc="item feature column holding freshness (negative: from the end)",
+    )
+    explore_share: float = env(
+        "RECMESH_RANKING_EXPLORE_SHARE", 0.0, doc="share of slots filled by exploration"
+    )
+    explore_pool: int = env(
+        "RECMESH_RANKING_EXPLORE_POOL",
+        100,
+        doc="candidates after the chosen ones that exploration draws from",
+    )
+
+    # Item feature cache.
+    item_cache_mb: float = env(
+        "RECMESH_RANKING_ITEM_CACHE_MB", 64.0, doc="memory of the item feature cache (0: off)"
+    )
+    item_cache_ttl_s: float = env(
+        "RECMESH_RANKING_ITEM_CACHE_TTL_S", 60.0, doc="seconds a cached item row stays fresh"
     )

@@ -51,8 +51,9 @@ Global___Source: _TypeAlias = Source  # noqa: Y015
 
 @_typing.final
 class Candidates(_message.Message):
-    """A candidate list as parallel packed arrays: item_ids[i] has scores[i] and sources[i].
-    All three have the same length (scores and sources may be empty when unknown).
+    """A candidate list as parallel packed arrays: item_ids[i] has scores[i], sources[i] and
+    propensities[i]. All have the same length (scores, sources and propensities may be empty
+    when unknown).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -60,22 +61,30 @@ class Candidates(_message.Message):
     ITEM_IDS_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    PROPENSITIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[Global___Source.ValueType]: ...
+    @_builtins.property
+    def propensities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Probability the policy that chose the list had of showing each item (1 for the
+        deterministic slots, below 1 for exploration slots), for inverse-propensity weighting.
+        """
+
     def __init__(
         self,
         *,
         item_ids: _abc.Iterable[_builtins.int] | None = ...,
         scores: _abc.Iterable[_builtins.float] | None = ...,
         sources: _abc.Iterable[Global___Source.ValueType] | None = ...,
+        propensities: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids", "scores", b"scores", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids", "propensities", b"propensities", "scores", b"scores", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -114,6 +123,26 @@ class StageReport(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STAGE_FIELD_NUMBER: _builtins.int
     ELAPSED_MS_FIELD_NUMBER: _builtins.int
     BUDGET_MS_FIELD_NUMBER: _builtins.int
@@ -121,6 +150,7 @@ class StageReport(_message.Message):
     CANDIDATES_OUT_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
     elapsed_ms: _builtins.float
     budget_ms: _builtins.float
@@ -129,6 +159,10 @@ class StageReport(_message.Message):
     degraded: _builtins.bool
     reason: _builtins.str
     """Why the stage degraded (empty when it did not)."""
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Stage-specific figures for explain output, e.g. cache_hits, quality_factor, scored."""
+
     def __init__(
         self,
         *,
@@ -139,10 +173,11 @@ class StageReport(_message.Message):
         candidates_out: _builtins.int = ...,
         degraded: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ms", b"budget_ms", "candidates_in", b"candidates_in", "candidates_out", b"candidates_out", "degraded", b"degraded", "elapsed_ms", b"elapsed_ms", "reason", b"reason", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ms", b"budget_ms", "candidates_in", b"candidates_in", "candidates_out", b"candidates_out", "degraded", b"degraded", "details", b"details", "elapsed_ms", b"elapsed_ms", "reason", b"reason", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

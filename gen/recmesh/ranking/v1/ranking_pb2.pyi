@@ -41,9 +41,61 @@ HEAVY_MODE_OFF: HeavyMode.ValueType  # 2
 """Skip the heavy ranker and order by pre-rank score."""
 Global___HeavyMode: _TypeAlias = HeavyMode  # noqa: Y015
 
+class _Diversity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DiversityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Diversity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DIVERSITY_UNSPECIFIED: _Diversity.ValueType  # 0
+    """The tenant's (or the service's) default."""
+    DIVERSITY_MMR: _Diversity.ValueType  # 1
+    """Maximal marginal relevance with weight mmr_lambda on relevance."""
+    DIVERSITY_CATEGORY_CAP: _Diversity.ValueType  # 2
+    """At most max_per_category items of a category while others are left."""
+    DIVERSITY_NONE: _Diversity.ValueType  # 3
+    """Score order."""
+
+class Diversity(_Diversity, metaclass=_DiversityEnumTypeWrapper):
+    """How re-rank spreads the list over categories."""
+
+DIVERSITY_UNSPECIFIED: Diversity.ValueType  # 0
+"""The tenant's (or the service's) default."""
+DIVERSITY_MMR: Diversity.ValueType  # 1
+"""Maximal marginal relevance with weight mmr_lambda on relevance."""
+DIVERSITY_CATEGORY_CAP: Diversity.ValueType  # 2
+"""At most max_per_category items of a category while others are left."""
+DIVERSITY_NONE: Diversity.ValueType  # 3
+"""Score order."""
+Global___Diversity: _TypeAlias = Diversity  # noqa: Y015
+
 @_typing.final
 class RankRequest(_message.Message):
+    """Every count and knob below is optional: unset (0) means the tenant's policy, and the
+    tenant's policy falls back to the service default. Experiment variants set them.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class StageBudgetMsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     USER_ID_FIELD_NUMBER: _builtins.int
     USER_FEATURES_FIELD_NUMBER: _builtins.int
@@ -51,6 +103,12 @@ class RankRequest(_message.Message):
     NUM_ITEMS_FIELD_NUMBER: _builtins.int
     PRERANK_KEEP_FIELD_NUMBER: _builtins.int
     HEAVY_MODE_FIELD_NUMBER: _builtins.int
+    HEAVY_KEEP_FIELD_NUMBER: _builtins.int
+    CANDIDATES_KEEP_FIELD_NUMBER: _builtins.int
+    DIVERSITY_FIELD_NUMBER: _builtins.int
+    MMR_LAMBDA_FIELD_NUMBER: _builtins.int
+    EXPLORE_SHARE_FIELD_NUMBER: _builtins.int
+    STAGE_BUDGET_MS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     user_features: _builtins.bytes
     """float32 little-endian user features, as returned by retrieval."""
@@ -58,8 +116,23 @@ class RankRequest(_message.Message):
     prerank_keep: _builtins.int
     """Candidates kept after pre-rank; 0 means the service default."""
     heavy_mode: Global___HeavyMode.ValueType
+    heavy_keep: _builtins.int
+    """Candidates the heavy ranker hands to re-rank; 0 means the default."""
+    candidates_keep: _builtins.int
+    """Head of the candidate list that is considered at all; 0 means the default."""
+    diversity: Global___Diversity.ValueType
+    mmr_lambda: _builtins.float
+    """Weight of relevance against diversity in MMR, in [0, 1] (1 = score order)."""
+    explore_share: _builtins.float
+    """Share of the num_items slots filled by the exploration policy, in [0, 1]."""
     @_builtins.property
     def candidates(self) -> _common_pb2.Candidates: ...
+    @_builtins.property
+    def stage_budget_ms(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Stage budgets in milliseconds by stage (item_features, prerank, heavy, rerank); the
+        request's deadline still caps each of them.
+        """
+
     def __init__(
         self,
         *,
@@ -69,12 +142,25 @@ class RankRequest(_message.Message):
         num_items: _builtins.int = ...,
         prerank_keep: _builtins.int = ...,
         heavy_mode: Global___HeavyMode.ValueType = ...,
+        heavy_keep: _builtins.int = ...,
+        candidates_keep: _builtins.int = ...,
+        diversity: Global___Diversity.ValueType = ...,
+        mmr_lambda: _builtins.float | None = ...,
+        explore_share: _builtins.float | None = ...,
+        stage_budget_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share", "_mmr_lambda", b"_mmr_lambda", "candidates", b"candidates", "explore_share", b"explore_share", "mmr_lambda", b"mmr_lambda"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "heavy_mode", b"heavy_mode", "num_items", b"num_items", "prerank_keep", b"prerank_keep", "user_features", b"user_features", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share", "_mmr_lambda", b"_mmr_lambda", "candidates", b"candidates", "candidates_keep", b"candidates_keep", "diversity", b"diversity", "explore_share", b"explore_share", "heavy_keep", b"heavy_keep", "heavy_mode", b"heavy_mode", "mmr_lambda", b"mmr_lambda", "num_items", b"num_items", "prerank_keep", b"prerank_keep", "stage_budget_ms", b"stage_budget_ms", "user_features", b"user_features", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__explore_share: _TypeAlias = _typing.Literal["explore_share"]  # noqa: Y015
+    _WhichOneofArgType__explore_share: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share"]  # noqa: Y015
+    _WhichOneofReturnType__mmr_lambda: _TypeAlias = _typing.Literal["mmr_lambda"]  # noqa: Y015
+    _WhichOneofArgType__mmr_lambda: _TypeAlias = _typing.Literal["_mmr_lambda", b"_mmr_lambda"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__explore_share) -> _WhichOneofReturnType__explore_share | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mmr_lambda) -> _WhichOneofReturnType__mmr_lambda | None: ...
 
 Global___RankRequest: _TypeAlias = RankRequest  # noqa: Y015
 
@@ -89,7 +175,9 @@ class RankResponse(_message.Message):
     model_version: _builtins.str
     @_builtins.property
     def ranked(self) -> _common_pb2.Candidates:
-        """At most num_items, best first."""
+        """At most num_items, best first; propensities filled (exploration slots carry
+        source SOURCE_EXPLORE and a propensity below 1).
+        """
 
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StageReport]: ...

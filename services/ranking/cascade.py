@@ -1,0 +1,500 @@
+"""One request through the cascade: item features → pre-rank → heavy ranker → re-rank.
+
+Every stage gets a budget from :class:`~services.ranking.budget.StagePlanner` and
+degrades rather than fails when it cannot finish inside it; each degradation is named
+in ``degraded``, explained in the stage's ``StageReport`` (candidates in/out, time,
+budget, reason, details) and counted in ``recmesh_ranking_degraded_total``.
+
+=============  ===========================================================  =============
+stage          degrades to                                                  reason code
+=============  ===========================================================  =============
+item_features  the cached rows only (rest ranked last, in retrieval order)  cache_only
+               retrieval order when nothing is cached either                unavailable
+prerank        the head of the list it had time for, rest in retrieval      partial /
+               order                                                        skipped
+heavy          heavy scores for the pre-rank head it had time for, the rest  partial /
+               in pre-rank order                                            skipped
+rerank         score order for the slots diversity had no time for          partial /
+                                                                            skipped
+=============  ===========================================================  =============
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from recmesh.common.v1 import common_pb2
+from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
+from recmesh.ranking.v1 import ranking_pb2
+
+from mesh.client import describe_failure
+from mesh.errors import DeadlineExceeded
+from services.ranking.budget import CostModel, StagePlanner, score_within
+from services.ranking.explore import Slate, build_slate, rng_for
+from services.ranking.item_cache import ItemFeatureCache
+from services.ranking.metrics import EXPLORED
+from services.ranking.models import RankingModels
+from services.ranking.policy import RankPolicy
+from services.ranking.quality import QualityFactor
+from services.ranking.rerank import category_spread, diversify, mmr
+from services.ranking.settings import RankingSettings
+from services.stages import StageClock
+from services.validation import matrix_from_proto
+
+log = logging.getLogger(__name__)
+
+I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass
+class Degradation:
+    """Why a stage gave something up: a metric label and a sentence."""
+
+    code: str
+    text: str
+
+
+@dataclass
+class Outcome:
+    """The shown list and what the cascade did to get it."""
+
+    item_ids: I64
+    scores: F32
+    sources: npt.NDArray[np.int32]
+    propensities: npt.NDArray[np.float64]
+    clock: StageClock
+    degradations: dict[str, Degradation] = field(default_factory=dict)
+    ran: set[str] = field(default_factory=set)
+    """Stages that did work (their timing feeds the quality factor)."""
+
+    def response(self, model_version: str) -> ranking_pb2.RankResponse:
+        return ranking_pb2.RankResponse(
+            ranked=common_pb2.Candidates(
+                item_ids=self.item_ids.tolist(),
+                scores=self.scores.tolist(),
+                sources=self.sources.tolist(),
+                propensities=self.propensities.tolist(),
+            ),
+            stages=self.clock.reports,
+            degraded=self.clock.degraded,
+            model_version=model_version,
+        )
+
+
+@dataclass
+class _Rows:
+    matrix: F32 | None
+    categories: I32
+    have: npt.NDArray[np.bool_]
+    hits: int
+    fetched: int
+    problem: Degradation | None
+
+
+@dataclass
+class _Trace:
+    """One request's stage reports, degradations and the stages that did work."""
+
+    clock: StageClock
+    degradations: dict[str, Degradation] = field(default_factory=dict)
+    ran: set[str] = field(default_factory=set)
+
+    def lap(
+        self,
+        stage: str,
+        problem: Degradation | None,
+        *,
+        candidates_in: int,
+        candidates_out: int,
+        budget_s: float,
+        details: dict[str, float],
+        ran: bool = True,
+    ) -> None:
+        self.clock.lap(
+            stage,
+            candidates_in=candidates_in,
+            candidates_out=candidates_out,
+            budget_s=budget_s,
+            degraded_reason=problem.text if problem else "",
+        )
+        self.clock.reports[-1].details.update(details)
+        if problem is not None:
+            self.degradations[stage] = problem
+        if ran:
+            self.ran.add(stage)
+
+    def outcome(
+        self,
+        ids: I64,
+        scores: F32,
+        sources: npt.NDArray[np.int32],
+        propensities: npt.NDArray[np.float64],
+    ) -> Outcome:
+        return Outcome(ids, scores, sources, propensities, self.clock, self.degradations, self.ran)
+
+
+@dataclass
+class Cascade:
+    """Everything that outlives a request: feature client, cache, costs, quality factors."""
+
+    features: feature_pb2_grpc.FeatureServiceAsyncStub
+    settings: RankingSettings
+    cache: ItemFeatureCache
+    quality: dict[str, QualityFactor]
+    clock: Callable[[], float] = time.perf_counter
+    _costs: dict[str, CostModel] = field(default_factory=dict)
+    _costs_version: str = ""
+
+    def costs(self, models: RankingModels) -> dict[str, CostModel]:
+        """Cost models of the model set ``models`` (reset when another set is served)."""
+        if self._costs_version != models.version or not self._costs:
+            self._costs = {"prerank": CostModel(), "heavy": CostModel()}
+            self._costs_version = models.version
+        return self._costs
+
+    async def run(
+        self,
+        *,
+        models: RankingModels,
+        tenant: str,
+        request_id: str,
+        request: ranking_pb2.RankRequest,
+        n: int,
+        policy: RankPolicy,
+        planner: StagePlanner,
+        user: F32,
+        clock: StageClock,
+    ) -> Outcome:
+        """Rank ``request.candidates`` for ``user`` into at most ``n`` items."""
+        trace = _Trace(clock)
+        incoming = request.candidates
+        all_ids = np.asarray(incoming.item_ids, dtype=np.int64)
+        in_scores = np.asarray(incoming.scores or np.zeros(all_ids.size), dtype=np.float32)
+        in_sources = np.asarray(incoming.sources or np.zeros(all_ids.size), dtype=np.int32)
+
+        # Item features: the considered head of the list, from the cache and one call.
+        q_features = min(self.quality["item_features"].factor, self.quality["prerank"].factor)
+        considered = min(all_ids.size, max(n, round(policy.candidates_keep * q_features)))
+        ids = all_ids[:considered]
+        budget_f = planner.budget("item_features")
+        rows = await self._item_rows(tenant, ids, budget_f)
+        trace.lap(
+            "item_features",
+            rows.problem,
+            candidates_in=int(ids.size),
+            candidates_out=int(rows.have.sum()),
+            budget_s=budget_f,
+            details={
+                "cache_hits": rows.hits,
+                "fetched": rows.fetched,
+                "quality_factor": q_features,
+                "considered_of": all_ids.size,
+            },
+        )
+        if rows.matrix is None or not rows.have.any():
+            keep = np.arange(min(n, all_ids.size))
+            return trace.outcome(
+                all_ids[keep], in_scores[keep], in_sources[keep], np.ones(keep.size)
+            )
+
+        # Business rule: blocked categories never reach the page (nor exploration).
+        blocked = (
+            np.isin(rows.categories, np.fromiter(policy.blocked_categories, dtype=np.int32))
+            if policy.blocked_categories
+            else np.zeros(ids.size, dtype=bool)
+        )
+        eligible = np.flatnonzero(rows.have & ~blocked)
+        featureless = np.flatnonzero(~rows.have & ~blocked)
+        clock.reports[-1].details["blocked"] = int(blocked.sum())
+        score = in_scores[: ids.size].copy()
+        costs = self.costs(models)
+
+        keep_k = max(n, self.quality["heavy"].scale(policy.prerank_keep))
+        pre_order = self._prerank(
+            trace, planner, models, user, rows.matrix, eligible, keep_k, score, costs["prerank"]
+        )
+        survivors = pre_order[:keep_k]
+        keep_h = max(n, self.quality["rerank"].scale(policy.heavy_keep))
+        order = pre_order
+        if request.heavy_mode != ranking_pb2.HEAVY_MODE_OFF:
+            order = self._heavy(
+                trace,
+                planner,
+                models,
+                user,
+                rows.matrix,
+                pre_order,
+                survivors,
+                keep_h,
+                score,
+                costs["heavy"],
+            )
+        slate = self._rerank(
+            trace, planner, policy, rows, order, keep_h, featureless, n, rng_for(request_id, tenant)
+        )
+        explored = int(slate.explored.sum())
+        if explored:
+            EXPLORED.labels(tenant or "-").inc(explored)
+        shown = slate.positions
+        sources = in_sources[shown].copy()
+        sources[slate.explored] = common_pb2.SOURCE_EXPLORE
+        return trace.outcome(ids[shown], score[shown], sources, slate.propensities)
+
+    def _prerank(
+        self,
+        trace: _Trace,
+        planner: StagePlanner,
+        models: RankingModels,
+        user: F32,
+        matrix: F32,
+        eligible: I64,
+        keep: int,
+        score: F32,
+        cost: CostModel,
+    ) -> I64:
+        """Pre-rank as many eligible candidates as fit; their order, the unscored last.
+
+        The first ``keep`` of the order go on to the heavy ranker.
+        """
+        budget = planner.budget("prerank")
+        pre = score_within(
+            lambda a, b: models.prerank_scores(user, matrix[eligible[a:b]]),
+            eligible.size,
+            budget,
+            cost,
+            chunk=max(1, eligible.size),
+            probe=max(1, eligible.size),
+            safety=self.settings.cost_safety,
+            clock=self.clock,
+        )
+        scored = pre.scores.size
+        score[eligible[:scored]] = pre.scores
+        order = np.concatenate(
+            [eligible[:scored][np.argsort(-pre.scores, kind="stable")], eligible[scored:]]
+        )
+        trace.lap(
+            "prerank",
+            _partial(scored, eligible.size, budget, "pre-ranked"),
+            candidates_in=int(eligible.size),
+            candidates_out=int(min(keep, order.size)),
+            budget_s=budget,
+            details={"scored": scored},
+            ran=scored > 0,
+        )
+        return order
+
+    def _heavy(
+        self,
+        trace: _Trace,
+        planner: StagePlanner,
+        models: RankingModels,
+        user: F32,
+        matrix: F32,
+        pre_order: I64,
+        survivors: I64,
+        keep: int,
+        score: F32,
+        cost: CostModel,
+    ) -> I64:
+        """Heavy-score as many survivors as fit, in pre-rank order; the new order."""
+        budget = planner.budget("heavy")
+        heavy = score_within(
+            lambda a, b: models.heavy_scores(user, np.ascontiguousarray(matrix[survivors[a:b]])),
+            survivors.size,
+            budget,
+            cost,
+            chunk=self.settings.heavy_chunk,
+            probe=self.settings.heavy_probe,
+            safety=self.settings.cost_safety,
+            clock=self.clock,
+        )
+        scored = heavy.scores.size
+        score[survivors[:scored]] = heavy.scores
+        order = np.concatenate(
+            [survivors[:scored][np.argsort(-heavy.scores, kind="stable")], pre_order[scored:]]
+        )
+        trace.lap(
+            "heavy",
+            _partial(scored, survivors.size, budget, "heavy-scored"),
+            candidates_in=int(survivors.size),
+            candidates_out=int(min(keep, order.size)),
+            budget_s=budget,
+            details={
+                "scored": scored,
+                "calls": heavy.calls,
+                "per_candidate_us": (heavy.per_candidate_s or 0.0) * 1e6,
+                "quality_factor": self.quality["heavy"].factor,
+            },
+            ran=scored > 0,
+        )
+        return order
+
+    def _rerank(
+        self,
+        trace: _Trace,
+        planner: StagePlanner,
+        policy: RankPolicy,
+        rows: _Rows,
+        order: I64,
+        keep: int,
+        featureless: I64,
+        n: int,
+        rng: np.random.Generator,
+    ) -> Slate:
+        """Freshness boost and diversity over the first ``keep`` of ``order``, then the
+        exploration slots (drawn from what follows the chosen items).
+
+        Re-rank is the last stage and its remaining slots cost microseconds: its budget
+        decides whether diversity runs at all, and only the answer's own deadline cuts it
+        short (a scheduling stall inside it is not worth a worse page otherwise).
+        """
+        budget = planner.budget("rerank")
+        answer_within = planner.answer_within()
+        deadline = self.clock() + (budget if answer_within is None else answer_within)
+        pool = order[:keep]
+        relevance = 1.0 - np.arange(pool.size, dtype=np.float64) / max(1, pool.size)
+        if policy.freshness_boost and pool.size and rows.matrix is not None:
+            freshness = rows.matrix[pool, self.settings.freshness_column].astype(np.float64)
+            relevance = relevance + policy.freshness_boost * freshness
+            by_relevance = np.argsort(-relevance, kind="stable")
+            pool, relevance = pool[by_relevance], relevance[by_relevance]
+        slots = min(n, pool.size)
+        problem: Degradation | None = None
+        if policy.diversity == "none":
+            chosen = pool[:slots]
+        elif budget <= 0:
+            chosen = pool[:slots]
+            problem = Degradation("skipped", "no budget left for diversity: score order")
+        elif policy.diversity == "cap":
+            chosen = diversify(pool, rows.categories, slots, policy.max_per_category)
+        else:
+            picked = mmr(
+                pool,
+                rows.categories,
+                slots,
+                policy.mmr_lambda,
+                relevance=relevance,
+                deadline=deadline,
+                clock=self.clock,
+            )
+            chosen = picked.chosen
+            if picked.diversified < slots:
+                problem = Degradation(
+                    "partial",
+                    f"diversified {picked.diversified} of {slots} slots before the answer's "
+                    "deadline; the rest in score order",
+                )
+        rest = order[~np.isin(order, chosen)]
+        slate = build_slate(
+            np.concatenate([chosen, rest, featureless]),
+            n,
+            policy.explore_share,
+            policy.explore_pool,
+            rng,
+        )
+        trace.lap(
+            "rerank",
+            problem,
+            candidates_in=int(pool.size),
+            candidates_out=int(slate.positions.size),
+            budget_s=budget,
+            details={
+                "explored": int(slate.explored.sum()),
+                "categories": category_spread(rows.categories[slate.positions]),
+            },
+        )
+        return slate
+
+    async def _item_rows(self, tenant: str, ids: I64, budget_s: float) -> _Rows:
+        cached = self.cache.lookup(tenant, ids.tolist())
+        have = cached.hit.copy()
+        categories = np.full(ids.size, -1, dtype=np.int32)
+        categories[have] = cached.categories
+        missing = np.flatnonzero(~have)
+        fetched: F32 | None = None
+        problem: Degradation | None = None
+        if missing.size:
+            try:
+                if budget_s <= 0:
+                    raise DeadlineExceeded("no budget left for the item feature read")
+                reply = await self.features.GetItemFeatures(
+                    feature_pb2.GetItemFeaturesRequest(item_ids=ids[missing].tolist()),
+                    timeout=budget_s,
+                )
+                fetched = matrix_from_proto(reply.features, missing.size, "features")
+                fetched_categories = np.asarray(reply.categories, dtype=np.int32)
+                categories[missing] = fetched_categories
+                have[missing] = True
+                unknown = set(reply.missing_item_ids)
+                known = [i for i, item in enumerate(ids[missing].tolist()) if item not in unknown]
+                self.cache.put(
+                    tenant,
+                    ids[missing][known].tolist(),
+                    fetched[known],
+                    fetched_categories[known],
+                )
+            except (grpc.aio.AioRpcError, DeadlineExceeded) as exc:
+                log.warning("item features unavailable: %s", describe_failure(exc))
+                hits = int(cached.hit.sum())
+                if hits:
+                    problem = Degradation(
+                        "cache_only",
+                        f"item features unavailable ({describe_failure(exc)}); ranked the "
+                        f"{hits} of {ids.size} candidates cached, the rest last",
+                    )
+                else:
+                    problem = Degradation(
+                        "unavailable",
+                        f"item features unavailable ({describe_failure(exc)}); retrieval order",
+                    )
+        dims = [m.shape[1] for m in (fetched, cached.rows) if m is not None and m.size]
+        matrix: F32 | None = None
+        if dims:
+            matrix = np.zeros((ids.size, dims[0]), dtype=np.float32)
+            if cached.hit.any():
+                matrix[cached.hit] = cached.rows
+            if fetched is not None:
+                matrix[missing] = fetched
+        return _Rows(
+            matrix,
+            categories,
+            have,
+            int(cached.hit.sum()),
+            int(missing.size if fetched is not None else 0),
+            problem,
+        )
+
+
+def warm_up_paths() -> None:
+    """Run the numpy paths of re-rank and exploration once.
+
+    Some numpy functions pay a one-off initialisation on first use (``Generator.choice``
+    about 12 ms here), which would otherwise land on the first request's budget.
+    """
+    order = np.arange(64, dtype=np.int64)
+    categories = (order % 7).astype(np.int32)
+    mmr(order, categories, 10, 0.5, deadline=time.perf_counter() + 1.0)
+    diversify(order, categories, 10, 2)
+    np.isin(order, order[:5])
+    build_slate(order, 10, 0.3, 20, rng_for("warm-up", ""))
+    category_spread(categories)
+
+
+def _partial(done: int, total: int, budget_s: float, what: str) -> Degradation | None:
+    if done >= total:
+        return None
+    if done == 0:
+        return Degradation(
+            "skipped", f"no time for any of {total} candidates in {budget_s * 1000:.2f} ms"
+        )
+    return Degradation(
+        "partial", f"{what} {done} of {total} candidates within {budget_s * 1000:.2f} ms"
+    )
