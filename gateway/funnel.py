@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import grpc
 from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2
@@ -39,16 +38,15 @@ from gateway.metrics import DEGRADED, QUOTA_DECISIONS, STAGE_SECONDS
 from gateway.outbox import Outbox
 from gateway.settings import GatewaySettings
 from mesh import tracing
-from mesh.client import describe_failure
+from mesh.client import CALL_FAILURES, describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
-from mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from mesh.resilience import BulkheadFull, CircuitOpen
+from mesh.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.experiment.assignment import ExperimentBook, control_params
 from services.validation import check_user_id
 
 log = logging.getLogger(__name__)
 
-DownstreamFailure = (grpc.aio.AioRpcError, DeadlineExceeded, CircuitOpen, BulkheadFull)
+DownstreamFailure = CALL_FAILURES
 """Failures of a downstream call that the funnel answers with a fallback."""
 
 T = TypeVar("T")
@@ -80,19 +78,81 @@ class Recommendation:
 
 @dataclass
 class _Params:
-    """Pipeline knobs an experiment variant may set."""
+    """Pipeline knobs an experiment variant may set.
+
+    ``retrieval.k`` and ``ranking.heavy`` (``off``) as before; the ``ranking.*`` params below
+    become ``RankRequest`` fields (ranking checks them against its tenant policy):
+    ``ranking.candidates``, ``ranking.prerank_keep``, ``ranking.heavy_keep`` (counts),
+    ``ranking.diversity`` (``mmr``, ``cap`` or ``none``), ``ranking.mmr_lambda`` and
+    ``ranking.explore_share`` (in [0, 1]), ``ranking.budget_ms.<stage>`` (stage budget in
+    ms). A ``ranking.*`` value that does not parse or is out of range is ignored with a
+    warning, so a bad experiment file cannot fail requests.
+    """
 
     ann_k: int = 0
     heavy: int = ranking_pb2.HEAVY_MODE_UNSPECIFIED
+    candidates_keep: int = 0
+    prerank_keep: int = 0
+    heavy_keep: int = 0
+    diversity: int = ranking_pb2.DIVERSITY_UNSPECIFIED
+    mmr_lambda: float | None = None
+    explore_share: float | None = None
+    stage_budget_ms: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_variants(cls, params: Mapping[str, str]) -> _Params:
+        counts = {
+            "ranking.candidates": "candidates_keep",
+            "ranking.prerank_keep": "prerank_keep",
+            "ranking.heavy_keep": "heavy_keep",
+        }
+        diversity = {
+            "mmr": ranking_pb2.DIVERSITY_MMR,
+            "cap": ranking_pb2.DIVERSITY_CATEGORY_CAP,
+            "none": ranking_pb2.DIVERSITY_NONE,
+        }
         knobs = cls()
         if "retrieval.k" in params:
             knobs.ann_k = int(params["retrieval.k"])
         if params.get("ranking.heavy") == "off":
             knobs.heavy = ranking_pb2.HEAVY_MODE_OFF
+        for key, value in params.items():
+            try:
+                if key in counts:
+                    count = int(value)
+                    if count < 1:
+                        raise ValueError("must be >= 1")
+                    setattr(knobs, counts[key], count)
+                elif key == "ranking.diversity":
+                    knobs.diversity = diversity[value]
+                elif key in ("ranking.mmr_lambda", "ranking.explore_share"):
+                    share = float(value)
+                    if not 0.0 <= share <= 1.0:
+                        raise ValueError("must be in [0, 1]")
+                    setattr(knobs, key.removeprefix("ranking."), share)
+                elif key.startswith("ranking.budget_ms."):
+                    ms = float(value)
+                    if not 0.0 < ms <= 1000.0:
+                        raise ValueError("must be in (0, 1000]")
+                    knobs.stage_budget_ms[key.removeprefix("ranking.budget_ms.")] = ms
+            except (ValueError, KeyError) as exc:
+                log.warning("experiment param %s=%r ignored: %s", key, value, exc)
         return knobs
+
+    def rank_fields(self) -> dict[str, Any]:
+        """The ``RankRequest`` fields the ``ranking.*`` knobs set (unset ones left out)."""
+        fields: dict[str, Any] = {
+            "candidates_keep": self.candidates_keep,
+            "prerank_keep": self.prerank_keep,
+            "heavy_keep": self.heavy_keep,
+            "diversity": self.diversity,
+            "stage_budget_ms": self.stage_budget_ms,
+        }
+        if self.mmr_lambda is not None:
+            fields["mmr_lambda"] = self.mmr_lambda
+        if self.explore_share is not None:
+            fields["explore_share"] = self.explore_share
+        return fields
 
 
 class Funnel:
@@ -288,6 +348,9 @@ class Funnel:
         knobs: _Params,
         degraded: list[str],
     ) -> ranking_pb2.RankResponse | None:
+        from services.ranking.explore import shown_propensities
+
+        shown_propensities.set(None)  # a keep-alive connection reuses the task's context
         try:
             ranking = self._ds.ranking
             reply: ranking_pb2.RankResponse = await ranking.call(
@@ -298,10 +361,15 @@ class Funnel:
                     candidates=retrieved.candidates,
                     num_items=n,
                     heavy_mode=knobs.heavy,  # type: ignore[arg-type]
+                    **knobs.rank_fields(),
                 ),
                 cap_s=self._settings.ranking_budget_s,
                 idempotent=True,
             )
+            if reply.ranked.propensities:
+                shown_propensities.set(
+                    dict(zip(reply.ranked.item_ids, reply.ranked.propensities, strict=True))
+                )
             tracing.annotate(
                 candidates_in=len(retrieved.candidates.item_ids),
                 candidates_out=len(reply.ranked.item_ids),
@@ -323,8 +391,11 @@ class Funnel:
     async def _log_impressions(self, tenant: str, user_id: str, result: Recommendation) -> None:
         if not result.item_ids:
             return
+        from services.ranking.explore import shown_propensities
+
         budget_var.set(None)
         now_ms = int(time.time() * 1000)
+        propensities = shown_propensities.get() or {}  # from _rank; unknown (0) on fallbacks
         events = [
             events_pb2.Event(
                 event_id=f"{result.request_id}:{position}",
@@ -334,6 +405,7 @@ class Funnel:
                 request_id=result.request_id,
                 ts_ms=now_ms,
                 position=position,
+                propensity=propensities.get(item_id, 0.0),
             )
             for position, item_id in enumerate(result.item_ids)
         ]

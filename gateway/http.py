@@ -33,7 +33,12 @@ def _source_name(source: int) -> str:
 
 
 def render(result: Recommendation, debug: bool) -> dict[str, Any]:
-    """The JSON body of a recommendation, as the brief fixes it."""
+    """The JSON body of a recommendation, as the brief fixes it.
+
+    With ``debug`` it also explains each stage (time, budget, candidates in/out, whether
+    and why it degraded, stage-specific ``details``) and gives each item the propensity
+    ranking's policy had of showing it (absent when ranking did not answer).
+    """
     body: dict[str, Any] = {
         "request_id": result.request_id,
         "items": [
@@ -57,6 +62,8 @@ def render(result: Recommendation, debug: bool) -> dict[str, Any]:
         "stage_ms": {stage: round(ms, 3) for stage, ms in result.stage_ms.items()},
     }
     if debug:
+        from services.ranking.explore import shown_propensities
+
         body["stages"] = [
             {
                 "stage": s.stage,
@@ -66,9 +73,14 @@ def render(result: Recommendation, debug: bool) -> dict[str, Any]:
                 "candidates_out": s.candidates_out,
                 "degraded": s.degraded,
                 "reason": s.reason,
+                "details": {key: round(value, 6) for key, value in s.details.items()},
             }
             for s in result.stages
         ]
+        propensities = shown_propensities.get() or {}
+        for item in body["items"]:
+            if item["item_id"] in propensities:
+                item["propensity"] = round(propensities[item["item_id"]], 6)
     return body
 
 
@@ -133,9 +145,7 @@ class HttpApi:
                 )
             tracing.end_http(span, response.status)
         REQUESTS.labels("http", route, tenant_var.get() or "-", str(response.status)).inc()
-        LATENCY.labels("http", route).observe(
-            time.perf_counter() - started, tracing.exemplar(span)
-        )
+        LATENCY.labels("http", route).observe(time.perf_counter() - started, tracing.exemplar(span))
         return response
 
     async def recommend(self, request: web.Request) -> web.Response:

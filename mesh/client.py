@@ -28,6 +28,7 @@ import grpc
 
 from mesh import tracing
 from mesh.context import Budget, budget_var, outgoing_metadata
+from mesh.errors import DeadlineExceeded
 from mesh.metrics import (
     BREAKER_STATE,
     DOWNSTREAM_CALLS,
@@ -163,6 +164,15 @@ async def connect_eagerly(channels: list[grpc.aio.Channel], timeout_s: float = 2
             await asyncio.wait_for(channel.channel_ready(), timeout_s)
 
     await asyncio.gather(*(ready(c) for c in channels))
+
+
+CALL_FAILURES: tuple[type[Exception], ...] = (
+    grpc.aio.AioRpcError,
+    DeadlineExceeded,
+    CircuitOpen,
+    BulkheadFull,
+)
+"""What a guarded call can fail with: the downstream's status, or not sent at all."""
 
 
 @dataclass(frozen=True)

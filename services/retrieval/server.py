@@ -8,7 +8,7 @@ from pathlib import Path
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
-from mesh.client import connect_eagerly, open_channel
+from mesh.client import Downstream, connect_eagerly
 from mesh.server import MeshServer, Registration
 from mesh.settings import load
 from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
@@ -45,8 +45,8 @@ async def build_service(
     watch = watch if watch is not None else load(ArtifactWatchSettings)
     models = RetrievalModels(resolve_current(settings.artifacts))
     models.warm_up(settings.ann_k)
-    channel = open_channel(settings.feature_addr)
-    servicer = RetrievalServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
+    features = Downstream("feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub)
+    servicer = RetrievalServicer(models, features, settings)
 
     def load_candidate(path: Path, served: RetrievalModels) -> RetrievalModels:
         return RetrievalModels.replacing(path, served, settings.ann_k)
@@ -66,6 +66,6 @@ async def build_service(
         settings,
         [Registration.of(servicer, retrieval_pb2, retrieval_pb2_grpc, "RetrievalService")],
         checks=[artifacts_check(lambda: watcher.served.path)],
-        startups=[partial(connect_eagerly, [channel]), watcher.start],
-        cleanups=[watcher.stop, channel.close],
+        startups=[partial(connect_eagerly, [features.channel]), watcher.start],
+        cleanups=[watcher.stop, features.close],
     ), watcher

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grpc
 import numpy as np
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
-from mesh.client import describe_failure
-from mesh.errors import DeadlineExceeded, InvalidArgument
+from mesh.client import CALL_FAILURES, Downstream, describe_failure
+from mesh.errors import InvalidArgument
 from services.retrieval.index import RetrievalModels, merge
 from services.retrieval.settings import RetrievalSettings
 from services.stages import StageClock
@@ -32,7 +31,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(
         self,
         models: RetrievalModels,
-        features: feature_pb2_grpc.FeatureServiceAsyncStub,
+        features: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub],
         settings: RetrievalSettings,
     ) -> None:
         self.models = models
@@ -54,11 +53,13 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         clock = StageClock()
         user: feature_pb2.GetUserFeaturesResponse | None = None
         try:
-            user = await self._features.GetUserFeatures(
+            user = await self._features.call(
+                self._features.stub.GetUserFeatures,
                 feature_pb2.GetUserFeaturesRequest(user_id=request.user_id),
-                timeout=self._settings.feature_budget_s,
+                cap_s=self._settings.feature_budget_s,
+                idempotent=True,
             )
-        except (grpc.aio.AioRpcError, DeadlineExceeded) as exc:
+        except CALL_FAILURES as exc:
             log.warning("user features unavailable: %s", describe_failure(exc))
         clock.lap(
             "user_features",

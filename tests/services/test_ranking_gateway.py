@@ -1,0 +1,140 @@
+"""Ranking through the gateway: variant knobs reach ranking, propensities reach the event log."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+from recmesh.ranking.v1 import ranking_pb2
+
+from gateway.funnel import _Params
+from mesh.client import open_channel
+from mesh.testing import tenant_metadata
+from services.ranking.policy import PolicyBook
+from services.ranking.servicer import RankingServicer
+from tests.inprocess import Mesh, inprocess_mesh, write_tenants
+
+DEMO = {"x-api-key": "demo-key"}
+
+
+@pytest.fixture(scope="module")
+async def mesh(
+    redis_url: str, artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    tenants = write_tenants(tmp_path_factory.mktemp("ranking-gw") / "tenants.json")
+    async with inprocess_mesh(redis_url, artifacts_root, tenants) as running:
+        servicer = running.servers["ranking"].registrations[0].servicer
+        assert isinstance(servicer, RankingServicer)
+        default = servicer.policies.default
+        # The demo tenant explores 30 % of its slots (3 of 10).
+        servicer.policies = PolicyBook(
+            default, {"demo": dataclasses.replace(default, explore_share=0.3)}
+        )
+        yield running
+
+
+async def recommend(mesh: Mesh, body: dict[str, Any]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(mesh.http_url + "/v1/recommend", json=body, headers=DEMO) as response,
+    ):
+        assert response.status == 200
+        reply: dict[str, Any] = await response.json()
+        return reply
+
+
+async def test_debug_output_explains_stages_and_gives_propensities(mesh: Mesh) -> None:
+    body = await recommend(mesh, {"user_id": "u5", "num_items": 10, "debug": True})
+    items = body["items"]
+    explored = [i for i in items if i["source"] == "explore"]
+    assert len(items) == 10 and len(explored) == 3
+    assert items[0]["source"] != "explore"
+    assert all(i["propensity"] == pytest.approx(0.03) for i in explored)
+    assert all(i["propensity"] == 1.0 for i in items if i["source"] != "explore")
+    stages = {s["stage"]: s for s in body["stages"]}
+    assert stages["rerank"]["details"]["explored"] == 3
+    assert stages["heavy"]["budget_ms"] > 0
+    assert "cache_hits" in stages["item_features"]["details"]
+
+
+async def test_impressions_carry_the_propensities_ranking_returned(mesh: Mesh) -> None:
+    body = await recommend(mesh, {"user_id": "u6", "num_items": 10, "debug": True})
+    shown = {i["item_id"]: i["propensity"] for i in body["items"]}
+    async with open_channel(mesh.addr("events")) as channel:
+        stub = events_pb2_grpc.EventServiceStub(channel)
+        logged: list[events_pb2.Event] = []
+        for _ in range(100):
+            reply = await stub.Read(
+                events_pb2.ReadRequest(limit=1000), metadata=tenant_metadata("demo")
+            )
+            logged = [e.event for e in reply.events if e.event.request_id == body["request_id"]]
+            if len(logged) == 10:
+                break
+            await asyncio.sleep(0.05)
+    assert len(logged) == 10
+    assert {e.item_id: e.propensity for e in logged} == pytest.approx(shown)
+    assert sum(e.propensity for e in logged) == pytest.approx(7 + 3 * 0.03)
+
+
+async def test_a_tenant_without_exploration_shows_no_explore_slots(mesh: Mesh) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            mesh.http_url + "/v1/recommend",
+            json={"user_id": "u5", "debug": True},
+            headers={"x-api-key": "acme-key"},
+        ) as response,
+    ):
+        body = await response.json()
+    assert {i["source"] for i in body["items"]} <= {"ann", "popular"}
+    assert {i["propensity"] for i in body["items"]} == {1.0}
+
+
+def test_variant_params_become_rank_request_fields() -> None:
+    knobs = _Params.from_variants(
+        {
+            "ranking.candidates": "400",
+            "ranking.prerank_keep": "120",
+            "ranking.heavy_keep": "30",
+            "ranking.diversity": "cap",
+            "ranking.mmr_lambda": "0",
+            "ranking.explore_share": "0.1",
+            "ranking.budget_ms.heavy": "15",
+        }
+    )
+    request = ranking_pb2.RankRequest(**knobs.rank_fields())
+    assert (request.candidates_keep, request.prerank_keep, request.heavy_keep) == (400, 120, 30)
+    assert request.diversity == ranking_pb2.DIVERSITY_CATEGORY_CAP
+    assert request.HasField("mmr_lambda") and request.mmr_lambda == 0.0
+    assert request.explore_share == pytest.approx(0.1)
+    assert dict(request.stage_budget_ms) == {"heavy": 15.0}
+    unset = ranking_pb2.RankRequest(**_Params.from_variants({}).rank_fields())
+    assert not unset.HasField("mmr_lambda") and not unset.HasField("explore_share")
+
+
+def test_bad_variant_params_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="gateway.funnel"):
+        knobs = _Params.from_variants(
+            {
+                "ranking.heavy_keep": "lots",
+                "ranking.mmr_lambda": "1.5",
+                "ranking.diversity": "shuffle",
+                "ranking.budget_ms.heavy": "0",
+                "ranking.prerank_keep": "90",
+            }
+        )
+    assert knobs.rank_fields() == {
+        "candidates_keep": 0,
+        "prerank_keep": 90,
+        "heavy_keep": 0,
+        "diversity": ranking_pb2.DIVERSITY_UNSPECIFIED,
+        "stage_budget_ms": {},
+    }
+    assert len([r for r in caplog.records if "ignored" in r.getMessage()]) == 4
