@@ -1,19 +1,23 @@
 """A tracer provider for in-process tests, with a processor that keeps finished spans.
 
 The OpenTelemetry API allows one global provider per process, so it is installed once for
-the session; spans are kept only while a test captures (other tests pay for no-op storage).
+the session. Spans are sampled (recorded) only while a test captures: outside, the sampler
+drops them, so later tests of the session (some time their work in milliseconds) pay about
+what they pay with no provider.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import Attributes
 
 from mesh.telemetry import resource_for
 
@@ -34,6 +38,10 @@ class SpanCapture(SpanProcessor):
             if self._active:
                 self.spans.append(span)
 
+    @property
+    def active(self) -> bool:
+        return self._active
+
     def start(self) -> None:
         with self._lock:
             self.spans, self._active = [], True
@@ -50,6 +58,29 @@ class SpanCapture(SpanProcessor):
         return True
 
 
+class _WhileCapturing(Sampler):
+    """Records every span while the capture is active, none otherwise."""
+
+    def __init__(self, capture: SpanCapture) -> None:
+        self._capture = capture
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        decision = Decision.RECORD_AND_SAMPLE if self._capture.active else Decision.DROP
+        return SamplingResult(decision)
+
+    def get_description(self) -> str:
+        return "WhileCapturing"
+
+
 _CAPTURE = SpanCapture()
 
 
@@ -58,7 +89,9 @@ def span_capture() -> SpanCapture:
     """The session's capture, installed on the global tracer provider on first use."""
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
-        provider = TracerProvider(sampler=ALWAYS_ON, resource=resource_for("inprocess"))
+        provider = TracerProvider(
+            sampler=_WhileCapturing(_CAPTURE), resource=resource_for("inprocess")
+        )
         trace.set_tracer_provider(provider)
     provider.add_span_processor(_CAPTURE)
     return _CAPTURE
