@@ -26,14 +26,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2
 
-from mesh.client import describe_failure
+from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.errors import DeadlineExceeded
 from services.ranking.budget import CostModel, StagePlanner, score_within
 from services.ranking.explore import Slate, build_slate, rng_for
@@ -145,7 +144,7 @@ class _Trace:
 class Cascade:
     """Everything that outlives a request: feature client, cache, costs, quality factors."""
 
-    features: feature_pb2_grpc.FeatureServiceAsyncStub
+    features: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub]
     settings: RankingSettings
     cache: ItemFeatureCache
     quality: dict[str, QualityFactor]
@@ -425,9 +424,11 @@ class Cascade:
             try:
                 if budget_s <= 0:
                     raise DeadlineExceeded("no budget left for the item feature read")
-                reply = await self.features.GetItemFeatures(
+                reply = await self.features.call(
+                    self.features.stub.GetItemFeatures,
                     feature_pb2.GetItemFeaturesRequest(item_ids=ids[missing].tolist()),
-                    timeout=budget_s,
+                    cap_s=budget_s,
+                    idempotent=True,
                 )
                 fetched = matrix_from_proto(reply.features, missing.size, "features")
                 fetched_categories = np.asarray(reply.categories, dtype=np.int32)
@@ -441,7 +442,7 @@ class Cascade:
                     fetched[known],
                     fetched_categories[known],
                 )
-            except (grpc.aio.AioRpcError, DeadlineExceeded) as exc:
+            except CALL_FAILURES as exc:
                 log.warning("item features unavailable: %s", describe_failure(exc))
                 hits = int(cached.hit.sum())
                 if hits:

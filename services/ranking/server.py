@@ -8,7 +8,7 @@ from pathlib import Path
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from mesh.client import connect_eagerly, open_channel
+from mesh.client import Downstream, connect_eagerly
 from mesh.server import MeshServer, Registration
 from mesh.settings import load
 from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
@@ -47,8 +47,8 @@ async def build_service(
     watch = watch if watch is not None else load(ArtifactWatchSettings)
     models = RankingModels(resolve_current(settings.artifacts), settings.head_weights)
     models.warm_up(settings.prerank_keep)
-    channel = open_channel(settings.feature_addr)
-    servicer = RankingServicer(models, feature_pb2_grpc.FeatureServiceStub(channel), settings)
+    features = Downstream("feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub)
+    servicer = RankingServicer(models, features, settings)
 
     def load_candidate(path: Path, served: RankingModels) -> RankingModels:
         return RankingModels.replacing(path, served, settings.head_weights, settings.prerank_keep)
@@ -68,6 +68,6 @@ async def build_service(
         settings,
         [Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")],
         checks=[artifacts_check(lambda: watcher.served.path)],
-        startups=[partial(connect_eagerly, [channel]), watcher.start],
-        cleanups=[watcher.stop, channel.close],
+        startups=[partial(connect_eagerly, [features.channel]), watcher.start],
+        cleanups=[watcher.stop, features.close],
     ), watcher

@@ -14,6 +14,7 @@ import numpy as np
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from mesh.client import Downstream
 from mesh.context import budget_var, request_id_var, tenant_var
 from mesh.errors import InvalidArgument
 from services.ranking.budget import STAGES, StagePlanner
@@ -66,7 +67,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(
         self,
         models: RankingModels,
-        features: feature_pb2_grpc.FeatureServiceAsyncStub,
+        features: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub],
         settings: RankingSettings,
         *,
         policies: PolicyBook | None = None,
