@@ -359,6 +359,31 @@ def build(
     )
 
 
+def findings(reports: Sequence[ScenarioReport]) -> list[str]:
+    """One line per missed bar, with the context needed to judge it (baseline, host CPU)."""
+    out = []
+    for r in reports:
+        f = r.figures
+        context = (
+            f"baseline before the fault {_fmt(f.baseline_answered_pct, 2, ' %')} answered, "
+            f"p99 {_fmt(f.baseline_p99_ms)} ms; gateway-side within the deadline "
+            f"{_fmt(f.gateway_within_deadline_pct, 2, ' %')}; other processes took "
+            f"{_fmt(f.other_cpu_pct, 0, ' %')} of the CPUs"
+        )
+        for bar in r.bars:
+            if bar.passed is not False:
+                continue
+            line = f"**{r.scenario.name}**: {bar.text} missed, measured {_fmt(bar.measured, 2)}"
+            if bar.name in ("answered", "p99"):
+                line += f" ({context})"
+            elif bar.name == "lost":
+                line += f" of {f.clicks_accepted} accepted clicks"
+            elif bar.name == "drain":
+                line += f" (refused while no gateway listened: {f.refused})"
+            out.append(line)
+    return out
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 3)
@@ -515,7 +540,7 @@ def to_markdown(
             lines += ["", f"![{r.scenario.name} timeline]({images[r.scenario.name]})"]
     findings = run.get("findings") or []
     if findings:
-        lines += ["", "## Findings", "", *[f"- {item}" for item in findings]]
+        lines += ["", "## Bars missed", "", *[f"- {item}" for item in findings]]
     lines += ["", "## How the suite runs", "", HOW_IT_RUNS]
     lines += ["", "## Definitions", "", *_definitions(), ""]
     return "\n".join(lines)

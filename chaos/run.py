@@ -344,7 +344,7 @@ def _display(path: Path) -> str:
 def analyse(base: Path, opts: Options) -> bool:
     """Build the reports from the observations saved in ``base``; True when all bars hold."""
     from chaos.plot import timeline_png
-    from chaos.report import Marks, build, to_json, to_markdown
+    from chaos.report import Marks, build, findings, to_json, to_markdown
 
     run = json.loads((base / "run.json").read_text())
     deadline_ms = float(run["deadline_ms"])
@@ -379,12 +379,7 @@ def analyse(base: Path, opts: Options) -> bool:
             "impressions_expected": len(expected),
             "impressions_stored": sum(1 for i in expected if stored["impressions"].get(i, 0)),
         },
-        "findings": [
-            f"{r.scenario.name}: {bar.text} missed (measured {bar.measured})"
-            for r in reports
-            for bar in r.bars
-            if bar.passed is False
-        ],
+        "findings": findings(reports),
     }
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     images = {}

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from chaos.report import Marks, build, recovery_time, to_json, to_markdown, within
+from chaos.report import (
+    Marks,
+    build,
+    findings,
+    recovery_time,
+    to_json,
+    to_markdown,
+    within,
+)
 from chaos.scenarios import Scenario, default_scenarios, select
 from chaos.timeline import HealthSample, Request, Sample, Second
 
@@ -136,6 +144,11 @@ def test_bars_name_what_was_missed() -> None:
         "amplification": True,
     }
     assert not report.passed
+    lines = findings([report])
+    assert len(lines) == 2
+    assert lines[0].startswith("**kill-ranking**: answered within the deadline >= 99.9 % missed")
+    assert "baseline before the fault 100.00 % answered" in lines[0]
+    assert lines[1].endswith("events lost = 0 missed, measured 1 of 4 accepted clicks")
     sources = {bar.name: bar.source for bar in report.bars}
     assert sources["answered"] == "issue 5" and sources["p99"] == "reliability.md"
 
