@@ -303,11 +303,44 @@ def compute(
         deadline_ms,
         scenario.stages,
     )
-    stage_limit = max(10.0, 2.0 * (f.baseline_stage_pct or 0.0))
     f.time_to_recover_s = recovery_time(
-        timeline, marks.recover - marks.fault, scenario, stage_limit, limit
+        timeline, marks.recover - marks.fault, scenario, stage_limit(f.baseline_stage_pct), limit
     )
     return f, timeline
+
+
+def stage_limit(baseline_stage_pct: float | None) -> float:
+    """The share of answers degraded by the fault's stages that still counts as steady."""
+    return max(10.0, 2.0 * (baseline_stage_pct or 0.0))
+
+
+def recovered_after(
+    scenario: Scenario,
+    marks: Marks,
+    requests: Sequence[Request],
+    samples: Sequence[Sample],
+    health: Sequence[HealthSample],
+    deadline_ms: float,
+) -> float | None:
+    """Time to recover, judged on what was seen until ``marks.end`` (the run uses it live
+    to end a scenario once it has recovered)."""
+    base_ok = [r for r in in_window(requests, marks.start, marks.fault, "rec") if r.ok]
+    stages = set(scenario.stages)
+    baseline = (
+        100.0 * sum(bool(stages & set(r.degraded)) for r in base_ok) / len(base_ok)
+        if base_ok
+        else None
+    )
+    timeline = seconds(
+        requests, samples, health, marks.start, marks.end, marks.fault, deadline_ms, stages
+    )
+    return recovery_time(
+        timeline,
+        marks.recover - marks.fault,
+        scenario,
+        stage_limit(baseline),
+        outbox_limit(samples, marks.start, marks.fault),
+    )
 
 
 def evaluate(scenario: Scenario, f: Figures, deadline_ms: float) -> list[Bar]:
@@ -562,8 +595,8 @@ with a fresh event id.
 After a warm-up, each scenario runs: baseline, fault (SIGKILL / SIGSTOP / SIGTERM through
 the pid files the supervisor writes; fault flags by rewriting the `faults.json` every server
 watches), the fault held, the repair (`supervisor.restart`, SIGCONT, flags cleared), a wait
-until every process is SERVING and the target's breaker is closed (at most 20 s), then a
-few more seconds. The gateway's `/metrics` is scraped twice a second, every process's
+until the scenario has recovered as defined below (judged live, at most 30 s), then 5 s
+more. The gateway's `/metrics` is scraped twice a second, every process's
 health once a second. At the end the suite waits for the outbox to drain, reads the whole
 event log back through `EventService.Read` and stops the mesh. The exit status is 1 when
 any bar is missed.

@@ -3,8 +3,9 @@
 The run starts its own mesh (``ops.supervisor``: a temporary var directory, free ports,
 its own Redis and tenant registry), starts locust (:mod:`chaos.load`) at a fixed rate,
 lets it warm up, and then, per scenario: ``pre_s`` seconds of baseline, the fault, the
-fault held, the repair, a wait until the gateway's breakers are closed and every process
-is SERVING again, and ``post_s`` more seconds. Afterwards it waits for the outbox to
+fault held, the repair, a wait until the scenario has recovered (judged live by
+:func:`chaos.report.recovered_after`, at most ``settle_max_s``), and ``post_s`` more
+seconds. Afterwards it waits for the outbox to
 drain, reads the event log back, stops the mesh, and writes ``docs/chaos.md``,
 ``docs/chaos/report.json`` and one PNG per scenario. The exit status is 1 when a bar was
 missed. Raw observations stay in the run directory (``--keep``), and
@@ -51,8 +52,8 @@ class Options:
     fault_s: float = 20.0
     long_fault_s: float = 30.0
     pre_s: float = 5.0
-    post_s: float = 8.0
-    settle_max_s: float = 20.0
+    post_s: float = 5.0
+    settle_max_s: float = 30.0
     warmup_s: float = 10.0
     only: tuple[str, ...] = ()
     doc: Path = PROJECT / "docs" / "chaos.md"
@@ -197,18 +198,39 @@ def _sleep_until(wall: float) -> None:
     time.sleep(max(0.0, wall - time.time()))
 
 
-def _steady(observer: Any, scenario: Scenario) -> bool:
-    """Every process SERVING and the breaker in front of the target closed, right now."""
-    sample, health = observer.latest()
-    if sample is None or health is None or time.time() - sample.t > 2.0:
-        return False
-    closed = scenario.downstream is None or sample.breaker.get(scenario.downstream) == 0.0
-    return closed and all(status == "SERVING" for status in health.status.values())
+class Tail:
+    """The load generator's records so far, read incrementally from its output file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+        self.requests: list[Request] = []
+
+    def read(self) -> list[Request]:
+        with contextlib.suppress(FileNotFoundError), self._path.open() as lines:
+            lines.seek(self._offset)
+            while line := lines.readline():
+                if not line.endswith("\n"):
+                    break
+                self._offset += len(line.encode())
+                self.requests.append(Request.parse(json.loads(line)))
+        return self.requests
 
 
-def perform(scenario: Scenario, control: Control, observer: Any, opts: Options) -> Any:
-    """Run one scenario; returns its :class:`~chaos.report.Marks`."""
-    from chaos.report import Marks
+def perform(
+    scenario: Scenario,
+    control: Control,
+    observer: Any,
+    tail: Tail,
+    deadline_ms: float,
+    opts: Options,
+) -> Any:
+    """Run one scenario; returns its :class:`~chaos.report.Marks`.
+
+    After the repair the scenario goes on until it has recovered (as the report judges
+    it, on what was seen so far) or ``settle_max_s`` passed, then ``post_s`` more.
+    """
+    from chaos.report import Marks, recovered_after
     from ops import supervisor
 
     layout = control.layout
@@ -237,11 +259,18 @@ def perform(scenario: Scenario, control: Control, observer: Any, opts: Options) 
         control.set_flags({})
     recovered = time.time()
     print(f"  repaired in {recovered - recover:.1f} s", flush=True)
-    settle_until = recovered + opts.settle_max_s
-    while time.time() < settle_until and not _steady(observer, scenario):
-        time.sleep(0.25)
-    if not _steady(observer, scenario):
-        print(f"  not steady {opts.settle_max_s:g} s after the repair", flush=True)
+    settled: float | None = None
+    while settled is None and time.time() < recovered + opts.settle_max_s:
+        time.sleep(0.5)
+        # The load generator writes once a second: judge only complete seconds.
+        marks = Marks(start, fault, recover, recovered, time.time() - 1.5)
+        settled = recovered_after(
+            scenario, marks, tail.read(), observer.samples, observer.health, deadline_ms
+        )
+    if settled is None:
+        print(f"  not recovered {opts.settle_max_s:g} s after the repair", flush=True)
+    else:
+        print(f"  recovered {settled:.0f} s after the repair began", flush=True)
     time.sleep(opts.post_s)
     return Marks(start, fault, recover, recovered, time.time())
 
@@ -293,11 +322,13 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         print(f"mesh SERVING after {startup_s:.1f} s", flush=True)
         observer.start()
         url = f"http://127.0.0.1:{layout.http_port}"
+        deadline_ms = load(GatewaySettings, layout.env()).deadline_s * 1000.0
+        tail = Tail(base / "requests.jsonl")
         with load_generator(url, api_key, opts, n_users, base) as load_pid:
             observer.extra_pids.append(load_pid)
             time.sleep(opts.warmup_s)
             for scenario in scenarios:
-                marks[scenario.name] = perform(scenario, control, observer, opts)
+                marks[scenario.name] = perform(scenario, control, observer, tail, deadline_ms, opts)
         _wait_outbox_drained(observer)
         clicks: collections.Counter[str] = collections.Counter()
         impressions: collections.Counter[str] = collections.Counter()
@@ -310,10 +341,9 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
     _dump(base / "samples.jsonl", observer.samples)
     _dump(base / "health.jsonl", observer.health)
     (base / "stored.json").write_text(json.dumps({"clicks": clicks, "impressions": impressions}))
-    gateway = load(GatewaySettings, layout.env())
     run = {
         "started": started,
-        "deadline_ms": gateway.deadline_s * 1000.0,
+        "deadline_ms": deadline_ms,
         "total_s": time.monotonic() - t_begin,
         "startup_s": startup_s,
         "host": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",

@@ -11,6 +11,7 @@ from chaos.report import (
     Marks,
     build,
     findings,
+    recovered_after,
     recovery_time,
     to_json,
     to_markdown,
@@ -275,3 +276,11 @@ def test_gateway_side_share_comes_from_the_histogram_bucket_at_the_deadline() ->
     assert within(samples, 100.0, 0.0, 3.0) == pytest.approx(100 * 185 / 205)
     assert within(samples, 75.0, 0.0, 3.0) is None, "75 ms is no bucket bound"
     assert within(samples, 100.0, 5.0, 6.0) is None
+
+
+def test_recovery_is_judged_live_on_what_was_seen_so_far() -> None:
+    kill = scenario("kill-ranking")
+    observed = load(late_at=None), samples(), health()
+    so_far = Marks(MARKS.start, MARKS.fault, MARKS.recover, MARKS.recovered, 19.0)
+    assert recovered_after(kill, so_far, *observed, DEADLINE_MS) is None
+    assert recovered_after(kill, MARKS, *observed, DEADLINE_MS) == pytest.approx(3.0)
