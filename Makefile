@@ -38,6 +38,12 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(BIN)/recmesh protos --check
 
+# Benchmarks: the whole mesh as processes (a small seeded artifact set trained for the run),
+# per-stage p50/p99 and end to end at a fixed rate; writes docs/benchmarks.md (~4 minutes).
+# Override with BENCH_ARGS, e.g. make bench BENCH_ARGS="--rate 100 --duration 60".
+bench: $(STAMP)
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
 # Chaos suite: the whole mesh under locust load, one fault at a time (~10 minutes).
 # Writes docs/chaos.md, docs/chaos/report.json and docs/chaos/*.png; fails when a bar is missed.
 chaos: $(STAMP)

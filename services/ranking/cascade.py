@@ -33,7 +33,6 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2
 
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
-from mesh.errors import DeadlineExceeded
 from services.ranking.budget import CostModel, StagePlanner, score_within
 from services.ranking.explore import Slate, build_slate, rng_for
 from services.ranking.item_cache import ItemFeatureCache
@@ -420,10 +419,11 @@ class Cascade:
         missing = np.flatnonzero(~have)
         fetched: F32 | None = None
         problem: Degradation | None = None
-        if missing.size:
+        if missing.size and budget_s <= 0:
+            # Planned, not a failure: counted and explained, not logged.
+            problem = _without_features(cached.hit, ids.size, "no budget left for the read")
+        elif missing.size:
             try:
-                if budget_s <= 0:
-                    raise DeadlineExceeded("no budget left for the item feature read")
                 reply = await self.features.call(
                     self.features.stub.GetItemFeatures,
                     feature_pb2.GetItemFeaturesRequest(item_ids=ids[missing].tolist()),
@@ -444,18 +444,7 @@ class Cascade:
                 )
             except CALL_FAILURES as exc:
                 log.warning("item features unavailable: %s", describe_failure(exc))
-                hits = int(cached.hit.sum())
-                if hits:
-                    problem = Degradation(
-                        "cache_only",
-                        f"item features unavailable ({describe_failure(exc)}); ranked the "
-                        f"{hits} of {ids.size} candidates cached, the rest last",
-                    )
-                else:
-                    problem = Degradation(
-                        "unavailable",
-                        f"item features unavailable ({describe_failure(exc)}); retrieval order",
-                    )
+                problem = _without_features(cached.hit, ids.size, describe_failure(exc))
         dims = [m.shape[1] for m in (fetched, cached.rows) if m is not None and m.size]
         matrix: F32 | None = None
         if dims:
@@ -487,6 +476,17 @@ def warm_up_paths() -> None:
     np.isin(order, order[:5])
     build_slate(order, 10, 0.3, 20, rng_for("warm-up", ""))
     category_spread(categories)
+
+
+def _without_features(hit: npt.NDArray[np.bool_], total: int, why: str) -> Degradation:
+    hits = int(hit.sum())
+    if hits:
+        return Degradation(
+            "cache_only",
+            f"item features unavailable ({why}); ranked the {hits} of {total} candidates "
+            "cached, the rest last",
+        )
+    return Degradation("unavailable", f"item features unavailable ({why}); retrieval order")
 
 
 def _partial(done: int, total: int, budget_s: float, what: str) -> Degradation | None:
