@@ -31,10 +31,18 @@ def timeline_png(report: ScenarioReport, deadline_ms: float, path: Path) -> Path
     lat.plot(xs, _values(timeline, "p50_ms"), label="p50", color="tab:blue")
     lat.plot(xs, _values(timeline, "p99_ms"), label="p99", color="tab:orange")
     lat.plot(xs, _values(timeline, "max_ms"), label="max", color="tab:red", alpha=0.4)
+    lat.plot(
+        xs,
+        _values(timeline, "stall_ms"),
+        label="host stall",
+        color="black",
+        linestyle="--",
+        linewidth=0.8,
+    )
     lat.axhline(deadline_ms, color="black", linestyle=":", label=f"deadline {deadline_ms:g} ms")
     lat.set_ylabel("latency (ms)")
     lat.set_yscale("log")
-    lat.legend(loc="upper right", fontsize=8, ncol=4)
+    lat.legend(loc="upper right", fontsize=8, ncol=5)
 
     rate.plot(xs, _values(timeline, "error_pct"), label="failed", color="tab:red")
     rate.plot(xs, _values(timeline, "late_pct"), label="answered late", color="tab:purple")

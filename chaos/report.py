@@ -24,6 +24,10 @@ Definitions (also written into the Markdown report):
   gateway's exit that got no successful answer; connections refused once it stopped
   listening are counted apart (one gateway, no load balancer to route around it), and
   failures after the restart show in the scenario's failed requests.
+* **host stall** — a second in which the suite's scheduling canary (a process that
+  sleeps 10 ms in a loop) woke at least 20 ms late: every runnable process on the host,
+  the mesh's included, was kept waiting for a CPU. Requests not answered in time that were
+  open during such a second are counted apart, as evidence of where the time went.
 * **CPU taken by other processes** — the host's busy CPU time minus that of the mesh, the
   load generator and the suite, as a share of all CPUs: the machine is shared, and
   latency bars are only as good as the CPU the mesh was left.
@@ -51,6 +55,7 @@ from chaos.timeline import (
     percentile,
     seconds,
     series,
+    stalled,
 )
 
 REQUEST_PATH = ("quota", "experiment", "retrieval", "ranking")
@@ -59,6 +64,8 @@ REQUEST_PATH = ("quota", "experiment", "retrieval", "ranking")
 ANSWERED_BAR_PCT = 99.9
 AMPLIFICATION_BAR = 1.2
 STEADY_SECONDS = 3
+STALL_MS = 20.0
+"""A 10-ms sleep that wakes this much late marks a host scheduling stall."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,9 @@ class Figures:
     load1_mean: float | None = None
     other_cpu_pct: float | None = None
     baseline_other_cpu_pct: float | None = None
+    max_stall_ms: float | None = None
+    not_answered: int = 0
+    not_answered_in_stalls: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,10 +210,12 @@ def compute(
     health: Sequence[HealthSample],
     stored: Mapping[str, int] | None,
     deadline_ms: float,
+    stalls: Mapping[int, float] | None = None,
 ) -> tuple[Figures, list[Second]]:
     """The figures of one scenario and its per-second timeline (baseline included).
 
-    ``stored`` counts each click id found in the event log (None: not read back).
+    ``stored`` counts each click id found in the event log (None: not read back);
+    ``stalls`` is the scheduling canary's worst oversleep per wall-clock second.
     """
     f = Figures()
     window = in_window(requests, marks.fault, marks.end, "rec")
@@ -292,6 +304,12 @@ def compute(
     f.load1_mean = _mean(loads)
     f.other_cpu_pct = other_cpu(samples, marks.fault, marks.end)
     f.baseline_other_cpu_pct = other_cpu(samples, marks.start, marks.fault)
+    missed = [r for r in window if not r.answered(deadline_ms) and r.error != "refused"]
+    f.not_answered = len(missed)
+    if stalls:
+        inside = [v for k, v in stalls.items() if marks.fault - 1 <= k < marks.end]
+        f.max_stall_ms = max(inside, default=None)
+        f.not_answered_in_stalls = sum(stalled(r, stalls, STALL_MS) for r in missed)
 
     timeline = seconds(
         requests,
@@ -302,6 +320,7 @@ def compute(
         marks.fault,
         deadline_ms,
         scenario.stages,
+        stalls,
     )
     f.time_to_recover_s = recovery_time(
         timeline, marks.recover - marks.fault, scenario, stage_limit(f.baseline_stage_pct), limit
@@ -384,9 +403,12 @@ def build(
     health: Sequence[HealthSample],
     stored: Mapping[str, int] | None,
     deadline_ms: float,
+    stalls: Mapping[int, float] | None = None,
 ) -> ScenarioReport:
     """Figures, bars and timeline of one scenario."""
-    figures, timeline = compute(scenario, marks, requests, samples, health, stored, deadline_ms)
+    figures, timeline = compute(
+        scenario, marks, requests, samples, health, stored, deadline_ms, stalls
+    )
     return ScenarioReport(
         scenario, marks, figures, evaluate(scenario, figures, deadline_ms), timeline
     )
@@ -401,7 +423,8 @@ def findings(reports: Sequence[ScenarioReport]) -> list[str]:
             f"baseline before the fault {_fmt(f.baseline_answered_pct, 2, ' %')} answered, "
             f"p99 {_fmt(f.baseline_p99_ms)} ms; gateway-side within the deadline "
             f"{_fmt(f.gateway_within_deadline_pct, 2, ' %')}; other processes took "
-            f"{_fmt(f.other_cpu_pct, 0, ' %')} of the CPUs"
+            f"{_fmt(f.other_cpu_pct, 0, ' %')} of the CPUs; {f.not_answered_in_stalls} of the "
+            f"{f.not_answered} requests not answered in time were open while the host stalled"
         )
         for bar in r.bars:
             if bar.passed is not False:
@@ -495,7 +518,9 @@ def to_markdown(
         f"- gateway deadline {deadline:g} ms (its default); artifacts `{run['artifacts']}`",
         f"- host: {_fmt(run.get('other_cpu_pct'), 0, ' %')} of the CPUs taken by other "
         f"processes over the run; 1-min load mean {_fmt(run.get('load1_mean'), 2)}, "
-        f"max {_fmt(run.get('load1_max'), 2)} on {run['cpus']} CPUs",
+        f"max {_fmt(run.get('load1_max'), 2)} on {run['cpus']} CPUs; "
+        f"{run.get('stall_seconds', '—')} seconds with a host stall "
+        f"(canary ≥ {STALL_MS:g} ms late)",
         f"- events: {run['events']['clicks_accepted']} clicks accepted (202), "
         f"{run['events']['clicks_stored']} stored, "
         f"**{_fmt(run['events']['clicks_lost'])} lost**, "
@@ -564,6 +589,11 @@ def to_markdown(
                 f"| drain errors / refused while no gateway listened "
                 f"| {f.drain_errors} / {f.refused} |"
             )
+        lines.append(
+            f"| requests not answered in time / open during a host stall "
+            f"| {f.not_answered} / {f.not_answered_in_stalls} (worst stall "
+            f"{_fmt(f.max_stall_ms, 0, ' ms')}) |"
+        )
         lines.append(
             f"| CPU taken by other processes on the host | {_fmt(f.other_cpu_pct, 0, ' %')} "
             f"(baseline {_fmt(f.baseline_other_cpu_pct, 0, ' %')}); 1-min load "

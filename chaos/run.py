@@ -194,6 +194,29 @@ def load_generator(
             process.wait()
 
 
+@contextlib.contextmanager
+def canary(base: Path) -> Iterator[int]:
+    """Run :mod:`chaos.canary` (writing ``base/canary.jsonl``); yields its pid."""
+    stop = base / "canary.stop"
+    command = [
+        sys.executable,
+        "-m",
+        "chaos.canary",
+        f"--out={base / 'canary.jsonl'}",
+        f"--stop-file={stop}",
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    try:
+        yield process.pid
+    finally:
+        stop.touch()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _sleep_until(wall: float) -> None:
     time.sleep(max(0.0, wall - time.time()))
 
@@ -324,8 +347,11 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         url = f"http://127.0.0.1:{layout.http_port}"
         deadline_ms = load(GatewaySettings, layout.env()).deadline_s * 1000.0
         tail = Tail(base / "requests.jsonl")
-        with load_generator(url, api_key, opts, n_users, base) as load_pid:
-            observer.extra_pids.append(load_pid)
+        with (
+            canary(base) as canary_pid,
+            load_generator(url, api_key, opts, n_users, base) as load_pid,
+        ):
+            observer.extra_pids += [canary_pid, load_pid]
             time.sleep(opts.warmup_s)
             for scenario in scenarios:
                 marks[scenario.name] = perform(scenario, control, observer, tail, deadline_ms, opts)
@@ -374,7 +400,7 @@ def _display(path: Path) -> str:
 def analyse(base: Path, opts: Options) -> bool:
     """Build the reports from the observations saved in ``base``; True when all bars hold."""
     from chaos.plot import timeline_png
-    from chaos.report import Marks, build, findings, to_json, to_markdown
+    from chaos.report import STALL_MS, Marks, build, findings, to_json, to_markdown
 
     run = json.loads((base / "run.json").read_text())
     deadline_ms = float(run["deadline_ms"])
@@ -383,12 +409,18 @@ def analyse(base: Path, opts: Options) -> bool:
     health = [HealthSample(**json.loads(line)) for line in _lines(base / "health.jsonl")]
     stored = json.loads((base / "stored.json").read_text())
     clicks: dict[str, int] = stored["clicks"]
+    stalls: dict[int, float] = {}
+    for line in _lines(base / "canary.jsonl"):
+        record = json.loads(line)
+        stalls[int(record["t"])] = float(record["max_ms"])
     scenarios = {
         s.name: s
         for s in default_scenarios(run["durations_s"]["fault"], run["durations_s"]["long_fault"])
     }
     reports = [
-        build(scenarios[name], Marks(**marks), requests, samples, health, clicks, deadline_ms)
+        build(
+            scenarios[name], Marks(**marks), requests, samples, health, clicks, deadline_ms, stalls
+        )
         for name, marks in run["marks"].items()
     ]
     accepted = {r.event_id for r in requests if r.kind == "evt" and r.ok}
@@ -397,6 +429,7 @@ def analyse(base: Path, opts: Options) -> bool:
     }
     loads = [s.load1 for s in samples]
     run |= {
+        "stall_seconds": sum(v >= STALL_MS for v in stalls.values()),
         "other_cpu_pct": other_cpu(samples, samples[0].t, samples[-1].t) if samples else None,
         "load1_mean": sum(loads) / len(loads) if loads else None,
         "load1_max": max(loads, default=None),

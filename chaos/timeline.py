@@ -112,6 +112,7 @@ class Second:
     outbox: float | None = None
     serving: bool | None = None
     other_cpu_pct: float | None = None
+    stall_ms: float | None = None
     clicks_accepted: int = 0
     clicks_failed: int = 0
 
@@ -143,6 +144,7 @@ def seconds(
     origin: float,
     deadline_ms: float,
     stages: Iterable[str] = (),
+    stalls: Mapping[int, float] | None = None,
 ) -> list[Second]:
     """One :class:`Second` for each second of ``[t0, t1)``, stamped relative to ``origin``.
 
@@ -150,6 +152,7 @@ def seconds(
     ``degraded``; ``degraded_pct`` counts any stage. ``late_pct`` is the share of
     successful answers slower than the deadline, ``error_pct`` the share without a
     successful answer. A breaker's value is the worst state seen in the second.
+    ``stalls`` maps a wall-clock second to the scheduling canary's worst oversleep in it.
     """
     wanted = set(stages)
     count = max(0, math.ceil(t1 - t0))
@@ -192,6 +195,12 @@ def seconds(
         second.outbox = max(second.outbox or 0.0, sample.outbox)
     for index, share in enumerate(other_cpu(samples, t0 + i, t0 + i + 1) for i in range(count)):
         out[index].other_cpu_pct = share
+    if stalls:
+        for index in range(count):
+            # A second of the timeline straddles two wall-clock seconds: take the worse.
+            start = math.floor(t0 + index)
+            values = [stalls[k] for k in (start, start + 1) if k in stalls]
+            out[index].stall_ms = max(values) if values else None
     for check in health:
         index = slot(check.t)
         if index is None:
@@ -249,6 +258,13 @@ def other_cpu(samples: Sequence[Sample], t0: float, t1: float, cpus: int = 0) ->
     capacity = (b.t - a.t) * (cpus or os.cpu_count() or 1)
     others = (b.cpu_busy_s - a.cpu_busy_s) - (b.cpu_ours_s - a.cpu_ours_s)
     return max(0.0, min(100.0, 100.0 * others / capacity))
+
+
+def stalled(request: Request, stalls: Mapping[int, float], threshold_ms: float) -> bool:
+    """Whether the host stalled (canary oversleep >= ``threshold_ms``) while ``request``
+    was open."""
+    first, last = math.floor(request.t), math.floor(request.t + request.ms / 1000.0)
+    return any(stalls.get(k, 0.0) >= threshold_ms for k in range(first, last + 1))
 
 
 def max_in_flight(requests: Iterable[Request], t0: float, t1: float) -> int:

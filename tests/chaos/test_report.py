@@ -131,6 +131,19 @@ def test_figures_of_a_killed_downstream() -> None:
     assert f.drain_errors is None
 
 
+def test_requests_not_answered_in_time_are_matched_with_host_stalls() -> None:
+    stalls = {t: 0.3 for t in range(30)} | {20: 60.0}
+    report = build(
+        scenario("kill-ranking"), MARKS, load(), samples(), health(), STORED, DEADLINE_MS, stalls
+    )
+    f = report.figures
+    assert (f.not_answered, f.not_answered_in_stalls, f.max_stall_ms) == (1, 1, 60.0)
+    assert (
+        "1 of the 1 requests not answered in time were open while the host stalled"
+        in (findings([report])[0])
+    )
+
+
 def test_bars_name_what_was_missed() -> None:
     report = build(
         scenario("kill-ranking"), MARKS, load(), samples(), health(), STORED, DEADLINE_MS

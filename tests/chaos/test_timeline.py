@@ -14,6 +14,7 @@ from chaos.timeline import (
     percentile,
     seconds,
     series,
+    stalled,
 )
 
 DEADLINE_MS = 100.0
@@ -111,3 +112,12 @@ def test_other_cpu_is_the_hosts_busy_time_minus_ours() -> None:
     assert other_cpu(samples, 1.0, 2.0, cpus=2) == pytest.approx(75.0)
     assert other_cpu(samples, -2.0, -1.0, cpus=2) is None
     assert other_cpu(samples, 0.2, 0.8, cpus=2) is None, "both ends fall on one sample"
+
+
+def test_stalls_mark_seconds_and_the_requests_open_in_them() -> None:
+    stalls = {100: 0.5, 101: 45.0, 103: 25.0}
+    timeline = seconds([], [], [], 100.5, 103.5, 100.5, DEADLINE_MS, stalls=stalls)
+    assert [s.stall_ms for s in timeline] == [45.0, 45.0, 25.0]
+    assert stalled(rec(100.9, 150), stalls, 20.0), "ends in a stalled second"
+    assert not stalled(rec(100.2, 150), stalls, 20.0)
+    assert not stalled(rec(102.2, 150), stalls, 20.0)
