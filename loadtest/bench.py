@@ -421,6 +421,9 @@ def to_markdown(
         "  so it scores a prefix of the pre-rank order or is skipped, and says so.",
         "- An error in a tight-deadline phase is an answer that did not reach the client",
         "  before its deadline (`DEADLINE_EXCEEDED`), whichever hop spent the time.",
+        "- The machine is shared: figures move with the load average recorded above (on the",
+        "  2-CPU development machine, the 30 ms phase answered 598 of 600 requests in time at",
+        "  load 3.4 and 349 of 600 at load 6.5). Compare runs made at similar load.",
         "",
     ]
     return "\n".join(lines)
