@@ -74,6 +74,9 @@ class Recommendation:
     degraded: list[str]
     stage_ms: dict[str, float]
     stages: list[common_pb2.StageReport] = field(default_factory=list)
+    propensities: list[float] = field(default_factory=list)
+    """Probability each shown item had of being shown (parallel to ``item_ids``; empty
+    when ranking did not answer, e.g. on a fallback)."""
 
 
 @dataclass
@@ -273,6 +276,7 @@ class Funnel:
             degraded=degraded,
             stage_ms=stage_ms,
             stages=stages,
+            propensities=list(candidates.propensities),
         )
         self._spawn(self._log_impressions(tenant, user_id, result))
         return result
@@ -348,9 +352,6 @@ class Funnel:
         knobs: _Params,
         degraded: list[str],
     ) -> ranking_pb2.RankResponse | None:
-        from services.ranking.explore import shown_propensities
-
-        shown_propensities.set(None)  # a keep-alive connection reuses the task's context
         try:
             ranking = self._ds.ranking
             reply: ranking_pb2.RankResponse = await ranking.call(
@@ -366,10 +367,6 @@ class Funnel:
                 cap_s=self._settings.ranking_budget_s,
                 idempotent=True,
             )
-            if reply.ranked.propensities:
-                shown_propensities.set(
-                    dict(zip(reply.ranked.item_ids, reply.ranked.propensities, strict=True))
-                )
             tracing.annotate(
                 candidates_in=len(retrieved.candidates.item_ids),
                 candidates_out=len(reply.ranked.item_ids),
@@ -391,11 +388,9 @@ class Funnel:
     async def _log_impressions(self, tenant: str, user_id: str, result: Recommendation) -> None:
         if not result.item_ids:
             return
-        from services.ranking.explore import shown_propensities
-
         budget_var.set(None)
         now_ms = int(time.time() * 1000)
-        propensities = shown_propensities.get() or {}  # from _rank; unknown (0) on fallbacks
+        propensities = result.propensities or [0.0] * len(result.item_ids)
         events = [
             events_pb2.Event(
                 event_id=f"{result.request_id}:{position}",
@@ -405,9 +400,11 @@ class Funnel:
                 request_id=result.request_id,
                 ts_ms=now_ms,
                 position=position,
-                propensity=propensities.get(item_id, 0.0),
+                propensity=propensity,
             )
-            for position, item_id in enumerate(result.item_ids)
+            for position, (item_id, propensity) in enumerate(
+                zip(result.item_ids, propensities, strict=True)
+            )
         ]
         with tracing.stage_span("impressions", events=len(events)) as span:
             try:

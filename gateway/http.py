@@ -62,8 +62,6 @@ def render(result: Recommendation, debug: bool) -> dict[str, Any]:
         "stage_ms": {stage: round(ms, 3) for stage, ms in result.stage_ms.items()},
     }
     if debug:
-        from services.ranking.explore import shown_propensities
-
         body["stages"] = [
             {
                 "stage": s.stage,
@@ -77,10 +75,8 @@ def render(result: Recommendation, debug: bool) -> dict[str, Any]:
             }
             for s in result.stages
         ]
-        propensities = shown_propensities.get() or {}
-        for item in body["items"]:
-            if item["item_id"] in propensities:
-                item["propensity"] = round(propensities[item["item_id"]], 6)
+        for item, propensity in zip(body["items"], result.propensities, strict=False):
+            item["propensity"] = round(propensity, 6)
     return body
 
 

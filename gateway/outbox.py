@@ -68,9 +68,7 @@ class Outbox:
         rows = [(tenant, e.SerializeToString(), trace) for e in events]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "INSERT INTO outbox (tenant, event, trace) VALUES (?, ?, ?)", rows
-            )
+            self._db.executemany("INSERT INTO outbox (tenant, event, trace) VALUES (?, ?, ?)", rows)
             self._db.execute("COMMIT")
 
     async def put(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:

@@ -17,7 +17,6 @@ The generator is seeded from the request id, so a request's list can be reproduc
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 from dataclasses import dataclass
 
@@ -93,12 +92,3 @@ def inclusion_probabilities(order_size: int, n: int, share: float, pool_size: in
         pool = probabilities[n - k : n - k + pool_size]
         pool[:] = k / pool.size
     return probabilities
-
-
-shown_propensities: contextvars.ContextVar[dict[int, float] | None] = contextvars.ContextVar(
-    "recmesh_shown_propensities", default=None
-)
-"""Caller side: item id -> propensity of the list ranking returned in this request context.
-
-The gateway sets it when ranking answers and reads it when it logs the impressions (and
-for debug output); ``None`` means no ranked list, so the propensities are unknown."""
