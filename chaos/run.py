@@ -431,6 +431,9 @@ def analyse(base: Path, opts: Options) -> bool:
     run |= {
         "stall_seconds": sum(v >= STALL_MS for v in stalls.values()),
         "other_cpu_pct": other_cpu(samples, samples[0].t, samples[-1].t) if samples else None,
+        "host_busy_pct": (
+            other_cpu(samples, samples[0].t, samples[-1].t, everyone=True) if samples else None
+        ),
         "load1_mean": sum(loads) / len(loads) if loads else None,
         "load1_max": max(loads, default=None),
         "events": {

@@ -244,8 +244,11 @@ def series(
     return points
 
 
-def other_cpu(samples: Sequence[Sample], t0: float, t1: float, cpus: int = 0) -> float | None:
-    """Share (%) of the host's CPU capacity used by other processes over ``[t0, t1]``.
+def other_cpu(
+    samples: Sequence[Sample], t0: float, t1: float, cpus: int = 0, everyone: bool = False
+) -> float | None:
+    """Share (%) of the host's CPU capacity used by other processes over ``[t0, t1]``
+    (by every process, the mesh's included, with ``everyone``).
 
     Taken between the last sample at or before ``t0`` and the last one at or before ``t1``;
     ``cpus`` defaults to this machine's count. None without two samples.
@@ -256,8 +259,10 @@ def other_cpu(samples: Sequence[Sample], t0: float, t1: float, cpus: int = 0) ->
         return None
     a, b = first[-1], last[-1]
     capacity = (b.t - a.t) * (cpus or os.cpu_count() or 1)
-    others = (b.cpu_busy_s - a.cpu_busy_s) - (b.cpu_ours_s - a.cpu_ours_s)
-    return max(0.0, min(100.0, 100.0 * others / capacity))
+    used = b.cpu_busy_s - a.cpu_busy_s
+    if not everyone:
+        used -= b.cpu_ours_s - a.cpu_ours_s
+    return max(0.0, min(100.0, 100.0 * used / capacity))
 
 
 def stalled(request: Request, stalls: Mapping[int, float], threshold_ms: float) -> bool:

@@ -108,6 +108,7 @@ def test_other_cpu_is_the_hosts_busy_time_minus_ours() -> None:
         Sample(2.0, True, cpu_busy_s=103.0, cpu_ours_s=11.0),
     ]
     assert other_cpu(samples, 0.0, 2.0, cpus=2) == pytest.approx(50.0)
+    assert other_cpu(samples, 0.0, 2.0, cpus=2, everyone=True) == pytest.approx(75.0)
     assert other_cpu(samples, 0.5, 1.5, cpus=2) == pytest.approx(25.0), "CPU of a failed scrape"
     assert other_cpu(samples, 1.0, 2.0, cpus=2) == pytest.approx(75.0)
     assert other_cpu(samples, -2.0, -1.0, cpus=2) is None
