@@ -577,9 +577,13 @@ def to_markdown(
             f"{_fmt(f.max_ms)} ms (baseline p99 {_fmt(f.baseline_p99_ms)}) |",
             f"| degraded: any stage / the fault's stages | {_fmt(f.degraded_pct, 1, ' %')} / "
             f"{_fmt(f.stage_pct, 1, ' %')} (baseline {_fmt(f.baseline_stage_pct, 1, ' %')}) |",
-            f"| breaker ({r.scenario.downstream or 'none at the gateway'}) opened "
-            f"| {_fmt(f.breaker_opened)}, after {_fmt(f.time_to_open_s, 1, ' s')}; closed "
-            f"{_fmt(f.breaker_closed_s, 1, ' s')} after the repair |",
+            (
+                f"| breaker ({r.scenario.downstream}) opened "
+                f"| {_fmt(f.breaker_opened)}, after {_fmt(f.time_to_open_s, 1, ' s')}; closed "
+                f"{_fmt(f.breaker_closed_s, 1, ' s')} after the repair |"
+                if r.scenario.downstream
+                else "| breaker | none at the gateway in front of the target |"
+            ),
             f"| repair took / recovered after | {_fmt(f.repair_s, 1, ' s')} / "
             f"{_fmt(f.time_to_recover_s, 0, ' s')} |",
             f"| attempts ÷ gateway requests | {amp} |",
@@ -638,9 +642,10 @@ health once a second. At the end the suite waits for the outbox to drain, reads 
 event log back through `EventService.Read` and stops the mesh. The exit status is 1 when
 any bar is missed.
 
-The machine is shared: the host load column shows how much else was running. Latency is
-measured by the client, on the same machine, so it includes the load generator's own
-scheduling delays."""
+The machine is shared: the "host CPU busy (others)" column shows how much CPU the host had
+left, and a scheduling canary (`chaos.canary`, a process sleeping 10 ms in a loop) records
+how late it wakes. Latency is measured by the client, on the same machine, so it includes
+the load generator's own scheduling delays; the gateway-side column leaves them out."""
 
 
 def _definitions() -> list[str]:
