@@ -134,9 +134,14 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 """Keepalive at 30 s (servers allow pings every 5 s, so no GOAWAY); retries are not
-done by the channel: the retry policy lives in one layer of :mod:`mesh`."""
+done by the channel: the retry policy lives in one layer of :mod:`mesh`. Reconnects back
+off to at most 1 s (gRPC's default grows to 120 s), so a restarted service is used again
+within about a second: the chaos suite measured 6-14 s of extra outage without this."""
 
 
 def describe_failure(exc: Exception) -> str:

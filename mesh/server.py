@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any, cast
 
 import grpc
+import redis
 from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
@@ -149,6 +150,12 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # A store the service depends on is unreachable: transient, not a bug.
+                    code = grpc.StatusCode.UNAVAILABLE
+                    span.record_exception(exc)
+                    log.warning("redis unavailable in %s: %s", method, exc)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "redis unavailable")
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         code = context.code() or grpc.StatusCode.UNKNOWN
