@@ -7,6 +7,7 @@ in about 1 ms, so it would fit in any deadline).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -510,5 +511,7 @@ async def test_a_freshness_boost_moves_fresh_items_up(
         metadata=tenant_metadata(tenant),
     )
     freshness = np.frombuffer(rows.features.values, dtype="<f4").reshape(10, -1)[:, -1]
-    # The boost dwarfs the rank-based relevance (at most 1): the page is in freshness order.
-    assert freshness.tolist() == sorted(freshness.tolist(), reverse=True)
+    # The boost (x100) dwarfs the rank-based relevance (at most 1): the page is in freshness
+    # order, except between items whose freshness differs by less than 1/100.
+    values = freshness.tolist()
+    assert all(a >= b - 0.01 for a, b in itertools.pairwise(values)), values
