@@ -210,7 +210,9 @@ class Funnel:
         tenant_var.set(tenant)
         request_id_var.set(request_id)
         limit = self._settings.deadline_s
-        budget = Budget(limit if deadline_s is None else min(deadline_s, limit))
+        deadline = limit if deadline_s is None else min(deadline_s, limit)
+        # Stages may use the deadline minus the time the gateway needs to send the answer.
+        budget = Budget(max(0.0, deadline - self._settings.reply_margin_s))
         budget_var.set(budget)
         tracing.annotate(tenant=tenant, request_id=request_id, num_items=n)
         stage_ms: dict[str, float] = {}

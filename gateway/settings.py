@@ -27,6 +27,11 @@ class GatewaySettings(ServerSettings):
     events_addr: str = downstream("events")
     quota_addr: str = downstream("quota")
     deadline_s: float = env("RECMESH_GATEWAY_DEADLINE_S", 0.100, doc="default request deadline")
+    reply_margin_s: float = env(
+        "RECMESH_GATEWAY_REPLY_MARGIN_S",
+        0.003,
+        doc="time kept back from the deadline to build and send the answer",
+    )
     quota_budget_s: float = env("RECMESH_GATEWAY_QUOTA_BUDGET_S", 0.005, doc="quota stage cap")
     experiment_budget_s: float = env(
         "RECMESH_GATEWAY_EXPERIMENT_BUDGET_S", 0.005, doc="experiment stage cap"
