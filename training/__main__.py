@@ -1,14 +1,18 @@
-"""Command line: ``python -m training train|rollback``.
+"""Command line: ``python -m training train|eval|rollback``.
 
 ``train`` runs :func:`training.pipeline.train` and prints a summary (version, wall time
-per phase, metrics). ``rollback`` moves ``current`` to the previous version, or to
-``--to VERSION``. Artifact problems exit with status 1 and the error on stderr.
+per phase, metrics). ``eval`` recomputes the metrics of an existing set (``current``, or
+``--version V``) from its files, on the world regenerated from its manifest, and prints
+them next to the stored ones (``!`` marks a difference; ``--check`` exits 2 if any).
+``rollback`` moves ``current`` to the previous version, or to ``--to VERSION``. Artifact
+problems exit with status 1 and the error on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from mesh.errors import ArtifactError
@@ -32,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--no-eval", action="store_true", help="skip offline evaluation")
     train_cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    eval_cmd = commands.add_parser("eval", help="recompute the metrics of an artifact set")
+    eval_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
+    eval_cmd.add_argument("--version", metavar="V", help="default: the current version")
+    eval_cmd.add_argument(
+        "--check", action="store_true", help="exit 2 if a metric differs from the stored one"
+    )
+
     rollback_cmd = commands.add_parser("rollback", help="move current to an older version")
     rollback_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
     rollback_cmd.add_argument("--to", metavar="VERSION", help="default: the previous version")
@@ -40,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "eval":
+            return _eval(args)
         before = resolve_current(args.root).name
         after = rollback(args.root, args.to).name
         print(f"current: {before} -> {after}")
@@ -73,6 +86,29 @@ def _train(args: argparse.Namespace) -> int:
     print("wall time (s): " + ", ".join(f"{p} {timings[p]:.1f}" for p in phases if p in timings))
     print(format_metrics(artifact_set.metrics))
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import format_metrics
+    from training.pipeline import reevaluate
+
+    path = args.root / args.version if args.version else resolve_current(args.root)
+    artifact_set = load_artifact_set(path, verify=True)
+    started = time.perf_counter()
+    metrics = reevaluate(artifact_set)
+    elapsed = time.perf_counter() - started
+    stored = artifact_set.metrics
+    print(f"version  {artifact_set.version}\npath     {artifact_set.path}")
+    print(f"evaluated in {elapsed:.1f} s")
+    print(format_metrics(metrics, stored))
+    differ = sorted(k for k in metrics if k not in stored or stored[k] != metrics[k])
+    if not stored:
+        print("(the manifest stores no metrics: built with --no-eval)")
+    elif differ:
+        print(f"{len(differ)} metric(s) differ from the stored ones: {', '.join(differ)}")
+    else:
+        print("all metrics equal the stored ones")
+    return 2 if args.check and differ else 0
 
 
 if __name__ == "__main__":

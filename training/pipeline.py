@@ -9,6 +9,7 @@ The same config (seeds included) yields the same models and metrics on the same 
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,9 +26,11 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from training.artifacts import REQUIRED_FILES, set_current, write_artifact_set
+from mesh.errors import ArtifactError
+from training.artifacts import REQUIRED_FILES, ArtifactSet, set_current, write_artifact_set
 from training.evaluate import EvalConfig, evaluate
 from training.export import export_ranker, export_user_tower
+from training.features import category_codes, item_tower_inputs, user_feature_matrix
 from training.index import build_index, write_index
 from training.prerank import PrerankConfig, train_prerank
 from training.prerank_model import save_prerank
@@ -74,6 +77,7 @@ def train(root: Path, config: TrainConfig) -> Path:
     ranker_cfg = RankerConfig(epochs=config.epochs)
     prerank_cfg = PrerankConfig(epochs=config.epochs)
     eval_cfg = EvalConfig(max_users=config.eval_users, seed=config.data_seed)
+    world_cfg = config.world_config()
     seed = config.train_seed
     root.mkdir(parents=True, exist_ok=True)
     with (
@@ -82,32 +86,36 @@ def train(root: Path, config: TrainConfig) -> Path:
     ):
         build = Path(build_dir)
         with _phase("world", timings, bar):
-            world = generate_world(config.world_config())
-            clicks = world.train.select(world.train.clicked)
+            world = generate_world(world_cfg)
+            user_x = user_feature_matrix(world)
+            codes = category_codes(world)
         with _phase("two_tower", timings, bar):
+            item_inputs = item_tower_inputs(world, codes)
             two_tower = train_two_tower(
-                world.user_features,
-                world.item_features,
-                clicks.users,
-                clicks.items,
+                user_x,
+                item_inputs,
+                world.train,
+                world.item_categories,
                 two_tower_cfg,
                 seed=seed,
                 progress=config.progress,
             )
-            item_embeddings = embed(two_tower.item_tower, world.item_features)
+            item_embeddings = embed(two_tower.item_tower, item_inputs)
+            del item_inputs
         with _phase("ranker", timings, bar):
-            examples = ranking_examples(world, ranker_cfg.exploration_share, seed=seed)
+            examples = ranking_examples(world.train, ranker_cfg.exploration_weight)
             ranker = train_ranker(
-                world.user_features,
+                user_x,
                 world.item_features,
                 examples,
                 ranker_cfg,
                 seed=seed,
+                codes=codes,
                 progress=config.progress,
             )
         with _phase("prerank", timings, bar):
             prerank = train_prerank(
-                world.user_features,
+                user_x,
                 world.item_features,
                 examples,
                 prerank_cfg,
@@ -116,12 +124,13 @@ def train(root: Path, config: TrainConfig) -> Path:
             )
         files = {name: build / file_name for name, file_name in REQUIRED_FILES.items()}
         with _phase("export", timings, bar):
-            sample_users = world.user_features[examples.users[:EXPORT_SAMPLE]]
-            sample_items = world.item_features[examples.items[:EXPORT_SAMPLE]]
+            sample = _export_sample(examples.users.size, seed)
+            sample_users = user_x[examples.users[sample]]
+            sample_items = world.item_features[examples.items[sample]]
             export_user_tower(two_tower.user_tower, files["user_tower"], sample_users)
             export_ranker(ranker, files["ranker"], sample_users, sample_items)
             save_prerank(files["prerank"], prerank)
-            _save_data(world, item_embeddings, files)
+            _save_data(world, user_x, item_embeddings, files)
         with _phase("index", timings, bar):
             index, ann_spec = build_index(item_embeddings)
             write_index(index, files["ann_index"])
@@ -132,8 +141,8 @@ def train(root: Path, config: TrainConfig) -> Path:
                 "n_users": world.config.n_users,
                 "n_items": world.config.n_items,
                 "n_categories": world.config.n_categories,
-                "user_feature_dim": world.config.user_feature_dim,
-                "item_feature_dim": world.config.item_feature_dim,
+                "user_feature_dim": int(user_x.shape[1]),
+                "item_feature_dim": int(world.item_features.shape[1]),
                 "embedding_dim": two_tower_cfg.embedding_dim,
                 "user_id_format": "u{row}",
                 "ranker_heads": list(HEADS),
@@ -141,7 +150,11 @@ def train(root: Path, config: TrainConfig) -> Path:
                 "prerank_rank": prerank_cfg.rank,
                 "ann": ann_spec.to_manifest(),
                 "epochs": config.epochs,
-                "evaluation": {"max_users": eval_cfg.max_users, "candidates": eval_cfg.candidates},
+                "evaluation": eval_cfg.to_manifest(),
+                "world": dataclasses.asdict(world_cfg),
+                "two_tower": dataclasses.asdict(two_tower_cfg),
+                "ranker": dataclasses.asdict(ranker_cfg),
+                "prerank": dataclasses.asdict(prerank_cfg),
             }
             timings["total"] = round(time.perf_counter() - started, 3)
             version_dir = write_artifact_set(
@@ -157,14 +170,58 @@ def train(root: Path, config: TrainConfig) -> Path:
     return version_dir
 
 
-def _save_data(world: World, item_embeddings: NDArray[np.float32], files: dict[str, Path]) -> None:
-    """Write the array files that come straight from the world and the item tower."""
+def reevaluate(artifact_set: ArtifactSet) -> dict[str, float]:
+    """Recompute the metrics of a built set from its files, on the world regenerated from
+    its manifest (``config.world``, or the sizes and ``seeds.data`` of older manifests) with
+    the manifest's evaluation settings. Equal to the stored ``metrics`` of a set built by
+    :func:`train` with evaluation on, on the same machine and library versions."""
+    config = artifact_set.config
+    if "world" in config:
+        world_cfg = WorldConfig(**config["world"])
+    else:
+        world_cfg = WorldConfig(
+            n_users=int(config["n_users"]),
+            n_items=int(config["n_items"]),
+            n_categories=int(config["n_categories"]),
+            seed=int(artifact_set.manifest["seeds"]["data"]),
+        )
+    eval_entry = config.get("evaluation", {})
+    if "seed" not in eval_entry:
+        eval_entry = {**eval_entry, "seed": world_cfg.seed}
+    eval_cfg = EvalConfig.from_manifest(eval_entry)
+    heads = tuple(str(h) for h in config["ranker_heads"])
+    world = generate_world(world_cfg)
+    paths = artifact_set.paths
+    user_rows = int(np.load(paths["user_features"], mmap_mode="r").shape[0])
+    if user_rows != world_cfg.n_users:
+        raise ArtifactError(
+            f"{paths['user_features']}: {user_rows} users, but the manifest's world has "
+            f"{world_cfg.n_users}"
+        )
+    return evaluate(world, paths, heads, eval_cfg)
+
+
+def _export_sample(n: int, seed: int) -> NDArray[np.int64]:
+    """Rows of the training examples used to verify the ONNX exports (a seeded sample, so
+    both logged and exploration impressions are covered)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(n, EXPORT_SAMPLE), replace=False)).astype(np.int64)
+
+
+def _save_data(
+    world: World,
+    user_features: NDArray[np.float32],
+    item_embeddings: NDArray[np.float32],
+    files: dict[str, Path],
+) -> None:
+    """Write the array files that come from the world, the pipeline's features and the
+    item tower."""
     clicks = world.train.select(world.train.clicked)
     counts = world.train_click_counts().astype(np.float64)
     per_user = np.bincount(clicks.users, minlength=world.config.n_users)
     held = world.heldout.select(world.heldout.clicked)
     np.save(files["item_embeddings"], item_embeddings.astype(np.float32))
-    np.save(files["user_features"], world.user_features)
+    np.save(files["user_features"], user_features)
     np.save(files["item_features"], world.item_features)
     np.save(files["item_categories"], world.item_categories.astype(np.int32))
     np.save(files["item_popularity"], (counts / max(counts.sum(), 1.0)).astype(np.float32))

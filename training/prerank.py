@@ -1,7 +1,8 @@
 """Training of the bilinear pre-ranker (see :mod:`training.prerank_model` for the model).
 
-Trained with binary cross-entropy on the click label of the ranker's examples; a scalar
-bias is learnt too but not exported, since it does not change the order of scores.
+Trained with binary cross-entropy on the click label of the ranker's examples (weighted like
+the ranker's, so exploration impressions count more); a scalar bias is learnt too but not
+exported, since it does not change the order of scores.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from training.prerank_model import PRERANK_ARRAYS
 from training.ranker import RankingExamples
-from training.torch_common import n_batches, seed_torch, shuffled_batches
+from training.torch_common import late_decay, n_batches, seed_torch, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -51,18 +52,23 @@ def train_prerank(
     u_feat, i_feat = torch.from_numpy(user_features), torch.from_numpy(item_features)
     u_ids, i_ids = torch.from_numpy(examples.users), torch.from_numpy(examples.items)
     clicks = torch.from_numpy(np.ascontiguousarray(examples.labels[:, 0]))
+    weights = torch.from_numpy(examples.weights)
     n = clicks.shape[0]
     batch_size = min(config.batch_size, n)
     steps = config.epochs * n_batches(n, batch_size)
+    scheduler = late_decay(optimiser, steps)
     with tqdm(total=steps, desc="prerank", disable=not progress, leave=False) as bar:
         for _ in range(config.epochs):
             for idx in shuffled_batches(n, batch_size, generator):
                 u, x = u_feat[u_ids[idx]], i_feat[i_ids[idx]]
                 logits = ((u @ user_proj) * (x @ item_proj)).sum(-1) + x @ item_bias + bias
-                loss = F.binary_cross_entropy_with_logits(logits, clicks[idx])
+                w = weights[idx]
+                loss = F.binary_cross_entropy_with_logits(logits, clicks[idx], weight=w)
+                loss = loss * (w.shape[0] / w.sum())
                 optimiser.zero_grad()
                 torch.autograd.backward(loss)
                 optimiser.step()
+                scheduler.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
     trained = (user_proj, item_proj, item_bias)

@@ -68,3 +68,12 @@ def infer(
             batch = torch.from_numpy(features[start : start + batch_size])
             out.append(fn(batch).numpy())
     return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def late_decay(optimiser: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate schedule over ``steps`` optimiser steps: the full rate for the first
+    half, then linear decay towards zero (call ``step()`` after each optimiser step)."""
+    total = max(1, steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, 2.0 * (1.0 - step / total))
+    )

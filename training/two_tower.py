@@ -1,12 +1,33 @@
-"""Two-tower retrieval model: user and item MLP towers with L2-normalised embeddings.
+"""Two-tower retrieval model: user and item towers with L2-normalised embeddings.
 
-Training objective: in-batch sampled softmax over (user, clicked item) pairs. For a batch
-of B pairs the logits are ``<u_i, v_j> / temperature - log q_j`` where ``q_j`` is the
-probability of item j appearing in a batch (its share of train clicks). This log-Q
-correction removes the popularity bias of in-batch negatives, so the model estimates the
-full softmax. Other rows holding the same item as row i are masked out of row i's
-negatives. Serving ranks items by ``<u, v>``; embeddings are unit-norm so inner product is
-cosine similarity.
+Serving ranks items by ``<u, v>`` (cosine: both embeddings are unit-norm). The towers are
+linear maps by default (``hidden_layers=0``); MLP towers are one setting away, and measured
+worse on the default world (the ground-truth click logit is bilinear in the hidden
+factors that the features project linearly; see ``docs/models.md``). The user tower reads
+the shipped user vector (profile + click-history summary); the item tower reads item
+features plus a category one-hot (:func:`training.features.item_tower_inputs`).
+
+Training minimises the sum of two losses, one step of each per optimiser step:
+
+* **Pointwise click loss** on every logged train impression (shown items, clicked or
+  not): ``BCE(sigmoid(scale * <u, v> + bias), clicked)`` with learnt ``scale`` and
+  ``bias``. Its target, P(click | shown), is what retrieval should rank by, and it is free
+  of exposure bias given the features.
+* **Sampled softmax** (weight ``softmax_weight``) over train clicks. A batch's columns are
+  the batch's clicked items (in-batch negatives) plus ``random_negatives`` items drawn
+  uniformly from the catalogue (mixed negative sampling). The logit of user i for column
+  item j is::
+
+      <u_i, v_j> / temperature  -  log(B * q_j + R / N)  +  log e(u_i, j)
+
+  ``log(B q_j + R/N)`` is the log-Q correction for the mixed proposal (q_j = j's share of
+  train clicks, B in-batch rows, R uniform draws over N items): it removes the sampling
+  bias of the negatives. ``log e(u, j)`` is an estimated exposure propensity: the user's
+  share of impressions in j's category times j's share of its category's impressions.
+  The click distribution the softmax fits is exposure times P(click | shown); adding the
+  exposure term in training leaves ``<u, v>`` to model P(click | shown). Without it the
+  model learns what the logging policy showed (measured: it over-weights popularity and the
+  user's favourite categories). Other rows' copies of row i's item are masked out.
 """
 
 from __future__ import annotations
@@ -20,7 +41,11 @@ from numpy.typing import NDArray
 from torch import nn
 from tqdm import tqdm
 
-from training.torch_common import infer, mlp, n_batches, seed_torch, shuffled_batches
+from training.torch_common import infer, late_decay, mlp, seed_torch
+from training.world import Interactions
+
+EXPOSURE_SMOOTHING = 0.3
+"""Pseudo-impressions per category in a user's estimated category exposure share."""
 
 
 @dataclass(frozen=True)
@@ -28,87 +53,176 @@ class TwoTowerConfig:
     """Hyper-parameters of the two-tower model and its training."""
 
     embedding_dim: int = 64
+    hidden_layers: int = 0
+    """Hidden layers per tower; 0 makes each tower one linear map."""
     hidden_dim: int = 128
     temperature: float = 0.1
+    """Softmax temperature; the pointwise loss learns its own scale, initialised to 1/T."""
     batch_size: int = 1024
+    """Clicks per softmax batch; each step also takes one share of the impressions."""
+    random_negatives: int = 256
+    softmax_weight: float = 0.3
     epochs: int = 3
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
 
 
 class Tower(nn.Module):
-    """MLP from dense features to an L2-normalised embedding; ``[B, F] -> [B, D]``."""
+    """Features to an L2-normalised embedding, ``[B, F] -> [B, D]``, through
+    ``hidden_layers`` ReLU layers of width ``hidden_dim`` (none: one linear map)."""
 
-    def __init__(self, feature_dim: int, hidden_dim: int, embedding_dim: int) -> None:
+    def __init__(
+        self, feature_dim: int, hidden_dim: int, embedding_dim: int, hidden_layers: int = 2
+    ) -> None:
         super().__init__()
-        self.net = mlp([feature_dim, hidden_dim, hidden_dim, embedding_dim])
+        self.net = mlp([feature_dim, *([hidden_dim] * hidden_layers), embedding_dim])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(features), dim=-1)
 
 
 class TwoTower(nn.Module):
-    """The pair of towers. Only their outputs are used; there is no joint forward."""
+    """The pair of towers plus the pointwise loss's scale and bias."""
 
     def __init__(self, user_dim: int, item_dim: int, config: TwoTowerConfig) -> None:
         super().__init__()
-        self.user_tower = Tower(user_dim, config.hidden_dim, config.embedding_dim)
-        self.item_tower = Tower(item_dim, config.hidden_dim, config.embedding_dim)
+        dims = (config.hidden_dim, config.embedding_dim, config.hidden_layers)
+        self.user_tower = Tower(user_dim, *dims)
+        self.item_tower = Tower(item_dim, *dims)
+        self.scale = nn.Parameter(torch.tensor(1.0 / config.temperature))
+        self.bias = nn.Parameter(torch.tensor(0.0))
 
 
-def in_batch_loss(
-    user_emb: torch.Tensor,
-    item_emb: torch.Tensor,
-    item_ids: torch.Tensor,
-    log_q: torch.Tensor,
+@dataclass(frozen=True)
+class _Tensors:
+    """Training data as tensors: impressions, clicks, and the correction terms."""
+
+    user_x: torch.Tensor
+    item_x: torch.Tensor
+    imp_users: torch.Tensor
+    imp_items: torch.Tensor
+    imp_clicked: torch.Tensor
+    click_users: torch.Tensor
+    click_items: torch.Tensor
+    log_proposal: torch.Tensor
+    """[N] log(B q_j + R / N)."""
+    log_user_category: torch.Tensor
+    """[n_users, n_categories] log of the user's estimated category exposure share."""
+    log_item_in_category: torch.Tensor
+    """[N] log of the item's share of its category's impressions."""
+    categories: torch.Tensor
+
+
+def _tensors(
+    user_features: NDArray[np.float32],
+    item_inputs: NDArray[np.float32],
+    logs: Interactions,
+    item_categories: NDArray[np.int32],
+    config: TwoTowerConfig,
+) -> _Tensors:
+    n_users, n_items = user_features.shape[0], item_inputs.shape[0]
+    n_categories = int(item_categories.max()) + 1
+    clicks = logs.select(logs.clicked)
+    q = np.bincount(clicks.items, minlength=n_items) / max(len(clicks), 1)
+    batch = min(config.batch_size, max(len(clicks), 1))
+    proposal = batch * q + config.random_negatives / n_items
+    categories = item_categories.astype(np.int64)
+    per_user = np.bincount(
+        logs.users * n_categories + categories[logs.items], minlength=n_users * n_categories
+    ).reshape(n_users, n_categories)
+    share = (per_user + EXPOSURE_SMOOTHING) / (
+        per_user.sum(axis=1, keepdims=True) + EXPOSURE_SMOOTHING * n_categories
+    )
+    per_item = np.bincount(logs.items, minlength=n_items) + 0.1
+    per_category = np.bincount(categories, weights=per_item, minlength=n_categories)
+    return _Tensors(
+        user_x=torch.from_numpy(user_features),
+        item_x=torch.from_numpy(item_inputs),
+        imp_users=torch.from_numpy(logs.users),
+        imp_items=torch.from_numpy(logs.items),
+        imp_clicked=torch.from_numpy(logs.clicked.astype(np.float32)),
+        click_users=torch.from_numpy(clicks.users),
+        click_items=torch.from_numpy(clicks.items),
+        log_proposal=torch.from_numpy(np.log(np.maximum(proposal, 1e-12))).float(),
+        log_user_category=torch.from_numpy(np.log(share)).float(),
+        log_item_in_category=torch.from_numpy(np.log(per_item / per_category[categories])).float(),
+        categories=torch.from_numpy(categories),
+    )
+
+
+def pointwise_loss(model: TwoTower, data: _Tensors, idx: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of ``scale * <u, v> + bias`` against the clicks of impressions ``idx``."""
+    users = model.user_tower(data.user_x[data.imp_users[idx]])
+    items = model.item_tower(data.item_x[data.imp_items[idx]])
+    logits = model.scale * (users * items).sum(dim=-1) + model.bias
+    return F.binary_cross_entropy_with_logits(logits, data.imp_clicked[idx])
+
+
+def softmax_loss(
+    model: TwoTower,
+    data: _Tensors,
+    idx: torch.Tensor,
+    random_items: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """Mean in-batch softmax cross-entropy with log-Q correction; row i's positive is
-    column i. ``log_q`` holds the log sampling probability of each column's item."""
-    logits = user_emb @ item_emb.T / temperature - log_q[None, :]
-    duplicate = item_ids[None, :] == item_ids[:, None]
-    duplicate.fill_diagonal_(False)
+    """Mean sampled-softmax cross-entropy of clicks ``idx``; row i's positive is column i,
+    the other columns are the other rows' items and then ``random_items``."""
+    users, positives = data.click_users[idx], data.click_items[idx]
+    columns = torch.cat([positives, random_items])
+    user_emb = model.user_tower(data.user_x[users])
+    item_emb = model.item_tower(data.item_x[columns])
+    logits = user_emb @ item_emb.T / temperature - data.log_proposal[columns][None, :]
+    exposure = data.log_user_category[users][:, data.categories[columns]]
+    logits = logits + exposure + data.log_item_in_category[columns][None, :]
+    duplicate = positives[:, None] == columns[None, :]
+    rows = torch.arange(positives.shape[0])
+    duplicate[rows, rows] = False
     logits = logits.masked_fill(duplicate, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(logits.shape[0]))
+    return F.cross_entropy(logits, rows)
 
 
 def train_two_tower(
     user_features: NDArray[np.float32],
-    item_features: NDArray[np.float32],
-    users: NDArray[np.int64],
-    items: NDArray[np.int64],
+    item_inputs: NDArray[np.float32],
+    logs: Interactions,
+    item_categories: NDArray[np.int32],
     config: TwoTowerConfig,
     *,
     seed: int,
     progress: bool = True,
 ) -> TwoTower:
-    """Train on positive pairs ``(users[k], items[k])`` (row ids into the feature matrices).
+    """Train on the logged impressions ``logs`` (row ids into the feature matrices).
 
     Returns the model in eval mode. Deterministic in ``seed`` and the inputs.
     """
     generator = seed_torch(seed)
-    model = TwoTower(user_features.shape[1], item_features.shape[1], config)
+    data = _tensors(user_features, item_inputs, logs, item_categories, config)
+    model = TwoTower(user_features.shape[1], item_inputs.shape[1], config)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    counts = np.bincount(items, minlength=item_features.shape[0]).astype(np.float64)
-    log_q_all = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum())).float()
-    u_feat, i_feat = torch.from_numpy(user_features), torch.from_numpy(item_features)
-    u_ids, i_ids = torch.from_numpy(users), torch.from_numpy(items)
-    batch_size = min(config.batch_size, users.shape[0])
-    steps = config.epochs * n_batches(users.shape[0], batch_size)
+    n_clicks, n_impressions = data.click_items.shape[0], data.imp_items.shape[0]
+    batch = min(config.batch_size, max(n_clicks, 1))
+    steps_per_epoch = max(1, n_clicks // batch)
+    imp_batch = max(1, n_impressions // steps_per_epoch)
+    steps = config.epochs * steps_per_epoch
+    scheduler = late_decay(optimiser, steps)
+    n_items = item_inputs.shape[0]
     model.train()
     with tqdm(total=steps, desc="two-tower", disable=not progress, leave=False) as bar:
         for _ in range(config.epochs):
-            for idx in shuffled_batches(users.shape[0], batch_size, generator):
-                batch_items = i_ids[idx]
-                loss = in_batch_loss(
-                    model.user_tower(u_feat[u_ids[idx]]),
-                    model.item_tower(i_feat[batch_items]),
-                    batch_items,
-                    log_q_all[batch_items],
-                    config.temperature,
-                )
+            click_order = torch.randperm(n_clicks, generator=generator)
+            imp_order = torch.randperm(n_impressions, generator=generator)
+            for step in range(steps_per_epoch):
+                loss = pointwise_loss(model, data, imp_order[step * imp_batch :][:imp_batch])
+                if config.softmax_weight > 0 and n_clicks > 1:
+                    random_items = torch.randint(
+                        0, n_items, (config.random_negatives,), generator=generator
+                    )
+                    idx = click_order[step * batch : (step + 1) * batch]
+                    sampled = softmax_loss(model, data, idx, random_items, config.temperature)
+                    loss = loss + config.softmax_weight * sampled
                 optimiser.zero_grad()
                 torch.autograd.backward(loss)
                 optimiser.step()
+                scheduler.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
     return model.eval()

@@ -54,6 +54,9 @@ FRESHNESS_WEIGHT = 1.0
 CLICK_BIAS = -3.5
 CONVERSION_WEIGHT = 4.0
 CONVERSION_BIAS = -1.0
+EXPLORATION_SHARE = 0.1
+"""Share of impressions from the exploration slice: uniformly random items, whatever the
+user (the serving mesh's ``explore`` source). Their outcomes are free of exposure bias."""
 POPULAR_EXPOSURE_SHARE = 0.3
 """Share of impressions drawn from global popularity; the rest follow category preference."""
 ZIPF_EXPONENT = 0.9
@@ -62,6 +65,8 @@ WITHIN_CATEGORY_SKEW = 0.5
 LOGGING_CANDIDATES = 8
 LOGGING_NOISE = 1.0
 """Gumbel scale of the logging policy's choice among its candidates (0 would be greedy)."""
+SOURCE_POLICY, SOURCE_POPULAR, SOURCE_EXPLORE = 0, 1, 2
+"""Values of :attr:`Interactions.sources`."""
 FEATURE_NOISE = 0.3
 """Std of the noise added to latent projections, relative to the projection's own std."""
 
@@ -109,6 +114,14 @@ class Interactions:
     clicked: Bools
     converted: Bools
     """Converted implies clicked."""
+    sources: NDArray[np.int8]
+    """Which slot filled each impression: :data:`SOURCE_POLICY`, :data:`SOURCE_POPULAR` or
+    :data:`SOURCE_EXPLORE`."""
+
+    @property
+    def explored(self) -> Bools:
+        """True for impressions of the exploration slice (uniformly random items)."""
+        return np.asarray(self.sources == SOURCE_EXPLORE)
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
@@ -121,6 +134,7 @@ class Interactions:
             times=self.times[mask],
             clicked=self.clicked[mask],
             converted=self.converted[mask],
+            sources=self.sources[mask],
         )
 
 
@@ -354,14 +368,21 @@ def _simulate_logs(
     users = np.repeat(np.arange(config.n_users, dtype=np.int64), counts)
     total = users.shape[0]
     items = np.empty(total, dtype=np.int64)
-    popular = rng.random(total) < POPULAR_EXPOSURE_SHARE
+    source = rng.random(total)
+    explored = source < EXPLORATION_SHARE
+    popular = ~explored & (source < EXPLORATION_SHARE + POPULAR_EXPOSURE_SHARE)
+    policy = ~(explored | popular)
+    items[explored] = rng.integers(0, config.n_items, size=int(explored.sum()), dtype=np.int64)
     items[popular] = rng.choice(config.n_items, size=int(popular.sum()), p=truth.item_exposure)
-    items[~popular] = _logging_policy(rng, config, truth, users[~popular])
+    items[policy] = _logging_policy(rng, config, truth, users[policy])
+    sources = np.full(total, SOURCE_POLICY, dtype=np.int8)
+    sources[popular] = SOURCE_POPULAR
+    sources[explored] = SOURCE_EXPLORE
     times = rng.random(total)
     order = np.lexsort((times, users))
-    users, items, times = users[order], items[order], times[order]
+    users, items, times, sources = users[order], items[order], times[order], sources[order]
     clicked, converted = _draw_outcomes(rng, truth.pair_scores(users, items))
-    return Interactions(users, items, times, clicked, converted)
+    return Interactions(users, items, times, clicked, converted, sources)
 
 
 def _logging_policy(

@@ -1,0 +1,106 @@
+"""Feature engineering done by the pipeline on top of the world's observables (torch-free).
+
+* **User history summary.** The shipped user vector (``user_features.npy``, the input of
+  ``user_tower.onnx`` and of ``ranker.onnx``) is the world's profile vector followed by a
+  summary of the user's train click history: the smoothed log share of their clicks in each
+  category bucket, ``log((clicks_b + a) / (clicks + a * n_buckets))``, column-standardised.
+  Buckets are categories (``category % HISTORY_BUCKETS`` beyond :data:`HISTORY_BUCKETS`
+  categories, so the width stays bounded). It is computed once, at the training cut, like
+  the world's other log-derived features (activity, item click counts); serving reads it
+  from the feature store like any other user feature.
+* **Category codes.** Item features carry each item's category as an 8-dimensional
+  embedding, identical for all items of a category. Models that want the category as a
+  one-hot block (the item tower, the ranker) get :class:`CategoryCodes`: the distinct code
+  per category and the columns that hold it. The ranker decodes the one-hot from those
+  columns inside its ONNX graph (nearest code), so the served inputs stay ``item_features``.
+
+Measured on the default world (see ``docs/models.md``): the history block lifts two-tower
+recall@100 by about a quarter; the category one-hot lifts the ranker's NDCG@10 by about 0.04.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from training.world import CATEGORY_EMBED_DIM, Interactions, World
+
+F32 = NDArray[np.float32]
+
+HISTORY_BUCKETS = 64
+"""Upper bound on the width of the history block."""
+HISTORY_SMOOTHING = 0.3
+"""Pseudo-count ``a`` per bucket in the smoothed log click share."""
+
+
+def history_buckets(n_categories: int) -> int:
+    """Width of the history block for a world with ``n_categories`` categories."""
+    return min(n_categories, HISTORY_BUCKETS)
+
+
+def history_summary(
+    logs: Interactions, item_categories: NDArray[np.int32], n_users: int, n_categories: int
+) -> F32:
+    """The history block ``[n_users, history_buckets(n_categories)]`` from the clicks in
+    ``logs`` (column-standardised; users without clicks get the smoothed uniform share)."""
+    buckets = history_buckets(n_categories)
+    clicks = logs.select(logs.clicked)
+    bucket = item_categories[clicks.items].astype(np.int64) % buckets
+    counts = np.bincount(clicks.users * buckets + bucket, minlength=n_users * buckets)
+    counts = counts.reshape(n_users, buckets).astype(np.float64)
+    share = (counts + HISTORY_SMOOTHING) / (
+        counts.sum(axis=1, keepdims=True) + HISTORY_SMOOTHING * buckets
+    )
+    log_share = np.log(share)
+    std = log_share.std(axis=0)
+    standard = (log_share - log_share.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    return np.asarray(standard, dtype=np.float32)
+
+
+def user_feature_matrix(world: World) -> F32:
+    """The shipped user vectors: profile features followed by the history block."""
+    history = history_summary(
+        world.train, world.item_categories, world.config.n_users, world.config.n_categories
+    )
+    return np.ascontiguousarray(np.concatenate([world.user_features, history], axis=1))
+
+
+@dataclass(frozen=True)
+class CategoryCodes:
+    """Where item features hold the category, and each category's code there.
+
+    Attributes:
+        start: first column of the category block in item features.
+        codes: float32 ``[n_categories, CATEGORY_EMBED_DIM]``; row c is category c's block.
+    """
+
+    start: int
+    codes: F32
+
+    @property
+    def stop(self) -> int:
+        return self.start + int(self.codes.shape[1])
+
+    def one_hot(self, item_categories: NDArray[np.int32]) -> F32:
+        """float32 ``[N, n_categories]`` one-hot rows of ``item_categories``."""
+        out = np.zeros((item_categories.shape[0], self.codes.shape[0]), dtype=np.float32)
+        out[np.arange(item_categories.shape[0]), item_categories] = 1.0
+        return out
+
+
+def category_codes(world: World) -> CategoryCodes:
+    """The category block of ``world.item_features`` (see :mod:`training.world`'s layout)."""
+    start = world.config.item_feature_dim - CATEGORY_EMBED_DIM - 2
+    block = world.item_features[:, start : start + CATEGORY_EMBED_DIM]
+    _, first = np.unique(world.item_categories, return_index=True)  # every category has items
+    return CategoryCodes(start=start, codes=np.ascontiguousarray(block[first]))
+
+
+def item_tower_inputs(world: World, codes: CategoryCodes) -> F32:
+    """Inputs of the item tower: item features followed by the category one-hot. Only item
+    embeddings ship, so the item tower may use inputs the served models do not see."""
+    return np.ascontiguousarray(
+        np.concatenate([world.item_features, codes.one_hot(world.item_categories)], axis=1)
+    )
