@@ -302,8 +302,8 @@ def delete_index(directory: Path) -> None:
 
 
 def wider_user_tower(directory: Path) -> None:
-    """Replace the user tower by a valid ONNX model that takes 36 user features, not 32,
-    and re-hash it in the manifest: only the shape check can catch it."""
+    """Replace the user tower by a valid ONNX model that takes 36 user features (not the
+    set's width) and re-hash it in the manifest: only the shape check can catch it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -329,7 +329,7 @@ def wider_user_tower(directory: Path) -> None:
     [
         (flip_a_byte, "ranker.onnx", "does not match its sha256"),
         (delete_index, "ann.faiss", "is missing"),
-        (wider_user_tower, "user_tower.onnx", "user_feature_dim = 32"),
+        (wider_user_tower, "user_tower.onnx", "is 36 wide"),
     ],
     ids=["wrong-hash", "missing-file", "wrong-onnx-input"],
 )
@@ -433,11 +433,15 @@ async def test_loading_a_set_does_not_stall_the_event_loop(
 def test_check_refuses_a_feature_width_change(root: Path, versions: Versions) -> None:
     """A set whose models take other feature widths than the served set cannot replace it."""
     served = RetrievalModels(root / versions.v1)
+    width = served.user_dim
     served.user_dim += 1  # as if the feature store held wider rows
-    with pytest.raises(ArtifactError, match=r"user_tower\.onnx: takes user features 32 wide"):
+    with pytest.raises(ArtifactError, match=rf"user_tower\.onnx: takes user features {width} wide"):
         RetrievalModels.replacing(root / versions.v2, served, 10)
     ranking = RankingModels(root / versions.v1, "click=1")
+    item_width = ranking.item_dim
     ranking.item_dim -= 1
-    with pytest.raises(ArtifactError, match=r"ranker\.onnx: takes item features 32 wide"):
+    with pytest.raises(
+        ArtifactError, match=rf"ranker\.onnx: takes item features {item_width} wide"
+    ):
         RankingModels.replacing(root / versions.v2, ranking, "click=1", 10)
     assert load_artifact_set(root / versions.v2).version == versions.v2

