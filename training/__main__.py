@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--categories", type=int, default=50)
     train_cmd.add_argument("--data-seed", type=int, default=0)
     train_cmd.add_argument("--train-seed", type=int, default=0)
-    train_cmd.add_argument("--epochs", type=int, default=3)
+    train_cmd.add_argument(
+        "--epochs", type=int, default=None, help="override every model's epochs (default: tuned)"
+    )
     train_cmd.add_argument("--eval-users", type=int, default=2000)
     train_cmd.add_argument("--no-eval", action="store_true", help="skip offline evaluation")
     train_cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -45,17 +45,39 @@ EXPORT_SAMPLE = 256
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything :func:`train` needs; ``epochs`` applies to each of the three models."""
+    """Everything :func:`train` needs.
+
+    ``two_tower``, ``ranker`` and ``prerank`` are the models' hyper-parameters (None: the
+    tuned defaults of their config classes); ``epochs``, when set, overrides all three
+    models' epochs (tests use 1 for speed)."""
 
     n_users: int = 5000
     n_items: int = 20000
     n_categories: int = 50
     data_seed: int = 0
     train_seed: int = 0
-    epochs: int = 3
+    epochs: int | None = None
     evaluate: bool = True
     progress: bool = True
     eval_users: int = 2000
+    two_tower: TwoTowerConfig | None = None
+    ranker: RankerConfig | None = None
+    prerank: PrerankConfig | None = None
+    user_history: bool = True
+    """Append the click-history summary to the user vectors (off only for ablations)."""
+
+    def model_configs(self) -> tuple[TwoTowerConfig, RankerConfig, PrerankConfig]:
+        """The three models' configs, ``epochs`` applied."""
+        two_tower = self.two_tower or TwoTowerConfig()
+        ranker = self.ranker or RankerConfig()
+        prerank = self.prerank or PrerankConfig()
+        if self.epochs is None:
+            return two_tower, ranker, prerank
+        return (
+            dataclasses.replace(two_tower, epochs=self.epochs),
+            dataclasses.replace(ranker, epochs=self.epochs),
+            dataclasses.replace(prerank, epochs=self.epochs),
+        )
 
     def world_config(self) -> WorldConfig:
         """The world this config trains on (sizes and ``data_seed``)."""
@@ -73,9 +95,7 @@ def train(root: Path, config: TrainConfig) -> Path:
     ``timings_s``."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    two_tower_cfg = TwoTowerConfig(epochs=config.epochs)
-    ranker_cfg = RankerConfig(epochs=config.epochs)
-    prerank_cfg = PrerankConfig(epochs=config.epochs)
+    two_tower_cfg, ranker_cfg, prerank_cfg = config.model_configs()
     eval_cfg = EvalConfig(max_users=config.eval_users, seed=config.data_seed)
     world_cfg = config.world_config()
     seed = config.train_seed
@@ -87,10 +107,12 @@ def train(root: Path, config: TrainConfig) -> Path:
         build = Path(build_dir)
         with _phase("world", timings, bar):
             world = generate_world(world_cfg)
-            user_x = user_feature_matrix(world)
+            user_x = user_feature_matrix(world, history=config.user_history)
             codes = category_codes(world)
         with _phase("two_tower", timings, bar):
-            item_inputs = item_tower_inputs(world, codes)
+            item_inputs = item_tower_inputs(
+                world, codes if two_tower_cfg.category_one_hot else None
+            )
             two_tower = train_two_tower(
                 user_x,
                 item_inputs,
@@ -110,7 +132,7 @@ def train(root: Path, config: TrainConfig) -> Path:
                 examples,
                 ranker_cfg,
                 seed=seed,
-                codes=codes,
+                codes=codes if ranker_cfg.category_one_hot else None,
                 progress=config.progress,
             )
         with _phase("prerank", timings, bar):
@@ -149,7 +171,11 @@ def train(root: Path, config: TrainConfig) -> Path:
                 "ranker_head_weights": dict(eval_cfg.head_weights),
                 "prerank_rank": prerank_cfg.rank,
                 "ann": ann_spec.to_manifest(),
-                "epochs": config.epochs,
+                "epochs": {
+                    "two_tower": two_tower_cfg.epochs,
+                    "ranker": ranker_cfg.epochs,
+                    "prerank": prerank_cfg.epochs,
+                },
                 "evaluation": eval_cfg.to_manifest(),
                 "world": dataclasses.asdict(world_cfg),
                 "two_tower": dataclasses.asdict(two_tower_cfg),

@@ -12,7 +12,7 @@
 * **Wide part:** per task, a rank-``wide_rank`` bilinear term ``(u Bu) . (x Bi)`` plus
   linear terms in ``u`` and ``x``. The world's click and conversion logits are bilinear
   in hidden factors that the features project linearly; the MLP experts alone learn that
-  slowly (measured: conversion AUC 0.75 without the wide part, 0.77 with it).
+  slowly (measured: held-out conversion AUC 0.758 without the wide part, 0.780 with it).
 * **Heads (ESMM):** task logits ``c`` (click) and ``v`` (conversion given click) are the sum
   of the two parts; ``P(click) = sigmoid(c)``, ``P(click and conversion) = sigmoid(c) *
   sigmoid(v)``. Both heads train on every impression (the second on "clicked and converted"),
@@ -55,10 +55,15 @@ class RankerConfig:
     interaction_dim: int = 32
     """Width of the learnt projected interaction ``(u @ Wu) * (x @ Wi)`` fed to the experts."""
     wide_rank: int = 64
+    """Rank of each task's wide bilinear term (0: no wide part)."""
+    category_one_hot: bool = True
+    """Decode the category one-hot from the item features (the pipeline passes the codes)."""
     batch_size: int = 2048
     epochs: int = 3
     learning_rate: float = 3e-3
-    exploration_weight: float = 3.0
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    exploration_weight: float = 1.0
     """Loss weight of exploration-slice impressions relative to the others."""
 
 
@@ -122,8 +127,9 @@ class MultiTaskRanker(nn.Module):
         self.gates = nn.ModuleList(nn.Linear(in_dim, config.n_experts) for _ in HEADS)
         self.towers = nn.ModuleList(mlp([config.expert_dim, config.tower_dim, 1]) for _ in HEADS)
         self.rank = config.wide_rank
-        self.wide_user = nn.Linear(user_dim, config.wide_rank * len(HEADS), bias=False)
-        self.wide_item = nn.Linear(item_in, config.wide_rank * len(HEADS), bias=False)
+        if self.rank > 0:
+            self.wide_user = nn.Linear(user_dim, config.wide_rank * len(HEADS), bias=False)
+            self.wide_item = nn.Linear(item_in, config.wide_rank * len(HEADS), bias=False)
         self.linear_user = nn.Linear(user_dim, len(HEADS))
         self.linear_item = nn.Linear(item_in, len(HEADS), bias=False)
 
@@ -138,11 +144,11 @@ class MultiTaskRanker(nn.Module):
         for gate, tower in zip(self.gates, self.towers, strict=True):
             weights = torch.softmax(gate(deep_in), dim=-1).unsqueeze(-1)  # [B, E, 1]
             deep.append(tower((weights * experts).sum(dim=1)))
-        heads = len(HEADS)
-        bilinear = self.wide_user(u).view(-1, heads, self.rank) * self.wide_item(x).view(
-            -1, heads, self.rank
-        )
-        wide: torch.Tensor = bilinear.sum(dim=-1) + self.linear_user(u) + self.linear_item(x)
+        wide: torch.Tensor = self.linear_user(u) + self.linear_item(x)
+        if self.rank > 0:
+            heads = len(HEADS)
+            left = self.wide_user(u).view(-1, heads, self.rank)
+            wide = wide + (left * self.wide_item(x).view(-1, heads, self.rank)).sum(dim=-1)
         return torch.cat(deep, dim=-1) + wide
 
     def log_probs(self, user_features: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
@@ -184,7 +190,9 @@ def train_ranker(
     """Train with the weighted per-head binary cross-entropy; returns the model in eval mode."""
     generator = seed_torch(seed)
     model = MultiTaskRanker(user_features.shape[1], item_features.shape[1], config, codes)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     u_feat, i_feat = torch.from_numpy(user_features), torch.from_numpy(item_features)
     u_ids, i_ids = torch.from_numpy(examples.users), torch.from_numpy(examples.items)
     labels, weights = torch.from_numpy(examples.labels), torch.from_numpy(examples.weights)

@@ -56,12 +56,14 @@ class TwoTowerConfig:
     hidden_layers: int = 0
     """Hidden layers per tower; 0 makes each tower one linear map."""
     hidden_dim: int = 128
-    temperature: float = 0.1
+    temperature: float = 0.2
     """Softmax temperature; the pointwise loss learns its own scale, initialised to 1/T."""
     batch_size: int = 1024
     """Clicks per softmax batch; each step also takes one share of the impressions."""
     random_negatives: int = 256
     softmax_weight: float = 0.3
+    category_one_hot: bool = True
+    """Give the item tower the category one-hot besides the item features."""
     epochs: int = 3
     learning_rate: float = 1e-2
 

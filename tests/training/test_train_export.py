@@ -11,6 +11,7 @@ import torch
 
 from mesh.errors import ArtifactError
 from training.export import TOLERANCE, export_ranker, export_user_tower, verify_onnx
+from training.features import CategoryCodes
 from training.ranker import HEADS, MultiTaskRanker, RankerConfig
 from training.two_tower import Tower
 
@@ -43,24 +44,48 @@ def test_user_tower_onnx_matches_torch(tmp_path: Path) -> None:
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("item_dim", [USER_DIM, ITEM_DIM])
-def test_ranker_onnx_matches_torch(tmp_path: Path, item_dim: int) -> None:
-    """Both with equal widths (adds the elementwise u * x block) and without."""
+def _codes(n_categories: int, seed: int) -> CategoryCodes:
+    """Category codes in columns 4..11 of the item features."""
+    table = np.random.default_rng(seed).standard_normal((n_categories, 8)).astype(np.float32)
+    return CategoryCodes(start=4, codes=table)
+
+
+def _items_with_categories(n: int, codes: CategoryCodes, seed: int) -> np.ndarray:
+    """Item features whose category block holds a code, like the world's."""
+    items = _features(n, ITEM_DIM, seed)
+    categories = np.random.default_rng(seed).integers(0, codes.codes.shape[0], size=n)
+    items[:, codes.start : codes.stop] = codes.codes[categories]
+    return items
+
+
+@pytest.mark.parametrize(
+    ("codes", "wide_rank"), [(None, 64), (_codes(12, 5), 64), (_codes(12, 5), 0)]
+)
+def test_ranker_onnx_matches_torch(
+    tmp_path: Path, codes: CategoryCodes | None, wide_rank: int
+) -> None:
+    """The multi-task ranker, with and without the in-graph category decoder and the wide
+    part, agrees with torch within TOLERANCE on both heads at any batch size."""
     torch.manual_seed(0)
-    ranker = MultiTaskRanker(USER_DIM, item_dim, RankerConfig()).eval()
+    config = RankerConfig(wide_rank=wide_rank)
+    ranker = MultiTaskRanker(USER_DIM, ITEM_DIM, config, codes).eval()
     path = tmp_path / "ranker.onnx"
-    export_ranker(ranker, path, _features(64, USER_DIM, 1), _features(64, item_dim, 2))
+    sample_codes = codes or _codes(3, 1)
+    export_ranker(
+        ranker, path, _features(64, USER_DIM, 1), _items_with_categories(64, sample_codes, 2)
+    )
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["user_features", "item_features"]
     assert [o.name for o in session.get_outputs()] == ["scores"]
     for batch in (1, 333):
-        u, x = _features(batch, USER_DIM, 3), _features(batch, item_dim, 4)
+        u, x = _features(batch, USER_DIM, 3), _items_with_categories(batch, sample_codes, 4)
         got = session.run(None, {"user_features": u, "item_features": x})[0]
         with torch.no_grad():
             want = ranker(torch.from_numpy(u), torch.from_numpy(x)).numpy()
-        assert got.shape == (batch, len(HEADS))
+        assert got.shape == (batch, len(HEADS)) and got.dtype == np.float32
         assert ((got >= 0) & (got <= 1)).all()
+        assert (got[:, 1] <= got[:, 0] + 1e-7).all()  # P(click and conversion) <= P(click)
         assert np.abs(got - want).max() <= TOLERANCE
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +13,20 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from training.__main__ import main
 from training.artifacts import (
+    MANIFEST,
     REQUIRED_FILES,
     ArtifactSet,
     list_versions,
     load_artifact_set,
     resolve_current,
     rollback,
+    set_current,
 )
-from training.pipeline import TrainConfig, train
+from training.bench import main as bench_main
+from training.features import history_buckets
+from training.pipeline import TrainConfig, reevaluate, train
 from training.prerank_model import load_prerank, prerank_pair_scores, prerank_scores
 
 REQUIRED_METRICS = (
@@ -30,6 +37,8 @@ REQUIRED_METRICS = (
     "ranking.ndcg@10.prerank",
     "ranking.ndcg@10.heavy",
     "ranking.ndcg@10.oracle",
+    "ranking.auc.click",
+    "ranking.auc.conversion",
 )
 
 
@@ -45,12 +54,68 @@ def test_manifest_describes_the_set(tiny_set: ArtifactSet, tiny_config: TrainCon
     expected = (tiny_config.n_users, tiny_config.n_items, tiny_config.n_categories)
     assert (c["n_users"], c["n_items"], c["n_categories"]) == expected
     assert c["ranker_heads"] == ["click", "conversion"]
+    world = c["world"]
+    assert (world["n_users"], world["n_items"], world["seed"]) == (
+        tiny_config.n_users,
+        tiny_config.n_items,
+        tiny_config.data_seed,
+    )
+    history = history_buckets(tiny_config.n_categories)
+    assert c["user_feature_dim"] == world["user_feature_dim"] + history
+    assert c["item_feature_dim"] == world["item_feature_dim"]
+    assert c["evaluation"]["max_users"] == tiny_config.eval_users
+    assert c["epochs"] == {"two_tower": 1, "ranker": 1, "prerank": 1}
     assert c["ann"]["type"] == "flat_ip" and c["ann"]["metric"] == "inner_product"
     assert set(m["files"]) == set(REQUIRED_FILES)
     assert set(m["libraries"]) >= {"torch", "onnxruntime", "faiss", "numpy"}
     for key in REQUIRED_METRICS:
         assert 0.0 <= tiny_set.metrics[key] <= 1.0, key
     assert tiny_set.metrics["ann.recall@100_vs_exact"] == pytest.approx(1.0)
+
+
+def test_metrics_are_consistent(tiny_set: ArtifactSet) -> None:
+    """Relations that hold by construction of the evaluation, whatever the models learnt."""
+    m = tiny_set.metrics
+    assert m["ranking.ndcg@10.oracle"] == pytest.approx(1.0)
+    for k in (50, 100, 500):
+        assert m[f"retrieval.oracle_recall@{k}"] >= m[f"retrieval.recall@{k}"]
+        assert m[f"retrieval.oracle_recall@{k}"] >= m[f"retrieval.popularity_recall@{k}"]
+    assert m["retrieval.recall@50"] <= m["retrieval.recall@100"] <= m["retrieval.recall@500"]
+    for name in ("prerank", "heavy", "feature_oracle", "retrieval", "random"):
+        assert 0.0 < m[f"ranking.ndcg@10.{name}"] <= m["ranking.ndcg@10.oracle"], name
+    # Even one epoch on a tiny world learns something.
+    assert m["retrieval.recall@100"] > m["retrieval.popularity_recall@100"]
+    assert m["ranking.ndcg@10.heavy"] > m["ranking.ndcg@10.random"]
+    assert m["ranking.auc.click"] > 0.6
+
+
+def test_eval_reproduces_the_stored_metrics(
+    tiny_root: Path, tiny_set: ArtifactSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert reevaluate(tiny_set) == tiny_set.metrics
+    argv = ["eval", "--root", str(tiny_root), "--version", tiny_set.version, "--check"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert tiny_set.version in out and "all metrics equal the stored ones" in out
+    assert "retrieval.recall@100" in out
+    assert main(["eval", "--root", str(tiny_root), "--version", "no-such-version"]) == 1
+    assert "no-such-version" in capsys.readouterr().err
+
+
+def test_eval_check_flags_a_stored_metric_that_differs(
+    tiny_set: ArtifactSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "artifacts"
+    copy = root / tiny_set.version
+    shutil.copytree(tiny_set.path, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["metrics"]["retrieval.recall@100"] += 0.25
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    set_current(root, tiny_set.version)
+    assert main(["eval", "--root", str(root)]) == 0
+    assert main(["eval", "--root", str(root), "--check"]) == 2
+    out = capsys.readouterr().out
+    assert "differ from the stored ones: retrieval.recall@100" in out
 
 
 def test_user_tower_runs_with_declared_shapes(tiny_set: ArtifactSet) -> None:
@@ -130,7 +195,17 @@ def test_same_seeds_same_metrics_and_rollback(
 
 def test_services_can_import_without_torch() -> None:
     code = (
-        "import sys, training.artifacts, training.prerank_model, training.index;"
+        "import sys, training.artifacts, training.prerank_model, training.index, training.bench;"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_reports_serving_timings(
+    tiny_set: ArtifactSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tiny_set.path.parent
+    assert bench_main(["--root", str(root), "--version", tiny_set.version, "--queries", "30"]) == 0
+    out = capsys.readouterr().out
+    for line in ("index_load_s", "ann_ms         k=500", "user_tower_ms", "verify_s"):
+        assert line in out

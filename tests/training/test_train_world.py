@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.world import World, WorldConfig, generate_world
+from training.world import (
+    EXPLORATION_SHARE,
+    SOURCE_EXPLORE,
+    SOURCE_POLICY,
+    SOURCE_POPULAR,
+    World,
+    WorldConfig,
+    generate_world,
+)
 
 SMALL = WorldConfig(n_users=300, n_items=3000, n_categories=10, seed=7)
 
@@ -22,7 +30,7 @@ def test_same_seed_gives_identical_world(world: World) -> None:
     np.testing.assert_array_equal(world.item_categories, again.item_categories)
     for part in ("train", "heldout"):
         ours, theirs = getattr(world, part), getattr(again, part)
-        for field in ("users", "items", "times", "clicked", "converted"):
+        for field in ("users", "items", "times", "clicked", "converted", "sources"):
             np.testing.assert_array_equal(getattr(ours, field), getattr(theirs, field))
 
 
@@ -61,6 +69,23 @@ def test_logs_are_sorted_and_conversion_implies_click(world: World) -> None:
         assert not (logs.converted & ~logs.clicked).any()
     ctr = world.train.clicked.mean()
     assert 0.05 < ctr < 0.8
+
+
+def test_logs_carry_an_unbiased_exploration_slice(world: World) -> None:
+    """About EXPLORATION_SHARE of impressions show uniformly random items; the others are
+    exposure-biased (popular items are shown far more often than under uniform exposure)."""
+    sources = np.concatenate([world.train.sources, world.heldout.sources])
+    assert set(np.unique(sources)) == {SOURCE_POLICY, SOURCE_POPULAR, SOURCE_EXPLORE}
+    explored = sources == SOURCE_EXPLORE
+    assert explored.mean() == pytest.approx(EXPLORATION_SHARE, abs=0.01)
+    np.testing.assert_array_equal(world.train.explored, world.train.sources == SOURCE_EXPLORE)
+    items = np.concatenate([world.train.items, world.heldout.items])
+    exposure = world.truth.item_exposure
+    uniform_mean = exposure.mean()
+    # Under uniform exposure the mean exposure weight of shown items is the catalogue mean.
+    assert exposure[items[explored]].mean() == pytest.approx(uniform_mean, rel=0.15)
+    assert exposure[items[~explored]].mean() > 3 * uniform_mean
+    assert world.heldout.explored.any()
 
 
 def test_oracle_scores_are_probabilities_consistent_with_pairs(world: World) -> None:

@@ -1,0 +1,90 @@
+"""Pipeline features (history summary, category codes) and the feature-limited oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.features import (
+    HISTORY_BUCKETS,
+    category_codes,
+    history_summary,
+    item_tower_inputs,
+    user_feature_matrix,
+)
+from training.ranker import CategoryDecoder
+from training.reference import feature_oracle
+from training.world import World, WorldConfig, generate_world
+
+SMALL = WorldConfig(n_users=300, n_items=3000, n_categories=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return generate_world(SMALL)
+
+
+def test_user_vectors_append_a_standardised_history_block(world: World) -> None:
+    users = user_feature_matrix(world)
+    assert users.dtype == np.float32 and users.flags.c_contiguous
+    assert users.shape == (SMALL.n_users, SMALL.user_feature_dim + SMALL.n_categories)
+    np.testing.assert_array_equal(users[:, : SMALL.user_feature_dim], world.user_features)
+    history = users[:, SMALL.user_feature_dim :]
+    assert np.isfinite(history).all()
+    np.testing.assert_allclose(history.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(history.std(axis=0), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(user_feature_matrix(world, history=False), world.user_features)
+
+
+def test_history_is_the_standardised_smoothed_log_click_share(world: World) -> None:
+    clicks = world.train.select(world.train.clicked)
+    counts = np.zeros((SMALL.n_users, SMALL.n_categories))
+    np.add.at(counts, (clicks.users, world.item_categories[clicks.items]), 1)
+    summary = history_summary(world.train, world.item_categories, SMALL.n_users, SMALL.n_categories)
+    # Undo the per-column standardisation: per-column affine maps with positive slopes.
+    log_share = np.log((counts + 0.3) / (counts.sum(axis=1, keepdims=True) + 0.3 * 12))
+    slope = log_share.std(axis=0) / summary.std(axis=0)
+    assert (slope > 0).all()
+    restored = summary * slope + (log_share.mean(axis=0) - summary.mean(axis=0) * slope)
+    np.testing.assert_allclose(restored, log_share, atol=1e-4)
+
+
+def test_history_width_is_bounded() -> None:
+    n_categories = HISTORY_BUCKETS + 36
+    world = generate_world(WorldConfig(n_users=50, n_items=500, n_categories=n_categories))
+    summary = history_summary(world.train, world.item_categories, 50, n_categories)
+    assert summary.shape == (50, HISTORY_BUCKETS)
+
+
+def test_category_codes_decode_every_item(world: World) -> None:
+    codes = category_codes(world)
+    assert codes.codes.shape == (SMALL.n_categories, 8)
+    block = world.item_features[:, codes.start : codes.stop]
+    np.testing.assert_array_equal(block, codes.codes[world.item_categories])
+    decoder = CategoryDecoder(codes)
+    with torch.no_grad():
+        one_hot = decoder(torch.from_numpy(world.item_features)).numpy()
+    np.testing.assert_array_equal(one_hot.argmax(axis=1), world.item_categories)
+    assert one_hot.max(axis=1).min() > 0.999
+    inputs = item_tower_inputs(world, codes)
+    assert inputs.shape == (SMALL.n_items, SMALL.item_feature_dim + SMALL.n_categories)
+    np.testing.assert_array_equal(
+        inputs[:, SMALL.item_feature_dim :], codes.one_hot(world.item_categories)
+    )
+    np.testing.assert_array_equal(item_tower_inputs(world, None), world.item_features)
+
+
+def test_feature_oracle_estimates_the_hidden_variables(world: World) -> None:
+    users = user_feature_matrix(world)
+    estimate = feature_oracle(world, users, world.item_features)
+    truth = world.truth
+    for name in ("user_latent", "user_conversion", "user_category_pref", "item_latent"):
+        got, want = getattr(estimate, name), getattr(truth, name)
+        assert got.shape == want.shape and got.dtype == np.float32, name
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.5, name
+    assert estimate.item_static_logit.shape == truth.item_static_logit.shape
+    # Everything observable is kept as is.
+    np.testing.assert_array_equal(estimate.item_categories, truth.item_categories)
+    pair = estimate.pair_scores(np.array([0, 1]), np.array([5, 6]))
+    assert ((pair.click > 0) & (pair.click < 1)).all()
