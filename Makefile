@@ -38,11 +38,13 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(BIN)/recmesh protos --check
 
-# Benchmarks: the whole mesh as processes (a small seeded artifact set trained for the run),
-# per-stage p50/p99 and end to end at a fixed rate; writes docs/benchmarks.md (~4 minutes).
-# Override with BENCH_ARGS, e.g. make bench BENCH_ARGS="--rate 100 --duration 60".
+# Benchmark: the mesh and the monolith (a small seeded artifact set trained for the run) under
+# steps of offered load, 25..250 recommendations/s for 30 s each; p50/p95/p99, errors and CPU
+# per process; writes docs/benchmarks.md and docs/bench/steps.{json,md,png} (~10 minutes).
+# Override with BENCH_ARGS, e.g. make bench BENCH_ARGS="--target mesh --rates 10,20 --step-s 5".
+# The per-stage latency benchmark: .venv/bin/python -m loadtest.bench (docs/bench/stages.md).
 bench: $(STAMP)
-	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+	$(BIN)/python -m loadtest.steps $(BENCH_ARGS)
 
 # Chaos suite: the whole mesh under locust load, one fault at a time (~10 minutes).
 # Writes docs/chaos.md, docs/chaos/report.json and docs/chaos/*.png; fails when a bar is missed.

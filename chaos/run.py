@@ -18,14 +18,12 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ from typing import Any
 
 from chaos.scenarios import Scenario, default_scenarios, select
 from chaos.timeline import HealthSample, Request, Sample, other_cpu
+from loadtest.harness import mesh_layout, write_tenants
+from loadtest.traffic import PER_USER_RATE
 
 PROJECT = Path(__file__).resolve().parent.parent
 TENANT = "demo"
@@ -61,22 +61,6 @@ class Options:
     artifacts: Path | None = None
     keep: bool = False
     seed: int = 0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def write_tenants(path: Path, api_key: str) -> Path:
-    """A tenant registry with one tenant whose quota the suite never reaches."""
-    digest = hashlib.sha256(api_key.encode()).hexdigest()
-    document = {"tenants": {TENANT: {"api_key_sha256": digest, "rate": 1000, "burst": 2000}}}
-    path.write_text(json.dumps(document))
-    return path
 
 
 def ensure_artifacts(explicit: Path | None, base: Path) -> tuple[Path, int]:
@@ -171,6 +155,7 @@ def load_generator(
         "chaos.load",
         f"--url={url}",
         f"--api-key={api_key}",
+        f"--tenant={TENANT}",
         f"--rate={opts.rate}",
         f"--click-share={opts.click_share}",
         f"--n-users={n_users}",
@@ -181,7 +166,7 @@ def load_generator(
     ]
     with open(base / "load.log", "ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            command, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
     try:
         yield process.pid
@@ -318,7 +303,6 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
     """Start the mesh, run ``scenarios`` under load and save every observation in ``base``."""
     from chaos.observe import Observer, read_events
     from gateway.settings import GatewaySettings
-    from mesh.ports import DEFAULT_PORTS
     from mesh.settings import load
     from ops import supervisor
 
@@ -326,14 +310,8 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
     t_begin = time.monotonic()
     artifacts, n_users = ensure_artifacts(opts.artifacts, base)
     api_key = "chaos-" + secrets.token_hex(12)
-    layout = supervisor.Layout(
-        var_dir=base / "var",
-        artifacts=artifacts,
-        ports={name: free_port() for name in DEFAULT_PORTS},
-        http_port=free_port(),
-        redis_port=free_port(),
-        tenants=write_tenants(base / "tenants.json", api_key),
-    )
+    tenants = write_tenants(base / "tenants.json", {TENANT: api_key}, rate=1000, burst=2000)
+    layout = mesh_layout(base, artifacts, tenants)
     control = Control(layout)
     observer = Observer(layout)
     marks: dict[str, Any] = {}
@@ -375,7 +353,7 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         "host": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "cpus": os.cpu_count(),
         "rate": opts.rate,
-        "users": max(1, round(opts.rate / 0.5)),
+        "users": max(1, round(opts.rate / PER_USER_RATE)),
         "click_share": opts.click_share,
         "artifacts": _display(artifacts),
         "durations_s": {

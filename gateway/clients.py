@@ -22,6 +22,7 @@ class Downstreams:
     """Every service the gateway calls, each behind its breaker, retry budget and bulkhead.
 
     The feature service is not called by the gateway; its channel is kept for ``/healthz``.
+    In-process downstreams (the monolith baseline) have no channel and no health entry.
     """
 
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]
@@ -29,31 +30,34 @@ class Downstreams:
     retrieval: Downstream[retrieval_pb2_grpc.RetrievalServiceAsyncStub]
     ranking: Downstream[ranking_pb2_grpc.RankingServiceAsyncStub]
     events: Downstream[events_pb2_grpc.EventServiceAsyncStub]
-    feature_channel: grpc.aio.Channel
+    feature_channel: grpc.aio.Channel | None
 
     @classmethod
     def open(cls, settings: GatewaySettings) -> Downstreams:
         """Open channels to every address in ``settings`` (inside the running loop)."""
         return cls(
-            quota=Downstream("quota", settings.quota_addr, quota_pb2_grpc.QuotaServiceStub),
-            experiment=Downstream(
+            quota=Downstream.open("quota", settings.quota_addr, quota_pb2_grpc.QuotaServiceStub),
+            experiment=Downstream.open(
                 "experiment", settings.experiment_addr, experiment_pb2_grpc.ExperimentServiceStub
             ),
-            retrieval=Downstream(
+            retrieval=Downstream.open(
                 "retrieval", settings.retrieval_addr, retrieval_pb2_grpc.RetrievalServiceStub
             ),
-            ranking=Downstream(
+            ranking=Downstream.open(
                 "ranking", settings.ranking_addr, ranking_pb2_grpc.RankingServiceStub
             ),
-            events=Downstream("events", settings.events_addr, events_pb2_grpc.EventServiceStub),
+            events=Downstream.open(
+                "events", settings.events_addr, events_pb2_grpc.EventServiceStub
+            ),
             feature_channel=open_channel(settings.feature_addr),
         )
 
     @property
     def channels(self) -> dict[str, grpc.aio.Channel]:
-        """Every downstream's channel by service name."""
+        """Every downstream's channel by service name (in-process ones have none)."""
         guarded = (self.quota, self.experiment, self.retrieval, self.ranking, self.events)
-        return {d.name: d.channel for d in guarded} | {"feature": self.feature_channel}
+        channels = {d.name: d.channel for d in guarded} | {"feature": self.feature_channel}
+        return {name: channel for name, channel in channels.items() if channel is not None}
 
     async def connect(self) -> None:
         """Open every channel now (start-up), so first requests do not pay for connecting."""

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from recmesh.common.v1 import common_pb2
 
 from gateway.clients import Downstreams
@@ -88,12 +88,26 @@ def _error_response(exc: RecMeshError) -> web.Response:
 
 
 class HttpApi:
-    """Routes of the public HTTP API."""
+    """Routes of the public HTTP API.
+
+    Once :meth:`drain` was awaited the API keeps answering every request as before, but
+    with ``Connection: close``, and ``/healthz`` reports 503.
+    """
 
     def __init__(self, funnel: Funnel, tenants: TenantRegistry, downstreams: Downstreams) -> None:
         self._funnel = funnel
         self._tenants = tenants
         self._downstreams = downstreams
+        self._draining = False
+
+    async def drain(self) -> None:
+        """Close every connection after its next response from now on (a drain hook).
+
+        Keep-alive clients then open a new connection per request instead of sending one
+        on an idle connection just as the listener closes it; once the listener is gone
+        they are refused, not reset mid-request.
+        """
+        self._draining = True
 
     def _tenant(self, request: web.Request) -> Tenant:
         key = request.headers.get(API_KEY, "")
@@ -105,6 +119,7 @@ class HttpApi:
 
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes, middlewares=[self._observe])
+        app.on_response_prepare.append(self._close_while_draining)
         app.add_routes(
             [
                 web.post("/v1/recommend", self.recommend),
@@ -144,6 +159,16 @@ class HttpApi:
         LATENCY.labels("http", route).observe(time.perf_counter() - started, tracing.exemplar(span))
         return response
 
+    async def _close_while_draining(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        # A signal, not a middleware: it also sees responses raised past the middlewares
+        # (404, 405). It is sent after aiohttp chose the Connection header, so set it too:
+        # force_close() alone closes the connection without telling the client.
+        if self._draining:
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
+
     async def recommend(self, request: web.Request) -> web.Response:
         tenant = self._tenant(request)
         body = parse_recommend(await request.read())
@@ -169,10 +194,15 @@ class HttpApi:
         return web.json_response({"accepted": len(events)}, status=202)
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """200 while every dependency is SERVING and the API is not draining, else 503."""
         statuses = await self._downstreams.health()
-        healthy = all(status == "SERVING" for status in statuses.values())
+        healthy = not self._draining and all(s == "SERVING" for s in statuses.values())
         return web.json_response(
-            {"status": "SERVING" if healthy else "NOT_SERVING", "dependencies": statuses},
+            {
+                "status": "SERVING" if healthy else "NOT_SERVING",
+                "draining": self._draining,
+                "dependencies": statuses,
+            },
             status=200 if healthy else 503,
         )
 

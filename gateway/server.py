@@ -21,44 +21,63 @@ from services.experiment.assignment import load_experiments
 
 @dataclass
 class HttpListener:
-    """The aiohttp listener; ``port`` is the bound port once started."""
+    """The aiohttp listener; ``port`` is the bound port once started.
+
+    ``shutdown_timeout_s`` is how long requests in flight when it stops get to finish.
+    """
 
     app: web.Application
     host: str
     port: int
+    shutdown_timeout_s: float
     runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        """Bind and serve; set ``port`` to the bound port (useful with port 0)."""
+        self.runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.shutdown_timeout_s,
+        )
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_port=False)
         await site.start()
         self.port = int(self.runner.addresses[0][1])
 
     async def stop(self) -> None:
+        """Stop listening, close idle connections, give requests in flight up to
+        ``shutdown_timeout_s`` to finish (their connections close after the response),
+        then cancel what is left."""
         if self.runner is not None:
             await self.runner.cleanup()
 
 
-async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpListener]:
+async def build_gateway(
+    settings: GatewaySettings, downstreams: Downstreams | None = None
+) -> tuple[MeshServer, HttpListener]:
     """The gateway: gRPC on ``settings.port``, HTTP on ``settings.http_port``.
 
-    Starting the server starts the HTTP listener too; its ``port`` is set then.
+    ``downstreams`` defaults to channels to the addresses in ``settings``; the monolith
+    baseline (``loadtest.monolith``) passes in-process ones.
+
+    Starting the server starts the HTTP listener too; its ``port`` is set then. When the
+    server drains, the HTTP API answers with ``Connection: close`` and ``/healthz`` 503
+    until the listener stops; requests in flight then get ``drain_grace_s`` to finish.
 
     Raises:
         ConfigError: the tenant or experiment file is missing or invalid.
     """
     tenants = load_tenants(settings.tenants)
     book = load_experiments(settings.experiments)
-    downstreams = Downstreams.open(settings)
+    downstreams = downstreams if downstreams is not None else Downstreams.open(settings)
     outbox = Outbox(settings.outbox)
     fallback = PopularFallback(downstreams.retrieval, list(tenants.tenants))
     funnel = Funnel(settings, downstreams, book, outbox, fallback)
     relay = OutboxRelay(outbox, funnel.deliver)
+    api = HttpApi(funnel, tenants, downstreams)
     http = HttpListener(
-        HttpApi(funnel, tenants, downstreams).app(settings.max_body_bytes),
-        settings.host,
-        settings.http_port,
+        api.app(settings.max_body_bytes), settings.host, settings.http_port, settings.drain_grace_s
     )
     server = MeshServer(
         settings,
@@ -71,6 +90,7 @@ async def build_gateway(settings: GatewaySettings) -> tuple[MeshServer, HttpList
             )
         ],
         startups=[downstreams.connect, fallback.start, relay.start, http.start],
+        drains=[api.drain],
         cleanups=[http.stop, funnel.drain, relay.stop, fallback.stop, downstreams.close],
     )
     return server, http

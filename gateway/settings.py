@@ -26,6 +26,12 @@ class GatewaySettings(ServerSettings):
     experiment_addr: str = downstream("experiment")
     events_addr: str = downstream("events")
     quota_addr: str = downstream("quota")
+    drain_delay_s: float = env(
+        "RECMESH_DRAIN_DELAY_S",
+        2.5,
+        doc="seconds the HTTP API answers with Connection: close before the listener closes; "
+        "longer than a keep-alive client's idle gap, so it learns before its socket is closed",
+    )
     deadline_s: float = env("RECMESH_GATEWAY_DEADLINE_S", 0.100, doc="default request deadline")
     reply_margin_s: float = env(
         "RECMESH_GATEWAY_REPLY_MARGIN_S",

@@ -1,1 +1,8 @@
-"""Load generation and benchmarks against a running mesh."""
+"""Load generation and benchmarks against the mesh (and the monolith baseline).
+
+``traffic`` is the shared traffic model (users, tenants, clicks, pace, records);
+``users`` the locust users of the HTTP and gRPC APIs, which ``locustfile_http.py`` and
+``locustfile_grpc.py`` expose to ``locust -f``; ``harness`` starts targets for a run;
+``steps`` (``make bench``) is the throughput benchmark and ``step_report`` its figures;
+``bench`` the per-stage latency benchmark; ``monolith`` the one-process baseline.
+"""

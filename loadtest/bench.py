@@ -1,8 +1,8 @@
-"""``python -m loadtest.bench`` (``make bench``): per-stage latency of the funnel at a fixed rate.
+"""``python -m loadtest.bench``: per-stage latency of the funnel at a fixed rate.
 
 The run trains a small artifact set (seeded, so every run serves the same models) unless
-``--artifacts`` names one, starts its own mesh as processes through ``ops.supervisor``
-(a temporary var directory, free ports, its own Redis and tenant registry), and drives
+``--artifacts`` names one, starts its own mesh as processes (:mod:`loadtest.harness`: a
+temporary var directory, free ports, its own Redis and tenant registry), and drives
 it open-loop: request ``i`` of a phase is sent at ``start + i / rate`` whether or not the
 earlier ones answered, so a slow mesh shows up as latency instead of a lower rate. Every
 request asks for ``debug`` output, and the per-stage figures come from the stage reports
@@ -15,7 +15,8 @@ Phases (each after a warm-up that is not recorded):
 * ``grpc-<D>ms`` for each ``--tight-deadlines-ms`` (15 and 30 by default): gRPC
   ``Recommend`` with that deadline, to show the funnel degrading instead of failing.
 
-The report, with the command and the machine, goes to ``docs/benchmarks.md``.
+The report, with the command and the machine, goes to ``docs/bench/stages.md`` (linked
+from ``docs/benchmarks.md``, which the step benchmark ``python -m loadtest.steps`` writes).
 """
 
 from __future__ import annotations
@@ -23,26 +24,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import hashlib
-import json
 import os
-import platform
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PROJECT = Path(__file__).resolve().parent.parent
+from loadtest.harness import (
+    QUIET_ENV,
+    machine,
+    mesh_layout,
+    prepare_artifacts,
+    running_mesh,
+    write_tenants,
+)
+from mesh.paths import PROJECT_ROOT
+
 TENANT = "bench"
 RANKING_STAGES = ("item_features", "prerank", "heavy", "rerank")
 RETRIEVAL_STAGES = ("user_features", "ann", "popular", "merge")
@@ -73,14 +77,6 @@ class Sample:
     scored: float | None = None
     cache_hits: float = 0.0
     considered: float = 0.0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def stage_figures(stages: Sequence[dict[str, Any]], gateway_ms: dict[str, float]) -> Sample:
@@ -276,41 +272,6 @@ def _reason_kind(text: str) -> str:
     return text.split(";")[0][:40]
 
 
-def machine() -> dict[str, str]:
-    """What the figures were measured on."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-                break
-    except OSError:
-        pass
-    import grpc
-    import onnxruntime
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "cpu": f"{cpu}, {os.cpu_count()} logical CPUs",
-        "memory": memory,
-        "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
-        "python": platform.python_version(),
-        "libraries": f"grpcio {grpc.__version__}, onnxruntime {onnxruntime.__version__}, "
-        f"numpy {np.__version__}",
-        "commit": commit or "unknown",
-    }
-
-
 def _ms(value: float) -> str:
     return "—" if value != value else f"{value:.2f}"
 
@@ -336,14 +297,15 @@ def to_markdown(
 ) -> str:
     """The report: command, machine, set-up, then a table per phase."""
     lines = [
-        "# Benchmarks",
+        "# Per-stage benchmark",
         "",
         "Per-stage and end-to-end latency of `POST /v1/recommend` (and gRPC `Recommend`) at a",
-        "fixed request rate, written by `make bench` (`python -m loadtest.bench`, see its",
-        "docstring). Stage times are what each service reported in its debug stage reports;",
-        "`gateway.*` rows are the gateway's own `stage_ms` (a downstream call including the",
-        "network); end-to-end is measured by the client. Every process of the mesh, the",
-        "Redis server and the load generator share the machine below.",
+        "fixed request rate, written by `python -m loadtest.bench` (see its docstring; the",
+        "throughput steps are in [the benchmarks](../benchmarks.md)). Stage times are what",
+        "each service reported in its debug stage reports; `gateway.*` rows are the",
+        "gateway's own `stage_ms` (a downstream call including the network); end-to-end",
+        "is measured by the client. Every process of the mesh, the Redis server and the",
+        "load generator share the machine below.",
         "",
         "## Run",
         "",
@@ -429,51 +391,6 @@ def to_markdown(
     return "\n".join(lines)
 
 
-def write_tenants(path: Path, api_key: str) -> Path:
-    """A tenant registry with one tenant whose quota the benchmark never reaches."""
-    digest = hashlib.sha256(api_key.encode()).hexdigest()
-    document = {"tenants": {TENANT: {"api_key_sha256": digest, "rate": 100000, "burst": 100000}}}
-    path.write_text(json.dumps(document))
-    return path
-
-
-def prepare_artifacts(explicit: Path | None, base: Path, items: int, users: int) -> Path:
-    """``explicit`` or a small set trained (seeded) under ``base``."""
-    if explicit is not None:
-        return explicit
-    from training.pipeline import TrainConfig, train
-
-    root = base / "artifacts"
-    print(f"training a small artifact set ({users} users, {items} items) ...", flush=True)
-    train(
-        root,
-        TrainConfig(n_users=users, n_items=items, epochs=1, evaluate=False, progress=False),
-    )
-    return root
-
-
-@contextmanager
-def running_mesh(base: Path, artifacts: Path, api_key: str) -> Iterator[Any]:
-    """The whole mesh as processes on free ports, stopped on exit."""
-    from mesh.ports import DEFAULT_PORTS
-    from ops import supervisor
-
-    layout = supervisor.Layout(
-        var_dir=base / "var",
-        artifacts=artifacts,
-        ports={name: free_port() for name in DEFAULT_PORTS},
-        http_port=free_port(),
-        redis_port=free_port(),
-        tenants=write_tenants(base / "tenants.json", api_key),
-        extra_env={"RECMESH_LOG_LEVEL": "WARNING", "RECMESH_ARTIFACT_POLL_S": "0"},
-    )
-    try:
-        supervisor.up(layout, timeout_s=180)
-        yield layout
-    finally:
-        supervisor.down(layout)
-
-
 async def run_phases(
     layout: Any, api_key: str, n_users: int, phases: Sequence[Phase], warmup_s: float, seed: int
 ) -> list[Summary]:
@@ -518,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=10000, help="items of the trained set")
     parser.add_argument("--users", type=int, default=2000, help="users of the trained set")
     parser.add_argument("--seed", type=int, default=0, help="seed of the user draw")
-    parser.add_argument("--out", type=Path, default=PROJECT / "docs" / "benchmarks.md")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "bench" / "stages.md")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     args = parser.parse_args(argv)
 
@@ -540,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         api_key = "bench-" + secrets.token_hex(12)
         print(f"bench run in {base}; starting the mesh ...", flush=True)
         t_up = time.monotonic()
-        with running_mesh(base, artifacts, api_key) as layout:
+        tenants = write_tenants(base / "tenants.json", {TENANT: api_key})
+        layout = mesh_layout(base, artifacts, tenants, QUIET_ENV)
+        with running_mesh(layout):
             startup_s = time.monotonic() - t_up
             load_before = os.getloadavg()
             summaries = asyncio.run(
@@ -557,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             f"items, {config['n_categories']} categories"
             + (", trained by the run)" if args.artifacts is None else f", from {args.artifacts})"),
         }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(to_markdown(summaries, run, command.strip(), machine()))
         print(f"wrote {args.out}")
     finally:

@@ -216,8 +216,9 @@ class Downstream(Generic[StubT]):
 
     Args:
         name: the downstream's name in metrics, logs and errors.
-        target: ``host:port``.
-        stub_factory: the generated stub class.
+        stub: the generated stub over ``channel`` (or any object with the same async
+            methods, e.g. :class:`mesh.local.LocalStub`).
+        channel: the channel ``stub`` uses, closed by :meth:`close`; ``None`` in-process.
         policy: the guards' settings.
         clock: monotonic clock for the breaker and budget (tests inject one).
         rng: uniform [0, 1) source for backoff jitter.
@@ -226,16 +227,17 @@ class Downstream(Generic[StubT]):
     def __init__(
         self,
         name: str,
-        target: str,
-        stub_factory: Callable[[grpc.aio.Channel], StubT],
+        stub: StubT,
+        *,
+        channel: grpc.aio.Channel | None = None,
         policy: CallPolicy = CallPolicy(),
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.name = name
         self.policy = policy
-        self.channel = open_channel(target)
-        self.stub = stub_factory(self.channel)
+        self.channel = channel
+        self.stub = stub
         self.breaker = AsyncBreaker(
             name,
             fail_max=policy.fail_max,
@@ -250,6 +252,23 @@ class Downstream(Generic[StubT]):
         self.retry_budget = RetryBudget(policy.retry_ratio, policy.window_s, clock=clock)
         self.bulkhead = Bulkhead(name, policy.max_in_flight)
         self._rng = rng
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        target: str,
+        stub_factory: Callable[[grpc.aio.Channel], StubT],
+        *,
+        policy: CallPolicy = CallPolicy(),
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> Downstream[StubT]:
+        """The downstream at ``target`` (``host:port``) over a new :func:`open_channel`."""
+        channel = open_channel(target)
+        return cls(
+            name, stub_factory(channel), channel=channel, policy=policy, clock=clock, rng=rng
+        )
 
     async def _attempt(self, method: Callable[..., Awaitable[R]], request: Any, cap_s: float) -> R:
         try:
@@ -304,5 +323,11 @@ class Downstream(Generic[StubT]):
             await asyncio.sleep(delay)
             attempt += 1
 
+    async def connect(self) -> None:
+        """Open the connection now (start-up) unless in-process; see :func:`connect_eagerly`."""
+        if self.channel is not None:
+            await connect_eagerly([self.channel])
+
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()

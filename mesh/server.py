@@ -3,7 +3,9 @@
 ``MeshServer`` wires a ``grpc.aio`` server with the common interceptor (context from
 metadata, per-call budget, domain errors mapped to status codes, access logs), component
 health on ``grpc.health.v1``, reflection, and graceful drain: on SIGTERM health turns
-NOT_SERVING, in-flight calls get ``drain_grace_s`` to finish, then the server stops.
+NOT_SERVING and the drain hooks run (e.g. the gateway's HTTP API starts closing
+keep-alive connections), callers get ``drain_delay_s`` to notice, in-flight calls get
+``drain_grace_s`` to finish, then the server stops and its clean-ups run.
 Tests call ``await server.start()`` on port 0 and read the bound port from it.
 """
 
@@ -43,8 +45,8 @@ from mesh.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-Cleanup = Callable[[], Awaitable[None]]
-"""A start-up or clean-up step of a server."""
+Hook = Callable[[], Awaitable[None]]
+"""A step a server awaits at start-up, when its drain begins, or at clean-up."""
 
 
 @dataclass(frozen=True)
@@ -197,14 +199,18 @@ class MeshServer:
         registrations: the servicers to mount.
         checks: component health checks; SERVING only while all pass.
         startups: awaited after the gRPC port is serving (e.g. an HTTP listener).
+        drains: awaited in order as soon as the drain begins, once health is NOT_SERVING
+            and before ``drain_delay_s`` starts, while every port still serves (e.g. tell
+            HTTP clients to stop reusing connections).
         cleanups: awaited after the server stopped (close clients, flush...).
     """
 
     settings: ServerSettings
     registrations: Sequence[Registration]
     checks: Sequence[HealthCheck] = ()
-    startups: list[Cleanup] = field(default_factory=list)
-    cleanups: list[Cleanup] = field(default_factory=list)
+    startups: list[Hook] = field(default_factory=list)
+    drains: list[Hook] = field(default_factory=list)
+    cleanups: list[Hook] = field(default_factory=list)
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -255,10 +261,16 @@ class MeshServer:
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, wait ``drain_delay_s``, let calls finish, stop, clean up."""
+        """Drain: NOT_SERVING, run the drain hooks, wait ``drain_delay_s``, let calls
+        finish, stop, clean up.
+
+        With ``grace_s`` (tests) there is no delay and calls get ``grace_s`` to finish.
+        """
         if self._stopped.is_set():
             return
         await self.health.drain()
+        for drain in self.drains:
+            await drain()
         await asyncio.sleep(self.settings.drain_delay_s if grace_s is None else 0)
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         await self._server.stop(grace)

@@ -4,8 +4,9 @@
 artifact set (``python -m training``); ``recmesh versions`` lists the sets under the
 artifact root, ``recmesh rollback [--to VERSION]`` moves ``current`` back (running
 services pick it up without restart) and ``recmesh eval`` evaluates a set offline;
-``recmesh protos [--check]`` regenerates stubs; ``recmesh chaos`` runs the chaos suite
-(``python -m chaos``); ``recmesh trace <request_id>`` prints a request's trace from Jaeger.
+``recmesh protos [--check]`` regenerates stubs; ``recmesh bench`` runs the step benchmark
+(``python -m loadtest.steps``); ``recmesh chaos`` runs the chaos suite (``python -m chaos``);
+``recmesh trace <request_id>`` prints a request's trace from Jaeger.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ArtifactError
+from mesh.paths import PROJECT_ROOT
 from ops import protos, supervisor
 from training.artifacts import list_versions, load_artifact_set, resolve_current, rollback
 
@@ -167,6 +169,13 @@ def cmd_protos(args: argparse.Namespace) -> int:
     return protos.main(check=args.check)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # The load tests are files of the checkout (locust loads them by path), not an installed
+    # package: run them from the project root.
+    command = [sys.executable, "-m", "loadtest.steps", *args.rest]
+    return subprocess.run(command, cwd=PROJECT_ROOT).returncode
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     from chaos.run import main as chaos_main
 
@@ -223,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("protos", help="generate stubs into gen/")
     gen.add_argument("--check", action="store_true", help="fail when gen/ is stale")
     gen.set_defaults(run=cmd_protos)
+    # Everything after `bench` goes to `python -m loadtest.steps` (`recmesh bench --help`).
+    bench = commands.add_parser(
+        "bench",
+        help="throughput in steps of load, mesh against monolith (see --help)",
+        prefix_chars="+",
+        add_help=False,
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=cmd_bench)
     # Everything after `chaos` goes to the suite untouched (`recmesh chaos --help`).
     chaos = commands.add_parser(
         "chaos",

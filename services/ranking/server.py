@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from mesh.client import Downstream, connect_eagerly
+from mesh.client import Downstream
 from mesh.server import MeshServer, Registration
 from mesh.settings import load
 from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
@@ -47,7 +46,9 @@ async def build_service(
     watch = watch if watch is not None else load(ArtifactWatchSettings)
     models = RankingModels(resolve_current(settings.artifacts), settings.head_weights)
     models.warm_up(settings.prerank_keep)
-    features = Downstream("feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub)
+    features = Downstream.open(
+        "feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub
+    )
     servicer = RankingServicer(models, features, settings)
 
     def load_candidate(path: Path, served: RankingModels) -> RankingModels:
@@ -68,6 +69,6 @@ async def build_service(
         settings,
         [Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")],
         checks=[artifacts_check(lambda: watcher.served.path)],
-        startups=[partial(connect_eagerly, [features.channel]), watcher.start],
+        startups=[features.connect, watcher.start],
         cleanups=[watcher.stop, features.close],
     ), watcher

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
-from mesh.client import Downstream, connect_eagerly
+from mesh.client import Downstream
 from mesh.server import MeshServer, Registration
 from mesh.settings import load
 from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
@@ -45,7 +44,9 @@ async def build_service(
     watch = watch if watch is not None else load(ArtifactWatchSettings)
     models = RetrievalModels(resolve_current(settings.artifacts))
     models.warm_up(settings.ann_k)
-    features = Downstream("feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub)
+    features = Downstream.open(
+        "feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub
+    )
     servicer = RetrievalServicer(models, features, settings)
 
     def load_candidate(path: Path, served: RetrievalModels) -> RetrievalModels:
@@ -66,6 +67,6 @@ async def build_service(
         settings,
         [Registration.of(servicer, retrieval_pb2, retrieval_pb2_grpc, "RetrievalService")],
         checks=[artifacts_check(lambda: watcher.served.path)],
-        startups=[partial(connect_eagerly, [features.channel]), watcher.start],
+        startups=[features.connect, watcher.start],
         cleanups=[watcher.stop, features.close],
     ), watcher

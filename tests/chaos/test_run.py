@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chaos.run import Tail, write_tenants
-from mesh.tenants import load_tenants
+from chaos.run import Tail
 
 
 def test_tail_reads_complete_lines_only(tmp_path: Path) -> None:
@@ -20,10 +19,3 @@ def test_tail_reads_complete_lines_only(tmp_path: Path) -> None:
     path.write_text(json.dumps(first) + "\n" + json.dumps(second, ensure_ascii=False) + "\n")
     assert [(r.kind, r.event_id) for r in tail.read()] == [("rec", ""), ("evt", "é")]
     assert len(tail.read()) == 2, "nothing read twice"
-
-
-def test_the_run_tenant_registry_authenticates_its_key(tmp_path: Path) -> None:
-    registry = load_tenants(write_tenants(tmp_path / "tenants.json", "chaos-secret"))
-    tenant = registry.authenticate("chaos-secret")
-    assert tenant is not None and tenant.name == "demo"
-    assert registry.authenticate("demo-key") is None

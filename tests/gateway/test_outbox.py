@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ async def test_events_accepted_while_the_logger_is_down_are_delivered_once_it_is
 ) -> None:
     tenant = f"ob{int(time.time() * 1000) % 10**9}"
     port = free_port()
-    events = Downstream("events", f"127.0.0.1:{port}", events_pb2_grpc.EventServiceStub)
+    events = Downstream.open("events", f"127.0.0.1:{port}", events_pb2_grpc.EventServiceStub)
 
     async def send(batch: list[events_pb2.Event]) -> object:
         return await events.call(
@@ -71,3 +72,25 @@ async def test_events_accepted_while_the_logger_is_down_are_delivered_once_it_is
     await events.close()
     ids = [e.event.event_id for e in reply.events]
     assert ids == [f"outbox-{n}" for n in range(51)]
+
+
+async def test_concurrent_puts_share_commits_and_every_row_is_stored(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    await asyncio.gather(
+        *(outbox.put(f"t{n % 3}", [click(2 * n), click(2 * n + 1)]) for n in range(40))
+    )
+    rows = await outbox.take(1000)
+    assert len(rows) == 80
+    assert sorted(e.event_id for _, _, e in rows) == sorted(f"outbox-{n}" for n in range(80))
+    by_put = {e.event_id: t for _, t, e in rows}
+    assert all(by_put[f"outbox-{2 * n}"] == f"t{n % 3}" for n in range(40))
+    outbox.close()
+
+
+async def test_a_failed_commit_fails_every_put_waiting_on_it(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.close()  # every commit now fails
+    results = await asyncio.gather(
+        *(outbox.put("demo", [click(n)]) for n in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, sqlite3.Error) for r in results)

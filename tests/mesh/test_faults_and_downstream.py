@@ -49,11 +49,11 @@ async def test_half_unavailable_caps_retries_and_opens_the_breaker(tmp_path: Pat
         )
     )
     async with serving(server):
-        ds = Downstream(
+        ds = Downstream.open(
             "experiment",
             f"127.0.0.1:{server.port}",
             experiment_pb2_grpc.ExperimentServiceStub,
-            CallPolicy(min_calls=40, fail_max=50, reset_timeout_s=60.0),
+            policy=CallPolicy(min_calls=40, fail_max=50, reset_timeout_s=60.0),
         )
         results = [await call_once(ds) for _ in range(120)]
         await ds.close()
@@ -76,7 +76,7 @@ async def test_latency_flag_makes_calls_miss_their_deadline(tmp_path: Path) -> N
         )
     )
     async with serving(server):
-        ds = Downstream(
+        ds = Downstream.open(
             "experiment", f"127.0.0.1:{server.port}", experiment_pb2_grpc.ExperimentServiceStub
         )
         assert await call_once(ds) == "OK"
