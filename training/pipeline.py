@@ -64,7 +64,7 @@ class TrainConfig:
     ranker: RankerConfig | None = None
     prerank: PrerankConfig | None = None
     user_history: bool = True
-    """Append the click-history summary to the user vectors (off only for ablations)."""
+    """Append the history summary to the user vectors (off only for ablations)."""
 
     def model_configs(self) -> tuple[TwoTowerConfig, RankerConfig, PrerankConfig]:
         """The three models' configs, ``epochs`` applied."""

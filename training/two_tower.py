@@ -4,7 +4,7 @@ Serving ranks items by ``<u, v>`` (cosine: both embeddings are unit-norm). The t
 linear maps by default (``hidden_layers=0``); MLP towers are one setting away, and measured
 worse on the default world (the ground-truth click logit is bilinear in the hidden
 factors that the features project linearly; see ``docs/models.md``). The user tower reads
-the shipped user vector (profile + click-history summary); the item tower reads item
+the shipped user vector (profile + history summary); the item tower reads item
 features plus a category one-hot (:func:`training.features.item_tower_inputs`).
 
 Training minimises the sum of two losses, one step of each per optimiser step:
@@ -64,8 +64,8 @@ class TwoTowerConfig:
     softmax_weight: float = 0.3
     category_one_hot: bool = True
     """Give the item tower the category one-hot besides the item features."""
-    epochs: int = 3
-    learning_rate: float = 1e-2
+    epochs: int = 5
+    learning_rate: float = 5e-3
 
 
 class Tower(nn.Module):

@@ -8,6 +8,7 @@ import torch
 
 from training.features import (
     HISTORY_BUCKETS,
+    HISTORY_SMOOTHING,
     category_codes,
     history_summary,
     item_tower_inputs,
@@ -15,7 +16,7 @@ from training.features import (
 )
 from training.ranker import CategoryDecoder
 from training.reference import feature_oracle
-from training.world import World, WorldConfig, generate_world
+from training.world import SOURCE_POLICY, World, WorldConfig, generate_world
 
 SMALL = WorldConfig(n_users=300, n_items=3000, n_categories=12, seed=3)
 
@@ -37,13 +38,19 @@ def test_user_vectors_append_a_standardised_history_block(world: World) -> None:
     np.testing.assert_array_equal(user_feature_matrix(world, history=False), world.user_features)
 
 
-def test_history_is_the_standardised_smoothed_log_click_share(world: World) -> None:
-    clicks = world.train.select(world.train.clicked)
+def test_history_is_the_standardised_smoothed_log_share_of_clicks_and_policy_shows(
+    world: World,
+) -> None:
+    train = world.train
     counts = np.zeros((SMALL.n_users, SMALL.n_categories))
-    np.add.at(counts, (clicks.users, world.item_categories[clicks.items]), 1)
-    summary = history_summary(world.train, world.item_categories, SMALL.n_users, SMALL.n_categories)
+    categories = world.item_categories[train.items]
+    np.add.at(counts, (train.users[train.clicked], categories[train.clicked]), 1)
+    policy = train.sources == SOURCE_POLICY
+    np.add.at(counts, (train.users[policy], categories[policy]), 1)
+    summary = history_summary(train, world.item_categories, SMALL.n_users, SMALL.n_categories)
     # Undo the per-column standardisation: per-column affine maps with positive slopes.
-    log_share = np.log((counts + 0.3) / (counts.sum(axis=1, keepdims=True) + 0.3 * 12))
+    a = HISTORY_SMOOTHING
+    log_share = np.log((counts + a) / (counts.sum(axis=1, keepdims=True) + a * 12))
     slope = log_share.std(axis=0) / summary.std(axis=0)
     assert (slope > 0).all()
     restored = summary * slope + (log_share.mean(axis=0) - summary.mean(axis=0) * slope)
