@@ -74,6 +74,7 @@ from loadtest.traffic import (
 )
 from mesh.paths import PROJECT_ROOT
 from ops import supervisor
+from ops.otlp_sink import OtlpSink
 
 LOCUSTFILE = PROJECT_ROOT / "loadtest" / "locustfile_http.py"
 TENANT_WEIGHTS = {"demo": 6.0, "acme": 3.0, "globex": 1.0}
@@ -257,8 +258,10 @@ def run_target(
     base: Path,
     keys: Sequence[TenantKey],
     args: argparse.Namespace,
+    tracing_env: Mapping[str, str],
 ) -> TargetRun:
-    """Start ``name``, warm it up, run every step, stop it."""
+    """Start ``name`` (``tracing_env`` added to its environment), warm it up, run every
+    step, stop it."""
     directory = base / name
     directory.mkdir(parents=True)
     registry = write_tenants(directory / "tenants.json", {k.name: k.api_key for k in keys})
@@ -269,7 +272,7 @@ def run_target(
         zipf=args.zipf,
         seed=args.seed,
     )
-    layout = mesh_layout(directory, artifacts, registry, QUIET_ENV)
+    layout = mesh_layout(directory, artifacts, registry, {**QUIET_ENV, **tracing_env})
     load_before = os.getloadavg()
     print(f"[{name}] starting (load average {load_before[0]:.2f}) ...", flush=True)
     started = time.monotonic()
@@ -332,6 +335,7 @@ def document(
         f"{run['step_s']:g} s each after {run['warmup_s']:g} s of warm-up; start-up "
         + ", ".join(f"{name} {target.startup_s:.1f} s" for name, target in runs.items()),
         f"- traffic: {run['traffic']}",
+        f"- tracing: {run['tracing']}",
         "",
         "## Results",
         "",
@@ -379,6 +383,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "docs" / "bench")
     parser.add_argument("--doc", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    parser.add_argument(
+        "--tracing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export traces at the default sampling to an OTLP receiver the run starts",
+    )
     args = parser.parse_args(argv)
     try:
         args.rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
@@ -407,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         current = load_artifact_set(resolve_current(artifacts), verify=False)
         config = current.config
         keys = tenant_keys()
-        runs = {name: run_target(name, artifacts, base, keys, args) for name in targets}
+        with OtlpSink(keep=False) as sink:
+            tracing_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint} if args.tracing else {}
+            runs = {
+                name: run_target(name, artifacts, base, keys, args, tracing_env) for name in targets
+            }
     finally:
         if args.keep:
             print(f"run directory kept: {base}")
@@ -424,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         "rates": args.rates,
         "step_s": args.step_s,
         "warmup_s": args.warmup_s,
+        "tracing": (
+            f"on: every process exports every trace (the default sampler) to an OTLP "
+            f"receiver in the benchmark process, {sink.span_count} spans received"
+            if args.tracing
+            else "off (--no-tracing)"
+        ),
         "traffic": f"Zipf users (exponent {args.zipf:g}), tenants "
         + ", ".join(f"{name} {weight:g}" for name, weight in TENANT_WEIGHTS.items())
         + f", {100 * args.click_share:g} % of answers clicked after "

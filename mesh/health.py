@@ -70,6 +70,11 @@ class HealthMonitor:
         for name in self._names:
             await self.servicer.set(name, status)
 
+    async def starting(self) -> None:
+        """Report NOT_SERVING until :meth:`start`: gRPC's health servicer begins with the
+        whole server (``""``) SERVING, which a process still starting up is not."""
+        await self._publish(False)
+
     async def start(self) -> None:
         """Check once now, then keep checking in the background."""
         await self.run_checks()

@@ -249,6 +249,7 @@ class MeshServer:
         self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.host}:{self.settings.port}")
+        await self.health.starting()
         await self._server.start()
         self._faults_task = asyncio.create_task(self.faults.watch())
         for startup in self.startups:

@@ -128,3 +128,32 @@ async def test_drain_reports_not_serving_and_lets_in_flight_calls_finish() -> No
         )
         assert assigned.assignments
         await stopping
+
+
+async def test_a_server_is_not_serving_until_its_start_up_steps_finished() -> None:
+    server = await build_server(
+        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json")
+    )
+    release = asyncio.Event()
+    checked = asyncio.Event()
+    statuses: list[int] = []
+
+    async def slow_startup() -> None:  # e.g. materialising features before serving
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        statuses.append(reply.status)
+        checked.set()
+        await release.wait()
+
+    server.startups.append(slow_startup)
+    starting = asyncio.create_task(server.start())
+    await asyncio.wait_for(checked.wait(), 5)
+    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    release.set()
+    await starting
+    async with channel_to(server) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    await server.stop(grace_s=0)
