@@ -9,6 +9,7 @@ ports, with its own embedded Redis, so a benchmark never touches a mesh started 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -26,9 +27,28 @@ from pathlib import Path
 from mesh.paths import PROJECT_ROOT
 from mesh.ports import DEFAULT_PORTS, SERVICES
 from ops import supervisor
+from ops.otlp_sink import OtlpSink
 
 QUIET_ENV = {"RECMESH_LOG_LEVEL": "WARNING", "RECMESH_ARTIFACT_POLL_S": "0"}
 """Environment of benchmark targets: warnings only in the logs, no artifact polling."""
+
+
+def add_tracing_option(parser: argparse.ArgumentParser) -> None:
+    """``--tracing/--no-tracing`` (on by default): see :func:`trace_receiver`."""
+    parser.add_argument(
+        "--tracing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export traces at the default sampling to an OTLP receiver the run starts",
+    )
+
+
+@contextmanager
+def trace_receiver(enabled: bool) -> Iterator[tuple[dict[str, str], OtlpSink]]:
+    """An OTLP receiver that counts spans without keeping them, and the environment that
+    makes a target export to it (empty when ``enabled`` is false: tracing off)."""
+    with OtlpSink(keep=False) as sink:
+        yield ({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint} if enabled else {}), sink
 
 
 def free_port() -> int:

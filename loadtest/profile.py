@@ -29,11 +29,17 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest.harness import QUIET_ENV, mesh_layout, prepare_artifacts, write_tenants
+from loadtest.harness import (
+    QUIET_ENV,
+    add_tracing_option,
+    mesh_layout,
+    prepare_artifacts,
+    trace_receiver,
+    write_tenants,
+)
 from loadtest.steps import STARTERS, Traffic, run_step, tenant_keys, warm_up
 from loadtest.traffic import CLICK_SHARE, ZIPF_EXPONENT, write_tenant_keys
 from mesh.paths import PROJECT_ROOT
-from ops.otlp_sink import OtlpSink
 
 IDLE_FRAMES = ("select (selectors.py", "_worker (concurrent/futures", "wait (threading.py")
 """Innermost frames of a thread that is waiting, not working."""
@@ -168,12 +174,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=25, help="frames listed per process")
     parser.add_argument("--out", type=Path, help="default: docs/bench/profile-<target>.md")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
-    parser.add_argument(
-        "--tracing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="export traces at the default sampling to an OTLP receiver the run starts",
-    )
+    add_tracing_option(parser)
     return parser.parse_args(argv)
 
 
@@ -184,7 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "loadtest.profile", *words])
     out = args.out or PROJECT_ROOT / "docs" / "bench" / f"profile-{args.target}.md"
     base = Path(tempfile.mkdtemp(prefix="recmesh-profile-"))
-    sink = OtlpSink(keep=False)
     try:
         artifacts = prepare_artifacts(args.artifacts, base, args.items, args.users)
         keys = tenant_keys()
@@ -196,10 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             zipf=ZIPF_EXPONENT,
             seed=0,
         )
-        sink.start()
-        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint} if args.tracing else {}
-        layout = mesh_layout(base, artifacts, registry, {**QUIET_ENV, **tracing})
-        with STARTERS[args.target](layout) as target:
+        with (
+            trace_receiver(args.tracing) as (tracing, _),
+            STARTERS[args.target](
+                mesh_layout(base, artifacts, registry, {**QUIET_ENV, **tracing})
+            ) as target,
+        ):
             warm_up(target, args.rate, args.warmup_s, traffic, base)
             python = {name: pid for name, pid in target.pids.items() if name != "redis"}
             # The recording covers the step's window: locust takes a few seconds to open it.
@@ -209,7 +211,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(report(command, args.target, args.rate, step, profiles, args.top))
     finally:
-        sink.stop()
         if args.keep:
             print(f"run directory kept: {base}")
         else:

@@ -54,11 +54,13 @@ from loadtest import step_report
 from loadtest.harness import (
     QUIET_ENV,
     Target,
+    add_tracing_option,
     machine,
     mesh_layout,
     prepare_artifacts,
     running_mesh,
     running_monolith,
+    trace_receiver,
     write_tenants,
 )
 from loadtest.step_report import StepResult, TargetRun
@@ -74,7 +76,6 @@ from loadtest.traffic import (
 )
 from mesh.paths import PROJECT_ROOT
 from ops import supervisor
-from ops.otlp_sink import OtlpSink
 
 LOCUSTFILE = PROJECT_ROOT / "loadtest" / "locustfile_http.py"
 TENANT_WEIGHTS = {"demo": 6.0, "acme": 3.0, "globex": 1.0}
@@ -383,12 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "docs" / "bench")
     parser.add_argument("--doc", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
-    parser.add_argument(
-        "--tracing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="export traces at the default sampling to an OTLP receiver the run starts",
-    )
+    add_tracing_option(parser)
     args = parser.parse_args(argv)
     try:
         args.rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
@@ -417,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         current = load_artifact_set(resolve_current(artifacts), verify=False)
         config = current.config
         keys = tenant_keys()
-        with OtlpSink(keep=False) as sink:
-            tracing_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint} if args.tracing else {}
+        with trace_receiver(args.tracing) as (tracing_env, sink):
             runs = {
                 name: run_target(name, artifacts, base, keys, args, tracing_env) for name in targets
             }
@@ -439,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         "step_s": args.step_s,
         "warmup_s": args.warmup_s,
         "tracing": (
-            f"on: every process exports every trace (the default sampler) to an OTLP "
-            f"receiver in the benchmark process, {sink.span_count} spans received"
+            f"on: every process exports at the default head sampling (mesh.telemetry: "
+            f"parent-based, ratio 0.1) to an OTLP receiver in the benchmark process, "
+            f"{sink.span_count} spans received"
             if args.tracing
             else "off (--no-tracing)"
         ),

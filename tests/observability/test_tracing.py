@@ -60,7 +60,7 @@ def test_endpoint_from_the_standard_variables(environ: dict[str, str], endpoint:
 
 def test_sampler_defaults_to_parent_based_ratio() -> None:
     assert sampler_from_env({}).get_description() == (
-        "ParentBased{root:TraceIdRatioBased{1.0},remoteParentSampled:AlwaysOnSampler,"
+        "ParentBased{root:TraceIdRatioBased{0.1},remoteParentSampled:AlwaysOnSampler,"
         "remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
         "localParentNotSampled:AlwaysOffSampler}"
     )
