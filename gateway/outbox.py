@@ -158,7 +158,10 @@ class OutboxRelay:
     Args:
         outbox: the queue to drain.
         send: delivers one tenant's batch.
-        batch: rows taken per round.
+        batch: rows taken per round. Each round decodes and sends its rows on the event
+            loop the requests share, so a large batch stalls them: when the events service
+            comes back to a backlog of thousands of rows, rounds of 500 delayed answers past
+            the deadline in the chaos suite; rounds of 100 keep each stall short.
         idle_s: pause when the outbox is empty.
         max_backoff_s: longest pause after failed deliveries.
     """
@@ -167,7 +170,7 @@ class OutboxRelay:
         self,
         outbox: Outbox,
         send: Send,
-        batch: int = 500,
+        batch: int = 100,
         idle_s: float = 0.05,
         max_backoff_s: float = 2.0,
     ) -> None:
