@@ -15,6 +15,7 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return code
 
 
+def _forwarding(
+    commands: Any, name: str, help_text: str, run: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A subcommand that hands every argument after its name, untouched, to the tool it
+    runs (which has its own ``--help``)."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help_text, prefix_chars="+", add_help=False
+    )
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recmesh`` console script."""
     parser = argparse.ArgumentParser(prog="recmesh", description=__doc__)
@@ -199,15 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("up", help="start Redis and every service").set_defaults(run=cmd_up)
     commands.add_parser("down", help="stop what `up` started").set_defaults(run=cmd_down)
     commands.add_parser("status", help="health of every process").set_defaults(run=cmd_status)
-    # Everything after `train` goes to `python -m training train` (its own --help too).
-    train = commands.add_parser(
-        "train",
-        help="train a new artifact set (python -m training train --help)",
-        prefix_chars="+",
-        add_help=False,
+    _forwarding(
+        commands, "train", "train a new artifact set (python -m training train --help)", cmd_train
     )
-    train.add_argument("rest", nargs=argparse.REMAINDER)
-    train.set_defaults(run=cmd_train)
     versions = commands.add_parser("versions", help="artifact sets under the root, and current")
     versions.add_argument("--root", type=Path, help="artifact root (default: RECMESH_ARTIFACTS)")
     versions.add_argument(
@@ -220,36 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--to", metavar="VERSION", help="default: the version before current")
     back.add_argument("--root", type=Path, help="artifact root (default: RECMESH_ARTIFACTS)")
     back.set_defaults(run=cmd_rollback)
-    # Everything after `eval` goes to `python -m training eval` untouched (its own --help too).
-    evaluate = commands.add_parser(
+    _forwarding(
+        commands,
         "eval",
-        help="offline evaluation of an artifact set (python -m training eval --help)",
-        prefix_chars="+",
-        add_help=False,
-    )
-    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
-    evaluate.set_defaults(run=cmd_eval, root=None)
+        "offline evaluation of an artifact set (python -m training eval --help)",
+        cmd_eval,
+    ).set_defaults(root=None)
     gen = commands.add_parser("protos", help="generate stubs into gen/")
     gen.add_argument("--check", action="store_true", help="fail when gen/ is stale")
     gen.set_defaults(run=cmd_protos)
-    # Everything after `bench` goes to `python -m loadtest.steps` (`recmesh bench --help`).
-    bench = commands.add_parser(
+    _forwarding(
+        commands,
         "bench",
-        help="throughput in steps of load, mesh against monolith (see --help)",
-        prefix_chars="+",
-        add_help=False,
+        "throughput in steps of load, mesh against monolith (see --help)",
+        cmd_bench,
     )
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=cmd_bench)
-    # Everything after `chaos` goes to the suite untouched (`recmesh chaos --help`).
-    chaos = commands.add_parser(
-        "chaos",
-        help="break the mesh under load and report (see --help)",
-        prefix_chars="+",
-        add_help=False,
-    )
-    chaos.add_argument("rest", nargs=argparse.REMAINDER)
-    chaos.set_defaults(run=cmd_chaos)
+    _forwarding(commands, "chaos", "break the mesh under load and report (see --help)", cmd_chaos)
     trace = commands.add_parser("trace", help="a request's trace from Jaeger, as a tree")
     trace.add_argument("request_id", help="the request_id of a response (or x-request-id sent)")
     trace.add_argument("--jaeger", help="Jaeger URL (default: RECMESH_JAEGER_URL or :16686)")
