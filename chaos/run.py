@@ -171,12 +171,7 @@ def load_generator(
     try:
         yield process.pid
     finally:
-        stop.touch()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop_by_file(process, stop, timeout_s=20)
 
 
 @contextlib.contextmanager
@@ -194,12 +189,17 @@ def canary(base: Path) -> Iterator[int]:
     try:
         yield process.pid
     finally:
-        stop.touch()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop_by_file(process, stop, timeout_s=10)
+
+
+def _stop_by_file(process: subprocess.Popen[bytes], stop: Path, timeout_s: float) -> None:
+    """Ask ``process`` to finish by creating its ``stop`` file; SIGKILL it after ``timeout_s``."""
+    stop.touch()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _sleep_until(wall: float) -> None:

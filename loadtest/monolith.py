@@ -62,10 +62,11 @@ async def build_monolith(settings: GatewaySettings) -> MeshServer:
         ArtifactError: the current artifact set is missing or corrupt.
         ConfigError: the tenant or experiment file is missing or invalid.
     """
-    client = mesh_redis.connect(load(FeatureSettings).redis_url)
+    feature = load(FeatureSettings)
+    events = load(EventsSettings)
+    client = mesh_redis.connect(feature.redis_url)
     tenants = load_tenants(load(QuotaSettings).tenants)
 
-    feature = load(FeatureSettings)
     store = RedisFeatureStore(client, history_cap=feature.history_cap)
     materializer = Materializer(store, feature.artifacts)
     features = Downstream(
@@ -81,7 +82,7 @@ async def build_monolith(settings: GatewaySettings) -> MeshServer:
     ranking_models = RankingModels(resolve_current(ranking.artifacts), ranking.head_weights)
     ranking_models.warm_up(ranking.prerank_keep)
 
-    event_log = RedisStreamEventLog(client, load(EventsSettings).dedupe_ttl_s)
+    event_log = RedisStreamEventLog(client, events.dedupe_ttl_s)
     limiter = RedisRateLimiter(client)
     downstreams = Downstreams(
         quota=Downstream("quota", local_stub(QuotaServicer(limiter, tenants))),
@@ -95,9 +96,7 @@ async def build_monolith(settings: GatewaySettings) -> MeshServer:
         ranking=Downstream(
             "ranking", local_stub(RankingServicer(ranking_models, features, ranking))
         ),
-        events=Downstream(
-            "events", local_stub(EventServicer(event_log, load(EventsSettings).max_read))
-        ),
+        events=Downstream("events", local_stub(EventServicer(event_log, events.max_read))),
         feature_channel=None,
     )
     server, _ = await build_gateway(settings, downstreams)

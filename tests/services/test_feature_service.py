@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -180,3 +181,30 @@ async def test_garbage_bytes_do_not_crash_the_server(
         metadata=tenant_metadata(await fresh_tenant(stub)),
     )
     assert healthy.dim > 0
+
+
+async def test_a_tampered_artifact_set_is_refused_naming_the_file(
+    redis_url: str, artifacts_root: Path, tmp_path: Path
+) -> None:
+    version = resolve_current(artifacts_root).resolve()
+    root = tmp_path / "artifacts"
+    shutil.copytree(version, root / version.name)
+    (root / "current").symlink_to(version.name)
+    features = load_artifact_set(root / version.name).file("item_features")
+    data = bytearray(features.read_bytes())
+    data[-1] ^= 0xFF
+    features.write_bytes(bytes(data))
+    built = await build_server(FeatureSettings(port=0, redis_url=redis_url, artifacts=root))
+    async with serving(built), channel_to(built) as channel:
+        tampered = feature_pb2_grpc.FeatureServiceStub(channel)
+        tenant = "t" + uuid.uuid4().hex[:12]
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await tampered.Materialize(
+                feature_pb2.MaterializeRequest(), metadata=tenant_metadata(tenant)
+            )
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert features.name in (error.value.details() or "")
+        views = await tampered.DescribeViews(
+            feature_pb2.DescribeViewsRequest(), metadata=tenant_metadata(tenant)
+        )
+        assert list(views.views) == []  # nothing of the tampered set was loaded
