@@ -2,40 +2,41 @@
 
 Each stage is capped by its own budget and by what is left of the request's
 deadline. A failing stage falls back instead of failing the request (see the brief):
-quota down → fail open/closed by setting; experiment down → control variants;
-retrieval down → the tenant's cached popular items; ranking down → retrieval order.
-Every fallback is named in ``degraded``. Impressions are logged after the answer is
-ready, off the request path.
+quota down → fail open/closed by setting; experiment down (and the user's assignment not
+cached) → control variants; retrieval down → the tenant's cached popular items; ranking
+down → retrieval order. Every fallback is named in ``degraded``. Impressions are queued
+for delivery once the answer is ready (``gateway.impressions``), off the request path.
 
 Tracing: each stage runs in a ``stage.<name>`` span (budget, candidate counts, breaker
 state, degraded reason as ``recmesh.*`` attributes) under the request's SERVER span, which
-gets the tenant, request id, experiments and degraded stages. The impressions' outbox
-write is a child of the request; their delivery is its own trace linked to it
-(``gateway.outbox``).
+gets the tenant, request id, experiments and degraded stages. The ``stage.impressions``
+span is a child of the request; the delivery of its events is its own trace linked to it
+(``impressions.deliver``, or ``outbox.deliver`` when they went through the outbox).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2
-from recmesh.quota.v1 import quota_pb2
 from recmesh.ranking.v1 import ranking_pb2
 from recmesh.retrieval.v1 import retrieval_pb2
 
+from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
-from gateway.metrics import DEGRADED, QUOTA_DECISIONS, STAGE_SECONDS
+from gateway.impressions import ImpressionShipper
+from gateway.metrics import DEGRADED, QUOTA_DECISIONS, QUOTA_SOURCES, STAGE_SECONDS
 from gateway.outbox import Outbox
+from gateway.quota import Admission, QuotaLeases
 from gateway.settings import GatewaySettings
 from mesh import tracing
 from mesh.client import CALL_FAILURES, describe_failure
@@ -168,13 +169,23 @@ class Funnel:
         book: ExperimentBook,
         outbox: Outbox,
         fallback: PopularFallback,
+        assignments: AssignmentCache,
+        quota: QuotaLeases,
     ) -> None:
         self._settings = settings
+        self._quota_leases = quota
         self._outbox = outbox
         self._fallback = fallback
         self._ds = downstreams
         self._book = book
-        self._background: set[asyncio.Task[None]] = set()
+        self._assignments = assignments
+        self.impressions = ImpressionShipper(
+            outbox,
+            self.deliver,
+            batch_rows=settings.impressions_batch,
+            linger_s=settings.impressions_linger_s,
+        )
+        """Where the impressions of answers go; its owner starts and stops it."""
 
     def validate(self, user_id: str, num_items: int) -> int:
         """``num_items`` once checked.
@@ -280,29 +291,43 @@ class Funnel:
             stages=stages,
             propensities=list(candidates.propensities),
         )
-        self._spawn(self._log_impressions(tenant, user_id, result))
+        self._log_impressions(tenant, user_id, result)
         return result
 
-    async def _quota(self, degraded: list[str]) -> quota_pb2.AcquireResponse | None:
+    async def _quota(self, degraded: list[str]) -> Admission | None:
+        """The request's quota decision, from the tenant's lease or a quota call.
+
+        Returns ``None`` when the quota service failed and the gateway fails open.
+
+        Raises:
+            Unavailable: the quota service failed and the gateway is configured fail-closed.
+        """
+        tenant = tenant_var.get()
         try:
-            quota = self._ds.quota
-            return await quota.call(
-                quota.stub.Acquire,
-                quota_pb2.AcquireRequest(cost=1),
-                cap_s=self._settings.quota_budget_s,
-            )
+            admission = await self._quota_leases.acquire(tenant)
         except DownstreamFailure as exc:
             log.warning("quota unavailable: %s", describe_failure(exc))
             tracing.mark_degraded(f"quota unavailable: {describe_failure(exc)}")
-            QUOTA_DECISIONS.labels(tenant_var.get(), "unavailable").inc()
+            QUOTA_DECISIONS.labels(tenant, "unavailable").inc()
             degraded.append("quota")
             if not self._settings.quota_fail_open:
                 raise Unavailable("quota service unavailable and configured fail-closed") from exc
             return None
+        tracing.annotate(quota_source=admission.source)
+        QUOTA_SOURCES.labels(tenant, admission.source).inc()
+        return admission
 
     async def _experiments(
         self, tenant: str, user_id: str, degraded: list[str]
     ) -> list[experiment_pb2.Assignment]:
+        """The request's assignments: the cached answer for (tenant, user) if one is fresh,
+        else the experiment service's answer (then cached), else, the service failing, the
+        control variants of the gateway's copy of the book (named in ``degraded``, not
+        cached)."""
+        cached = self._assignments.get(tenant, user_id)
+        if cached is not None:
+            tracing.annotate(assignment_source="cache")
+            return cached
         try:
             experiment = self._ds.experiment
             reply = await experiment.call(
@@ -311,7 +336,6 @@ class Funnel:
                 cap_s=self._settings.experiment_budget_s,
                 idempotent=True,
             )
-            return list(reply.assignments)
         except DownstreamFailure as exc:
             log.warning("experiment unavailable: %s", describe_failure(exc))
             tracing.mark_degraded(f"experiment unavailable: {describe_failure(exc)}")
@@ -320,6 +344,9 @@ class Funnel:
                 experiment_pb2.Assignment(experiment_key=key, variant_key="control", params=params)
                 for key, params in control_params(self._book, tenant).items()
             ]
+        tracing.annotate(assignment_source="service")
+        self._assignments.put(tenant, user_id, reply)
+        return list(reply.assignments)
 
     async def _retrieve(
         self, tenant: str, user_id: str, knobs: _Params, degraded: list[str]
@@ -382,15 +409,9 @@ class Funnel:
             degraded.append("ranking")
             return None
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _log_impressions(self, tenant: str, user_id: str, result: Recommendation) -> None:
+    def _log_impressions(self, tenant: str, user_id: str, result: Recommendation) -> None:
         if not result.item_ids:
             return
-        budget_var.set(None)
         now_ms = int(time.time() * 1000)
         propensities = result.propensities or [0.0] * len(result.item_ids)
         events = [
@@ -408,12 +429,8 @@ class Funnel:
                 zip(result.item_ids, propensities, strict=True)
             )
         ]
-        with tracing.stage_span("impressions", events=len(events)) as span:
-            try:
-                await self.append_events(events)
-            except (OSError, sqlite3.Error) as exc:
-                tracing.record_error(span, exc)
-                log.error("impressions not logged: %s", exc)
+        with tracing.stage_span("impressions", events=len(events)):
+            self.impressions.put(tenant, events)
 
     async def append_events(self, events: list[events_pb2.Event]) -> None:
         """Accept events of the current tenant: durably in the outbox, delivered later.
@@ -424,7 +441,8 @@ class Funnel:
         await self._outbox.put(tenant_var.get(), events)
 
     async def deliver(self, events: list[events_pb2.Event]) -> events_pb2.AppendResponse:
-        """Send one batch of the current tenant to the event logger (the outbox relay)."""
+        """Send one batch of the current tenant to the event logger (the impression shipper
+        and the outbox relay)."""
         events_ds = self._ds.events
         return await events_ds.call(
             events_ds.stub.Append,
@@ -432,11 +450,6 @@ class Funnel:
             cap_s=self._settings.events_timeout_s,
             idempotent=True,
         )
-
-    async def drain(self) -> None:
-        """Wait for background writes still running (shutdown)."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=self._settings.drain_grace_s)
 
 
 def _head(candidates: common_pb2.Candidates, n: int) -> common_pb2.Candidates:

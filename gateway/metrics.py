@@ -33,3 +33,9 @@ QUOTA_DECISIONS = Counter(
     "Quota answers per tenant: allowed, denied, or unavailable (quota service down)",
     ["tenant", "decision"],
 )
+QUOTA_SOURCES = Counter(
+    "recmesh_gateway_quota_sources_total",
+    "Quota decisions per tenant by where they came from: a quota call, a leased token, "
+    "or a remembered denial (gateway/quota.py)",
+    ["tenant", "source"],
+)

@@ -59,7 +59,8 @@ class Outbox:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
         if "trace" not in columns:  # a file written before rows carried their trace
             self._db.execute("ALTER TABLE outbox ADD COLUMN trace TEXT NOT NULL DEFAULT ''")
-        OUTBOX_DEPTH.set(self._depth())
+        self._rows = self._depth()
+        OUTBOX_DEPTH.set(self._rows)
 
     def _depth(self) -> int:
         with self._lock:
@@ -78,9 +79,20 @@ class Outbox:
                 raise
             self._db.execute("COMMIT")
 
-    async def put(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:
-        """Store ``events`` durably (returns after the fsynced commit), with the current
-        span's trace context.
+    @property
+    def holds_rows(self) -> bool:
+        """Whether rows are stored and not yet acknowledged (counted in memory, no query)."""
+        return self._rows > 0
+
+    async def put(
+        self,
+        tenant: str,
+        events: Sequence[events_pb2.Event],
+        traces: Sequence[str] | None = None,
+    ) -> None:
+        """Store ``events`` durably (returns after the fsynced commit), each with its W3C
+        ``traceparent``: ``traces[i]`` for ``events[i]``, or the current span's when
+        ``traces`` is None.
 
         Group commit: rows of puts that arrive while a commit is running wait for the next
         one, and share it, so the outbox costs one fsync per commit, not one per request.
@@ -88,14 +100,16 @@ class Outbox:
         Raises:
             OSError / sqlite3.Error: the commit failed; none of ``events`` was stored.
         """
-        trace = tracing.current_traceparent()
-        rows = [(tenant, e.SerializeToString(), trace) for e in events]
+        if traces is None:
+            traces = [tracing.current_traceparent()] * len(events)
+        rows = [(tenant, e.SerializeToString(), tp) for e, tp in zip(events, traces, strict=True)]
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((rows, stored))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_pending())
         await stored
-        OUTBOX_DEPTH.inc(len(events))
+        self._rows += len(events)
+        OUTBOX_DEPTH.set(self._rows)
 
     async def _commit_pending(self) -> None:
         while self._pending:
@@ -141,7 +155,8 @@ class Outbox:
     async def ack(self, ids: Sequence[int]) -> None:
         """Remove delivered rows."""
         await asyncio.to_thread(self._ack, ids)
-        OUTBOX_DEPTH.dec(len(ids))
+        self._rows = max(0, self._rows - len(ids))
+        OUTBOX_DEPTH.set(self._rows)
 
     async def depth(self) -> int:
         """Rows not yet delivered."""
@@ -150,6 +165,30 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+async def send_linked(
+    span_name: str,
+    tenant: str,
+    events: list[events_pb2.Event],
+    traces: Sequence[str],
+    send: Send,
+) -> None:
+    """Send one tenant's batch inside a new trace's ``span_name`` span that links to the span
+    each event was accepted in (``traces``: their W3C traceparents).
+
+    Raises:
+        Exception: whatever ``send`` raises (the batch was not delivered).
+    """
+    tenant_var.set(tenant)
+    links = {tp: tracing.link_to(tp) for tp in traces}
+    with tracing.tracer.start_as_current_span(
+        span_name,
+        context=tracing.ROOT,
+        links=[link for link in links.values() if isinstance(link, Link)],
+        attributes=tracing.recmesh_attributes(tenant=tenant, events=len(events)),
+    ):
+        await send(events)
 
 
 class OutboxRelay:
@@ -188,19 +227,19 @@ class OutboxRelay:
             Exception: the first tenant batch that could not be delivered (earlier
                 batches of the round stay delivered).
         """
+        if not self._outbox.holds_rows:
+            return 0
         rows = await self._outbox.take_traced(self._batch)
         delivered = 0
         for tenant, group in itertools.groupby(rows, key=lambda row: row[1]):
             batch = list(group)
-            tenant_var.set(tenant)
-            links = {tp: tracing.link_to(tp) for _, _, _, tp in batch}
-            with tracing.tracer.start_as_current_span(
+            await send_linked(
                 "outbox.deliver",
-                context=tracing.ROOT,
-                links=[link for link in links.values() if isinstance(link, Link)],
-                attributes=tracing.recmesh_attributes(tenant=tenant, events=len(batch)),
-            ):
-                await self._send([event for _, _, event, _ in batch])
+                tenant,
+                [event for _, _, event, _ in batch],
+                [tp for _, _, _, tp in batch],
+                self._send,
+            )
             await self._outbox.ack([row_id for row_id, _, _, _ in batch])
             delivered += len(batch)
         return delivered

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from aiohttp import web
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
 from gateway.funnel import Funnel
 from gateway.grpc_api import GatewayServicer
 from gateway.http import HttpApi
 from gateway.outbox import Outbox, OutboxRelay
+from gateway.quota import QuotaLeases
 from gateway.settings import GatewaySettings
 from mesh.server import MeshServer, Registration
 from mesh.tenants import load_tenants
@@ -54,12 +56,15 @@ class HttpListener:
 
 
 async def build_gateway(
-    settings: GatewaySettings, downstreams: Downstreams | None = None
+    settings: GatewaySettings,
+    downstreams: Downstreams | None = None,
+    assignments: AssignmentCache | None = None,
 ) -> tuple[MeshServer, HttpListener]:
     """The gateway: gRPC on ``settings.port``, HTTP on ``settings.http_port``.
 
     ``downstreams`` defaults to channels to the addresses in ``settings``; the monolith
-    baseline (``loadtest.monolith``) passes in-process ones.
+    baseline (``loadtest.monolith``) passes in-process ones. ``assignments`` defaults to a
+    cache of experiment assignments sized by ``settings``; tests pass one on their own clock.
 
     Starting the server starts the HTTP listener too; its ``port`` is set then. When the
     server drains, the HTTP API answers with ``Connection: close`` and ``/healthz`` 503
@@ -73,7 +78,17 @@ async def build_gateway(
     downstreams = downstreams if downstreams is not None else Downstreams.open(settings)
     outbox = Outbox(settings.outbox)
     fallback = PopularFallback(downstreams.retrieval, list(tenants.tenants))
-    funnel = Funnel(settings, downstreams, book, outbox, fallback)
+    if assignments is None:
+        assignments = AssignmentCache(
+            settings.experiment_cache_entries, settings.experiment_cache_ttl_s
+        )
+    quota = QuotaLeases(
+        downstreams.quota,
+        lease_max=settings.quota_lease_max,
+        lease_ttl_s=settings.quota_lease_ttl_s,
+        cap_s=settings.quota_budget_s,
+    )
+    funnel = Funnel(settings, downstreams, book, outbox, fallback, assignments, quota)
     relay = OutboxRelay(outbox, funnel.deliver)
     api = HttpApi(funnel, tenants, downstreams)
     http = HttpListener(
@@ -89,9 +104,21 @@ async def build_gateway(
                 "GatewayService",
             )
         ],
-        startups=[downstreams.connect, fallback.start, relay.start, http.start],
+        startups=[
+            downstreams.connect,
+            fallback.start,
+            relay.start,
+            funnel.impressions.start,
+            http.start,
+        ],
         drains=[api.drain],
-        cleanups=[http.stop, funnel.drain, relay.stop, fallback.stop, downstreams.close],
+        cleanups=[
+            http.stop,
+            funnel.impressions.stop,
+            relay.stop,
+            fallback.stop,
+            downstreams.close,
+        ],
     )
     return server, http
 

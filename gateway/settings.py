@@ -42,6 +42,18 @@ class GatewaySettings(ServerSettings):
     experiment_budget_s: float = env(
         "RECMESH_GATEWAY_EXPERIMENT_BUDGET_S", 0.005, doc="experiment stage cap"
     )
+    experiment_cache_ttl_s: float = env(
+        "RECMESH_GATEWAY_EXPERIMENT_CACHE_TTL_S",
+        30.0,
+        doc="how long an experiment assignment is served from the gateway's cache, which is "
+        "how late a new experiment book reaches a cached user at worst; 0 turns the cache off",
+    )
+    experiment_cache_entries: int = env(
+        "RECMESH_GATEWAY_EXPERIMENT_CACHE_ENTRIES",
+        100_000,
+        doc="(tenant, user) assignments the gateway's cache holds, least recently used "
+        "evicted first; 0 turns the cache off",
+    )
     retrieval_budget_s: float = env(
         "RECMESH_GATEWAY_RETRIEVAL_BUDGET_S", 0.025, doc="retrieval stage cap"
     )
@@ -53,11 +65,32 @@ class GatewaySettings(ServerSettings):
         1.0,
         doc="timeout of event writes (off the request path)",
     )
+    impressions_batch: int = env(
+        "RECMESH_GATEWAY_IMPRESSIONS_BATCH",
+        200,
+        doc="queued impressions of one tenant that are sent without waiting for the linger",
+    )
+    impressions_linger_s: float = env(
+        "RECMESH_GATEWAY_IMPRESSIONS_LINGER_S",
+        0.02,
+        doc="longest wait of a queued impression before it is sent (what a SIGKILL can lose)",
+    )
     outbox: Path = env(
         "RECMESH_GATEWAY_OUTBOX", VAR_DIR / "outbox.db", doc="durable outbox of accepted events"
     )
     quota_fail_open: bool = env(
         "RECMESH_GATEWAY_QUOTA_FAIL_OPEN", True, doc="serve when the quota service is down"
+    )
+    quota_lease_max: int = env(
+        "RECMESH_GATEWAY_QUOTA_LEASE_MAX",
+        32,
+        doc="most quota tokens one call may lease for a tenant (gateway/quota.py); "
+        "1 turns leasing off: one quota call per request",
+    )
+    quota_lease_ttl_s: float = env(
+        "RECMESH_GATEWAY_QUOTA_LEASE_TTL_S",
+        0.1,
+        doc="seconds a lease's tokens stay usable; unused ones expire and count as used",
     )
     max_body_bytes: int = env(
         "RECMESH_GATEWAY_MAX_BODY_BYTES", 1024 * 1024, doc="largest HTTP body accepted"

@@ -4,9 +4,12 @@ signalled."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
+import uvloop
+
+from mesh.errors import ConfigError
 from mesh.logging import configure_logging
 from mesh.server import MeshServer
 from mesh.settings import ServerSettings, load
@@ -32,6 +35,21 @@ def run_service(build: Callable[[S], Awaitable[MeshServer]], settings_cls: type[
         await server.serve_until_signalled()
 
     try:
-        asyncio.run(main())
+        run_loop(settings.event_loop, main())
     finally:
         telemetry.shutdown()
+
+
+def run_loop(kind: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to completion on a new event loop of ``kind`` (``uvloop`` or ``asyncio``).
+
+    Raises:
+        ConfigError: ``kind`` is neither.
+    """
+    if kind == "uvloop":
+        uvloop.run(main)
+    elif kind == "asyncio":
+        asyncio.run(main)
+    else:
+        main.close()
+        raise ConfigError(f"RECMESH_EVENT_LOOP must be uvloop or asyncio, not {kind!r}")

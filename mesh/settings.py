@@ -117,6 +117,12 @@ class ServerSettings:
     health_interval_s: float = env(
         "RECMESH_HEALTH_INTERVAL_S", 1.0, doc="seconds between component health checks"
     )
+    event_loop: str = env(
+        "RECMESH_EVENT_LOOP",
+        "uvloop",
+        doc="event loop of the process: uvloop (libuv: cheaper socket I/O, timers and "
+        "callbacks) or asyncio (the standard library's)",
+    )
 
 
 def downstream(service: str) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
+from gateway.assignments import AssignmentCache
 from gateway.server import HttpListener, build_gateway
 from gateway.settings import GatewaySettings
 from mesh.context import TENANT_KEY
@@ -74,13 +75,19 @@ class Mesh:
 
 @asynccontextmanager
 async def inprocess_mesh(
-    redis_url: str, artifacts: Path, tenants_file: Path, faults_file: Path | None = None
+    redis_url: str,
+    artifacts: Path,
+    tenants_file: Path,
+    faults_file: Path | None = None,
+    assignments: AssignmentCache | None = None,
 ) -> AsyncIterator[Mesh]:
     """Every service and the gateway, in this process, on port 0, features materialised.
 
     Budgets are generous: these tests check behaviour, not latency (that is `make bench`).
 
     With ``faults_file`` every server watches it for fault flags (see ``mesh.faults``).
+    ``assignments`` replaces the gateway's cache of experiment assignments (the default one
+    is sized by the gateway's default settings).
     """
     async with AsyncExitStack() as stack:
         servers: dict[str, MeshServer] = {}
@@ -153,9 +160,13 @@ async def inprocess_mesh(
                 retrieval_budget_s=1.0,
                 ranking_budget_s=1.0,
                 quota_budget_s=0.5,
+                # One quota call per request, so a quota fault shows on the very next
+                # request; leases have their own tests (tests/gateway/test_quota_leases.py).
+                quota_lease_max=1,
                 experiment_budget_s=0.5,
                 **common,
-            )
+            ),
+            assignments=assignments,
         )
         await start("gateway", gateway)
         yield Mesh(servers, http)

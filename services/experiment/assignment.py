@@ -27,10 +27,17 @@ weights must lie in [0, 1] and sum to 1 within GrowthBook's tolerance of 0.99 to
 bucket ranges used are always the configured ones. ``params`` maps knob names (e.g.
 ``retrieval.k``, ``ranking.heavy``, ``ranking.prerank_keep``) to string values that the gateway
 applies to the pipeline; it defaults to ``{}``. Unknown keys anywhere are rejected.
+
+A loaded book has a ``version``: the first 16 hex digits of the SHA-256 of its canonical JSON
+(object keys sorted, no whitespace, lists in file order). Reformatting the file or reordering
+the keys of an object keeps the version; any other change gives a new one. The experiment
+service returns it with every answer, so a caller that caches answers (the gateway's
+:class:`~gateway.assignments.AssignmentCache`) notices a new book.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -131,9 +138,11 @@ class ExperimentBook:
 
     Attributes:
         experiments: the experiments; keys are unique.
+        version: 16 hex digits identifying the book's content (see the module docstring).
     """
 
     experiments: tuple[Experiment, ...]
+    version: str
 
 
 @dataclass(frozen=True)
@@ -322,7 +331,13 @@ def _parse_book(document: object, source: str) -> ExperimentBook:
             )
         seen.add(experiment.key)
         experiments.append(experiment)
-    return ExperimentBook(experiments=tuple(experiments))
+    return ExperimentBook(experiments=tuple(experiments), version=_version(document))
+
+
+def _version(document: dict[str, object]) -> str:
+    """The book's version: a digest of ``document`` that ignores formatting and key order."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def _parse_experiment(raw: object, index: int, source: str) -> Experiment:

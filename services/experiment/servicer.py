@@ -12,7 +12,11 @@ from services.validation import check_user_id
 
 
 class ExperimentServicer(experiment_pb2_grpc.ExperimentServiceServicer):
-    """Deterministic assignment: the same tenant and attributes always get the same variants."""
+    """Deterministic assignment: the same tenant and attributes always get the same variants.
+
+    Every answer carries the version of the book it came from (``book_version``), so a
+    caller that caches answers can tell when the book changed.
+    """
 
     def __init__(self, book: ExperimentBook) -> None:
         self._book = book
@@ -34,5 +38,6 @@ class ExperimentServicer(experiment_pb2_grpc.ExperimentServiceServicer):
                 )
                 for a in assignments
                 if a.in_experiment
-            ]
+            ],
+            book_version=self._book.version,
         )

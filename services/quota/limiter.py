@@ -3,6 +3,10 @@
 Every caller (each gateway replica, each Envoy) shares one bucket per tenant because
 the state lives in Redis and the check-and-update runs as one Lua script using the
 server's clock. The bucket holds ``burst`` units and refills at ``rate`` per second.
+
+A call either takes exactly ``cost`` units or, as a lease, as many as the bucket has up
+to ``max_cost`` (at least ``cost``); the hourly usage counts units granted, so with leases
+it counts units handed out to callers, whether they used them or not.
 """
 
 from __future__ import annotations
@@ -17,38 +21,49 @@ _GCRA = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local max_cost = tonumber(ARGV[4])
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
 local interval = 1 / rate
 local tolerance = interval * burst
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
-local new_tat = tat + cost * interval
-local allow_at = new_tat - tolerance
-if allow_at > now then
+local available = math.floor((tolerance - (tat - now)) / interval + 1e-9)
+local grant = math.min(max_cost, available)
+if grant < cost then
   redis.call('HINCRBY', KEYS[2], 'rejected', 1)
   redis.call('EXPIRE', KEYS[2], 7200)
-  local remaining = math.floor((tolerance - (tat - now)) / interval)
-  return {0, tostring(allow_at - now), remaining}
+  return {0, tostring(tat + cost * interval - tolerance - now), available, 0}
 end
+local new_tat = tat + grant * interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(tolerance * 1000) + 1000)
-redis.call('HINCRBY', KEYS[2], 'allowed', 1)
+redis.call('HINCRBY', KEYS[2], 'allowed', grant)
 redis.call('EXPIRE', KEYS[2], 7200)
-return {1, '0', math.floor((tolerance - (new_tat - now)) / interval)}
+return {1, '0', available - grant, grant}
 """
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Outcome of one acquire: ``retry_after_s`` is 0 when allowed."""
+    """Outcome of one acquire.
+
+    Attributes:
+        allowed: at least ``cost`` units were taken.
+        remaining: whole units left in the bucket after this call.
+        retry_after_s: when denied, seconds until ``cost`` units are available; else 0.
+        granted: units taken (``cost`` up to ``max_cost`` when allowed, 0 when denied).
+    """
 
     allowed: bool
     remaining: int
     retry_after_s: float
+    granted: int
 
 
 @dataclass(frozen=True)
 class Usage:
+    """One hour of a bucket: ``allowed`` units granted, ``rejected`` calls denied."""
+
     allowed: int
     rejected: int
 
@@ -74,15 +89,22 @@ class RedisRateLimiter:
         hour = int(self._clock() // 3600) if hour is None else hour
         return f"rm:{{{bucket}}}:usage:{hour}"
 
-    async def acquire(self, bucket: str, rate: float, burst: int, cost: int = 1) -> Decision:
-        """Take ``cost`` units from ``bucket`` if available; count the decision."""
-        allowed, retry_after, remaining = await self._script(
+    async def acquire(
+        self, bucket: str, rate: float, burst: int, cost: int = 1, max_cost: int = 0
+    ) -> Decision:
+        """Take units from ``bucket`` and count them in the hourly usage.
+
+        With ``max_cost`` greater than ``cost`` the call is a lease: it takes as many units
+        as the bucket has, at most ``max_cost``; otherwise exactly ``cost``. Either way it
+        is denied (nothing taken) when fewer than ``cost`` units are available.
+        """
+        allowed, retry_after, remaining, granted = await self._script(
             keys=[f"rm:{{{bucket}}}:gcra", self._usage_key(bucket)],
-            args=[rate, burst, cost],
+            args=[rate, burst, cost, max(cost, max_cost)],
         )
-        return Decision(bool(allowed), max(0, int(remaining)), float(retry_after))
+        return Decision(bool(allowed), max(0, int(remaining)), float(retry_after), int(granted))
 
     async def usage(self, bucket: str) -> Usage:
-        """Decisions counted for ``bucket`` in the current hour."""
+        """Units granted and calls denied for ``bucket`` in the current hour."""
         counts = await self._redis.hgetall(self._usage_key(bucket))
         return Usage(int(counts.get(b"allowed", 0)), int(counts.get(b"rejected", 0)))

@@ -30,11 +30,21 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Acquire(
         self, request: quota_pb2.AcquireRequest, context: Any
     ) -> quota_pb2.AcquireResponse:
+        """Take ``cost`` units, or as a lease up to ``max_cost`` (see ``AcquireRequest``).
+
+        Raises:
+            NotFound: the tenant is not configured.
+            InvalidArgument: ``cost`` outside 0..MAX_COST, or ``max_cost`` neither 0 nor
+                in cost..MAX_COST.
+        """
         tenant = self._tenant(request.tenant or current_tenant())
         if not 0 <= request.cost <= MAX_COST:
             raise InvalidArgument(f"cost must be in 0..{MAX_COST}", field="cost")
+        cost = request.cost or 1
+        if request.max_cost and not cost <= request.max_cost <= MAX_COST:
+            raise InvalidArgument(f"max_cost must be 0 or in {cost}..{MAX_COST}", field="max_cost")
         decision = await self._limiter.acquire(
-            f"tenant:{tenant.name}", tenant.rate, tenant.burst, request.cost or 1
+            f"tenant:{tenant.name}", tenant.rate, tenant.burst, cost, request.max_cost
         )
         return quota_pb2.AcquireResponse(
             allowed=decision.allowed,
@@ -42,6 +52,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             burst=tenant.burst,
             remaining=decision.remaining,
             retry_after_s=decision.retry_after_s,
+            granted=decision.granted,
         )
 
     async def GetUsage(

@@ -43,24 +43,26 @@ async def recommend(mesh: Mesh, user: str = "u1", n: int = 10) -> tuple[int, Any
         return response.status, await response.json()
 
 
+# Each case asks for its own user: the gateway serves a user it answered before from its
+# assignment cache, so a repeated user would not reach the experiment fallback.
 @pytest.mark.parametrize(
-    ("service", "degraded", "sources"),
+    ("service", "user", "degraded", "sources"),
     [
-        ("ranking", ["ranking"], {"ann", "popular"}),
-        ("retrieval", ["retrieval"], {"fallback"}),
-        ("experiment", ["experiment"], {"ann", "popular"}),
-        ("quota", ["quota"], {"ann", "popular"}),
+        ("ranking", "u1", ["ranking"], {"ann", "popular"}),
+        ("retrieval", "u2", ["retrieval"], {"fallback"}),
+        ("experiment", "u3", ["experiment"], {"ann", "popular"}),
+        ("quota", "u4", ["quota"], {"ann", "popular"}),
         # Ranking may still have the items' rows in its cache, so only retrieval must degrade.
-        ("feature", ["user_features"], {"popular"}),
+        ("feature", "u5", ["user_features"], {"popular"}),
     ],
 )
 async def test_a_failing_service_degrades_the_answer_not_the_status(
-    faulty: tuple[Mesh, Path], service: str, degraded: list[str], sources: set[str]
+    faulty: tuple[Mesh, Path], service: str, user: str, degraded: list[str], sources: set[str]
 ) -> None:
     mesh, faults = faulty
     set_faults(mesh, faults, {service: {"*": {"error_rate": 1.0, "code": "UNAVAILABLE"}}})
     try:
-        status, body = await recommend(mesh)
+        status, body = await recommend(mesh, user)
     finally:
         set_faults(mesh, faults, {})
     assert status == 200, body

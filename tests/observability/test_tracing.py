@@ -238,7 +238,7 @@ async def test_one_request_is_one_tree(mesh: tuple[Mesh, Path], spans: SpanCaptu
     linked = [
         s
         for s in spans.spans
-        if s.name == "outbox.deliver"
+        if s.name == "impressions.deliver"
         and any(link.context.span_id == impressions.span_id for link in s.links)
     ]
     assert linked and all(s.parent is None for s in linked)

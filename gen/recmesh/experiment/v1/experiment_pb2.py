@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&recmesh/experiment/v1/experiment.proto\x12\x15recmesh.experiment.v1\"\x9d\x01\n\rAssignRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12H\n\nattributes\x18\x02 \x03(\x0b\x32\x34.recmesh.experiment.v1.AssignRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd2\x01\n\nAssignment\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x13\n\x0bvariant_key\x18\x02 \x01(\t\x12\x15\n\rvariant_index\x18\x03 \x01(\x05\x12=\n\x06params\x18\x04 \x03(\x0b\x32-.recmesh.experiment.v1.Assignment.ParamsEntry\x12\x12\n\nhash_value\x18\x05 \x01(\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x0e\x41ssignResponse\x12\x36\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32!.recmesh.experiment.v1.Assignment2j\n\x11\x45xperimentService\x12U\n\x06\x41ssign\x12$.recmesh.experiment.v1.AssignRequest\x1a%.recmesh.experiment.v1.AssignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&recmesh/experiment/v1/experiment.proto\x12\x15recmesh.experiment.v1\"\x9d\x01\n\rAssignRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12H\n\nattributes\x18\x02 \x03(\x0b\x32\x34.recmesh.experiment.v1.AssignRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd2\x01\n\nAssignment\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x13\n\x0bvariant_key\x18\x02 \x01(\t\x12\x15\n\rvariant_index\x18\x03 \x01(\x05\x12=\n\x06params\x18\x04 \x03(\x0b\x32-.recmesh.experiment.v1.Assignment.ParamsEntry\x12\x12\n\nhash_value\x18\x05 \x01(\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x0e\x41ssignResponse\x12\x36\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32!.recmesh.experiment.v1.Assignment\x12\x14\n\x0c\x62ook_version\x18\x02 \x01(\t2j\n\x11\x45xperimentService\x12U\n\x06\x41ssign\x12$.recmesh.experiment.v1.AssignRequest\x1a%.recmesh.experiment.v1.AssignResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_start=391
   _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_end=436
   _globals['_ASSIGNRESPONSE']._serialized_start=438
-  _globals['_ASSIGNRESPONSE']._serialized_end=510
-  _globals['_EXPERIMENTSERVICE']._serialized_start=512
-  _globals['_EXPERIMENTSERVICE']._serialized_end=618
+  _globals['_ASSIGNRESPONSE']._serialized_end=532
+  _globals['_EXPERIMENTSERVICE']._serialized_start=534
+  _globals['_EXPERIMENTSERVICE']._serialized_end=640
 # @@protoc_insertion_point(module_scope)

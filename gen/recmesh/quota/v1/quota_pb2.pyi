@@ -26,19 +26,25 @@ class AcquireRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    MAX_COST_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Defaults to the tenant in call metadata."""
     cost: _builtins.int
     """Units to take; 0 means 1."""
+    max_cost: _builtins.int
+    """Lease: when greater than `cost`, take as many units as the bucket has, at most
+    `max_cost` and at least `cost` (otherwise deny). 0 means exactly `cost`.
+    """
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         cost: _builtins.int = ...,
+        max_cost: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "max_cost", b"max_cost", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -53,6 +59,7 @@ class AcquireResponse(_message.Message):
     BURST_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     rate: _builtins.float
     """Requests per second allowed for the tenant."""
@@ -61,6 +68,8 @@ class AcquireResponse(_message.Message):
     """Whole units left in the bucket after this call."""
     retry_after_s: _builtins.float
     """When allowed is false: seconds until `cost` units are available again."""
+    granted: _builtins.int
+    """Units taken: `cost` up to `max_cost` when allowed, 0 when denied."""
     def __init__(
         self,
         *,
@@ -69,10 +78,11 @@ class AcquireResponse(_message.Message):
         burst: _builtins.int = ...,
         remaining: _builtins.int = ...,
         retry_after_s: _builtins.float = ...,
+        granted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "burst", b"burst", "rate", b"rate", "remaining", b"remaining", "retry_after_s", b"retry_after_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "burst", b"burst", "granted", b"granted", "rate", b"rate", "remaining", b"remaining", "retry_after_s", b"retry_after_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -107,7 +117,9 @@ class TenantUsage(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     allowed: _builtins.int
+    """Units granted (with leases: handed out to callers, whether they used them or not)."""
     rejected: _builtins.int
+    """Acquire calls denied."""
     def __init__(
         self,
         *,

@@ -50,15 +50,15 @@ class QuotaServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Acquire(self, request, context):
-        """Take `cost` units from the tenant's bucket. Being over the limit is an answer
-        (allowed = false), not an error.
+        """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
+        `max_cost`. Being over the limit is an answer (allowed = false), not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Requests allowed and rejected per tenant in the current accounting window.
+        """Units granted and calls denied per tenant in the current accounting window.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

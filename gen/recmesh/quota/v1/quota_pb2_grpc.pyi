@@ -34,21 +34,21 @@ class QuotaServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> QuotaServiceAsyncStub: ...
     Acquire: _grpc.UnaryUnaryMultiCallable[_quota_pb2.AcquireRequest, _quota_pb2.AcquireResponse]
-    """Take `cost` units from the tenant's bucket. Being over the limit is an answer
-    (allowed = false), not an error.
+    """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
+    `max_cost`. Being over the limit is an answer (allowed = false), not an error.
     """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]
-    """Requests allowed and rejected per tenant in the current accounting window."""
+    """Units granted and calls denied per tenant in the current accounting window."""
 
 @_typing.type_check_only
 class QuotaServiceAsyncStub(QuotaServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Acquire: _aio.UnaryUnaryMultiCallable[_quota_pb2.AcquireRequest, _quota_pb2.AcquireResponse]  # type: ignore[assignment]
-    """Take `cost` units from the tenant's bucket. Being over the limit is an answer
-    (allowed = false), not an error.
+    """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
+    `max_cost`. Being over the limit is an answer (allowed = false), not an error.
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]  # type: ignore[assignment]
-    """Requests allowed and rejected per tenant in the current accounting window."""
+    """Units granted and calls denied per tenant in the current accounting window."""
 
 class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -57,8 +57,8 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _quota_pb2.AcquireRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_quota_pb2.AcquireResponse, _abc.Awaitable[_quota_pb2.AcquireResponse]]:
-        """Take `cost` units from the tenant's bucket. Being over the limit is an answer
-        (allowed = false), not an error.
+        """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
+        `max_cost`. Being over the limit is an answer (allowed = false), not an error.
         """
 
     @_abc_1.abstractmethod
@@ -67,6 +67,6 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _quota_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_quota_pb2.GetUsageResponse, _abc.Awaitable[_quota_pb2.GetUsageResponse]]:
-        """Requests allowed and rejected per tenant in the current accounting window."""
+        """Units granted and calls denied per tenant in the current accounting window."""
 
 def add_QuotaServiceServicer_to_server(servicer: QuotaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

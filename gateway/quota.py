@@ -1,0 +1,184 @@
+"""Quota admission from per-tenant leases, so most requests need no call to the quota service.
+
+A call to the quota service leases a few tokens of the tenant's bucket
+(``AcquireRequest.max_cost``), and the tenant's next requests take them here:
+
+* a token of a live lease (younger than ``lease_ttl_s``, counted from when its call was
+  sent, so never later than the grant) admits a request without a call;
+* a denial is remembered until its ``retry_after_s`` and answers the tenant's requests
+  until then without a call (nothing but time refills a bucket, so the quota service
+  would deny them too);
+* otherwise one call per tenant is in flight at a time: requests of the tenant that
+  arrive meanwhile await it and take from its grant; those it does not cover call again.
+
+A lease asks for the tokens used from the previous lease plus the requests waiting for
+it, at least 1, at most ``lease_max`` and at most what the tenant's rate (as the last
+reply carried it) refills in ``lease_ttl_s``. A tenant whose rate refills less than two
+tokens per lease, and every tenant when ``lease_max`` is 1, get one call per request,
+made concurrently as without leases.
+
+Trade-off: a gateway may hold up to ``lease_max`` tokens of a tenant for up to
+``lease_ttl_s``. Tokens still unused when their lease expires are lost: the bucket counted
+them as taken, so the tenant is admitted that many fewer requests than its limit allows.
+Each gateway holds at most one lease per tenant, and its size follows the previous
+lease's use, so a tenant with steady traffic loses little; one whose traffic stops loses
+what its last lease had left. Denials answered from memory are not counted in the quota
+service's ``rejected`` usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+
+from mesh.client import Downstream
+
+Source = Literal["call", "lease", "denial"]
+"""Where an admission came from: this request awaited a quota call (``call``), took a
+leased token (``lease``), or was answered by a remembered denial (``denial``)."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The quota decision for one request.
+
+    Attributes:
+        allowed: the request may be served.
+        rate: the tenant's limit in requests per second, as the quota service reported it.
+        retry_after_s: when not allowed, seconds until the tenant has a token again; else 0.
+        source: where the decision came from (:data:`Source`).
+    """
+
+    allowed: bool
+    rate: float
+    retry_after_s: float
+    source: Source
+
+
+@dataclass
+class _Lease:
+    """One tenant's tokens and what is known of its bucket (touched only on the event loop).
+
+    ``rate`` is 0 until the first reply; ``used`` counts the tokens taken from the current
+    lease, ``waiting`` the requests awaiting a call; ``call`` is the call in flight.
+    """
+
+    rate: float = 0.0
+    tokens: int = 0
+    expires_at: float = 0.0
+    used: int = 0
+    denied_until: float = 0.0
+    waiting: int = 0
+    call: asyncio.Task[None] | None = None
+
+
+class QuotaLeases:
+    """Admits requests per tenant from tokens leased from the quota service.
+
+    Args:
+        quota: the quota service, behind the gateway's guards.
+        lease_max: most tokens one call may lease; 1 (or less) turns leasing off.
+        lease_ttl_s: seconds a lease's tokens stay usable.
+        cap_s: timeout of each quota call (the quota stage's budget).
+        clock: monotonic clock (tests inject one).
+    """
+
+    def __init__(
+        self,
+        quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+        *,
+        lease_max: int,
+        lease_ttl_s: float,
+        cap_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._quota = quota
+        self._lease_max = lease_max
+        self._ttl_s = lease_ttl_s
+        self._cap_s = cap_s
+        self._clock = clock
+        self._leases: dict[str, _Lease] = {}
+
+    async def acquire(self, tenant: str) -> Admission:
+        """Admit or deny one request of ``tenant``, calling the quota service only when needed.
+
+        ``tenant`` must be the tenant of the current request context: the call names the
+        tenant through the call metadata, as every downstream call does.
+
+        Raises:
+            grpc.aio.AioRpcError / DeadlineExceeded / CircuitOpen / BulkheadFull: the quota
+                call failed (:data:`mesh.client.CALL_FAILURES`), passed on unchanged; every
+                request awaiting that call gets it, and nothing is remembered.
+        """
+        lease = self._leases.setdefault(tenant, _Lease())
+        local = self._take(lease, after_call=False)
+        if local is not None:
+            return local
+        if self._per_request(lease):
+            reply = await self._call(lease, 1)
+            return Admission(reply.allowed, reply.rate, reply.retry_after_s, "call")
+        lease.waiting += 1
+        try:
+            while True:
+                if lease.call is None:
+                    lease.call = asyncio.create_task(self._refill(lease))
+                # Shielded: a request that gives up does not cancel the others' call.
+                await asyncio.shield(lease.call)
+                admission = self._take(lease, after_call=True)
+                if admission is not None:
+                    return admission
+        finally:
+            lease.waiting -= 1
+
+    def _take(self, lease: _Lease, *, after_call: bool) -> Admission | None:
+        """A remembered denial, or a token of a live lease; ``None`` when a call is needed."""
+        now = self._clock()
+        if now < lease.denied_until:
+            source: Source = "call" if after_call else "denial"
+            return Admission(False, lease.rate, lease.denied_until - now, source)
+        if lease.tokens > 0 and now < lease.expires_at:
+            lease.tokens -= 1
+            lease.used += 1
+            return Admission(True, lease.rate, 0.0, "call" if after_call else "lease")
+        return None
+
+    def _cap(self, lease: _Lease) -> int:
+        """Most tokens one call may ask for: 1 until the tenant's rate is known."""
+        refilled = math.floor(lease.rate * self._ttl_s)
+        return max(1, min(self._lease_max, refilled))
+
+    def _per_request(self, lease: _Lease) -> bool:
+        """Leasing is off, or the tenant's known rate allows one token per lease."""
+        return self._lease_max <= 1 or (lease.rate > 0 and self._cap(lease) == 1)
+
+    async def _call(self, lease: _Lease, size: int) -> quota_pb2.AcquireResponse:
+        """Acquire 1 to ``size`` tokens; remember the tenant's rate and any denial."""
+        quota = self._quota
+        reply: quota_pb2.AcquireResponse = await quota.call(
+            quota.stub.Acquire,
+            quota_pb2.AcquireRequest(cost=1, max_cost=size),
+            cap_s=self._cap_s,
+        )
+        lease.rate = reply.rate
+        if not reply.allowed:
+            lease.denied_until = self._clock() + reply.retry_after_s
+        return reply
+
+    async def _refill(self, lease: _Lease) -> None:
+        """Replace the tenant's exhausted or expired lease by a new grant (or a denial)."""
+        try:
+            size = min(self._cap(lease), max(1, lease.used + lease.waiting))
+            sent = self._clock()
+            reply = await self._call(lease, size)
+            # A quota service older than leases takes exactly ``cost`` and leaves granted 0.
+            lease.tokens = max(1, reply.granted) if reply.allowed else 0
+            lease.expires_at = sent + self._ttl_s
+            lease.used = 0
+        finally:
+            lease.call = None

@@ -1,0 +1,150 @@
+"""Impressions reach the event log straight away, or through the outbox when they cannot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+
+from gateway.impressions import ImpressionShipper
+from gateway.outbox import Outbox, OutboxRelay
+from mesh.client import Downstream
+from mesh.testing import serving, tenant_metadata
+from services.events.server import build_server
+from services.events.settings import EventsSettings
+from tests.conftest import free_port
+
+
+def impression(request: str, position: int) -> events_pb2.Event:
+    return events_pb2.Event(
+        event_id=f"{request}:{position}",
+        type="impression",
+        user_id="u1",
+        item_id=position + 1,
+        request_id=request,
+        ts_ms=int(time.time() * 1000),
+        position=position,
+    )
+
+
+class Logger:
+    """The events service on a fixed port (started and stopped by the test), a downstream
+    to it, and a count of the batches sent."""
+
+    def __init__(self, port: int, redis_url: str) -> None:
+        self.port = port
+        self.redis_url = redis_url
+        self.events = Downstream.open(
+            "events", f"127.0.0.1:{port}", events_pb2_grpc.EventServiceStub
+        )
+        self.batches: list[int] = []
+
+    async def send(self, batch: list[events_pb2.Event]) -> object:
+        self.batches.append(len(batch))
+        return await self.events.call(
+            self.events.stub.Append,
+            events_pb2.AppendRequest(events=batch),
+            cap_s=1.0,
+            idempotent=True,
+        )
+
+    async def stored(self, tenant: str) -> list[str]:
+        reply = await self.events.stub.Read(
+            events_pb2.ReadRequest(limit=1000), metadata=tenant_metadata(tenant)
+        )
+        return [e.event.event_id for e in reply.events]
+
+
+@pytest.fixture
+async def logger(redis_url: str) -> AsyncIterator[Logger]:
+    logger = Logger(free_port(), redis_url)
+    yield logger
+    await logger.events.close()
+
+
+def fresh_tenant() -> str:
+    return f"im{time.time_ns() % 10**12}"
+
+
+async def test_impressions_are_sent_in_batches_without_touching_the_outbox(
+    tmp_path: Path, logger: Logger
+) -> None:
+    tenant = fresh_tenant()
+    outbox = Outbox(tmp_path / "outbox.db")
+    shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=0.05)
+    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    async with serving(server):
+        await shipper.start()
+        for request in range(20):
+            shipper.put(tenant, [impression(f"r{request}", p) for p in range(10)])
+        await shipper.stop()
+        stored = await logger.stored(tenant)
+    assert stored == [f"r{r}:{p}" for r in range(20) for p in range(10)]
+    assert logger.batches == [200]  # one Append for the 20 answers queued within the linger
+    assert not outbox.holds_rows
+    assert await outbox.take(10) == []
+    outbox.close()
+
+
+async def test_impressions_go_to_the_outbox_while_the_logger_is_down_and_arrive_in_order(
+    tmp_path: Path, logger: Logger
+) -> None:
+    tenant = fresh_tenant()
+    outbox = Outbox(tmp_path / "outbox.db")
+    shipper = ImpressionShipper(outbox, logger.send, batch_rows=5, linger_s=0.01)
+    relay = OutboxRelay(outbox, logger.send, idle_s=0.02, max_backoff_s=0.1)
+    await shipper.start()
+    await relay.start()
+    shipper.put(tenant, [impression("down", p) for p in range(10)])
+    for _ in range(100):
+        if outbox.holds_rows:
+            break
+        await asyncio.sleep(0.02)
+    assert await outbox.depth() == 10  # nothing listens on the port: all kept
+
+    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    async with serving(server):
+        shipper.put(tenant, [impression("up", p) for p in range(10)])
+        for _ in range(200):
+            if not outbox.holds_rows and len(await logger.stored(tenant)) == 20:
+                break
+            await asyncio.sleep(0.05)
+        stored = await logger.stored(tenant)
+        await shipper.stop()
+        await relay.stop()
+    assert stored == [f"down:{p}" for p in range(10)] + [f"up:{p}" for p in range(10)]
+
+
+async def test_stop_delivers_what_is_still_queued(tmp_path: Path, logger: Logger) -> None:
+    tenant = fresh_tenant()
+    outbox = Outbox(tmp_path / "outbox.db")
+    shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=60.0)
+    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    async with serving(server):
+        await shipper.start()
+        shipper.put(tenant, [impression("late", p) for p in range(3)])
+        await shipper.stop()  # well before the linger ends
+        stored = await logger.stored(tenant)
+    assert stored == [f"late:{p}" for p in range(3)]
+    outbox.close()
+
+
+async def test_a_stop_while_the_logger_is_down_keeps_the_queue_in_the_outbox(
+    tmp_path: Path, logger: Logger
+) -> None:
+    tenant = fresh_tenant()
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(path)
+    shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=60.0)
+    await shipper.start()
+    shipper.put(tenant, [impression("kept", p) for p in range(4)])
+    await shipper.stop()
+    outbox.close()
+    reopened = Outbox(path)
+    rows = await reopened.take(10)
+    assert [(t, e.event_id) for _, t, e in rows] == [(tenant, f"kept:{p}") for p in range(4)]
+    reopened.close()

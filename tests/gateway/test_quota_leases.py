@@ -1,0 +1,216 @@
+"""The gateway's quota leases against a real quota service and Redis, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+
+from gateway.quota import Admission, QuotaLeases
+from mesh.client import Downstream
+from mesh.context import tenant_var
+from mesh.server import MeshServer
+from mesh.testing import serving
+from services.quota.server import build_server as build_quota
+from services.quota.settings import QuotaSettings
+from tests.conftest import free_port
+from tests.inprocess import reset_quota
+
+TENANTS = {"bulk": (1000.0, 2000), "forty": (1.0, 40), "trio": (1.0, 3)}
+"""name -> (rate/s, burst). ``bulk`` is never limited here; the others refill about one
+unit per second, so a test sees their burst and little more."""
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+async def quota_server(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[MeshServer]:
+    path = tmp_path_factory.mktemp("leases") / "tenants.json"
+    path.write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    name: {
+                        "api_key_sha256": hashlib.sha256(name.encode()).hexdigest(),
+                        "rate": rate,
+                        "burst": burst,
+                    }
+                    for name, (rate, burst) in TENANTS.items()
+                }
+            }
+        )
+    )
+    server = await build_quota(QuotaSettings(port=0, redis_url=redis_url, tenants=path))
+    async with serving(server):
+        yield server
+
+
+@pytest.fixture
+async def quota(
+    quota_server: MeshServer, redis_url: str
+) -> AsyncIterator[Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]]:
+    """The quota service behind a downstream of its own name (its attempts counted alone);
+    every tenant's bucket full."""
+    for tenant in TENANTS:
+        await reset_quota(redis_url, tenant)
+    downstream = Downstream.open(
+        f"quota-{uuid.uuid4().hex[:8]}",
+        f"127.0.0.1:{quota_server.port}",
+        quota_pb2_grpc.QuotaServiceStub,
+    )
+    yield downstream
+    await downstream.close()
+
+
+def calls(downstream: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]) -> int:
+    """Calls ``downstream`` answered so far (the gateway's own attempts metric)."""
+    labels = {"downstream": downstream.name, "code": "OK"}
+    return int(REGISTRY.get_sample_value("recmesh_downstream_attempts_total", labels) or 0)
+
+
+def leases(
+    downstream: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+    clock: Clock,
+    lease_max: int = 32,
+    lease_ttl_s: float = 0.1,
+) -> QuotaLeases:
+    return QuotaLeases(
+        downstream, lease_max=lease_max, lease_ttl_s=lease_ttl_s, cap_s=2.0, clock=clock
+    )
+
+
+def request(quota: QuotaLeases, tenant: str) -> asyncio.Task[Admission]:
+    """One request of ``tenant``, in a task of its own as the gateway runs each request."""
+
+    async def admit() -> Admission:
+        tenant_var.set(tenant)
+        return await quota.acquire(tenant)
+
+    return asyncio.create_task(admit())
+
+
+async def granted(quota_server: MeshServer, tenant: str) -> int:
+    """Units the quota service handed out for ``tenant`` this hour."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{quota_server.port}") as channel:
+        reply = await quota_pb2_grpc.QuotaServiceStub(channel).GetUsage(
+            quota_pb2.GetUsageRequest(tenant=tenant)
+        )
+    return reply.usage[0].allowed
+
+
+async def test_concurrent_requests_of_a_busy_tenant_share_few_calls(
+    quota_server: MeshServer, quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]
+) -> None:
+    before = await granted(quota_server, "bulk")
+    shared = leases(quota, Clock())
+    admissions = await asyncio.gather(*(request(shared, "bulk") for _ in range(50)))
+    assert all(a.allowed for a in admissions)
+    assert calls(quota) <= 5
+    assert len(admissions) <= await granted(quota_server, "bulk") - before
+
+
+async def test_concurrent_requests_beyond_the_burst_are_denied(
+    quota_server: MeshServer, quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]
+) -> None:
+    before = await granted(quota_server, "forty")
+    # A long lease, so the tenant's rate does not cap its size.
+    shared = leases(quota, Clock(), lease_ttl_s=100.0)
+    admissions = await asyncio.gather(*(request(shared, "forty") for _ in range(50)))
+    allowed = sum(a.allowed for a in admissions)
+    assert 40 <= allowed <= 41  # the burst, plus at most one unit refilled meanwhile
+    assert allowed <= await granted(quota_server, "forty") - before
+    assert all(a.retry_after_s > 0 for a in admissions if not a.allowed)
+    assert calls(quota) <= 6
+
+
+async def test_a_slow_tenant_gets_its_burst_and_no_more(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    shared = leases(quota, Clock())
+    admissions = [await request(shared, "trio") for _ in range(5)]
+    assert [a.allowed for a in admissions] == [True, True, True, False, False]
+    # One token per lease at 1 request/s: a call per request until the denial.
+    assert [a.source for a in admissions] == ["call", "call", "call", "call", "denial"]
+    assert calls(quota) == 4
+
+
+async def test_a_denial_is_answered_locally_until_its_retry_after(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    clock = Clock()
+    shared = leases(quota, clock)
+    for _ in range(3):
+        assert (await request(shared, "trio")).allowed
+    denied = await request(shared, "trio")
+    assert (denied.allowed, denied.source) == (False, "call")
+    assert calls(quota) == 4
+
+    clock.now += denied.retry_after_s / 2
+    remembered = await request(shared, "trio")
+    assert (remembered.allowed, remembered.source) == (False, "denial")
+    assert remembered.retry_after_s == pytest.approx(denied.retry_after_s / 2)
+    assert calls(quota) == 4
+
+    clock.now += denied.retry_after_s / 2
+    after = await request(shared, "trio")
+    assert after.source == "call"
+    assert calls(quota) == 5
+
+
+async def test_an_expired_lease_is_not_used(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    clock = Clock()
+    shared = leases(quota, clock, lease_ttl_s=0.1)
+    # The first call leases 1 token, the second 2 (one used, one kept).
+    assert [(await request(shared, "bulk")).source for _ in range(2)] == ["call", "call"]
+    clock.now += 0.09
+    assert (await request(shared, "bulk")).source == "lease"
+    assert (await request(shared, "bulk")).source == "call"  # leases 3, keeps 2
+    clock.now += 0.1
+    assert (await request(shared, "bulk")).source == "call"
+    assert calls(quota) == 4
+
+
+async def test_lease_max_1_makes_one_call_per_request(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    shared = leases(quota, Clock(), lease_max=1)
+    admissions = await asyncio.gather(*(request(shared, "bulk") for _ in range(5)))
+    admissions += [await request(shared, "bulk") for _ in range(5)]
+    assert all(a.allowed and a.source == "call" for a in admissions)
+    assert calls(quota) == 10
+
+
+async def test_a_failing_quota_service_fails_every_waiting_request() -> None:
+    down = Downstream.open(
+        "quota-down", f"127.0.0.1:{free_port()}", quota_pb2_grpc.QuotaServiceStub
+    )
+    shared = leases(down, Clock())
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await request(shared, "bulk")
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        outcomes = await asyncio.gather(
+            *(request(shared, "bulk") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes), outcomes
+    finally:
+        await down.close()

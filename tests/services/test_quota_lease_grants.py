@@ -1,0 +1,127 @@
+"""Variable grants of the quota limiter and service (``max_cost``), against a real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
+
+from mesh import redis as mesh_redis
+from mesh.testing import channel_to, serving
+from services.quota.limiter import RedisRateLimiter
+from services.quota.server import build_server as build_quota
+from services.quota.servicer import MAX_COST
+from services.quota.settings import QuotaSettings
+from tests.inprocess import reset_quota, write_tenants
+
+SLOW = 0.5
+"""Refill rate (units/s) slow enough that no unit comes back during a test."""
+
+
+@pytest.fixture(scope="module")
+async def limiter(redis_url: str) -> AsyncIterator[RedisRateLimiter]:
+    client: aioredis.Redis = mesh_redis.connect(redis_url)
+    yield RedisRateLimiter(client)
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def quota(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[quota_pb2_grpc.QuotaServiceAsyncStub]:
+    tenants = write_tenants(tmp_path_factory.mktemp("quota-leases") / "tenants.json")
+    server = await build_quota(QuotaSettings(port=0, redis_url=redis_url, tenants=tenants))
+    async with serving(server), channel_to(server) as channel:
+        yield quota_pb2_grpc.QuotaServiceStub(channel)
+
+
+def bucket() -> str:
+    return f"test:{uuid.uuid4().hex}"
+
+
+async def test_a_lease_takes_what_the_bucket_has_up_to_max_cost(
+    limiter: RedisRateLimiter,
+) -> None:
+    name = bucket()
+    first = await limiter.acquire(name, SLOW, 5, cost=1, max_cost=3)
+    second = await limiter.acquire(name, SLOW, 5, cost=1, max_cost=3)
+    third = await limiter.acquire(name, SLOW, 5, cost=1, max_cost=3)
+    assert (first.allowed, first.granted, first.remaining) == (True, 3, 2)
+    assert (second.allowed, second.granted, second.remaining) == (True, 2, 0)
+    assert (third.allowed, third.granted, third.remaining) == (False, 0, 0)
+    assert 0 < third.retry_after_s <= 1 / SLOW
+
+
+async def test_a_lease_is_denied_when_fewer_than_cost_are_left(
+    limiter: RedisRateLimiter,
+) -> None:
+    name = bucket()
+    assert (await limiter.acquire(name, SLOW, 5, cost=4)).granted == 4
+    denied = await limiter.acquire(name, SLOW, 5, cost=2, max_cost=5)
+    assert (denied.allowed, denied.granted, denied.remaining) == (False, 0, 1)
+    # The denial took nothing: the last unit is still there.
+    last = await limiter.acquire(name, SLOW, 5, cost=1, max_cost=5)
+    assert (last.allowed, last.granted, last.remaining) == (True, 1, 0)
+
+
+async def test_usage_counts_units_granted_and_calls_denied(limiter: RedisRateLimiter) -> None:
+    name = bucket()
+    await limiter.acquire(name, SLOW, 10, cost=1, max_cost=4)
+    await limiter.acquire(name, SLOW, 10, cost=2)
+    await limiter.acquire(name, SLOW, 10, cost=1, max_cost=10)
+    await limiter.acquire(name, SLOW, 10, cost=1, max_cost=10)
+    usage = await limiter.usage(name)
+    assert (usage.allowed, usage.rejected) == (10, 1)
+
+
+async def test_without_max_cost_a_call_takes_exactly_cost(limiter: RedisRateLimiter) -> None:
+    name = bucket()
+    decisions = [await limiter.acquire(name, SLOW, 5, cost=2) for _ in range(3)]
+    assert [(d.allowed, d.granted, d.remaining) for d in decisions] == [
+        (True, 2, 3),
+        (True, 2, 1),
+        (False, 0, 1),
+    ]
+
+
+async def test_old_clients_get_exactly_cost_from_the_service(
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, redis_url: str
+) -> None:
+    await reset_quota(redis_url, "tiny")
+    reply = await quota.Acquire(quota_pb2.AcquireRequest(tenant="tiny"))
+    assert (reply.allowed, reply.granted, reply.remaining) == (True, 1, 1)
+
+
+async def test_the_service_leases_and_reports_the_grant(
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, redis_url: str
+) -> None:
+    await reset_quota(redis_url, "tiny")
+    lease = await quota.Acquire(quota_pb2.AcquireRequest(tenant="tiny", cost=1, max_cost=5))
+    assert (lease.allowed, lease.granted, lease.remaining) == (True, 2, 0)
+    denied = await quota.Acquire(quota_pb2.AcquireRequest(tenant="tiny", cost=1, max_cost=5))
+    assert (denied.allowed, denied.granted) == (False, 0)
+    assert denied.retry_after_s > 0
+
+
+@pytest.mark.parametrize(
+    ("cost", "max_cost"), [(0, -1), (3, 2), (1, MAX_COST + 1), (0, MAX_COST + 1)]
+)
+async def test_the_service_rejects_a_max_cost_out_of_range(
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, cost: int, max_cost: int
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await quota.Acquire(quota_pb2.AcquireRequest(tenant="demo", cost=cost, max_cost=max_cost))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-recmesh-field", "max_cost") in tuple(error.value.trailing_metadata() or ())
+
+
+async def test_the_service_accepts_max_cost_equal_to_cost(
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, redis_url: str
+) -> None:
+    await reset_quota(redis_url, "demo")
+    reply = await quota.Acquire(quota_pb2.AcquireRequest(tenant="demo", cost=3, max_cost=3))
+    assert (reply.allowed, reply.granted) == (True, 3)
