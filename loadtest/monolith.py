@@ -16,6 +16,7 @@ swap is not wired: a new ``current`` needs a restart.
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 
 from gateway.clients import Downstreams
@@ -67,7 +68,8 @@ async def build_monolith(settings: GatewaySettings) -> MeshServer:
     client = mesh_redis.connect(feature.redis_url)
     tenants = load_tenants(load(QuotaSettings).tenants)
 
-    store = RedisFeatureStore(client, history_cap=feature.history_cap)
+    bulk = mesh_redis.connect_blocking(feature.redis_url)
+    store = RedisFeatureStore(client, history_cap=feature.history_cap, bulk=bulk)
     materializer = Materializer(store, feature.artifacts)
     features = Downstream(
         "feature",
@@ -105,7 +107,7 @@ async def build_monolith(settings: GatewaySettings) -> MeshServer:
         event_log.prepare,
         partial(_materialize, materializer, list(tenants.tenants)),
     ]
-    server.cleanups.append(client.aclose)
+    server.cleanups += [client.aclose, lambda: asyncio.to_thread(bulk.close)]
     return server
 
 

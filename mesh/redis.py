@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 import redis.asyncio as aioredis
 
 from mesh.errors import ConfigError
@@ -24,6 +25,18 @@ def connect(url: str) -> aioredis.Redis:
         retry_on_timeout=False,
         max_connections=64,
     )
+
+
+def connect_blocking(url: str) -> redis.Redis:
+    """A blocking client for ``url`` for bulk work in a worker thread (hiredis packs its
+    commands in C); a generous socket timeout, since one round trip carries 20k keys.
+
+    Raises:
+        ConfigError: ``url`` is empty.
+    """
+    if not url:
+        raise ConfigError("REDIS_URL is not set; start the mesh with `make up` or set it")
+    return redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=1.0)
 
 
 def redis_check(client: aioredis.Redis) -> HealthCheck:

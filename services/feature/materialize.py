@@ -85,14 +85,7 @@ class Materializer:
                     np.asarray(users[start:stop], dtype=np.float32),
                     [history_items[indptr[r] : indptr[r + 1]].tolist() for r in range(start, stop)],
                 )
-            for start in range(0, items.shape[0], BATCH):
-                stop = min(start + BATCH, items.shape[0])
-                await self._store.write_items(
-                    tenant,
-                    list(range(start, stop)),
-                    np.asarray(items[start:stop], dtype=np.float32),
-                    categories[start:stop].tolist(),
-                )
+            await self._store.load_items(tenant, items, categories)
             log.info(
                 "materialized",
                 extra={"fields": {"version": artifacts.version, "users": users.shape[0]}},

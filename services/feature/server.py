@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh import redis as mesh_redis
@@ -15,7 +17,8 @@ from services.feature.store import RedisFeatureStore
 async def build_server(settings: FeatureSettings) -> MeshServer:
     """The feature service on ``settings.port`` backed by Redis at ``settings.redis_url``."""
     client = mesh_redis.connect(settings.redis_url)
-    store = RedisFeatureStore(client, history_cap=settings.history_cap)
+    bulk = mesh_redis.connect_blocking(settings.redis_url)
+    store = RedisFeatureStore(client, history_cap=settings.history_cap, bulk=bulk)
     servicer = FeatureServicer(
         store,
         Materializer(store, settings.artifacts),
@@ -26,5 +29,5 @@ async def build_server(settings: FeatureSettings) -> MeshServer:
         settings,
         [Registration.of(servicer, feature_pb2, feature_pb2_grpc, "FeatureService")],
         checks=[mesh_redis.redis_check(client)],
-        cleanups=[client.aclose],
+        cleanups=[client.aclose, lambda: asyncio.to_thread(bulk.close)],
     )

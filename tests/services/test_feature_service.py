@@ -14,10 +14,13 @@ import pytest
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
+from mesh import redis as mesh_redis
+from mesh.errors import InvalidArgument
 from mesh.server import MeshServer
 from mesh.testing import channel_to, serving, tenant_metadata
 from services.feature.server import build_server
 from services.feature.settings import FeatureSettings
+from services.feature.store import RedisFeatureStore
 from training.artifacts import load_artifact_set, resolve_current
 
 
@@ -208,3 +211,34 @@ async def test_a_tampered_artifact_set_is_refused_naming_the_file(
             feature_pb2.DescribeViewsRequest(), metadata=tenant_metadata(tenant)
         )
         assert list(views.views) == []  # nothing of the tampered set was loaded
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["blocking-threads", "asyncio"])
+async def test_a_bulk_item_load_stores_every_row_and_category(redis_url: str, bulk: bool) -> None:
+    client = mesh_redis.connect(redis_url)
+    blocking = mesh_redis.connect_blocking(redis_url) if bulk else None
+    store = RedisFeatureStore(client, bulk=blocking)
+    tenant = "bulk" + uuid.uuid4().hex[:8]
+    rng = np.random.default_rng(7)
+    n = 2 * RedisFeatureStore.BULK_ROWS + 1234  # both threads, and a partial last round
+    rows = rng.standard_normal((n, 6)).astype(np.float32)
+    categories = rng.integers(0, 40, n).astype(np.int32)
+    await store.set_views(
+        tenant,
+        version="v1",
+        user_default=np.zeros(3, np.float32),
+        item_default=np.full(6, 9.0, np.float32),
+        users=0,
+        items=n,
+    )
+    assert await store.load_items(tenant, rows, categories) == n
+    probe = [0, 1999, 2000, RedisFeatureStore.BULK_ROWS, n - 1, n]  # n: never written
+    got = await store.get_items(tenant, probe)
+    assert np.array_equal(got.features[:-1], rows[probe[:-1]])
+    assert got.categories.tolist() == [*categories[probe[:-1]].tolist(), -1]
+    assert got.missing.tolist() == [False] * 5 + [True]
+    with pytest.raises(InvalidArgument):
+        await store.load_items(tenant, rows[:, :5], categories)
+    await client.aclose()
+    if blocking is not None:
+        blocking.close()
