@@ -58,6 +58,9 @@ def layout(
             "RECMESH_GATEWAY_RANKING_BUDGET_S": "0.5",
             "RECMESH_GATEWAY_RETRIEVAL_BUDGET_S": "0.4",
             "RECMESH_GATEWAY_QUOTA_BUDGET_S": "0.2",
+            # Every request calls quota, so the trace under test has the quota hop even
+            # when it is a retry made while an earlier request's lease is still live.
+            "RECMESH_GATEWAY_QUOTA_LEASE_MAX": "1",
             "RECMESH_GATEWAY_EXPERIMENT_BUDGET_S": "0.2",
             "RECMESH_RETRIEVAL_FEATURE_BUDGET_S": "0.3",
             "RECMESH_RANKING_FEATURE_BUDGET_S": "0.3",
