@@ -35,3 +35,17 @@ async def channel_to(server: MeshServer) -> AsyncIterator[grpc.aio.Channel]:
 def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
     """Call metadata that names ``tenant``."""
     return ((TENANT_KEY, tenant),)
+
+
+class ManualClock:
+    """A clock that moves only when a test moves it: pass it where code takes a ``clock``
+    callable (breakers, caches, leases, budgets) and set ``now`` or call :meth:`advance`."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

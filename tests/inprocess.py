@@ -179,3 +179,11 @@ async def reset_quota(redis_url: str, tenant: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     await client.delete(f"rm:{{tenant:{tenant}}}:gcra")
     await client.aclose()
+
+
+def set_faults(mesh: Mesh, path: Path, flags: dict[str, Any]) -> None:
+    """Write the fault ``flags`` (``mesh.faults`` format) to ``path``, the faults file
+    ``mesh`` was started with, and make every server of ``mesh`` read it now."""
+    path.write_text(json.dumps(flags))
+    for server in mesh.servers.values():
+        server.faults.reload()

@@ -7,7 +7,6 @@ move. Calls are counted where they are answered: the experiment server's own
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,25 +16,18 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway.assignments import AssignmentCache
+from mesh.testing import ManualClock
 from services.experiment.assignment import assign, load_experiments
-from tests.inprocess import PROJECT, Mesh, inprocess_mesh, write_tenants
+from tests.inprocess import PROJECT, Mesh, inprocess_mesh, set_faults, write_tenants
 
 DEMO = {"x-api-key": "demo-key"}
 TTL_S = 30.0
 EXPERIMENT = "recmesh.experiment.v1.ExperimentService"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ async def cached(
     redis_url: str,
     artifacts_root: Path,
     tmp_path_factory: pytest.TempPathFactory,
-    clock: FakeClock,
+    clock: ManualClock,
 ) -> AsyncIterator[tuple[Mesh, Path]]:
     base = tmp_path_factory.mktemp("assignment-cache")
     faults = base / "faults.json"
@@ -55,12 +47,6 @@ async def cached(
         assignments=AssignmentCache(1000, TTL_S, clock=clock),
     ) as mesh:
         yield mesh, faults
-
-
-def set_faults(mesh: Mesh, path: Path, flags: dict[str, Any]) -> None:
-    path.write_text(json.dumps(flags))
-    for server in mesh.servers.values():
-        server.faults.reload()
 
 
 def assign_calls() -> float:
@@ -101,7 +87,7 @@ async def recommend(mesh: Mesh, user: str) -> dict[str, Any]:
 
 
 async def test_a_cached_assignment_saves_the_call_until_the_ttl(
-    cached: tuple[Mesh, Path], clock: FakeClock
+    cached: tuple[Mesh, Path], clock: ManualClock
 ) -> None:
     mesh, _ = cached
     user = treated_user("ttl-")

@@ -6,14 +6,7 @@ import pytest
 from recmesh.experiment.v1 import experiment_pb2
 
 from gateway.assignments import AssignmentCache
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from mesh.testing import ManualClock
 
 
 def answer(variant: str = "wide", version: str = "book-1") -> experiment_pb2.AssignResponse:
@@ -32,7 +25,7 @@ def variants(found: list[experiment_pb2.Assignment] | None) -> list[str] | None:
 
 
 def test_an_answer_is_served_for_ttl_seconds_and_not_after() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     cache = AssignmentCache(10, ttl_s=30.0, clock=clock)
     assert cache.get("demo", "u1") is None
     cache.put("demo", "u1", answer("wide"))
@@ -45,7 +38,7 @@ def test_an_answer_is_served_for_ttl_seconds_and_not_after() -> None:
 
 
 def test_a_hit_extends_nothing_the_age_counts_from_the_answer() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     cache = AssignmentCache(10, ttl_s=30.0, clock=clock)
     cache.put("demo", "u1", answer())
     clock.now = 20.0
@@ -55,7 +48,7 @@ def test_a_hit_extends_nothing_the_age_counts_from_the_answer() -> None:
 
 
 def test_an_answer_from_another_book_empties_the_cache() -> None:
-    cache = AssignmentCache(10, ttl_s=30.0, clock=FakeClock())
+    cache = AssignmentCache(10, ttl_s=30.0, clock=ManualClock())
     cache.put("demo", "u1", answer("wide", "book-1"))
     cache.put("acme", "u2", answer("wide", "book-1"))
     cache.put("demo", "u3", answer("control", "book-2"))
@@ -69,7 +62,7 @@ def test_an_answer_from_another_book_empties_the_cache() -> None:
 
 
 def test_the_least_recently_used_answer_is_evicted_first() -> None:
-    cache = AssignmentCache(2, ttl_s=30.0, clock=FakeClock())
+    cache = AssignmentCache(2, ttl_s=30.0, clock=ManualClock())
     cache.put("demo", "a", answer("wide"))
     cache.put("demo", "b", answer("wide"))
     assert cache.get("demo", "a") is not None  # "b" is now the least recently used
@@ -81,31 +74,31 @@ def test_the_least_recently_used_answer_is_evicted_first() -> None:
 
 @pytest.mark.parametrize(("entries", "ttl_s"), [(0, 30.0), (10, 0.0), (-1, 30.0), (10, -1.0)])
 def test_zero_entries_or_zero_ttl_turns_the_cache_off(entries: int, ttl_s: float) -> None:
-    cache = AssignmentCache(entries, ttl_s=ttl_s, clock=FakeClock())
+    cache = AssignmentCache(entries, ttl_s=ttl_s, clock=ManualClock())
     cache.put("demo", "u1", answer())
     assert cache.get("demo", "u1") is None
 
 
 def test_an_answer_without_a_book_version_is_not_stored() -> None:
-    cache = AssignmentCache(10, ttl_s=30.0, clock=FakeClock())
+    cache = AssignmentCache(10, ttl_s=30.0, clock=ManualClock())
     cache.put("demo", "u1", answer(version=""))
     assert cache.get("demo", "u1") is None
 
 
 def test_tenants_do_not_share_answers() -> None:
-    cache = AssignmentCache(10, ttl_s=30.0, clock=FakeClock())
+    cache = AssignmentCache(10, ttl_s=30.0, clock=ManualClock())
     cache.put("demo", "u1", answer())
     assert cache.get("acme", "u1") is None
 
 
 def test_an_answer_with_no_assignment_is_a_hit() -> None:
-    cache = AssignmentCache(10, ttl_s=30.0, clock=FakeClock())
+    cache = AssignmentCache(10, ttl_s=30.0, clock=ManualClock())
     cache.put("demo", "u1", experiment_pb2.AssignResponse(book_version="book-1"))
     assert cache.get("demo", "u1") == []
 
 
 def test_callers_get_their_own_list() -> None:
-    cache = AssignmentCache(10, ttl_s=30.0, clock=FakeClock())
+    cache = AssignmentCache(10, ttl_s=30.0, clock=ManualClock())
     cache.put("demo", "u1", answer())
     found = cache.get("demo", "u1")
     assert found is not None

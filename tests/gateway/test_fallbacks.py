@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.inprocess import Mesh, inprocess_mesh, write_tenants
+from tests.inprocess import Mesh, inprocess_mesh, set_faults, write_tenants
 
 DEMO = {"x-api-key": "demo-key"}
 
@@ -25,12 +24,6 @@ async def faulty(
         redis_url, artifacts_root, write_tenants(base / "tenants.json"), faults
     ) as mesh:
         yield mesh, faults
-
-
-def set_faults(mesh: Mesh, path: Path, flags: dict[str, Any]) -> None:
-    path.write_text(json.dumps(flags))
-    for server in mesh.servers.values():
-        server.faults.reload()
 
 
 async def recommend(mesh: Mesh, user: str = "u1", n: int = 10) -> tuple[int, Any]:

@@ -17,7 +17,7 @@ from gateway.quota import Admission, QuotaLeases
 from mesh.client import Downstream
 from mesh.context import tenant_var
 from mesh.server import MeshServer
-from mesh.testing import serving
+from mesh.testing import ManualClock, serving
 from services.quota.server import build_server as build_quota
 from services.quota.settings import QuotaSettings
 from tests.conftest import free_port
@@ -26,16 +26,6 @@ from tests.inprocess import reset_quota
 TENANTS = {"bulk": (1000.0, 2000), "forty": (1.0, 40), "trio": (1.0, 3)}
 """name -> (rate/s, burst). ``bulk`` is never limited here; the others refill about one
 unit per second, so a test sees their burst and little more."""
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +77,7 @@ def calls(downstream: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]) -> int:
 
 def leases(
     downstream: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
-    clock: Clock,
+    clock: ManualClock,
     lease_max: int = 32,
     lease_ttl_s: float = 0.1,
 ) -> QuotaLeases:
@@ -119,7 +109,7 @@ async def test_concurrent_requests_of_a_busy_tenant_share_few_calls(
     quota_server: MeshServer, quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]
 ) -> None:
     before = await granted(quota_server, "bulk")
-    shared = leases(quota, Clock())
+    shared = leases(quota, ManualClock(1000.0))
     admissions = await asyncio.gather(*(request(shared, "bulk") for _ in range(50)))
     assert all(a.allowed for a in admissions)
     assert calls(quota) <= 5
@@ -131,7 +121,7 @@ async def test_concurrent_requests_beyond_the_burst_are_denied(
 ) -> None:
     before = await granted(quota_server, "forty")
     # A long lease, so the tenant's rate does not cap its size.
-    shared = leases(quota, Clock(), lease_ttl_s=100.0)
+    shared = leases(quota, ManualClock(1000.0), lease_ttl_s=100.0)
     admissions = await asyncio.gather(*(request(shared, "forty") for _ in range(50)))
     allowed = sum(a.allowed for a in admissions)
     assert 40 <= allowed <= 41  # the burst, plus at most one unit refilled meanwhile
@@ -143,7 +133,7 @@ async def test_concurrent_requests_beyond_the_burst_are_denied(
 async def test_a_slow_tenant_gets_its_burst_and_no_more(
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
-    shared = leases(quota, Clock())
+    shared = leases(quota, ManualClock(1000.0))
     admissions = [await request(shared, "trio") for _ in range(5)]
     assert [a.allowed for a in admissions] == [True, True, True, False, False]
     # One token per lease at 1 request/s: a call per request until the denial.
@@ -154,7 +144,7 @@ async def test_a_slow_tenant_gets_its_burst_and_no_more(
 async def test_a_denial_is_answered_locally_until_its_retry_after(
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     shared = leases(quota, clock)
     for _ in range(3):
         assert (await request(shared, "trio")).allowed
@@ -177,7 +167,7 @@ async def test_a_denial_is_answered_locally_until_its_retry_after(
 async def test_an_expired_lease_is_not_used(
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     shared = leases(quota, clock, lease_ttl_s=0.1)
     # The first call leases 1 token, the second 2 (one used, one kept).
     assert [(await request(shared, "bulk")).source for _ in range(2)] == ["call", "call"]
@@ -192,7 +182,7 @@ async def test_an_expired_lease_is_not_used(
 async def test_lease_max_1_makes_one_call_per_request(
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
-    shared = leases(quota, Clock(), lease_max=1)
+    shared = leases(quota, ManualClock(1000.0), lease_max=1)
     admissions = await asyncio.gather(*(request(shared, "bulk") for _ in range(5)))
     admissions += [await request(shared, "bulk") for _ in range(5)]
     assert all(a.allowed and a.source == "call" for a in admissions)
@@ -203,7 +193,7 @@ async def test_a_failing_quota_service_fails_every_waiting_request() -> None:
     down = Downstream.open(
         "quota-down", f"127.0.0.1:{free_port()}", quota_pb2_grpc.QuotaServiceStub
     )
-    shared = leases(down, Clock())
+    shared = leases(down, ManualClock(1000.0))
     try:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await request(shared, "bulk")

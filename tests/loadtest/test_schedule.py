@@ -10,14 +10,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.traffic import Pacer, Recorder, error_kind
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from mesh.testing import ManualClock
 
 
 def simulate(
@@ -27,7 +20,7 @@ def simulate(
     ``stall[0]`` has visits starting in ``[stall[1], stall[2])`` hang until ``stall[2]``."""
     arrivals: list[float] = []
     for number in range(users):
-        clock = Clock(1000.0 + 0.01 * number)  # users start one by one
+        clock = ManualClock(1000.0 + 0.01 * number)  # users start one by one
         pacer = Pacer(period, number, users, clock)
         clock.now += pacer.first_delay()
         while clock.now < 1000.0 + horizon_s:
@@ -55,7 +48,7 @@ def test_a_stalled_user_catches_up_so_the_rate_holds() -> None:
 
 
 def test_visits_slower_than_the_period_run_back_to_back() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     pacer = Pacer(1.0, 0, 1, clock)
     clock.now += pacer.first_delay() + 3.0
     assert pacer.next_delay() == 0.0
@@ -69,7 +62,7 @@ def test_invalid_pace_is_refused() -> None:
 
 
 def test_the_recorder_writes_json_lines_at_most_a_second_late(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     path = tmp_path / "records.jsonl"
     recorder = Recorder(path, every_s=1.0, clock=clock)
     recorder.add({"k": "rec", "t": 1.0})

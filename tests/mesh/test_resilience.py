@@ -15,18 +15,11 @@ from mesh.resilience import (
     RetryBudget,
     counts_as_failure,
 )
+from mesh.testing import ManualClock
 
 
 def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "test")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def outcome(breaker: AsyncBreaker, fail: bool, code: grpc.StatusCode) -> str:
@@ -45,7 +38,7 @@ async def outcome(breaker: AsyncBreaker, fail: bool, code: grpc.StatusCode) -> s
 
 
 async def test_half_the_calls_failing_opens_on_rate_not_on_consecutive_count() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     breaker = AsyncBreaker("down", fail_max=5, failure_rate=0.5, min_calls=20, clock=clock)
     # Alternating failures never reach 5 in a row: only the rate can open the breaker.
     waves = []
@@ -61,14 +54,14 @@ async def test_half_the_calls_failing_opens_on_rate_not_on_consecutive_count() -
 
 
 async def test_consecutive_failures_open_before_the_window_fills() -> None:
-    breaker = AsyncBreaker("down", fail_max=3, min_calls=100, clock=Clock())
+    breaker = AsyncBreaker("down", fail_max=3, min_calls=100, clock=ManualClock(1000.0))
     for _ in range(3):
         await outcome(breaker, True, grpc.StatusCode.UNAVAILABLE)
     assert breaker.state == "open"
 
 
 async def test_cancellations_and_client_errors_are_not_failures() -> None:
-    breaker = AsyncBreaker("down", fail_max=2, min_calls=2, clock=Clock())
+    breaker = AsyncBreaker("down", fail_max=2, min_calls=2, clock=ManualClock(1000.0))
     for _ in range(10):
         await outcome(breaker, True, grpc.StatusCode.INVALID_ARGUMENT)
 
@@ -87,7 +80,7 @@ async def test_cancellations_and_client_errors_are_not_failures() -> None:
 
 
 async def test_half_open_lets_one_probe_through_and_closes_on_success() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     breaker = AsyncBreaker("down", fail_max=1, reset_timeout_s=2.0, clock=clock)
     await outcome(breaker, True, grpc.StatusCode.UNAVAILABLE)
     assert await outcome(breaker, False, grpc.StatusCode.OK) == "rejected"
@@ -108,7 +101,7 @@ async def test_half_open_lets_one_probe_through_and_closes_on_success() -> None:
 
 
 async def test_failed_probe_reopens() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     breaker = AsyncBreaker("down", fail_max=1, reset_timeout_s=1.0, clock=clock)
     await outcome(breaker, True, grpc.StatusCode.UNAVAILABLE)
     clock.now += 1.5
@@ -118,7 +111,7 @@ async def test_failed_probe_reopens() -> None:
 
 
 def test_retry_budget_caps_retries_at_the_ratio() -> None:
-    clock = Clock()
+    clock = ManualClock(1000.0)
     budget = RetryBudget(ratio=0.2, window_s=10.0, min_retries=0, clock=clock)
     granted = 0
     for _ in range(1000):

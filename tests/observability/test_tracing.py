@@ -30,7 +30,7 @@ from mesh.telemetry import (
     setup_tracing,
     tracing_endpoint,
 )
-from tests.inprocess import Mesh, inprocess_mesh, write_tenants
+from tests.inprocess import Mesh, inprocess_mesh, set_faults, write_tenants
 from tests.observability.conftest import SpanCapture
 
 DEMO = {"x-api-key": "demo-key"}
@@ -172,12 +172,6 @@ async def mesh(
         redis_url, artifacts_root, write_tenants(base / "tenants.json"), faults
     ) as running:
         yield running, faults
-
-
-def set_faults(mesh: Mesh, path: Path, flags: dict[str, Any]) -> None:
-    path.write_text(json.dumps(flags))
-    for server in mesh.servers.values():
-        server.faults.reload()
 
 
 async def recommend(mesh: Mesh, headers: dict[str, str] | None = None) -> dict[str, Any]:

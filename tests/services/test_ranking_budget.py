@@ -9,23 +9,11 @@ import numpy.typing as npt
 import pytest
 
 from mesh.context import Budget
+from mesh.testing import ManualClock
 from services.ranking.budget import CostModel, StagePlanner, score_within
 from services.ranking.quality import QualityFactor
 
 BUDGETS = {"item_features": 0.010, "prerank": 0.005, "heavy": 0.025, "rerank": 0.005}
-
-
-class FakeClock:
-    """A clock that only moves when told to (or when a fake model 'runs')."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_without_a_deadline_each_stage_gets_its_configured_budget() -> None:
@@ -34,13 +22,13 @@ def test_without_a_deadline_each_stage_gets_its_configured_budget() -> None:
 
 
 def test_a_long_deadline_caps_nothing() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     planner = StagePlanner(BUDGETS, Budget(0.100, clock), reply_margin_s=0.001, reserve_s=0.001)
     assert planner.budget("heavy") == pytest.approx(0.025)
 
 
 def test_a_tight_deadline_is_paid_by_the_skippable_heavy_stage_first() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     planner = StagePlanner(BUDGETS, Budget(0.015, clock), reply_margin_s=0.001, reserve_s=0.001)
     # Item features keep back the margin and one reserve for each of pre-rank and re-rank
     # (the heavy stage can be skipped, so it gets no reserve).
@@ -70,7 +58,7 @@ def test_the_cost_per_candidate_rises_fast_and_falls_slowly() -> None:
 
 
 def _model(
-    clock: FakeClock, per_row_s: float
+    clock: ManualClock, per_row_s: float
 ) -> tuple[list[tuple[int, int]], Callable[[int, int], npt.NDArray[np.float32]]]:
     calls: list[tuple[int, int]] = []
 
@@ -83,7 +71,7 @@ def _model(
 
 
 def test_scoring_stops_before_the_call_that_would_not_fit() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     calls, score = _model(clock, per_row_s=0.0005)  # 200 rows would take 100 ms
     cost = CostModel()
     result = score_within(
@@ -104,7 +92,7 @@ def test_scoring_stops_before_the_call_that_would_not_fit() -> None:
 
 
 def test_a_known_cost_sizes_the_calls_after_the_probe() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     calls, score = _model(clock, per_row_s=0.0001)
     cost = CostModel()
     cost.observe(10, 0.001)
@@ -124,7 +112,7 @@ def test_a_known_cost_sizes_the_calls_after_the_probe() -> None:
 
 
 def test_the_probe_limits_the_overrun_of_a_model_that_became_slow() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     calls, score = _model(clock, per_row_s=0.0005)
     cost = CostModel()
     cost.observe(100, 0.0001)  # the average still says 1 us per candidate
@@ -136,7 +124,7 @@ def test_the_probe_limits_the_overrun_of_a_model_that_became_slow() -> None:
 
 
 def test_nothing_fits_in_no_budget() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     calls, score = _model(clock, per_row_s=0.0001)
     result = score_within(
         score,
@@ -152,7 +140,7 @@ def test_nothing_fits_in_no_budget() -> None:
 
 
 def test_everything_fits_in_chunks_when_the_budget_allows() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     calls, score = _model(clock, per_row_s=0.00001)
     result = score_within(
         score,
@@ -202,7 +190,7 @@ def test_scaled_counts_never_drop_below_the_floor() -> None:
 
 
 def test_the_answer_must_leave_a_reply_margin_before_the_deadline() -> None:
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     planner = StagePlanner(BUDGETS, Budget(0.015, clock), reply_margin_s=0.002, reserve_s=0.001)
     assert planner.answer_within() == pytest.approx(0.013)
     clock.advance(0.014)

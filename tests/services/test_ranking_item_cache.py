@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from mesh.testing import ManualClock
 from services.ranking.item_cache import ENTRY_OVERHEAD, ItemFeatureCache
 
 DIM = 4
 ENTRY = 4 * DIM + 12 + ENTRY_OVERHEAD
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rows(ids: list[int]) -> np.ndarray:
@@ -43,7 +36,7 @@ def test_tenants_do_not_share_rows() -> None:
 
 
 def test_rows_expire_after_the_ttl() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     cache = ItemFeatureCache(100 * ENTRY, ttl_s=10, clock=clock)
     cache.put("t", [1, 2], rows([1, 2]), cats([1, 2]))
     clock.now = 9.9
