@@ -34,7 +34,13 @@ from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
 from gateway.impressions import ImpressionShipper
-from gateway.metrics import DEGRADED, QUOTA_DECISIONS, QUOTA_SOURCES, STAGE_SECONDS
+from gateway.metrics import (
+    ASSIGNMENT_CACHE,
+    DEGRADED,
+    QUOTA_DECISIONS,
+    QUOTA_SOURCES,
+    STAGE_SECONDS,
+)
 from gateway.outbox import Outbox
 from gateway.quota import Admission, QuotaLeases
 from gateway.settings import GatewaySettings
@@ -325,6 +331,7 @@ class Funnel:
         control variants of the gateway's copy of the book (named in ``degraded``, not
         cached)."""
         cached = self._assignments.get(tenant, user_id)
+        ASSIGNMENT_CACHE.labels("miss" if cached is None else "hit").inc()
         if cached is not None:
             tracing.annotate(assignment_source="cache")
             return cached

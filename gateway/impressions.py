@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from recmesh.events.v1 import events_pb2
 
+from gateway.metrics import IMPRESSIONS
 from gateway.outbox import Outbox, Send, send_linked
 from mesh import tracing
 from mesh.client import describe_failure
@@ -113,6 +114,7 @@ class ImpressionShipper:
                 await send_linked(
                     "impressions.deliver", tenant, batch.events, batch.traces, self._send
                 )
+                IMPRESSIONS.labels("sent").inc(len(batch.events))
                 return
             except Exception as exc:
                 log.warning(
@@ -121,5 +123,7 @@ class ImpressionShipper:
                 )
         try:
             await self._outbox.put(tenant, batch.events, batch.traces)
+            IMPRESSIONS.labels("outbox").inc(len(batch.events))
         except (OSError, sqlite3.Error) as exc:
+            IMPRESSIONS.labels("lost").inc(len(batch.events))
             log.error("impressions lost: the outbox could not store them: %s", exc)

@@ -39,3 +39,15 @@ QUOTA_SOURCES = Counter(
     "or a remembered denial (gateway/quota.py)",
     ["tenant", "source"],
 )
+ASSIGNMENT_CACHE = Counter(
+    "recmesh_gateway_assignment_cache_total",
+    "Experiment assignments looked up in the gateway's cache: hit, or miss (the experiment "
+    "service was asked; gateway/assignments.py)",
+    ["result"],
+)
+IMPRESSIONS = Counter(
+    "recmesh_gateway_impressions_total",
+    "Impressions of answers by route: sent straight to the event logger, stored in the outbox "
+    "(delivery failed or the outbox held rows), or lost (the outbox could not store them)",
+    ["route"],
+)

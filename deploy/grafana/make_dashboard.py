@@ -169,6 +169,21 @@ PANELS = [
         unit="reqps",
     ),
     panel(
+        "Quota decisions by source (call, leased token, remembered denial)",
+        [rate_by("recmesh_gateway_quota_sources_total", "source")],
+        unit="reqps",
+    ),
+    panel(
+        "Experiment assignment cache (hit, miss)",
+        [rate_by("recmesh_gateway_assignment_cache_total", "result")],
+        unit="reqps",
+    ),
+    panel(
+        "Impressions by route (sent, outbox, lost)",
+        [rate_by("recmesh_gateway_impressions_total", "route")],
+        unit="reqps",
+    ),
+    panel(
         "Outbox depth (events accepted, not yet delivered)",
         [("sum(recmesh_gateway_outbox_depth)", "depth")],
         width=12,

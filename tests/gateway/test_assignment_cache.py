@@ -92,12 +92,15 @@ async def test_a_cached_assignment_saves_the_call_until_the_ttl(
     mesh, _ = cached
     user = treated_user("ttl-")
     before = assign_calls()
+    hits = REGISTRY.get_sample_value("recmesh_gateway_assignment_cache_total", {"result": "hit"})
     first = await recommend(mesh, user)
     assert assign_calls() - before == 1
     clock.now += TTL_S
     second = await recommend(mesh, user)
     assert assign_calls() - before == 1
     assert second["experiments"] == first["experiments"]
+    counted = REGISTRY.get_sample_value("recmesh_gateway_assignment_cache_total", {"result": "hit"})
+    assert (counted or 0.0) - (hits or 0.0) == 1
     assert "experiment" not in first["degraded"] + second["degraded"]
     clock.now += 0.001
     third = await recommend(mesh, user)

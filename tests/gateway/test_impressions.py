@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from gateway.impressions import ImpressionShipper
@@ -66,6 +67,11 @@ async def logger(redis_url: str) -> AsyncIterator[Logger]:
     await logger.events.close()
 
 
+def routed(route: str) -> float:
+    """Impressions counted on ``route`` so far (``recmesh_gateway_impressions_total``)."""
+    return REGISTRY.get_sample_value("recmesh_gateway_impressions_total", {"route": route}) or 0.0
+
+
 def fresh_tenant() -> str:
     return f"im{time.time_ns() % 10**12}"
 
@@ -76,6 +82,7 @@ async def test_impressions_are_sent_in_batches_without_touching_the_outbox(
     tenant = fresh_tenant()
     outbox = Outbox(tmp_path / "outbox.db")
     shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=0.05)
+    sent_before, outbox_before = routed("sent"), routed("outbox")
     server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
     async with serving(server):
         await shipper.start()
@@ -84,6 +91,7 @@ async def test_impressions_are_sent_in_batches_without_touching_the_outbox(
         await shipper.stop()
         stored = await logger.stored(tenant)
     assert stored == [f"r{r}:{p}" for r in range(20) for p in range(10)]
+    assert (routed("sent") - sent_before, routed("outbox") - outbox_before) == (200, 0)
     assert logger.batches == [200]  # one Append for the 20 answers queued within the linger
     assert not outbox.holds_rows
     assert await outbox.take(10) == []
@@ -97,6 +105,7 @@ async def test_impressions_go_to_the_outbox_while_the_logger_is_down_and_arrive_
     outbox = Outbox(tmp_path / "outbox.db")
     shipper = ImpressionShipper(outbox, logger.send, batch_rows=5, linger_s=0.01)
     relay = OutboxRelay(outbox, logger.send, idle_s=0.02, max_backoff_s=0.1)
+    outbox_before = routed("outbox")
     await shipper.start()
     await relay.start()
     shipper.put(tenant, [impression("down", p) for p in range(10)])
@@ -105,6 +114,7 @@ async def test_impressions_go_to_the_outbox_while_the_logger_is_down_and_arrive_
             break
         await asyncio.sleep(0.02)
     assert await outbox.depth() == 10  # nothing listens on the port: all kept
+    assert routed("outbox") - outbox_before == 10
 
     server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
     async with serving(server):
