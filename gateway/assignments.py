@@ -33,9 +33,11 @@ class AssignmentCache:
       before (by ``clock``), else None. Within that time the experiment service is not asked
       again, so a new book reaches a cached user ``ttl_s`` seconds late at worst.
     - :meth:`put` stores an answer. An answer whose ``book_version`` differs from that of
-      the answers held empties the cache first: once one miss has seen a new book, no answer
-      of the old one is served again. An answer without a ``book_version`` (a service older
-      than the field) is not stored, since a change of book could not be noticed.
+      the answers held empties the cache first, so the answers held always come from one
+      book: the one of the latest answer (during a rollout, replicas serving the old and
+      new books make the cache flip between them; it settles when the rollout ends). An
+      answer without a ``book_version`` (a service older than the field) is not stored,
+      since a change of book could not be noticed.
     - At most ``max_entries`` answers are held; storing one more evicts the least recently
       used one (stored or returned by :meth:`get`).
     - ``ttl_s <= 0`` or ``max_entries <= 0`` turns the cache off: nothing is stored and

@@ -14,8 +14,11 @@ A call to the quota service leases a few tokens of the tenant's bucket
 A lease asks for the tokens used from the previous lease plus the requests waiting for
 it, at least 1, at most ``lease_max`` and at most what the tenant's rate (as the last
 reply carried it) refills in ``lease_ttl_s``. A tenant whose rate refills less than two
-tokens per lease, and every tenant when ``lease_max`` is 1, get one call per request,
-made concurrently as without leases.
+tokens per lease (known from the first reply on), and every tenant when ``lease_max`` is
+1, get one call per request, made concurrently as without leases. A refill belongs to all
+its waiters: it runs under the quota stage's cap, not under the deadline of the request
+that happened to start it, and its grant serves them even if the loop resumes them after
+the lease expired.
 
 Trade-off: a gateway may hold up to ``lease_max`` tokens of a tenant for up to
 ``lease_ttl_s``. Tokens still unused when their lease expires are lost: the bucket counted
@@ -29,6 +32,7 @@ service's ``rejected`` usage.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import Callable
@@ -38,6 +42,7 @@ from typing import Literal
 from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
 from mesh.client import Downstream
+from mesh.context import budget_var
 
 Source = Literal["call", "lease", "denial"]
 """Where an admission came from: this request awaited a quota call (``call``), took a
@@ -120,14 +125,16 @@ class QuotaLeases:
         local = self._take(lease, after_call=False)
         if local is not None:
             return local
-        if self._per_request(lease):
-            reply = await self._call(lease, 1)
-            return Admission(reply.allowed, reply.rate, reply.retry_after_s, "call")
         lease.waiting += 1
         try:
-            while True:
+            while not self._per_request(lease):
                 if lease.call is None:
-                    lease.call = asyncio.create_task(self._refill(lease))
+                    # The call belongs to every waiter, not to the request that starts it:
+                    # it runs under the quota stage's cap alone, not this request's deadline.
+                    detached = contextvars.copy_context()
+                    detached.run(budget_var.set, None)
+                    lease.call = asyncio.create_task(self._refill(lease), context=detached)
+                    lease.call.add_done_callback(_retrieve_exception)
                 # Shielded: a request that gives up does not cancel the others' call.
                 await asyncio.shield(lease.call)
                 admission = self._take(lease, after_call=True)
@@ -135,14 +142,22 @@ class QuotaLeases:
                     return admission
         finally:
             lease.waiting -= 1
+        reply = await self._call(lease, 1)
+        return Admission(reply.allowed, reply.rate, reply.retry_after_s, "call")
 
     def _take(self, lease: _Lease, *, after_call: bool) -> Admission | None:
-        """A remembered denial, or a token of a live lease; ``None`` when a call is needed."""
+        """A remembered denial, or a token of a live lease; ``None`` when a call is needed.
+
+        A request that waited for the call takes from its grant even when the grant's
+        lease has expired by the time the request runs again (an overloaded loop): it was
+        granted for the requests waiting on it, and asking again would only lease tokens
+        that expire unused.
+        """
         now = self._clock()
         if now < lease.denied_until:
             source: Source = "call" if after_call else "denial"
             return Admission(False, lease.rate, lease.denied_until - now, source)
-        if lease.tokens > 0 and now < lease.expires_at:
+        if lease.tokens > 0 and (after_call or now < lease.expires_at):
             lease.tokens -= 1
             lease.used += 1
             return Admission(True, lease.rate, 0.0, "call" if after_call else "lease")
@@ -182,3 +197,9 @@ class QuotaLeases:
             lease.used = 0
         finally:
             lease.call = None
+
+
+def _retrieve_exception(call: asyncio.Task[None]) -> None:
+    """Mark a refill's failure as seen: its waiters may all have given up before it ended."""
+    if not call.cancelled():
+        call.exception()

@@ -68,7 +68,8 @@ class GatewaySettings(ServerSettings):
     impressions_batch: int = env(
         "RECMESH_GATEWAY_IMPRESSIONS_BATCH",
         200,
-        doc="queued impressions of one tenant that are sent without waiting for the linger",
+        doc="queued impressions of one tenant that end the linger, and the most one Append "
+        "carries (1..1000, the events service's limit per call)",
     )
     impressions_linger_s: float = env(
         "RECMESH_GATEWAY_IMPRESSIONS_LINGER_S",

@@ -300,7 +300,14 @@ class RedisFeatureStore(FeatureStore):
                         )
                     pipe.execute()
 
-        await asyncio.gather(asyncio.to_thread(load, 0), asyncio.to_thread(load, 1))
+        # Both threads run to their end before a failure is raised, so none is left writing
+        # through ``bulk`` after this returns (or after a shutdown closes it).
+        results = await asyncio.gather(
+            asyncio.to_thread(load, 0), asyncio.to_thread(load, 1), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return int(rows.shape[0])
 
     async def set_views(

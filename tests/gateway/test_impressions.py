@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
@@ -54,10 +56,17 @@ class Logger:
         )
 
     async def stored(self, tenant: str) -> list[str]:
-        reply = await self.events.stub.Read(
-            events_pb2.ReadRequest(limit=1000), metadata=tenant_metadata(tenant)
-        )
-        return [e.event.event_id for e in reply.events]
+        """Ids of every event in ``tenant``'s log, in log order (read 1000 at a time)."""
+        ids: list[str] = []
+        after = ""
+        while True:
+            reply = await self.events.stub.Read(
+                events_pb2.ReadRequest(after=after, limit=1000), metadata=tenant_metadata(tenant)
+            )
+            ids += [e.event.event_id for e in reply.events]
+            if len(reply.events) < 1000:
+                return ids
+            after = reply.events[-1].position
 
 
 @pytest.fixture
@@ -88,8 +97,13 @@ async def test_impressions_are_sent_in_batches_without_touching_the_outbox(
         await shipper.start()
         for request in range(20):
             shipper.put(tenant, [impression(f"r{request}", p) for p in range(10)])
-        await shipper.stop()
+            await asyncio.sleep(0.001)  # the answers arrive over 20+ ms, within the linger
+        for _ in range(100):  # the flusher sends once the linger is over, without a stop
+            if len(await logger.stored(tenant)) == 200:
+                break
+            await asyncio.sleep(0.02)
         stored = await logger.stored(tenant)
+        await shipper.stop()
     assert stored == [f"r{r}:{p}" for r in range(20) for p in range(10)]
     assert (routed("sent") - sent_before, routed("outbox") - outbox_before) == (200, 0)
     assert logger.batches == [200]  # one Append for the 20 answers queued within the linger
@@ -137,10 +151,64 @@ async def test_stop_delivers_what_is_still_queued(tmp_path: Path, logger: Logger
     async with serving(server):
         await shipper.start()
         shipper.put(tenant, [impression("late", p) for p in range(3)])
-        await shipper.stop()  # well before the linger ends
+        await asyncio.sleep(0.01)  # the flusher is waiting out its linger
+        started = time.monotonic()
+        await shipper.stop()  # ends the linger instead of waiting it out
+        stopped_after_s = time.monotonic() - started
         stored = await logger.stored(tenant)
     assert stored == [f"late:{p}" for p in range(3)]
+    assert stopped_after_s < 30.0
     outbox.close()
+
+
+async def test_a_full_batch_is_sent_before_the_linger_and_no_append_exceeds_it(
+    tmp_path: Path, logger: Logger
+) -> None:
+    tenant = fresh_tenant()
+    outbox = Outbox(tmp_path / "outbox.db")
+    shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=60.0)
+    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    async with serving(server):
+        await shipper.start()
+        await asyncio.sleep(0)
+        shipper.put(tenant, [impression("big", p) for p in range(2500)])
+        for _ in range(200):  # well before the 60 s linger
+            if len(await logger.stored(tenant)) == 2500:
+                break
+            await asyncio.sleep(0.02)
+        stored = await logger.stored(tenant)
+        await shipper.stop()
+    assert stored == [f"big:{p}" for p in range(2500)]
+    assert logger.batches == [1000, 1000, 500]  # the events service takes 1000 per call
+    assert not outbox.holds_rows
+    outbox.close()
+
+
+async def test_the_flusher_survives_a_round_that_fails(tmp_path: Path, logger: Logger) -> None:
+    tenant = fresh_tenant()
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.close()  # every store in the outbox fails now, and the logger is down too
+    shipper = ImpressionShipper(outbox, logger.send, batch_rows=10, linger_s=0.01)
+    lost_before = routed("lost")
+    await shipper.start()
+    shipper.put(tenant, [impression("first", p) for p in range(10)])
+    for _ in range(100):
+        if routed("lost") - lost_before == 10:
+            break
+        await asyncio.sleep(0.02)
+    assert routed("lost") - lost_before == 10
+    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    async with serving(server):  # the logger is back: the same flusher delivers again
+        stored: list[str] = []
+        for attempt in range(100):  # until the channels have reconnected
+            shipper.put(tenant, [impression(f"again{attempt}", p) for p in range(10)])
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                stored = await logger.stored(tenant)
+            if stored:
+                break
+        await shipper.stop()
+    assert stored and not any(event_id.startswith("first") for event_id in stored)
 
 
 async def test_a_stop_while_the_logger_is_down_keeps_the_queue_in_the_outbox(

@@ -204,3 +204,28 @@ async def test_a_failing_quota_service_fails_every_waiting_request() -> None:
         assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes), outcomes
     finally:
         await down.close()
+
+
+class _LaggingClock(ManualClock):
+    """Every reading is 0.2 s after the one before: a loop so overloaded that a lease of
+    0.1 s has always expired by the time a request that waited for it runs again."""
+
+    def __call__(self) -> float:
+        self.advance(0.2)
+        return self.now
+
+
+async def test_requests_that_waited_for_a_grant_use_it_even_after_its_lease_expired(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    admit = leases(quota, _LaggingClock(1000.0))
+    first = await request(admit, "bulk")  # learns the tenant's rate: leases grow from here
+    assert first.allowed
+    before = calls(quota)
+    admissions = await asyncio.wait_for(
+        asyncio.gather(*(request(admit, "bulk") for _ in range(10))), timeout=10
+    )
+    assert all(a.allowed for a in admissions)
+    # One refill serves the ten waiting requests; without using the expired grant, each
+    # waiter would lease again and again, throwing the tokens away.
+    assert calls(quota) - before <= 2

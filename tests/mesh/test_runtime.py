@@ -15,6 +15,7 @@ from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 from mesh.context import Budget, clamp_deadline
 from mesh.errors import ConfigError, DeadlineExceeded
 from mesh.health import HealthCheck
+from mesh.runner import run_loop
 from mesh.settings import ServerSettings, env, load
 from mesh.testing import channel_to, serving, tenant_metadata
 from services.experiment.server import build_server
@@ -157,3 +158,22 @@ async def test_a_server_is_not_serving_until_its_start_up_steps_finished() -> No
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     await server.stop(grace_s=0)
+
+
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_a_process_runs_on_the_event_loop_its_settings_name(kind: str) -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    run_loop(kind, main())
+    assert seen == [kind]
+
+
+def test_an_unknown_event_loop_is_a_config_error() -> None:
+    async def main() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(ConfigError, match="RECMESH_EVENT_LOOP"):
+        run_loop("trio", main())
