@@ -55,6 +55,17 @@ class Logger:
             idempotent=True,
         )
 
+    async def stored_once(self, tenant: str, count: int, timeout_s: float = 4.0) -> list[str]:
+        """The ids in ``tenant``'s log once it holds ``count`` events (or at ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        ids = await self.stored(tenant)
+        for _ in range(int(timeout_s / 0.02)):
+            if len(ids) >= count or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+            ids = await self.stored(tenant)
+        return ids
+
     async def stored(self, tenant: str) -> list[str]:
         """Ids of every event in ``tenant``'s log, in log order (read 1000 at a time)."""
         ids: list[str] = []
@@ -98,11 +109,8 @@ async def test_impressions_are_sent_in_batches_without_touching_the_outbox(
         for request in range(20):
             shipper.put(tenant, [impression(f"r{request}", p) for p in range(10)])
             await asyncio.sleep(0.001)  # the answers arrive over 20+ ms, within the linger
-        for _ in range(100):  # the flusher sends once the linger is over, without a stop
-            if len(await logger.stored(tenant)) == 200:
-                break
-            await asyncio.sleep(0.02)
-        stored = await logger.stored(tenant)
+        # The flusher sends once the linger is over, without a stop.
+        stored = await logger.stored_once(tenant, 200)
         await shipper.stop()
     assert stored == [f"r{r}:{p}" for r in range(20) for p in range(10)]
     assert (routed("sent") - sent_before, routed("outbox") - outbox_before) == (200, 0)
@@ -133,7 +141,7 @@ async def test_impressions_go_to_the_outbox_while_the_logger_is_down_and_arrive_
     server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
     async with serving(server):
         shipper.put(tenant, [impression("up", p) for p in range(10)])
-        for _ in range(200):
+        for _ in range(200):  # the relay first, then (its channel connected) the reads
             if not outbox.holds_rows and len(await logger.stored(tenant)) == 20:
                 break
             await asyncio.sleep(0.05)
@@ -172,11 +180,7 @@ async def test_a_full_batch_is_sent_before_the_linger_and_no_append_exceeds_it(
         await shipper.start()
         await asyncio.sleep(0)
         shipper.put(tenant, [impression("big", p) for p in range(2500)])
-        for _ in range(200):  # well before the 60 s linger
-            if len(await logger.stored(tenant)) == 2500:
-                break
-            await asyncio.sleep(0.02)
-        stored = await logger.stored(tenant)
+        stored = await logger.stored_once(tenant, 2500)  # well before the 60 s linger
         await shipper.stop()
     assert stored == [f"big:{p}" for p in range(2500)]
     assert logger.batches == [1000, 1000, 500]  # the events service takes 1000 per call
