@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from ops.redis_server import start_embedded_redis
+
+if TYPE_CHECKING:
+    from tests.inprocess import Mesh
 
 
 def free_port() -> int:
@@ -48,3 +52,16 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
     )
     return root
+
+
+@pytest.fixture(scope="module")
+async def mesh(
+    redis_url: str, artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    """The whole mesh in-process with the test tenants (``tests.inprocess``), one per module.
+    A module that needs another shape of mesh defines its own ``mesh`` fixture."""
+    from tests.inprocess import inprocess_mesh, write_tenants
+
+    tenants = write_tenants(tmp_path_factory.mktemp("mesh") / "tenants.json")
+    async with inprocess_mesh(redis_url, artifacts_root, tenants) as running:
+        yield running

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,18 +15,9 @@ from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
-from tests.inprocess import Mesh, inprocess_mesh, reset_quota, write_tenants
+from tests.inprocess import Mesh, reset_quota
 
 DEMO = {"x-api-key": "demo-key"}
-
-
-@pytest.fixture(scope="module")
-async def mesh(
-    redis_url: str, artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Mesh]:
-    tenants = write_tenants(tmp_path_factory.mktemp("gw") / "tenants.json")
-    async with inprocess_mesh(redis_url, artifacts_root, tenants) as running:
-        yield running
 
 
 async def post(mesh: Mesh, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any, Any]:

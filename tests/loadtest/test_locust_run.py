@@ -5,24 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from loadtest.steps import Traffic, locust_command
 from loadtest.traffic import TenantKey, write_tenant_keys
 from mesh.paths import PROJECT_ROOT
-from tests.inprocess import Mesh, inprocess_mesh, write_tenants
-
-
-@pytest.fixture(scope="module")
-async def mesh(
-    redis_url: str, artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Mesh]:
-    tenants = write_tenants(tmp_path_factory.mktemp("locust") / "tenants.json")
-    async with inprocess_mesh(redis_url, artifacts_root, tenants) as running:
-        yield running
+from tests.inprocess import Mesh
 
 
 async def test_the_http_locustfile_gets_answers_and_clicks_accepted(
