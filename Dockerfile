@@ -19,6 +19,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt
 
 COPY mesh/ mesh/
+COPY core/ core/
 COPY services/ services/
 COPY gateway/ gateway/
 COPY ops/ ops/
@@ -30,7 +31,7 @@ COPY protos/ protos/
 # build leftovers and precompile the tree, which is read-only for the runtime user.
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info gen/*.egg-info \
-    && python -m compileall -q --invalidation-mode checked-hash mesh services gateway ops training gen
+    && python -m compileall -q --invalidation-mode checked-hash mesh core services gateway ops training gen
 
 # ---- runtime ----
 FROM python:3.11-slim AS runtime

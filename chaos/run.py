@@ -69,9 +69,9 @@ def ensure_artifacts(explicit: Path | None, base: Path) -> tuple[Path, int]:
     The repository's ``artifacts/`` is reused when it holds a valid set; otherwise a small
     one is trained under ``base`` (a few minutes).
     """
+    from core.artifacts import load_artifact_set, resolve_current
     from mesh.errors import ArtifactError
     from mesh.paths import ARTIFACTS_DIR
-    from training.artifacts import load_artifact_set, resolve_current
 
     root = explicit or ARTIFACTS_DIR
     try:

@@ -30,6 +30,9 @@ from recmesh.experiment.v1 import experiment_pb2
 from recmesh.ranking.v1 import ranking_pb2
 from recmesh.retrieval.v1 import retrieval_pb2
 
+from core.experiments.assign import control_params
+from core.experiments.book import ExperimentBook
+from core.validation import check_user_id
 from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
@@ -48,8 +51,6 @@ from mesh import tracing
 from mesh.client import CALL_FAILURES, describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
 from mesh.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.experiment.assignment import ExperimentBook, control_params
-from services.validation import check_user_id
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import Any
 from recmesh.common.v1 import common_pb2
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from core.events import validate_batch
 from gateway.funnel import Funnel
 from gateway.metrics import LATENCY, REQUESTS
 from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
 from mesh.errors import RecMeshError, Unauthenticated, Unavailable
 from mesh.tenants import Tenant, TenantRegistry
-from services.events.validation import validate_batch
 
 DEFAULT_NUM_ITEMS = 10
 """What an unset (0) ``num_items`` means in the gRPC API."""

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from recmesh.common.v1 import common_pb2
 
+from core.events import validate_batch
 from gateway.clients import Downstreams
 from gateway.funnel import Funnel, Recommendation
 from gateway.metrics import LATENCY, REQUESTS
@@ -23,7 +24,6 @@ from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
 from mesh.errors import RecMeshError, ResourceExhausted, Unauthenticated, Unavailable
 from mesh.telemetry import metrics_response
 from mesh.tenants import Tenant, TenantRegistry
-from services.events.validation import validate_batch
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

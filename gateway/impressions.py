@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 
 from recmesh.events.v1 import events_pb2
 
+from core.events import MAX_BATCH
 from gateway.metrics import IMPRESSIONS
 from gateway.outbox import Outbox, Send, send_linked
 from mesh import tracing
 from mesh.client import describe_failure
-from services.events.validation import MAX_BATCH
 
 log = logging.getLogger(__name__)
 

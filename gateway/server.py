@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from core.experiments.book import load_experiments
 from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
@@ -18,7 +19,6 @@ from gateway.quota import QuotaLeases
 from gateway.settings import GatewaySettings
 from mesh.server import MeshServer, Registration
 from mesh.tenants import load_tenants
-from services.experiment.assignment import load_experiments
 
 
 @dataclass

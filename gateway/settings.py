@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.experiments.book import experiments_file
 from mesh.paths import VAR_DIR
 from mesh.ports import GATEWAY_HTTP_PORT
 from mesh.settings import ServerSettings, downstream, env, port_of, tenants_file
-from services.experiment.settings import experiments_file
 
 
 @dataclass(frozen=True)

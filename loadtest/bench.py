@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     args = parser.parse_args(argv)
 
-    from training.artifacts import load_artifact_set, resolve_current
+    from core.artifacts import load_artifact_set, resolve_current
 
     deadlines = [float(d) for d in args.tight_deadlines_ms.split(",") if d.strip()]
     phases = [Phase("http", "http", args.rate, args.duration)] + [

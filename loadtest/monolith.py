@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 from functools import partial
 
+from core.artifacts import resolve_current
+from core.experiments.book import load_experiments
 from gateway.clients import Downstreams
 from gateway.server import build_gateway
 from gateway.settings import GatewaySettings
@@ -32,7 +34,6 @@ from mesh.tenants import load_tenants
 from services.events.log import RedisStreamEventLog
 from services.events.servicer import EventServicer
 from services.events.settings import EventsSettings
-from services.experiment.assignment import load_experiments
 from services.experiment.servicer import ExperimentServicer
 from services.experiment.settings import ExperimentSettings
 from services.feature.materialize import Materializer
@@ -48,7 +49,6 @@ from services.ranking.settings import RankingSettings
 from services.retrieval.index import RetrievalModels
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
-from training.artifacts import resolve_current
 
 
 async def _materialize(materializer: Materializer, tenants: list[str]) -> None:

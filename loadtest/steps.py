@@ -397,7 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the steps and write the reports; 0 when every target ran."""
-    from training.artifacts import load_artifact_set, resolve_current
+    from core.artifacts import load_artifact_set, resolve_current
 
     args = parse_args(argv)
     words = argv if argv is not None else sys.argv[1:]

@@ -204,7 +204,7 @@ def n_users_of(artifacts: Path) -> tuple[int, str]:
     Raises:
         ArtifactError: no readable current artifact set.
     """
-    from training.artifacts import load_artifact_set, resolve_current
+    from core.artifacts import load_artifact_set, resolve_current
 
     config = load_artifact_set(resolve_current(artifacts), verify=False).config
     return int(config["n_users"]), str(config.get("user_id_format", "u{row}"))

@@ -51,7 +51,7 @@ RPC_CLIENT_SECONDS = Histogram(
 )
 STAGE_SECONDS = Histogram(
     "recmesh_stage_seconds",
-    "Time spent in each stage of a service's handler (services.stages.StageClock laps)",
+    "Time spent in each stage of a service's handler (mesh.stages.StageClock laps)",
     ["stage"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25),
 )

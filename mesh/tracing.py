@@ -12,7 +12,7 @@ Span layout (see ``docs/observability.md``):
 * one CLIENT span per outgoing attempt (:func:`client_span`, from ``mesh.client``), whose
   context is injected into the call's metadata (``traceparent``, ``tracestate``);
 * ``stage.<name>`` INTERNAL spans for funnel and service stages (:func:`stage_span`, and
-  :func:`record_stage` for stages timed after the fact by ``services.stages.StageClock``);
+  :func:`record_stage` for stages timed after the fact by ``mesh.stages.StageClock``);
 * CLIENT spans for Redis round trips (:func:`redis_span`).
 
 Attributes the mesh adds are flat names under ``recmesh.``: ``stage_span("prerank",

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.artifacts import list_versions, load_artifact_set, resolve_current, rollback
 from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
 from ops import protos, supervisor
-from training.artifacts import list_versions, load_artifact_set, resolve_current, rollback
 
 
 def _ensure_artifacts(layout: supervisor.Layout) -> None:
@@ -178,9 +178,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from chaos.run import main as chaos_main
-
-    return chaos_main(args.rest)
+    # A tool above this one (it starts meshes through ops.supervisor): run it as a process.
+    command = [sys.executable, "-m", "chaos", *args.rest]
+    return subprocess.run(command, cwd=PROJECT_ROOT).returncode
 
 
 def cmd_trace(args: argparse.Namespace) -> int:

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.artifacts import load_artifact_set, resolve_current, rollback
 from mesh.errors import ArtifactError
-from training.artifacts import load_artifact_set, resolve_current, rollback
 
 
 def main(argv: list[str] | None = None) -> int:

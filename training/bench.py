@@ -2,7 +2,7 @@
 
 ``python -m training.bench --root artifacts [--version V] [--k 500] [--queries 1000]``
 
-* ``verify_s``: :func:`training.artifacts.load_artifact_set` with sha256 verification.
+* ``verify_s``: :func:`core.artifacts.load_artifact_set` with sha256 verification.
 * ``index_load_s``: ``faiss.read_index`` of ``ann.faiss`` (plus setting ``nprobe`` from
   the manifest), what the retrieval service does at start-up.
 * ``ann_ms``: per-query latency of ``index.search(embedding [1, D], k)`` on one thread
@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
-from training.artifacts import load_artifact_set, resolve_current
+from core.artifacts import load_artifact_set, resolve_current
 
 WARM_UP = 20
 

@@ -61,8 +61,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from core.prerank import load_prerank, prerank_pair_scores
 from training.metrics import auc, ndcg_at_k, recall_at_k, top_k
-from training.prerank_model import load_prerank, prerank_pair_scores
 from training.reference import feature_oracle
 from training.world import GroundTruth, World
 

@@ -2,7 +2,7 @@
 
 :func:`train` is the one entry point, used by ``python -m training train``, the ``recmesh``
 CLI and test fixtures. It builds every file of the artifact contract (see
-:mod:`training.artifacts`) in a hidden build directory under ``root``, evaluates them
+:mod:`core.artifacts`) in a hidden build directory under ``root``, evaluates them
 (unless disabled), moves them into a new version directory and points ``current`` at it.
 The same config (seeds included) yields the same models and metrics on the same machine.
 """
@@ -26,14 +26,14 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from core.artifacts import REQUIRED_FILES, ArtifactSet, set_current, write_artifact_set
+from core.prerank import save_prerank
 from mesh.errors import ArtifactError
-from training.artifacts import REQUIRED_FILES, ArtifactSet, set_current, write_artifact_set
 from training.evaluate import EvalConfig, evaluate
 from training.export import export_ranker, export_user_tower
 from training.features import category_codes, item_tower_inputs, user_feature_matrix
 from training.index import build_index, write_index
 from training.prerank import PrerankConfig, train_prerank
-from training.prerank_model import save_prerank
 from training.ranker import HEADS, RankerConfig, ranking_examples, train_ranker
 from training.two_tower import TwoTowerConfig, embed, train_two_tower
 from training.world import World, WorldConfig, generate_world

@@ -1,4 +1,4 @@
-"""Training of the bilinear pre-ranker (see :mod:`training.prerank_model` for the model).
+"""Training of the bilinear pre-ranker (see :mod:`core.prerank` for the model).
 
 Trained with binary cross-entropy on the click label of the ranker's examples (weighted like
 the ranker's, so exploration impressions count more); a scalar bias is learnt too but not
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from training.prerank_model import PRERANK_ARRAYS
+from core.prerank import PRERANK_ARRAYS
 from training.ranker import RankingExamples
 from training.torch_common import late_decay, n_batches, seed_torch, shuffled_batches
 
@@ -42,7 +42,7 @@ def train_prerank(
     progress: bool = True,
 ) -> dict[str, NDArray[np.float32]]:
     """Train on the click column of ``examples.labels``; returns the arrays named in
-    :data:`training.prerank_model.PRERANK_ARRAYS`."""
+    :data:`core.prerank.PRERANK_ARRAYS`."""
     generator = seed_torch(seed)
     user_dim, item_dim = user_features.shape[1], item_features.shape[1]
     user_proj = torch.nn.Parameter(torch.randn(user_dim, config.rank) / user_dim**0.5)

@@ -6,10 +6,10 @@ from typing import Any
 
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
+from core.events import validate_batch
 from mesh.context import current_tenant
 from mesh.errors import InvalidArgument
 from services.events.log import EventLog
-from services.events.validation import validate_batch
 
 
 class EventServicer(events_pb2_grpc.EventServiceServicer):

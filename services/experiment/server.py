@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
+from core.experiments.book import load_experiments
 from mesh.server import MeshServer, Registration
-from services.experiment.assignment import load_experiments
 from services.experiment.servicer import ExperimentServicer
 from services.experiment.settings import ExperimentSettings
 

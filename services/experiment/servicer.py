@@ -6,9 +6,10 @@ from typing import Any
 
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
+from core.experiments.assign import assign
+from core.experiments.book import ExperimentBook
+from core.validation import check_user_id
 from mesh.context import current_tenant
-from services.experiment.assignment import ExperimentBook, assign
-from services.validation import check_user_id
 
 
 class ExperimentServicer(experiment_pb2_grpc.ExperimentServiceServicer):

@@ -5,18 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.paths import CONFIG_DIR
-from mesh.settings import ServerSettings, env, port_of
-
-
-def experiments_file() -> Path:
-    """The experiment book field, env ``RECMESH_EXPERIMENTS`` (read by the gateway too)."""
-    value: Path = env(
-        "RECMESH_EXPERIMENTS",
-        CONFIG_DIR / "experiments.json",
-        doc="experiment book (JSON) to assign from",
-    )
-    return value
+from core.experiments.book import experiments_file
+from mesh.settings import ServerSettings, port_of
 
 
 @dataclass(frozen=True)

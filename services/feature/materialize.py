@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.artifacts import load_artifact_set, resolve_current
 from mesh.errors import FailedPrecondition
 from services.feature.store import FeatureStore, ViewInfo
-from training.artifacts import load_artifact_set, resolve_current
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import numpy as np
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
+from core.validation import check_user_id, matrix_from_proto, vector_from_bytes
 from mesh.context import current_tenant
 from mesh.errors import InvalidArgument
 from services.feature.materialize import Materializer
 from services.feature.store import FeatureStore
-from services.validation import check_user_id, matrix_from_proto, vector_from_bytes
 
 Context = Any
 

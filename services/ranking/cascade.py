@@ -32,7 +32,9 @@ from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2
 
+from core.validation import matrix_from_proto
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
+from mesh.stages import StageClock
 from services.ranking.budget import CostModel, StagePlanner, score_within
 from services.ranking.explore import Slate, build_slate, rng_for
 from services.ranking.item_cache import ItemFeatureCache
@@ -42,8 +44,6 @@ from services.ranking.policy import RankPolicy
 from services.ranking.quality import QualityFactor
 from services.ranking.rerank import category_spread, diversify, mmr
 from services.ranking.settings import RankingSettings
-from services.stages import StageClock
-from services.validation import matrix_from_proto
 
 log = logging.getLogger(__name__)
 

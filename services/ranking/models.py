@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from core.artifacts import load_artifact_set
+from core.prerank import load_prerank, prerank_scores
 from mesh.errors import ArtifactError, ConfigError
-from services.models import check_same_width, check_set_contract, loading, open_onnx
-from training.artifacts import load_artifact_set
-from training.prerank_model import load_prerank, prerank_scores
+from services.runtime.models import check_same_width, check_set_contract, loading, open_onnx
 
 F32 = npt.NDArray[np.float32]
 

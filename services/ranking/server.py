@@ -7,15 +7,15 @@ from pathlib import Path
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from core.artifacts import resolve_current
 from mesh.client import Downstream
 from mesh.server import MeshServer, Registration
 from mesh.settings import load
-from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
-from services.models import artifacts_check
 from services.ranking.models import RankingModels
 from services.ranking.servicer import RankingServicer
 from services.ranking.settings import RankingSettings
-from training.artifacts import resolve_current
+from services.runtime.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
+from services.runtime.models import artifacts_check
 
 
 async def build_server(
@@ -37,7 +37,7 @@ async def build_service(
     """:func:`build_server` and the watcher that swaps in each new ``current``.
 
     ``watch`` defaults to the environment (``RECMESH_ARTIFACT_POLL_S``); see
-    :mod:`services.artifact_watch`.
+    :mod:`services.runtime.artifact_watch`.
 
     Raises:
         ArtifactError: the current artifact set is missing or corrupt.

@@ -14,9 +14,11 @@ import numpy as np
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from core.validation import check_user_id, vector_from_bytes
 from mesh.client import Downstream
 from mesh.context import budget_var, request_id_var, tenant_var
 from mesh.errors import InvalidArgument
+from mesh.stages import StageClock
 from services.ranking.budget import STAGES, StagePlanner
 from services.ranking.cascade import Cascade, Outcome, warm_up_paths
 from services.ranking.item_cache import ItemFeatureCache
@@ -25,8 +27,6 @@ from services.ranking.models import RankingModels
 from services.ranking.policy import PolicyBook
 from services.ranking.quality import QualityFactor
 from services.ranking.settings import RankingSettings
-from services.stages import StageClock
-from services.validation import check_user_id, vector_from_bytes
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from core.artifacts import load_artifact_set
 from mesh.errors import ArtifactError
-from services.models import check_same_width, check_set_contract, loading, open_onnx
-from training.artifacts import load_artifact_set
+from services.runtime.models import check_same_width, check_set_contract, loading, open_onnx
 
 POPULAR_LIST = 2000
 

@@ -7,15 +7,15 @@ from pathlib import Path
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from core.artifacts import resolve_current
 from mesh.client import Downstream
 from mesh.server import MeshServer, Registration
 from mesh.settings import load
-from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
-from services.models import artifacts_check
 from services.retrieval.index import RetrievalModels
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
-from training.artifacts import resolve_current
+from services.runtime.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
+from services.runtime.models import artifacts_check
 
 
 async def build_server(
@@ -36,7 +36,7 @@ async def build_service(
     """:func:`build_server` and the watcher that swaps in each new ``current``.
 
     ``watch`` defaults to the environment (``RECMESH_ARTIFACT_POLL_S``); see
-    :mod:`services.artifact_watch`.
+    :mod:`services.runtime.artifact_watch`.
 
     Raises:
         ArtifactError: the current artifact set is missing or corrupt.

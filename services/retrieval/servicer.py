@@ -10,12 +10,12 @@ from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from core.validation import check_user_id
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.errors import InvalidArgument
+from mesh.stages import StageClock
 from services.retrieval.index import RetrievalModels, merge
 from services.retrieval.settings import RetrievalSettings
-from services.stages import StageClock
-from services.validation import check_user_id
 
 log = logging.getLogger(__name__)
 

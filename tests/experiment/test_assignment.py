@@ -9,14 +9,9 @@ from typing import Any
 
 import pytest
 
+from core.experiments.assign import Assignment, assign, control_params
+from core.experiments.book import ExperimentBook, load_experiments
 from mesh.errors import ConfigError, InvalidArgument
-from services.experiment.assignment import (
-    Assignment,
-    ExperimentBook,
-    assign,
-    control_params,
-    load_experiments,
-)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEV_CONFIG = REPO_ROOT / "config" / "experiments.json"

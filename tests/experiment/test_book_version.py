@@ -9,8 +9,8 @@ from typing import Any
 
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
+from core.experiments.book import load_experiments
 from mesh.testing import channel_to, serving, tenant_metadata
-from services.experiment.assignment import load_experiments
 from services.experiment.server import build_server
 from services.experiment.settings import ExperimentSettings
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from services.experiment.growthbook import (
+from core.experiments.growthbook import (
     choose_variation,
     fnv1a32,
     gb_hash,

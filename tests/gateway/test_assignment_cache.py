@@ -15,9 +15,10 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
+from core.experiments.assign import assign
+from core.experiments.book import load_experiments
 from gateway.assignments import AssignmentCache
 from mesh.testing import ManualClock
-from services.experiment.assignment import assign, load_experiments
 from tests.inprocess import PROJECT, Mesh, inprocess_mesh, set_faults, write_tenants
 
 DEMO = {"x-api-key": "demo-key"}

@@ -60,7 +60,7 @@ def test_collector_keeps_errors_degraded_and_slow_traces() -> None:
 
 
 def _exported_metric_names() -> set[str]:
-    for module in ("gateway.server", "gateway.outbox", "mesh.client", "services.stages"):
+    for module in ("gateway.server", "gateway.outbox", "mesh.client", "mesh.stages"):
         importlib.import_module(module)
     if importlib.util.find_spec("services.ranking.metrics") is not None:
         importlib.import_module("services.ranking.metrics")

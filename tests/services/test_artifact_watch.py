@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from core.artifacts import CURRENT
 from mesh.errors import ArtifactError, ConfigError
-from services.artifact_watch import ArtifactWatcher
-from training.artifacts import CURRENT
+from services.runtime.artifact_watch import ArtifactWatcher
 
 
 class Fake:

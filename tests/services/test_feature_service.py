@@ -14,6 +14,7 @@ import pytest
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
+from core.artifacts import load_artifact_set, resolve_current
 from mesh import redis as mesh_redis
 from mesh.errors import InvalidArgument
 from mesh.server import MeshServer
@@ -21,7 +22,6 @@ from mesh.testing import channel_to, serving, tenant_metadata
 from services.feature.server import build_server
 from services.feature.settings import FeatureSettings
 from services.feature.store import RedisFeatureStore
-from training.artifacts import load_artifact_set, resolve_current
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,11 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from core.artifacts import MANIFEST, load_artifact_set, resolve_current, rollback, set_current
 from mesh.client import open_channel
 from mesh.errors import ArtifactError
 from mesh.server import MeshServer
 from mesh.testing import serving, tenant_metadata
-from services.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
 from services.feature.server import build_server as build_feature
 from services.feature.settings import FeatureSettings
 from services.ranking.models import RankingModels
@@ -40,7 +40,7 @@ from services.ranking.settings import RankingSettings
 from services.retrieval.index import RetrievalModels
 from services.retrieval.server import build_service as build_retrieval
 from services.retrieval.settings import RetrievalSettings
-from training.artifacts import MANIFEST, load_artifact_set, resolve_current, rollback, set_current
+from services.runtime.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
 
 POLL_S = 0.05
 USERS = 500
@@ -350,7 +350,7 @@ async def test_bad_set_is_refused_and_the_old_one_keeps_serving(
         set_current(root, bad)
         await until(lambda: both_refused(stack, bad))
 
-    with caplog.at_level(logging.ERROR, logger="services.artifact_watch"):
+    with caplog.at_level(logging.ERROR, logger="services.runtime.artifact_watch"):
         traffic = await with_traffic(stack, tenant, flip)
 
     assert traffic.failures == []

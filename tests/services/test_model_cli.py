@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from core.artifacts import MANIFEST, resolve_current, set_current
 from ops.cli import main
-from training.artifacts import MANIFEST, resolve_current, set_current
 
 OLD = "20000101T000000.000000Z-00000001"
 NEW = "20000102T000000.000000Z-00000002"

@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mesh.errors import ArtifactError
-from training.__main__ import main
-from training.artifacts import (
+from core.artifacts import (
     CURRENT,
     MANIFEST,
     REQUIRED_FILES,
@@ -22,6 +20,8 @@ from training.artifacts import (
     set_current,
     write_artifact_set,
 )
+from mesh.errors import ArtifactError
+from training.__main__ import main
 
 
 def _make_files(directory: Path, tag: str) -> dict[str, Path]:

@@ -13,8 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from training.__main__ import main
-from training.artifacts import (
+from core.artifacts import (
     MANIFEST,
     REQUIRED_FILES,
     ArtifactSet,
@@ -24,10 +23,11 @@ from training.artifacts import (
     rollback,
     set_current,
 )
+from core.prerank import load_prerank, prerank_pair_scores, prerank_scores
+from training.__main__ import main
 from training.bench import main as bench_main
 from training.features import history_buckets
 from training.pipeline import TrainConfig, reevaluate, train
-from training.prerank_model import load_prerank, prerank_pair_scores, prerank_scores
 
 REQUIRED_METRICS = (
     "retrieval.recall@100",
@@ -195,7 +195,7 @@ def test_same_seeds_same_metrics_and_rollback(
 
 def test_services_can_import_without_torch() -> None:
     code = (
-        "import sys, training.artifacts, training.prerank_model, training.index, training.bench;"
+        "import sys, core.artifacts, core.prerank, training.index, training.bench;"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

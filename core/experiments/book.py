@@ -1,4 +1,6 @@
-"""Experiment definitions and the pure function that assigns a request to variants.
+"""The experiment book: its file format, loading and validation, and its version.
+
+Assignment of a request to variants is :mod:`core.experiments.assign`.
 
 An experiment book is loaded once, at start-up, from a JSON file (``config/experiments.json``
 in development) and validated strictly: any problem is a :class:`~mesh.errors.ConfigError`
@@ -46,21 +48,32 @@ from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 
-from mesh.errors import ConfigError, InvalidArgument
-from services.experiment.growthbook import (
+from core.experiments.growthbook import (
     WEIGHT_SUM_MAX,
     WEIGHT_SUM_MIN,
     BucketRange,
     HashVersion,
     Namespace,
-    choose_variation,
-    gb_hash,
     get_bucket_ranges,
     get_equal_weights,
-    in_namespace,
 )
+from mesh.errors import ConfigError
+from mesh.paths import CONFIG_DIR
+from mesh.settings import env
 
 DEFAULT_HASH_ATTRIBUTE = "user_id"
+
+
+def experiments_file() -> Path:
+    """The experiment book settings field, env ``RECMESH_EXPERIMENTS`` (the experiment
+    service and the gateway read the same book)."""
+    value: Path = env(
+        "RECMESH_EXPERIMENTS",
+        CONFIG_DIR / "experiments.json",
+        doc="experiment book (JSON) to assign from",
+    )
+    return value
+
 
 _BOOK_KEYS = frozenset({"experiments"})
 _EXPERIMENT_KEYS = frozenset(
@@ -145,29 +158,6 @@ class ExperimentBook:
     version: str
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """A request's place in one experiment.
-
-    Attributes:
-        experiment_key: the experiment.
-        variant_key: the variant the request is bucketed into.
-        variant_index: position of that variant, 0 being the control.
-        params: the variant's knobs (read-only).
-        in_experiment: GrowthBook's ``inExperiment``; True for every assignment :func:`assign`
-            returns, since requests not bucketed get no assignment at all. Exposure logging
-            should key on it.
-        hash_value: the GrowthBook bucket hash of the request, in [0, 1).
-    """
-
-    experiment_key: str
-    variant_key: str
-    variant_index: int
-    params: Mapping[str, str]
-    in_experiment: bool
-    hash_value: float
-
-
 def load_experiments(path: Path) -> ExperimentBook:
     """Read and validate an experiment book.
 
@@ -197,85 +187,6 @@ def load_experiments(path: Path) -> ExperimentBook:
     except _DuplicateKey as exc:
         raise ConfigError(f"{source}: key {exc.key!r} appears twice in one JSON object") from exc
     return _parse_book(document, source)
-
-
-def assign(book: ExperimentBook, *, tenant: str, attributes: Mapping[str, str]) -> list[Assignment]:
-    """Bucket one request into every experiment it is eligible for.
-
-    For each experiment, in book order, the steps of GrowthBook's ``runExperiment`` that
-    RecMesh supports are applied, and the first that fails skips the experiment: inactive;
-    tenant not targeted; hash attribute missing or empty; outside the namespace slice; hash
-    outside every bucket range (not covered). Skipped experiments yield no assignment, and the
-    caller uses the experiment's control params (see :func:`control_params`) or its defaults.
-
-    The function is pure: the result depends only on its arguments, so the same request is
-    always assigned the same way, by any process.
-
-    Args:
-        book: the experiments.
-        tenant: the requesting tenant.
-        attributes: request attributes (e.g. ``user_id``); only each experiment's hash
-            attribute is read.
-
-    Returns:
-        One assignment per experiment the request is bucketed into, in book order.
-
-    Raises:
-        InvalidArgument: ``tenant`` is empty (field ``tenant``), or a hash attribute's value
-            is not a string (field ``attributes.<name>``).
-    """
-    if not tenant:
-        raise InvalidArgument("tenant must be a non-empty string", field="tenant")
-    assignments: list[Assignment] = []
-    for experiment in book.experiments:
-        if not experiment.targets(tenant):
-            continue
-        value = attributes.get(experiment.hash_attribute, "")
-        if not isinstance(value, str):
-            raise InvalidArgument(
-                f"attribute {experiment.hash_attribute!r} must be a string",
-                field=f"attributes.{experiment.hash_attribute}",
-            )
-        if not value:
-            continue
-        if experiment.namespace is not None and not in_namespace(value, experiment.namespace):
-            continue
-        bucket = gb_hash(experiment.seed, value, experiment.hash_version)
-        index = choose_variation(bucket, experiment.bucket_ranges)
-        if index < 0:
-            continue
-        variant = experiment.variants[index]
-        assignments.append(
-            Assignment(
-                experiment_key=experiment.key,
-                variant_key=variant.key,
-                variant_index=index,
-                params=variant.params,
-                in_experiment=True,
-                hash_value=bucket,
-            )
-        )
-    return assignments
-
-
-def control_params(book: ExperimentBook, tenant: str) -> dict[str, Mapping[str, str]]:
-    """The control (first) variant's params of every active experiment open to ``tenant``.
-
-    This is what a request of ``tenant`` gets from each experiment it is not bucketed into,
-    and what the gateway applies to every request while the experiment service is down.
-
-    Args:
-        book: the experiments.
-        tenant: the tenant.
-
-    Returns:
-        Experiment key to control params, in book order.
-    """
-    return {
-        experiment.key: experiment.variants[0].params
-        for experiment in book.experiments
-        if experiment.targets(tenant)
-    }
 
 
 class _DuplicateKey(Exception):

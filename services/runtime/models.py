@@ -1,7 +1,7 @@
 """Loading models from the live artifact set, shared by retrieval and ranking.
 
 Both services load a set the same way, at start-up and on every hot swap
-(:mod:`services.artifact_watch`): ``load_artifact_set`` (manifest + sha256 of every file),
+(:mod:`services.runtime.artifact_watch`): ``load_artifact_set`` (manifest + sha256 of every file),
 then the model files they serve, then :func:`check_set_contract` (every ONNX model of the
 set takes and returns the widths the set's config declares), then their own
 ``check_replaces`` against the set being served. Every refusal is an ``ArtifactError``
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from core.artifacts import ArtifactSet
 from mesh.errors import ArtifactError
 from mesh.health import HealthCheck
-from training.artifacts import ArtifactSet
 
 
 def onnx_session(path: str) -> ort.InferenceSession:

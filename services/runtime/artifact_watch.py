@@ -34,9 +34,9 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge, Info
 
+from core.artifacts import CURRENT
 from mesh.errors import RecMeshError
 from mesh.settings import env
-from training.artifacts import CURRENT
 
 log = logging.getLogger(__name__)
 

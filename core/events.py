@@ -6,8 +6,8 @@ import time
 
 from recmesh.events.v1 import events_pb2
 
+from core.validation import check_user_id
 from mesh.errors import InvalidArgument
-from services.validation import check_user_id
 
 EVENT_TYPES = frozenset({"impression", "click", "conversion", "exposure", "dismiss"})
 MAX_EVENT_ID = 128
