@@ -1,7 +1,7 @@
 """``python -m gateway``: run the gateway."""
 
-from gateway.server import build_server
+from gateway.server import build_service
 from gateway.settings import GatewaySettings
 from mesh.runner import run_service
 
-run_service(build_server, GatewaySettings)
+run_service(build_service, GatewaySettings)

@@ -13,7 +13,7 @@ from core.events import validate_batch
 from gateway.funnel import Funnel
 from gateway.metrics import LATENCY, REQUESTS
 from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
-from mesh.errors import RecMeshError, Unauthenticated, Unavailable
+from mesh.errors import RecMeshError, Unavailable
 from mesh.tenants import Tenant, TenantRegistry
 
 DEFAULT_NUM_ITEMS = 10
@@ -30,12 +30,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def _tenant(self, context: Any) -> Tenant:
         metadata = dict(context.invocation_metadata() or ())
-        key = str(metadata.get(API_KEY, ""))
-        tenant = self._tenants.authenticate(key) if key else None
-        if tenant is None:
-            raise Unauthenticated(f"missing or unknown {API_KEY} metadata")
-        tenant_var.set(tenant.name)
-        return tenant
+        return self._tenants.admit(str(metadata.get(API_KEY, "")), "metadata")
 
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: Any

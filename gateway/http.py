@@ -21,7 +21,7 @@ from gateway.openapi import OPENAPI
 from gateway.schema import parse_events, parse_recommend
 from mesh import tracing
 from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
-from mesh.errors import RecMeshError, ResourceExhausted, Unauthenticated, Unavailable
+from mesh.errors import RecMeshError, ResourceExhausted, Unavailable
 from mesh.telemetry import metrics_response
 from mesh.tenants import Tenant, TenantRegistry
 
@@ -110,12 +110,7 @@ class HttpApi:
         self._draining = True
 
     def _tenant(self, request: web.Request) -> Tenant:
-        key = request.headers.get(API_KEY, "")
-        tenant = self._tenants.authenticate(key) if key else None
-        if tenant is None:
-            raise Unauthenticated(f"missing or unknown {API_KEY} header")
-        tenant_var.set(tenant.name)
-        return tenant
+        return self._tenants.admit(request.headers.get(API_KEY, ""), "header")
 
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes, middlewares=[self._observe])

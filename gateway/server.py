@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiohttp import web
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from core.experiments.book import load_experiments
@@ -17,56 +16,30 @@ from gateway.http import HttpApi
 from gateway.outbox import Outbox, OutboxRelay
 from gateway.quota import QuotaLeases
 from gateway.settings import GatewaySettings
-from mesh.server import MeshServer, Registration
+from mesh.http import HttpListener
+from mesh.service import Registration, Service
 from mesh.tenants import load_tenants
 
 
-@dataclass
-class HttpListener:
-    """The aiohttp listener; ``port`` is the bound port once started.
+@dataclass(kw_only=True)
+class GatewayService(Service):
+    """The gateway's :class:`~mesh.service.Service` and its HTTP API listener."""
 
-    ``shutdown_timeout_s`` is how long requests in flight when it stops get to finish.
-    """
-
-    app: web.Application
-    host: str
-    port: int
-    shutdown_timeout_s: float
-    runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        """Bind and serve; set ``port`` to the bound port (useful with port 0)."""
-        self.runner = web.AppRunner(
-            self.app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=self.shutdown_timeout_s,
-        )
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, reuse_port=False)
-        await site.start()
-        self.port = int(self.runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        """Stop listening, close idle connections, give requests in flight up to
-        ``shutdown_timeout_s`` to finish (their connections close after the response),
-        then cancel what is left."""
-        if self.runner is not None:
-            await self.runner.cleanup()
+    http: HttpListener
 
 
-async def build_gateway(
+async def build_service(
     settings: GatewaySettings,
     downstreams: Downstreams | None = None,
     assignments: AssignmentCache | None = None,
-) -> tuple[MeshServer, HttpListener]:
+) -> GatewayService:
     """The gateway: gRPC on ``settings.port``, HTTP on ``settings.http_port``.
 
     ``downstreams`` defaults to channels to the addresses in ``settings``; the monolith
     baseline (``loadtest.monolith``) passes in-process ones. ``assignments`` defaults to a
     cache of experiment assignments sized by ``settings``; tests pass one on their own clock.
 
-    Starting the server starts the HTTP listener too; its ``port`` is set then. When the
+    Starting the service starts the HTTP listener too; its ``port`` is set then. When the
     server drains, the HTTP API answers with ``Connection: close`` and ``/healthz`` 503
     until the listener stops; requests in flight then get ``drain_grace_s`` to finish.
 
@@ -92,11 +65,14 @@ async def build_gateway(
     relay = OutboxRelay(outbox, funnel.deliver)
     api = HttpApi(funnel, tenants, downstreams)
     http = HttpListener(
-        api.app(settings.max_body_bytes), settings.host, settings.http_port, settings.drain_grace_s
+        api.app(settings.max_body_bytes),
+        settings.host,
+        settings.http_port,
+        shutdown_timeout_s=settings.drain_grace_s,
+        name="api",
     )
-    server = MeshServer(
-        settings,
-        [
+    return GatewayService(
+        registrations=[
             Registration.of(
                 GatewayServicer(funnel, tenants, settings.deadline_s),
                 gateway_pb2,
@@ -119,11 +95,5 @@ async def build_gateway(
             fallback.stop,
             downstreams.close,
         ],
+        http=http,
     )
-    return server, http
-
-
-async def build_server(settings: GatewaySettings) -> MeshServer:
-    """:func:`build_gateway` for the process runner, which needs only the server."""
-    server, _ = await build_gateway(settings)
-    return server

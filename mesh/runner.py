@@ -10,29 +10,31 @@ from typing import Any, TypeVar
 import uvloop
 
 from mesh.errors import ConfigError
+from mesh.http import metrics_listener
 from mesh.logging import configure_logging
 from mesh.server import MeshServer
+from mesh.service import Service
 from mesh.settings import ServerSettings, load
-from mesh.telemetry import MetricsEndpoint, metrics_port, setup_tracing
+from mesh.telemetry import setup_tracing
 
 S = TypeVar("S", bound=ServerSettings)
 
 
-def run_service(build: Callable[[S], Awaitable[MeshServer]], settings_cls: type[S]) -> None:
+def run_service(build: Callable[[S], Awaitable[Service]], settings_cls: type[S]) -> None:
     """Load ``settings_cls`` from the environment, set up tracing (``OTEL_*``) and the
-    ``/metrics`` endpoint, build the server and serve until SIGTERM; flush spans at exit."""
+    ``/metrics`` endpoint, build the service with its one builder, serve it until SIGTERM;
+    flush spans at exit."""
     settings = load(settings_cls)
     configure_logging(settings.service_name, settings.log_level)
     telemetry = setup_tracing(settings.service_name)
-    port = metrics_port(settings.service_name)
 
     async def main() -> None:
-        server = await build(settings)
-        if port is not None:
-            metrics = MetricsEndpoint(settings.host, port)
-            server.startups.insert(0, metrics.start)
-            server.cleanups.append(metrics.stop)
-        await server.serve_until_signalled()
+        service = await build(settings)
+        if settings.metrics_port >= 0:
+            metrics = metrics_listener(settings.host, settings.metrics_port)
+            service.startups.insert(0, metrics.start)
+            service.cleanups.append(metrics.stop)
+        await MeshServer(settings, service).serve_until_signalled()
 
     try:
         run_loop(settings.event_loop, main())

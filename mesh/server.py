@@ -16,10 +16,8 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any, cast
 
 import grpc
@@ -39,32 +37,12 @@ from mesh.context import (
 )
 from mesh.errors import InvalidArgument, RecMeshError
 from mesh.faults import FaultInjector, InjectedFault
-from mesh.health import HealthCheck, HealthMonitor
+from mesh.health import HealthMonitor
 from mesh.metrics import RPC_SERVER_HANDLED, RPC_SERVER_SECONDS
+from mesh.service import Service
 from mesh.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-Hook = Callable[[], Awaitable[None]]
-"""A step a server awaits at start-up, when its drain begins, or at clean-up."""
-
-
-@dataclass(frozen=True)
-class Registration:
-    """One servicer to mount: ``add(servicer, server)`` is the generated ``add_*_to_server``."""
-
-    add: Callable[[Any, grpc.aio.Server], None]
-    servicer: Any
-    full_name: str
-
-    @classmethod
-    def of(cls, servicer: Any, pb2: ModuleType, pb2_grpc: ModuleType, service: str) -> Registration:
-        """The registration of ``service`` (e.g. "FeatureService") from its generated modules."""
-        return cls(
-            getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
-            servicer,
-            pb2.DESCRIPTOR.services_by_name[service].full_name,
-        )
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: RecMeshError) -> None:
@@ -190,33 +168,24 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-@dataclass
 class MeshServer:
-    """A gRPC service process: servicers, health, reflection, drain.
+    """A gRPC service process: a built :class:`~mesh.service.Service` served with health,
+    reflection, fault flags and drain.
 
     Args:
         settings: listening address, limits and drain timings.
-        registrations: the servicers to mount.
-        checks: component health checks; SERVING only while all pass.
-        startups: awaited after the gRPC port is serving (e.g. an HTTP listener).
-        drains: awaited in order as soon as the drain begins, once health is NOT_SERVING
-            and before ``drain_delay_s`` starts, while every port still serves (e.g. tell
-            HTTP clients to stop reusing connections).
-        cleanups: awaited after the server stopped (close clients, flush...).
+        service: the servicers to mount and the lifecycle: checks (SERVING only while all
+            pass), start-ups (after the gRPC port serves), drain hooks (as soon as the drain
+            begins, before ``drain_delay_s``), clean-ups (after the server stopped).
     """
 
-    settings: ServerSettings
-    registrations: Sequence[Registration]
-    checks: Sequence[HealthCheck] = ()
-    startups: list[Hook] = field(default_factory=list)
-    drains: list[Hook] = field(default_factory=list)
-    cleanups: list[Hook] = field(default_factory=list)
-    port: int = 0
-
-    def __post_init__(self) -> None:
+    def __init__(self, settings: ServerSettings, service: Service) -> None:
+        self.settings = settings
+        self.service = service
+        self.port = 0
         self.health = HealthMonitor(
-            self.checks,
-            [r.full_name for r in self.registrations],
+            service.checks,
+            [r.full_name for r in service.registrations],
             self.settings.health_interval_s,
         )
         faults_file = Path(self.settings.faults_file) if self.settings.faults_file else None
@@ -240,10 +209,10 @@ class MeshServer:
         """Bind, start serving and return the bound port (useful with port 0)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        for registration in self.registrations:
+        for registration in self.service.registrations:
             registration.add(registration.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._server)
-        names = [r.full_name for r in self.registrations]
+        names = [r.full_name for r in self.service.registrations]
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
         self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
@@ -252,7 +221,7 @@ class MeshServer:
         await self.health.starting()
         await self._server.start()
         self._faults_task = asyncio.create_task(self.faults.watch())
-        for startup in self.startups:
+        for startup in self.service.startups:
             await startup()
         await self.health.start()
         log.info(
@@ -270,14 +239,14 @@ class MeshServer:
         if self._stopped.is_set():
             return
         await self.health.drain()
-        for drain in self.drains:
+        for drain in self.service.drains:
             await drain()
         await asyncio.sleep(self.settings.drain_delay_s if grace_s is None else 0)
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         await self._server.stop(grace)
         if self._faults_task is not None:
             self._faults_task.cancel()
-        for cleanup in self.cleanups:
+        for cleanup in self.service.cleanups:
             await cleanup()
         self._stopped.set()
         log.info("stopped")

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from mesh.errors import ConfigError
 from mesh.paths import ARTIFACTS_DIR, PROJECT_ROOT
-from mesh.ports import DEFAULT_PORTS
+from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 S = TypeVar("S")
 
@@ -91,6 +91,9 @@ class ServerSettings:
     service_name: str = "recmesh"
     host: str = env("RECMESH_HOST", "127.0.0.1", doc="interface to bind")
     port: int = 0
+    metrics_port: int = -1
+    """``/metrics`` on its own HTTP port (0 picks a free one); below 0 none (the gateway
+    serves it on its HTTP API). Services set it with :func:`metrics_port_of`."""
     log_level: str = env("RECMESH_LOG_LEVEL", "INFO", doc="logging level")
     drain_grace_s: float = env(
         "RECMESH_DRAIN_GRACE_S", 5.0, doc="seconds in-flight calls get to finish on SIGTERM"
@@ -140,6 +143,16 @@ def port_of(service: str) -> Any:
         f"RECMESH_{service.upper()}_PORT",
         DEFAULT_PORTS[service],
         doc=f"gRPC port of the {service} service (0 picks a free one)",
+    )
+
+
+def metrics_port_of(service: str) -> Any:
+    """A field holding ``service``'s ``/metrics`` port, env ``RECMESH_<SERVICE>_METRICS_PORT``,
+    default from :data:`~mesh.ports.DEFAULT_METRICS_PORTS`."""
+    return env(
+        f"RECMESH_{service.upper()}_METRICS_PORT",
+        DEFAULT_METRICS_PORTS[service],
+        doc=f"Prometheus /metrics port of the {service} service (0 picks a free one)",
     )
 
 

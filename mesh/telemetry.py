@@ -46,7 +46,6 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
 from mesh.errors import ConfigError
-from mesh.ports import DEFAULT_METRICS_PORTS
 
 log = logging.getLogger(__name__)
 
@@ -169,56 +168,7 @@ def setup_tracing(
     return Telemetry(provider)
 
 
-def metrics_port(service_name: str, environ: Mapping[str, str] | None = None) -> int | None:
-    """The ``/metrics`` port of ``service_name``: ``RECMESH_<SERVICE>_METRICS_PORT``, else
-    the default of :data:`DEFAULT_METRICS_PORTS`; None when it has neither (the gateway,
-    which serves ``/metrics`` on its HTTP API port). 0 picks a free port.
-
-    Raises:
-        ConfigError: the variable is not a port number.
-    """
-    source = os.environ if environ is None else environ
-    name = f"RECMESH_{service_name.upper()}_METRICS_PORT"
-    raw = source.get(name, "").strip()
-    if not raw:
-        return DEFAULT_METRICS_PORTS.get(service_name)
-    try:
-        port = int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"environment variable {name}={raw!r} is not a port") from exc
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"environment variable {name}={raw!r} is not a port")
-    return port
-
-
 def metrics_response(accept: str) -> web.Response:
     """The default registry in the format ``accept`` asks for (OpenMetrics carries exemplars)."""
     encoder, content_type = choose_encoder(accept)
     return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})
-
-
-class MetricsEndpoint:
-    """``GET /metrics`` on its own HTTP port, on the process's event loop."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return metrics_response(request.headers.get("Accept", ""))
-
-    async def start(self) -> None:
-        """Bind and serve; ``port`` is the bound port afterwards."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=False)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-        log.info("metrics", extra={"fields": {"metrics_port": self.port}})
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()

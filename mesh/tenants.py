@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.context import validate_tenant
-from mesh.errors import ConfigError, InvalidArgument
+from mesh.context import API_KEY, tenant_var, validate_tenant
+from mesh.errors import ConfigError, InvalidArgument, Unauthenticated
 
 _FIELDS = {"api_key_sha256", "rate", "burst"}
 
@@ -42,6 +42,23 @@ class TenantRegistry:
             if hmac.compare_digest(digest, tenant.api_key_sha256):
                 found = tenant
         return found
+
+    def admit(self, api_key: str, carrier: str) -> Tenant:
+        """Authenticate a request of either API: the tenant that owns ``api_key`` becomes
+        the request's tenant (``tenant_var``: logs, metrics, spans, downstream metadata).
+
+        Args:
+            api_key: the ``x-api-key`` value sent, empty when none was.
+            carrier: where the key travels, for the error ("header", "metadata").
+
+        Raises:
+            Unauthenticated: no key, or one that belongs to no tenant (401 / UNAUTHENTICATED).
+        """
+        tenant = self.authenticate(api_key) if api_key else None
+        if tenant is None:
+            raise Unauthenticated(f"missing or unknown {API_KEY} {carrier}")
+        tenant_var.set(tenant.name)
+        return tenant
 
     def get(self, name: str) -> Tenant | None:
         return self.tenants.get(name)

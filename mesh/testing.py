@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import grpc
 
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
 from mesh.server import MeshServer
+from mesh.service import Service
+from mesh.settings import ServerSettings
+
+S = TypeVar("S", bound=ServerSettings)
 
 
 @asynccontextmanager
@@ -49,3 +54,9 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+async def built_server(build: Callable[[S], Awaitable[Service]], settings: S) -> MeshServer:
+    """The server a service's process would run: its one builder, ``build(settings)``,
+    wrapped in a :class:`~mesh.server.MeshServer` (not started; see :func:`serving`)."""
+    return MeshServer(settings, await build(settings))

@@ -13,22 +13,23 @@ from typing import Any
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from gateway.assignments import AssignmentCache
-from gateway.server import HttpListener, build_gateway
+from gateway.server import build_service as build_gateway
 from gateway.settings import GatewaySettings
 from mesh.context import TENANT_KEY
+from mesh.http import HttpListener
 from mesh.server import MeshServer
-from mesh.testing import serving
-from services.events.server import build_server as build_events
+from mesh.testing import built_server, serving
+from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
-from services.experiment.server import build_server as build_experiment
+from services.experiment.server import build_service as build_experiment
 from services.experiment.settings import ExperimentSettings
-from services.feature.server import build_server as build_feature
+from services.feature.server import build_service as build_feature
 from services.feature.settings import FeatureSettings
-from services.quota.server import build_server as build_quota
+from services.quota.server import build_service as build_quota
 from services.quota.settings import QuotaSettings
-from services.ranking.server import build_server as build_ranking
+from services.ranking.server import build_service as build_ranking
 from services.ranking.settings import RankingSettings
-from services.retrieval.server import build_server as build_retrieval
+from services.retrieval.server import build_service as build_retrieval
 from services.retrieval.settings import RetrievalSettings
 
 TENANTS = {
@@ -103,38 +104,44 @@ async def inprocess_mesh(
         }
         feature = await start(
             "feature",
-            await build_feature(
-                FeatureSettings(redis_url=redis_url, artifacts=artifacts, **common)
+            await built_server(
+                build_feature, FeatureSettings(redis_url=redis_url, artifacts=artifacts, **common)
             ),
         )
         retrieval = await start(
             "retrieval",
-            await build_retrieval(
+            await built_server(
+                build_retrieval,
                 RetrievalSettings(
                     artifacts=artifacts, feature_addr=feature, feature_budget_s=0.5, **common
-                )
+                ),
             ),
         )
         ranking = await start(
             "ranking",
-            await build_ranking(
+            await built_server(
+                build_ranking,
                 RankingSettings(
                     artifacts=artifacts, feature_addr=feature, feature_budget_s=0.5, **common
-                )
+                ),
             ),
         )
         experiment = await start(
             "experiment",
-            await build_experiment(
-                ExperimentSettings(experiments=PROJECT / "config" / "experiments.json", **common)
+            await built_server(
+                build_experiment,
+                ExperimentSettings(experiments=PROJECT / "config" / "experiments.json", **common),
             ),
         )
         events = await start(
-            "events", await build_events(EventsSettings(redis_url=redis_url, **common))
+            "events",
+            await built_server(build_events, EventsSettings(redis_url=redis_url, **common)),
         )
         quota = await start(
             "quota",
-            await build_quota(QuotaSettings(redis_url=redis_url, tenants=tenants_file, **common)),
+            await built_server(
+                build_quota, QuotaSettings(redis_url=redis_url, tenants=tenants_file, **common)
+            ),
         )
         from mesh.client import open_channel
 
@@ -144,32 +151,30 @@ async def inprocess_mesh(
                 feature_pb2.MaterializeRequest(), metadata=[(TENANT_KEY, tenant)], timeout=120
             )
         await channel.close()
-        gateway, http = await build_gateway(
-            GatewaySettings(
-                http_port=0,
-                outbox=tenants_file.parent / "outbox.db",
-                tenants=tenants_file,
-                experiments=PROJECT / "config" / "experiments.json",
-                feature_addr=feature,
-                retrieval_addr=retrieval,
-                ranking_addr=ranking,
-                experiment_addr=experiment,
-                events_addr=events,
-                quota_addr=quota,
-                deadline_s=2.0,
-                retrieval_budget_s=1.0,
-                ranking_budget_s=1.0,
-                quota_budget_s=0.5,
-                # One quota call per request, so a quota fault shows on the very next
-                # request; leases have their own tests (tests/gateway/test_quota_leases.py).
-                quota_lease_max=1,
-                experiment_budget_s=0.5,
-                **common,
-            ),
-            assignments=assignments,
+        gateway_settings = GatewaySettings(
+            http_port=0,
+            outbox=tenants_file.parent / "outbox.db",
+            tenants=tenants_file,
+            experiments=PROJECT / "config" / "experiments.json",
+            feature_addr=feature,
+            retrieval_addr=retrieval,
+            ranking_addr=ranking,
+            experiment_addr=experiment,
+            events_addr=events,
+            quota_addr=quota,
+            deadline_s=2.0,
+            retrieval_budget_s=1.0,
+            ranking_budget_s=1.0,
+            quota_budget_s=0.5,
+            # One quota call per request, so a quota fault shows on the very next
+            # request; leases have their own tests (tests/gateway/test_quota_leases.py).
+            quota_lease_max=1,
+            experiment_budget_s=0.5,
+            **common,
         )
-        await start("gateway", gateway)
-        yield Mesh(servers, http)
+        gateway = await build_gateway(gateway_settings, assignments=assignments)
+        await start("gateway", MeshServer(gateway_settings, gateway))
+        yield Mesh(servers, gateway.http)
 
 
 async def reset_quota(redis_url: str, tenant: str) -> None:

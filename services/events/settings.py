@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.settings import ServerSettings, env, port_of, redis_url
+from mesh.settings import ServerSettings, env, metrics_port_of, port_of, redis_url
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,7 @@ class EventsSettings(ServerSettings):
 
     service_name: str = "events"
     port: int = port_of("events")
+    metrics_port: int = metrics_port_of("events")
     redis_url: str = redis_url()
     dedupe_ttl_s: int = env(
         "RECMESH_EVENTS_DEDUPE_TTL_S", 7 * 24 * 3600, doc="how long event ids are remembered"

@@ -1,7 +1,7 @@
 """``python -m services.experiment``: run the experiment service."""
 
 from mesh.runner import run_service
-from services.experiment.server import build_server
+from services.experiment.server import build_service
 from services.experiment.settings import ExperimentSettings
 
-run_service(build_server, ExperimentSettings)
+run_service(build_service, ExperimentSettings)

@@ -5,19 +5,18 @@ from __future__ import annotations
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
 from core.experiments.book import load_experiments
-from mesh.server import MeshServer, Registration
+from mesh.service import Registration, Service
 from services.experiment.servicer import ExperimentServicer
 from services.experiment.settings import ExperimentSettings
 
 
-async def build_server(settings: ExperimentSettings) -> MeshServer:
+async def build_service(settings: ExperimentSettings) -> Service:
     """The experiment service assigning from ``settings.experiments``.
 
     Raises:
         ConfigError: the experiment book is missing or invalid.
     """
     servicer = ExperimentServicer(load_experiments(settings.experiments))
-    return MeshServer(
-        settings,
+    return Service(
         [Registration.of(servicer, experiment_pb2, experiment_pb2_grpc, "ExperimentService")],
     )

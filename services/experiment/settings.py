@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.experiments.book import experiments_file
-from mesh.settings import ServerSettings, port_of
+from mesh.settings import ServerSettings, metrics_port_of, port_of
 
 
 @dataclass(frozen=True)
@@ -15,4 +15,5 @@ class ExperimentSettings(ServerSettings):
 
     service_name: str = "experiment"
     port: int = port_of("experiment")
+    metrics_port: int = metrics_port_of("experiment")
     experiments: Path = experiments_file()

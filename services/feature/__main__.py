@@ -1,7 +1,7 @@
 """``python -m services.feature``: run the feature service."""
 
 from mesh.runner import run_service
-from services.feature.server import build_server
+from services.feature.server import build_service
 from services.feature.settings import FeatureSettings
 
-run_service(build_server, FeatureSettings)
+run_service(build_service, FeatureSettings)

@@ -7,14 +7,14 @@ import asyncio
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh import redis as mesh_redis
-from mesh.server import MeshServer, Registration
+from mesh.service import Registration, Service
 from services.feature.materialize import Materializer
 from services.feature.servicer import FeatureServicer
 from services.feature.settings import FeatureSettings
 from services.feature.store import RedisFeatureStore
 
 
-async def build_server(settings: FeatureSettings) -> MeshServer:
+async def build_service(settings: FeatureSettings) -> Service:
     """The feature service on ``settings.port`` backed by Redis at ``settings.redis_url``."""
     client = mesh_redis.connect(settings.redis_url)
     bulk = mesh_redis.connect_blocking(settings.redis_url)
@@ -25,8 +25,7 @@ async def build_server(settings: FeatureSettings) -> MeshServer:
         history_limit=settings.history_limit,
         max_batch=settings.max_batch,
     )
-    return MeshServer(
-        settings,
+    return Service(
         [Registration.of(servicer, feature_pb2, feature_pb2_grpc, "FeatureService")],
         checks=[mesh_redis.redis_check(client)],
         cleanups=[client.aclose, lambda: asyncio.to_thread(bulk.close)],

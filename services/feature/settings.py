@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.settings import ServerSettings, artifacts_dir, env, port_of, redis_url
+from mesh.settings import ServerSettings, artifacts_dir, env, metrics_port_of, port_of, redis_url
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,7 @@ class FeatureSettings(ServerSettings):
 
     service_name: str = "feature"
     port: int = port_of("feature")
+    metrics_port: int = metrics_port_of("feature")
     redis_url: str = redis_url()
     artifacts: Path = artifacts_dir()
     history_limit: int = env(

@@ -6,7 +6,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
 from mesh import redis as mesh_redis
-from mesh.server import MeshServer, Registration
+from mesh.service import Registration, Service
 from mesh.tenants import load_tenants
 from services.quota.envoy import EnvoyRateLimitServicer
 from services.quota.limiter import RedisRateLimiter
@@ -14,7 +14,7 @@ from services.quota.servicer import QuotaServicer
 from services.quota.settings import QuotaSettings
 
 
-async def build_server(settings: QuotaSettings) -> MeshServer:
+async def build_service(settings: QuotaSettings) -> Service:
     """The quota service; limits come from the tenant registry file.
 
     Raises:
@@ -23,8 +23,7 @@ async def build_server(settings: QuotaSettings) -> MeshServer:
     tenants = load_tenants(settings.tenants)
     client = mesh_redis.connect(settings.redis_url)
     limiter = RedisRateLimiter(client)
-    return MeshServer(
-        settings,
+    return Service(
         [
             Registration.of(
                 QuotaServicer(limiter, tenants), quota_pb2, quota_pb2_grpc, "QuotaService"

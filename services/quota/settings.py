@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.settings import ServerSettings, env, port_of, redis_url, tenants_file
+from mesh.settings import ServerSettings, env, metrics_port_of, port_of, redis_url, tenants_file
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,7 @@ class QuotaSettings(ServerSettings):
 
     service_name: str = "quota"
     port: int = port_of("quota")
+    metrics_port: int = metrics_port_of("quota")
     redis_url: str = redis_url()
     tenants: Path = tenants_file()
     rls_domain: str = env(

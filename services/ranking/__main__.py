@@ -1,7 +1,7 @@
 """``python -m services.ranking``: run the ranking service."""
 
 from mesh.runner import run_service
-from services.ranking.server import build_server
+from services.ranking.server import build_service
 from services.ranking.settings import RankingSettings
 
-run_service(build_server, RankingSettings)
+run_service(build_service, RankingSettings)

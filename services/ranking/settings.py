@@ -8,19 +8,18 @@ tenant, and an experiment variant overrides both per request (``RankRequest`` fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from mesh.settings import ServerSettings, artifacts_dir, downstream, env, port_of
+from mesh.settings import env, metrics_port_of, port_of
+from services.runtime.model_service import ModelServingSettings
 
 
 @dataclass(frozen=True)
-class RankingSettings(ServerSettings):
+class RankingSettings(ModelServingSettings):
     """Environment of the ranking service process. Budgets are in seconds."""
 
     service_name: str = "ranking"
     port: int = port_of("ranking")
-    artifacts: Path = artifacts_dir()
-    feature_addr: str = downstream("feature")
+    metrics_port: int = metrics_port_of("ranking")
     max_candidates: int = env(
         "RECMESH_RANKING_MAX_CANDIDATES", 3000, doc="largest candidate list accepted"
     )

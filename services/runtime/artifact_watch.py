@@ -1,8 +1,8 @@
 """Hot swap of the artifact set a service serves, under live traffic.
 
 An :class:`ArtifactWatcher` polls ``<root>/current`` every ``RECMESH_ARTIFACT_POLL_S``
-seconds. When it resolves to a version directory other than the one being served, the
-watcher loads the candidate in a worker thread (``asyncio.to_thread``): the service's
+seconds (``ModelServingSettings.artifact_poll_s``). When it resolves to a version directory
+other than the one being served, the watcher loads the candidate in a worker thread (``asyncio.to_thread``): the service's
 loader verifies every file's sha256, opens the models, checks their shapes against the
 set's config and against the served set, and warms them up. Only a candidate that passed
 all of that is installed, by one attribute assignment on the event loop; servicers read
@@ -36,7 +36,6 @@ from prometheus_client import Counter, Gauge, Info
 
 from core.artifacts import CURRENT
 from mesh.errors import RecMeshError
-from mesh.settings import env
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +56,6 @@ INFO = Info(
 )
 
 Outcome = Literal["unchanged", "swapped", "refused", "skipped"]
-
-
-@dataclass(frozen=True)
-class ArtifactWatchSettings:
-    """Environment of the hot swap, shared by every service that serves an artifact set."""
-
-    poll_s: float = env(
-        "RECMESH_ARTIFACT_POLL_S",
-        2.0,
-        doc="seconds between checks of <artifacts>/current for a new set (0 turns hot swap off)",
-    )
 
 
 class Served(Protocol):

@@ -10,8 +10,8 @@ from typing import Any
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
 from core.experiments.book import load_experiments
-from mesh.testing import channel_to, serving, tenant_metadata
-from services.experiment.server import build_server
+from mesh.testing import built_server, channel_to, serving, tenant_metadata
+from services.experiment.server import build_service
 from services.experiment.settings import ExperimentSettings
 
 BOOK: dict[str, Any] = {
@@ -75,7 +75,7 @@ def test_version_changes_with_the_content(tmp_path: Path) -> None:
 
 
 async def _served_version(path: Path) -> str:
-    server = await build_server(ExperimentSettings(port=0, experiments=path))
+    server = await built_server(build_service, ExperimentSettings(port=0, experiments=path))
     async with serving(server), channel_to(server) as channel:
         reply = await experiment_pb2_grpc.ExperimentServiceStub(channel).Assign(
             experiment_pb2.AssignRequest(user_id="u1"), metadata=tenant_metadata("demo")

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.server import HttpListener
+from mesh.http import HttpListener
 from tests.inprocess import Mesh, inprocess_mesh, write_tenants
 
 DEMO = {"x-api-key": "demo-key"}
@@ -43,7 +43,7 @@ async def test_draining_gateway_answers_with_connection_close_until_it_stops(mes
         draining.set()
         await release.wait()
 
-    gateway.drains.append(hold_the_drain_open)  # after the gateway's own hook
+    gateway.service.drains.append(hold_the_drain_open)  # after the gateway's own hook
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         assert await recommend(session, mesh) == (200, "")  # HTTP/1.1: keep-alive
         stopping = asyncio.create_task(gateway.stop())

@@ -16,8 +16,8 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from gateway.impressions import ImpressionShipper
 from gateway.outbox import Outbox, OutboxRelay
 from mesh.client import Downstream
-from mesh.testing import serving, tenant_metadata
-from services.events.server import build_server
+from mesh.testing import built_server, serving, tenant_metadata
+from services.events.server import build_service
 from services.events.settings import EventsSettings
 from tests.conftest import free_port
 
@@ -103,7 +103,9 @@ async def test_impressions_are_sent_in_batches_without_touching_the_outbox(
     outbox = Outbox(tmp_path / "outbox.db")
     shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=0.05)
     sent_before, outbox_before = routed("sent"), routed("outbox")
-    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    server = await built_server(
+        build_service, EventsSettings(port=logger.port, redis_url=logger.redis_url)
+    )
     async with serving(server):
         await shipper.start()
         for request in range(20):
@@ -138,7 +140,9 @@ async def test_impressions_go_to_the_outbox_while_the_logger_is_down_and_arrive_
     assert await outbox.depth() == 10  # nothing listens on the port: all kept
     assert routed("outbox") - outbox_before == 10
 
-    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    server = await built_server(
+        build_service, EventsSettings(port=logger.port, redis_url=logger.redis_url)
+    )
     async with serving(server):
         shipper.put(tenant, [impression("up", p) for p in range(10)])
         for _ in range(200):  # the relay first, then (its channel connected) the reads
@@ -155,7 +159,9 @@ async def test_stop_delivers_what_is_still_queued(tmp_path: Path, logger: Logger
     tenant = fresh_tenant()
     outbox = Outbox(tmp_path / "outbox.db")
     shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=60.0)
-    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    server = await built_server(
+        build_service, EventsSettings(port=logger.port, redis_url=logger.redis_url)
+    )
     async with serving(server):
         await shipper.start()
         shipper.put(tenant, [impression("late", p) for p in range(3)])
@@ -175,7 +181,9 @@ async def test_a_full_batch_is_sent_before_the_linger_and_no_append_exceeds_it(
     tenant = fresh_tenant()
     outbox = Outbox(tmp_path / "outbox.db")
     shipper = ImpressionShipper(outbox, logger.send, batch_rows=1000, linger_s=60.0)
-    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    server = await built_server(
+        build_service, EventsSettings(port=logger.port, redis_url=logger.redis_url)
+    )
     async with serving(server):
         await shipper.start()
         await asyncio.sleep(0)
@@ -201,7 +209,9 @@ async def test_the_flusher_survives_a_round_that_fails(tmp_path: Path, logger: L
             break
         await asyncio.sleep(0.02)
     assert routed("lost") - lost_before == 10
-    server = await build_server(EventsSettings(port=logger.port, redis_url=logger.redis_url))
+    server = await built_server(
+        build_service, EventsSettings(port=logger.port, redis_url=logger.redis_url)
+    )
     async with serving(server):  # the logger is back: the same flusher delivers again
         stored: list[str] = []
         for attempt in range(100):  # until the channels have reconnected

@@ -12,8 +12,8 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from gateway.outbox import Outbox, OutboxRelay
 from mesh.client import Downstream
 from mesh.context import tenant_var
-from mesh.testing import serving, tenant_metadata
-from services.events.server import build_server
+from mesh.testing import built_server, serving, tenant_metadata
+from services.events.server import build_service
 from services.events.settings import EventsSettings
 from tests.conftest import free_port
 
@@ -54,7 +54,7 @@ async def test_events_accepted_while_the_logger_is_down_are_delivered_once_it_is
     await asyncio.sleep(0.3)
     assert await outbox.depth() == 50  # nothing listens on the port: all kept
 
-    server = await build_server(EventsSettings(port=port, redis_url=redis_url))
+    server = await built_server(build_service, EventsSettings(port=port, redis_url=redis_url))
     async with serving(server):
         for _ in range(100):
             if await outbox.depth() == 0:

@@ -17,8 +17,8 @@ from gateway.quota import Admission, QuotaLeases
 from mesh.client import Downstream
 from mesh.context import tenant_var
 from mesh.server import MeshServer
-from mesh.testing import ManualClock, serving
-from services.quota.server import build_server as build_quota
+from mesh.testing import ManualClock, built_server, serving
+from services.quota.server import build_service as build_quota
 from services.quota.settings import QuotaSettings
 from tests.conftest import free_port
 from tests.inprocess import reset_quota
@@ -47,7 +47,9 @@ async def quota_server(
             }
         )
     )
-    server = await build_quota(QuotaSettings(port=0, redis_url=redis_url, tenants=path))
+    server = await built_server(
+        build_quota, QuotaSettings(port=0, redis_url=redis_url, tenants=path)
+    )
     async with serving(server):
         yield server
 

@@ -17,7 +17,7 @@ from mesh.context import Budget, budget_var, tenant_var
 from mesh.errors import InvalidArgument
 from mesh.local import local_stub
 from mesh.settings import load
-from mesh.testing import serving
+from mesh.testing import built_server, serving
 from tests.inprocess import PROJECT, reset_quota, write_tenants
 
 
@@ -44,7 +44,7 @@ async def test_the_monolith_answers_the_funnel_and_enforces_quota(
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    server = await build_monolith(load(GatewaySettings))
+    server = await built_server(build_monolith, load(GatewaySettings))
     async with serving(server):
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.testing import channel_to
-from services.experiment.server import build_server
+from mesh.testing import built_server, channel_to
+from services.experiment.server import build_service
 from services.experiment.settings import ExperimentSettings
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -16,13 +16,14 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 async def test_drain_hooks_run_once_not_serving_before_the_delay_then_cleanups_run() -> None:
     delay_s = 0.3
-    server = await build_server(
+    server = await built_server(
+        build_service,
         ExperimentSettings(
             port=0,
             experiments=PROJECT / "config" / "experiments.json",
             drain_delay_s=delay_s,
             drain_grace_s=1.0,
-        )
+        ),
     )
     loop = asyncio.get_running_loop()
     seen: list[tuple[str, float]] = []
@@ -42,8 +43,8 @@ async def test_drain_hooks_run_once_not_serving_before_the_delay_then_cleanups_r
         async def cleanup() -> None:
             seen.append(("cleanup", loop.time()))
 
-        server.drains.extend([first_hook, second_hook])
-        server.cleanups.append(cleanup)
+        server.service.drains.extend([first_hook, second_hook])
+        server.service.cleanups.append(cleanup)
         await server.stop()
 
     assert [step for step, _ in seen] == ["drain NOT_SERVING", "drain", "cleanup"]

@@ -13,8 +13,8 @@ from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 from mesh.client import CallPolicy, Downstream
 from mesh.context import Budget, budget_var, tenant_var
 from mesh.resilience import CircuitOpen
-from mesh.testing import serving
-from services.experiment.server import build_server
+from mesh.testing import built_server, serving
+from services.experiment.server import build_service
 from services.experiment.settings import ExperimentSettings
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -41,12 +41,13 @@ async def call_once(ds: Downstream[experiment_pb2_grpc.ExperimentServiceAsyncStu
 async def test_half_unavailable_caps_retries_and_opens_the_breaker(tmp_path: Path) -> None:
     faults = tmp_path / "faults.json"
     flags(faults, {"Assign": {"error_rate": 0.5, "code": "UNAVAILABLE"}})
-    server = await build_server(
+    server = await built_server(
+        build_service,
         ExperimentSettings(
             port=0,
             experiments=PROJECT / "config" / "experiments.json",
             faults_file=str(faults),
-        )
+        ),
     )
     async with serving(server):
         ds = Downstream.open(
@@ -68,12 +69,13 @@ async def test_half_unavailable_caps_retries_and_opens_the_breaker(tmp_path: Pat
 
 async def test_latency_flag_makes_calls_miss_their_deadline(tmp_path: Path) -> None:
     faults = tmp_path / "faults.json"
-    server = await build_server(
+    server = await built_server(
+        build_service,
         ExperimentSettings(
             port=0,
             experiments=PROJECT / "config" / "experiments.json",
             faults_file=str(faults),
-        )
+        ),
     )
     async with serving(server):
         ds = Downstream.open(

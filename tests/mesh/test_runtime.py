@@ -17,8 +17,8 @@ from mesh.errors import ConfigError, DeadlineExceeded
 from mesh.health import HealthCheck
 from mesh.runner import run_loop
 from mesh.settings import ServerSettings, env, load
-from mesh.testing import channel_to, serving, tenant_metadata
-from services.experiment.server import build_server
+from mesh.testing import built_server, channel_to, serving, tenant_metadata
+from services.experiment.server import build_service
 from services.experiment.settings import ExperimentSettings
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -60,8 +60,9 @@ def test_budget_gives_the_remainder_minus_margin_and_fails_when_spent() -> None:
 
 
 async def test_server_has_health_reflection_and_maps_errors() -> None:
-    server = await build_server(
-        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json")
+    server = await built_server(
+        build_service,
+        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json"),
     )
     async with serving(server), channel_to(server) as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
@@ -94,8 +95,9 @@ async def test_failing_component_turns_health_not_serving() -> None:
         if not healthy.is_set():
             raise ConnectionError("redis gone")
 
-    server = await build_server(
-        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json")
+    server = await built_server(
+        build_service,
+        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json"),
     )
     server.health._checks.append(HealthCheck("fake-redis", probe))
     async with serving(server), channel_to(server) as channel:
@@ -108,13 +110,14 @@ async def test_failing_component_turns_health_not_serving() -> None:
 
 
 async def test_drain_reports_not_serving_and_lets_in_flight_calls_finish() -> None:
-    server = await build_server(
+    server = await built_server(
+        build_service,
         ExperimentSettings(
             port=0,
             experiments=PROJECT / "config" / "experiments.json",
             drain_delay_s=0.3,
             drain_grace_s=2.0,
-        )
+        ),
     )
     await server.start()
     async with channel_to(server) as channel:
@@ -132,8 +135,9 @@ async def test_drain_reports_not_serving_and_lets_in_flight_calls_finish() -> No
 
 
 async def test_a_server_is_not_serving_until_its_start_up_steps_finished() -> None:
-    server = await build_server(
-        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json")
+    server = await built_server(
+        build_service,
+        ExperimentSettings(port=0, experiments=PROJECT / "config" / "experiments.json"),
     )
     release = asyncio.Event()
     checked = asyncio.Event()
@@ -148,7 +152,7 @@ async def test_a_server_is_not_serving_until_its_start_up_steps_finished() -> No
         checked.set()
         await release.wait()
 
-    server.startups.append(slow_startup)
+    server.service.startups.append(slow_startup)
     starting = asyncio.create_task(server.start())
     await asyncio.wait_for(checked.wait(), 5)
     assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]

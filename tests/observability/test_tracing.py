@@ -19,17 +19,20 @@ from prometheus_client import REGISTRY
 from recmesh.events.v1 import events_pb2
 
 from gateway.outbox import Outbox
+from gateway.settings import GatewaySettings
 from mesh import tracing
 from mesh.errors import ConfigError
+from mesh.http import metrics_listener
 from mesh.logging import JsonFormatter
+from mesh.settings import load
 from mesh.telemetry import (
-    MetricsEndpoint,
-    metrics_port,
     resource_for,
     sampler_from_env,
     setup_tracing,
     tracing_endpoint,
 )
+from services.feature.settings import FeatureSettings
+from services.quota.settings import QuotaSettings
 from tests.inprocess import Mesh, inprocess_mesh, set_faults, write_tenants
 from tests.observability.conftest import SpanCapture
 
@@ -103,15 +106,15 @@ def test_resource_defaults_and_environment_overrides(monkeypatch: pytest.MonkeyP
 
 
 def test_metrics_port_per_service() -> None:
-    assert metrics_port("feature", {}) == 9101
-    assert metrics_port("gateway", {}) is None
-    assert metrics_port("feature", {"RECMESH_FEATURE_METRICS_PORT": "0"}) == 0
+    assert load(FeatureSettings, {}).metrics_port == 9101
+    assert load(GatewaySettings, {}).metrics_port < 0  # served on the HTTP API instead
+    assert load(FeatureSettings, {"RECMESH_FEATURE_METRICS_PORT": "0"}).metrics_port == 0
     with pytest.raises(ConfigError, match="RECMESH_QUOTA_METRICS_PORT"):
-        metrics_port("quota", {"RECMESH_QUOTA_METRICS_PORT": "x"})
+        load(QuotaSettings, {"RECMESH_QUOTA_METRICS_PORT": "x"})
 
 
 async def test_metrics_endpoint_serves_the_registry_with_exemplars() -> None:
-    endpoint = MetricsEndpoint("127.0.0.1", 0)
+    endpoint = metrics_listener("127.0.0.1", 0)
     await endpoint.start()
     try:
         async with aiohttp.ClientSession() as session:

@@ -13,17 +13,17 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
-from mesh.testing import channel_to, serving, tenant_metadata
-from services.events.server import build_server as build_events
+from mesh.testing import built_server, channel_to, serving, tenant_metadata
+from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
-from services.quota.server import build_server as build_quota
+from services.quota.server import build_service as build_quota
 from services.quota.settings import QuotaSettings
 from tests.inprocess import reset_quota, write_tenants
 
 
 @pytest.fixture(scope="module")
 async def events(redis_url: str) -> AsyncIterator[events_pb2_grpc.EventServiceAsyncStub]:
-    server = await build_events(EventsSettings(port=0, redis_url=redis_url))
+    server = await built_server(build_events, EventsSettings(port=0, redis_url=redis_url))
     async with serving(server), channel_to(server) as channel:
         yield events_pb2_grpc.EventServiceStub(channel)
 
@@ -33,7 +33,9 @@ async def quota_channel(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[grpc.aio.Channel]:
     tenants = write_tenants(tmp_path_factory.mktemp("quota") / "tenants.json")
-    server = await build_quota(QuotaSettings(port=0, redis_url=redis_url, tenants=tenants))
+    server = await built_server(
+        build_quota, QuotaSettings(port=0, redis_url=redis_url, tenants=tenants)
+    )
     async with serving(server), channel_to(server) as channel:
         yield channel
 

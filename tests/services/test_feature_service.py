@@ -18,16 +18,16 @@ from core.artifacts import load_artifact_set, resolve_current
 from mesh import redis as mesh_redis
 from mesh.errors import InvalidArgument
 from mesh.server import MeshServer
-from mesh.testing import channel_to, serving, tenant_metadata
-from services.feature.server import build_server
+from mesh.testing import built_server, channel_to, serving, tenant_metadata
+from services.feature.server import build_service
 from services.feature.settings import FeatureSettings
 from services.feature.store import RedisFeatureStore
 
 
 @pytest.fixture(scope="module")
 async def server(redis_url: str, artifacts_root: Path) -> AsyncIterator[MeshServer]:
-    built = await build_server(
-        FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root)
+    built = await built_server(
+        build_service, FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root)
     )
     async with serving(built):
         yield built
@@ -197,7 +197,9 @@ async def test_a_tampered_artifact_set_is_refused_naming_the_file(
     data = bytearray(features.read_bytes())
     data[-1] ^= 0xFF
     features.write_bytes(bytes(data))
-    built = await build_server(FeatureSettings(port=0, redis_url=redis_url, artifacts=root))
+    built = await built_server(
+        build_service, FeatureSettings(port=0, redis_url=redis_url, artifacts=root)
+    )
     async with serving(built), channel_to(built) as channel:
         tampered = feature_pb2_grpc.FeatureServiceStub(channel)
         tenant = "t" + uuid.uuid4().hex[:12]

@@ -31,8 +31,8 @@ from core.artifacts import MANIFEST, load_artifact_set, resolve_current, rollbac
 from mesh.client import open_channel
 from mesh.errors import ArtifactError
 from mesh.server import MeshServer
-from mesh.testing import serving, tenant_metadata
-from services.feature.server import build_server as build_feature
+from mesh.testing import built_server, serving, tenant_metadata
+from services.feature.server import build_service as build_feature
 from services.feature.settings import FeatureSettings
 from services.ranking.models import RankingModels
 from services.ranking.server import build_service as build_ranking
@@ -40,7 +40,7 @@ from services.ranking.settings import RankingSettings
 from services.retrieval.index import RetrievalModels
 from services.retrieval.server import build_service as build_retrieval
 from services.retrieval.settings import RetrievalSettings
-from services.runtime.artifact_watch import ArtifactWatcher, ArtifactWatchSettings
+from services.runtime.artifact_watch import ArtifactWatcher
 
 POLL_S = 0.05
 USERS = 500
@@ -91,8 +91,8 @@ def root(versions: Versions, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 async def feature(redis_url: str, artifacts_root: Path) -> AsyncIterator[str]:
-    server = await build_feature(
-        FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root)
+    server = await built_server(
+        build_feature, FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root)
     )
     async with serving(server):
         yield f"127.0.0.1:{server.port}"
@@ -122,7 +122,6 @@ class Stack:
 
 @pytest.fixture
 async def stack(root: Path, feature: str) -> AsyncIterator[Stack]:
-    watch = ArtifactWatchSettings(poll_s=POLL_S)
     # Every server and client shares this process's one event loop: the 10 ms feature
     # budgets of production would degrade requests for reasons that have nothing to do
     # with the swap (the loop-stall test below measures the swap itself).
@@ -132,9 +131,14 @@ async def stack(root: Path, feature: str) -> AsyncIterator[Stack]:
         "artifacts": root,
         "feature_addr": feature,
         "feature_budget_s": 1.0,
+        "artifact_poll_s": POLL_S,
     }
-    retrieval, retrieval_watch = await build_retrieval(RetrievalSettings(**common), watch)
-    ranking, ranking_watch = await build_ranking(RankingSettings(**common), watch)
+    retrieval_settings, ranking_settings = RetrievalSettings(**common), RankingSettings(**common)
+    built_retrieval = await build_retrieval(retrieval_settings)
+    built_ranking = await build_ranking(ranking_settings)
+    retrieval_watch, ranking_watch = built_retrieval.watcher, built_ranking.watcher
+    retrieval = MeshServer(retrieval_settings, built_retrieval)
+    ranking = MeshServer(ranking_settings, built_ranking)
     # Refused sets are retried quickly here, so a test can repair one and see it taken.
     for watcher in (retrieval_watch, ranking_watch):
         watcher.retry_refused_s = 0.5

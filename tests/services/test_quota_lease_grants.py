@@ -11,9 +11,9 @@ import redis.asyncio as aioredis
 from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
 from mesh import redis as mesh_redis
-from mesh.testing import channel_to, serving
+from mesh.testing import built_server, channel_to, serving
 from services.quota.limiter import RedisRateLimiter
-from services.quota.server import build_server as build_quota
+from services.quota.server import build_service as build_quota
 from services.quota.servicer import MAX_COST
 from services.quota.settings import QuotaSettings
 from tests.inprocess import reset_quota, write_tenants
@@ -34,7 +34,9 @@ async def quota(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[quota_pb2_grpc.QuotaServiceAsyncStub]:
     tenants = write_tenants(tmp_path_factory.mktemp("quota-leases") / "tenants.json")
-    server = await build_quota(QuotaSettings(port=0, redis_url=redis_url, tenants=tenants))
+    server = await built_server(
+        build_quota, QuotaSettings(port=0, redis_url=redis_url, tenants=tenants)
+    )
     async with serving(server), channel_to(server) as channel:
         yield quota_pb2_grpc.QuotaServiceStub(channel)
 

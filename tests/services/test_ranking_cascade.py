@@ -26,11 +26,11 @@ from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from mesh.context import REQUEST_ID_KEY
 from mesh.server import MeshServer
-from mesh.testing import channel_to, serving, tenant_metadata
-from services.feature.server import build_server as build_feature
+from mesh.testing import built_server, channel_to, serving, tenant_metadata
+from services.feature.server import build_service as build_feature
 from services.feature.settings import FeatureSettings
 from services.ranking.rerank import category_spread
-from services.ranking.server import build_server as build_ranking
+from services.ranking.server import build_service as build_ranking
 from services.ranking.servicer import RankingServicer
 from services.ranking.settings import RankingSettings
 from tests.conftest import free_port
@@ -64,8 +64,9 @@ def slow_down(servicer: RankingServicer, per_row_s: float) -> None:
 
 @pytest.fixture(scope="module")
 async def feature(redis_url: str, artifacts_root: Path) -> AsyncIterator[MeshServer]:
-    server = await build_feature(
-        FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root, drain_delay_s=0)
+    server = await built_server(
+        build_feature,
+        FeatureSettings(port=0, redis_url=redis_url, artifacts=artifacts_root, drain_delay_s=0),
     )
     async with serving(server):
         yield server
@@ -106,13 +107,14 @@ async def ranking(
     service shares the event loop, and a cold read of 600 items takes about as long as its
     10 ms budget (longer on a busy machine).
     """
-    server = await build_ranking(
+    server = await built_server(
+        build_ranking,
         RankingSettings(
             port=0, artifacts=artifacts_root, feature_addr=feature_addr, drain_delay_s=0, **settings
-        )
+        ),
     )
     async with serving(server), channel_to(server) as channel:
-        servicer = server.registrations[0].servicer
+        servicer = server.service.servicer("RankingService")
         assert isinstance(servicer, RankingServicer)
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
         if warm is not None:

@@ -30,7 +30,7 @@ async def mesh(
 ) -> AsyncIterator[Mesh]:
     tenants = write_tenants(tmp_path_factory.mktemp("ranking-gw") / "tenants.json")
     async with inprocess_mesh(redis_url, artifacts_root, tenants) as running:
-        servicer = running.servers["ranking"].registrations[0].servicer
+        servicer = running.servers["ranking"].service.servicer("RankingService")
         assert isinstance(servicer, RankingServicer)
         default = servicer.policies.default
         # The demo tenant explores 30 % of its slots (3 of 10).
