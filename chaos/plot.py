@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from chaos.report import REQUEST_PATH, ScenarioReport
+from chaos.bars import ScenarioReport
+from chaos.figures import REQUEST_PATH
 from chaos.timeline import Second
 
 

@@ -3,9 +3,9 @@
 The run starts its own mesh (``ops.supervisor``: a temporary var directory, free ports,
 its own Redis and tenant registry), starts locust (:mod:`chaos.load`) at a fixed rate,
 lets it warm up, and then, per scenario: ``pre_s`` seconds of baseline, the fault, the
-fault held, the repair, a wait until the scenario has recovered (judged live by
-:func:`chaos.report.recovered_after`, at most ``settle_max_s``), and ``post_s`` more
-seconds. Afterwards it waits for the outbox to
+fault held, the repair (:class:`chaos.control.Control`), a wait until the scenario has
+recovered (judged live by :func:`chaos.figures.recovered_after`, at most ``settle_max_s``),
+and ``post_s`` more seconds. Afterwards it waits for the outbox to
 drain, reads the event log back, stops the mesh, and writes ``docs/chaos.md``,
 ``docs/chaos/report.json`` and one PNG per scenario. The exit status is 1 when a bar was
 missed. Raw observations stay in the run directory (``--keep``), and
@@ -24,23 +24,23 @@ import platform
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from chaos.bars import build
+from chaos.control import TENANT, Control, canary, load_generator
+from chaos.figures import STALL_MS, Marks, recovered_after
+from chaos.render import findings, to_json, to_markdown
 from chaos.scenarios import Scenario, default_scenarios, select
 from chaos.timeline import HealthSample, Request, Sample, other_cpu
 from loadtest.harness import mesh_layout, write_tenants
 from loadtest.traffic import PER_USER_RATE
-
-PROJECT = Path(__file__).resolve().parent.parent
-TENANT = "demo"
-MODULE_MARKERS = {"redis": "valkey-server", "gateway": "-m gateway"}
+from mesh.paths import ARTIFACTS_DIR, PROJECT_ROOT
+from training.find import find_or_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,150 +56,11 @@ class Options:
     settle_max_s: float = 30.0
     warmup_s: float = 10.0
     only: tuple[str, ...] = ()
-    doc: Path = PROJECT / "docs" / "chaos.md"
-    out_dir: Path = PROJECT / "docs" / "chaos"
+    doc: Path = PROJECT_ROOT / "docs" / "chaos.md"
+    out_dir: Path = PROJECT_ROOT / "docs" / "chaos"
     artifacts: Path | None = None
     keep: bool = False
     seed: int = 0
-
-
-def ensure_artifacts(explicit: Path | None, base: Path) -> tuple[Path, int]:
-    """An artifact root with ``current`` and its number of users.
-
-    The repository's ``artifacts/`` is reused when it holds a valid set; otherwise a small
-    one is trained under ``base`` (a few minutes).
-    """
-    from core.artifacts import load_artifact_set, resolve_current
-    from mesh.errors import ArtifactError
-    from mesh.paths import ARTIFACTS_DIR
-
-    root = explicit or ARTIFACTS_DIR
-    try:
-        current = load_artifact_set(resolve_current(root), verify=False)
-    except (ArtifactError, OSError):
-        from training.pipeline import TrainConfig, train
-
-        print(f"no usable artifact set under {root}; training a small one")
-        root = base / "artifacts"
-        train(
-            root,
-            TrainConfig(n_users=2000, n_items=10000, epochs=2, evaluate=False, progress=False),
-        )
-        current = load_artifact_set(resolve_current(root), verify=False)
-    return root, int(current.config["n_users"])
-
-
-class Control:
-    """Signals, restarts and fault flags for the processes of one mesh."""
-
-    def __init__(self, layout: Any) -> None:
-        self.layout = layout
-        self.stopped: set[str] = set()
-
-    def pid(self, name: str) -> int | None:
-        """The live pid of ``name`` (None when it exited or is a zombie)."""
-        try:
-            pid = int((self.layout.run_dir / f"{name}.pid").read_text())
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            return None
-        marker = MODULE_MARKERS.get(name, f"-m services.{name}")
-        state = stat.rsplit(")", 1)[1].split()[0]
-        return pid if marker in cmdline and state not in ("Z", "X") else None
-
-    def signal(self, name: str, signum: signal.Signals) -> None:
-        pid = self.pid(name)
-        if pid is None:
-            raise RuntimeError(f"{name} is not running")
-        os.kill(pid, signum)
-        if signum == signal.SIGSTOP:
-            self.stopped.add(name)
-        elif signum == signal.SIGCONT:
-            self.stopped.discard(name)
-
-    def wait_exit(self, name: str, timeout_s: float) -> float:
-        """Wait until ``name`` exited; returns when it did (wall clock)."""
-        deadline = time.monotonic() + timeout_s
-        while self.pid(name) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} still running {timeout_s:g} s after the signal")
-            time.sleep(0.02)
-        return time.time()
-
-    def set_flags(self, flags: Mapping[str, Any]) -> None:
-        """Replace the fault flags file atomically (every server re-reads it)."""
-        path: Path = self.layout.faults_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(".tmp")
-        scratch.write_text(json.dumps(flags))
-        scratch.replace(path)
-
-    def resume_all(self) -> None:
-        """SIGCONT whatever this run stopped (clean-up)."""
-        for name in list(self.stopped):
-            with contextlib.suppress(RuntimeError, OSError):
-                self.signal(name, signal.SIGCONT)
-
-
-@contextlib.contextmanager
-def load_generator(
-    url: str, api_key: str, opts: Options, n_users: int, base: Path
-) -> Iterator[int]:
-    """Run :mod:`chaos.load` in its own process (writing ``base/requests.jsonl``); yields
-    its pid."""
-    out, stop = base / "requests.jsonl", base / "load.stop"
-    command = [
-        sys.executable,
-        "-m",
-        "chaos.load",
-        f"--url={url}",
-        f"--api-key={api_key}",
-        f"--tenant={TENANT}",
-        f"--rate={opts.rate}",
-        f"--click-share={opts.click_share}",
-        f"--n-users={n_users}",
-        f"--stop-file={stop}",
-        f"--out={out}",
-        f"--seed={opts.seed}",
-        "--duration=3600",
-    ]
-    with open(base / "load.log", "ab") as log:
-        process = subprocess.Popen(
-            command, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-    try:
-        yield process.pid
-    finally:
-        _stop_by_file(process, stop, timeout_s=20)
-
-
-@contextlib.contextmanager
-def canary(base: Path) -> Iterator[int]:
-    """Run :mod:`chaos.canary` (writing ``base/canary.jsonl``); yields its pid."""
-    stop = base / "canary.stop"
-    command = [
-        sys.executable,
-        "-m",
-        "chaos.canary",
-        f"--out={base / 'canary.jsonl'}",
-        f"--stop-file={stop}",
-    ]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-    try:
-        yield process.pid
-    finally:
-        _stop_by_file(process, stop, timeout_s=10)
-
-
-def _stop_by_file(process: subprocess.Popen[bytes], stop: Path, timeout_s: float) -> None:
-    """Ask ``process`` to finish by creating its ``stop`` file; SIGKILL it after ``timeout_s``."""
-    stop.touch()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _sleep_until(wall: float) -> None:
@@ -232,16 +93,12 @@ def perform(
     tail: Tail,
     deadline_ms: float,
     opts: Options,
-) -> Any:
-    """Run one scenario; returns its :class:`~chaos.report.Marks`.
+) -> Marks:
+    """Run one scenario; returns when each of its phases began.
 
     After the repair the scenario goes on until it has recovered (as the report judges
     it, on what was seen so far) or ``settle_max_s`` passed, then ``post_s`` more.
     """
-    from chaos.report import Marks, recovered_after
-    from ops import supervisor
-
-    layout = control.layout
     start = time.time()
     time.sleep(opts.pre_s)
     fault = time.time()
@@ -260,7 +117,7 @@ def perform(
     _sleep_until(fault + scenario.fault_s)
     recover = time.time()
     if scenario.action in ("kill", "redis", "term"):
-        supervisor.restart(layout, scenario.target)
+        control.restart(scenario.target)
     elif scenario.action == "stop":
         control.signal(scenario.target, signal.SIGCONT)
     else:
@@ -308,13 +165,23 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
 
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t_begin = time.monotonic()
-    artifacts, n_users = ensure_artifacts(opts.artifacts, base)
+    # The repository's set when it is usable, else a small one trained for this run.
+    artifact_set = find_or_train(
+        opts.artifacts or ARTIFACTS_DIR,
+        base / "artifacts",
+        n_users=2000,
+        n_items=10000,
+        epochs=2,
+        evaluate=False,
+        progress=False,
+    )
+    artifacts, n_users = artifact_set.path.parent, int(artifact_set.config["n_users"])
     api_key = "chaos-" + secrets.token_hex(12)
     tenants = write_tenants(base / "tenants.json", {TENANT: api_key}, rate=1000, burst=2000)
     layout = mesh_layout(base, artifacts, tenants)
     control = Control(layout)
     observer = Observer(layout)
-    marks: dict[str, Any] = {}
+    marks: dict[str, Marks] = {}
     print(f"chaos run in {base}; starting the mesh ...", flush=True)
     try:
         t_up = time.monotonic()
@@ -327,7 +194,15 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         tail = Tail(base / "requests.jsonl")
         with (
             canary(base) as canary_pid,
-            load_generator(url, api_key, opts, n_users, base) as load_pid,
+            load_generator(
+                url,
+                api_key,
+                base,
+                rate=opts.rate,
+                click_share=opts.click_share,
+                n_users=n_users,
+                seed=opts.seed,
+            ) as load_pid,
         ):
             observer.extra_pids += [canary_pid, load_pid]
             time.sleep(opts.warmup_s)
@@ -370,7 +245,7 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
 
 def _display(path: Path) -> str:
     try:
-        return str(path.resolve().relative_to(PROJECT))
+        return str(path.resolve().relative_to(PROJECT_ROOT))
     except ValueError:
         return "trained for this run"
 
@@ -378,7 +253,6 @@ def _display(path: Path) -> str:
 def analyse(base: Path, opts: Options) -> bool:
     """Build the reports from the observations saved in ``base``; True when all bars hold."""
     from chaos.plot import timeline_png
-    from chaos.report import STALL_MS, Marks, build, findings, to_json, to_markdown
 
     run = json.loads((base / "run.json").read_text())
     deadline_ms = float(run["deadline_ms"])

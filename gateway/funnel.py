@@ -20,10 +20,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
+from prometheus_client import Counter
 from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2
@@ -37,13 +38,6 @@ from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
 from gateway.impressions import ImpressionShipper
-from gateway.metrics import (
-    ASSIGNMENT_CACHE,
-    DEGRADED,
-    QUOTA_DECISIONS,
-    QUOTA_SOURCES,
-    STAGE_SECONDS,
-)
 from gateway.outbox import Outbox
 from gateway.quota import Admission, QuotaLeases
 from gateway.settings import GatewaySettings
@@ -51,23 +45,35 @@ from mesh import tracing
 from mesh.client import CALL_FAILURES, describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
 from mesh.errors import InvalidArgument, ResourceExhausted, Unavailable
+from mesh.stages import timed
 
 log = logging.getLogger(__name__)
 
 DownstreamFailure = CALL_FAILURES
 """Failures of a downstream call that the funnel answers with a fallback."""
 
-T = TypeVar("T")
-
-
-async def _staged(stage: str, budget_s: float, work: Awaitable[T]) -> T:
-    """Await ``work`` inside a ``stage.<stage>`` span, timed into the stage histogram."""
-    started = time.perf_counter()
-    with tracing.stage_span(stage, budget_ms=round(budget_s * 1000, 3)):
-        try:
-            return await work
-        finally:
-            STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
+DEGRADED = Counter(
+    "recmesh_gateway_degraded_total",
+    "Requests answered with a stage fallen back, by stage and tenant",
+    ["stage", "tenant"],
+)
+QUOTA_DECISIONS = Counter(
+    "recmesh_gateway_quota_decisions_total",
+    "Quota answers per tenant: allowed, denied, or unavailable (quota service down)",
+    ["tenant", "decision"],
+)
+QUOTA_SOURCES = Counter(
+    "recmesh_gateway_quota_sources_total",
+    "Quota decisions per tenant by where they came from: a quota call, a leased token, "
+    "or a remembered denial (gateway/quota.py)",
+    ["tenant", "source"],
+)
+ASSIGNMENT_CACHE = Counter(
+    "recmesh_gateway_assignment_cache_total",
+    "Experiment assignments looked up in the gateway's cache: hit, or miss (the experiment "
+    "service was asked; gateway/assignments.py)",
+    ["result"],
+)
 
 
 @dataclass
@@ -239,8 +245,9 @@ class Funnel:
 
         started = time.perf_counter()
         quota, experiments = await asyncio.gather(
-            _staged("quota", settings.quota_budget_s, self._quota(degraded)),
-            _staged(
+            timed("gateway", "quota", settings.quota_budget_s, self._quota(degraded)),
+            timed(
+                "gateway",
                 "experiment",
                 settings.experiment_budget_s,
                 self._experiments(tenant, user_id, degraded),
@@ -261,7 +268,8 @@ class Funnel:
         knobs = _Params.from_variants(params)
 
         started = time.perf_counter()
-        retrieved = await _staged(
+        retrieved = await timed(
+            "gateway",
             "retrieval",
             settings.retrieval_budget_s,
             self._retrieve(tenant, user_id, knobs, degraded),
@@ -269,8 +277,11 @@ class Funnel:
         stage_ms["retrieval"] = (time.perf_counter() - started) * 1000
 
         started = time.perf_counter()
-        ranked = await _staged(
-            "ranking", settings.ranking_budget_s, self._rank(user_id, n, retrieved, knobs, degraded)
+        ranked = await timed(
+            "gateway",
+            "ranking",
+            settings.ranking_budget_s,
+            self._rank(user_id, n, retrieved, knobs, degraded),
         )
         stage_ms["ranking"] = (time.perf_counter() - started) * 1000
         candidates = ranked.ranked if ranked is not None else _head(retrieved.candidates, n)

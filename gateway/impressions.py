@@ -32,15 +32,22 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
 from recmesh.events.v1 import events_pb2
 
 from core.events import MAX_BATCH
-from gateway.metrics import IMPRESSIONS
 from gateway.outbox import Outbox, Send, send_linked
 from mesh import tracing
 from mesh.client import describe_failure
 
 log = logging.getLogger(__name__)
+
+IMPRESSIONS = Counter(
+    "recmesh_gateway_impressions_total",
+    "Impressions of answers by route: sent straight to the event logger, stored in the outbox "
+    "(delivery failed or the outbox held rows), or lost (the outbox could not store them)",
+    ["route"],
+)
 
 
 @dataclass

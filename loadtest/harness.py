@@ -26,8 +26,9 @@ from pathlib import Path
 
 from mesh.paths import PROJECT_ROOT
 from mesh.ports import DEFAULT_PORTS, SERVICES
-from ops import supervisor
+from ops import processes, supervisor
 from ops.otlp_sink import OtlpSink
+from training.find import find_or_train
 
 QUIET_ENV = {"RECMESH_LOG_LEVEL": "WARNING", "RECMESH_ARTIFACT_POLL_S": "0"}
 """Environment of benchmark targets: warnings only in the logs, no artifact polling."""
@@ -79,18 +80,19 @@ def write_tenants(
 
 
 def prepare_artifacts(explicit: Path | None, base: Path, items: int, users: int) -> Path:
-    """``explicit`` or a small set trained (seeded, one epoch, no evaluation) under ``base``."""
-    if explicit is not None:
-        return explicit
-    from training.pipeline import TrainConfig, train
-
-    root = base / "artifacts"
-    print(f"training an artifact set ({users} users, {items} items) ...", flush=True)
-    train(
-        root,
-        TrainConfig(n_users=users, n_items=items, epochs=1, evaluate=False, progress=False),
+    """The artifact root ``explicit`` when it holds a usable set, else that of a small set
+    (``users`` users, ``items`` items; seeded, one epoch, no evaluation) trained under
+    ``base / "artifacts"`` (see :func:`training.find.find_or_train`)."""
+    found = find_or_train(
+        explicit,
+        base / "artifacts",
+        n_users=users,
+        n_items=items,
+        epochs=1,
+        evaluate=False,
+        progress=False,
     )
-    return root
+    return found.path.parent
 
 
 def mesh_layout(
@@ -123,7 +125,10 @@ class Target:
 
 
 def _pid(layout: supervisor.Layout, name: str) -> int:
-    return int((layout.run_dir / f"{name}.pid").read_text())
+    pid = processes.running_pid(layout.run_dir, name)
+    if pid is None:
+        raise RuntimeError(f"{name} is not running")
+    return pid
 
 
 @contextmanager
@@ -153,11 +158,10 @@ def running_monolith(layout: supervisor.Layout, timeout_s: float = 1800.0) -> It
     from ops.redis_server import start_embedded_redis
 
     layout.log_dir.mkdir(parents=True, exist_ok=True)
-    layout.run_dir.mkdir(parents=True, exist_ok=True)
     redis = start_embedded_redis(
         layout.var_dir / "redis", layout.redis_port, layout.log_dir / "redis.log"
     )
-    (layout.run_dir / "redis.pid").write_text(str(redis.pid))
+    processes.record(layout.run_dir, processes.REDIS, redis.pid)
     log_path = layout.log_dir / "monolith.log"
     process: subprocess.Popen[bytes] | None = None
     try:

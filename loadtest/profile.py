@@ -18,27 +18,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest.harness import (
-    QUIET_ENV,
-    add_tracing_option,
-    mesh_layout,
-    prepare_artifacts,
-    trace_receiver,
-    write_tenants,
-)
-from loadtest.steps import STARTERS, Traffic, run_step, tenant_keys, warm_up
-from loadtest.traffic import CLICK_SHARE, ZIPF_EXPONENT, write_tenant_keys
+from loadtest.harness import add_tracing_option, prepare_artifacts, trace_receiver
+from loadtest.reporting import command_line, table
+from loadtest.runs import add_run_options, run_directory
+from loadtest.step_report import StepResult
+from loadtest.steps import STARTERS, run_step, set_up, tenant_keys, warm_up
 from mesh.paths import PROJECT_ROOT
 
 IDLE_FRAMES = ("select (selectors.py", "_worker (concurrent/futures", "wait (threading.py")
@@ -123,14 +116,23 @@ def report(
     command: str,
     target: str,
     rate: float,
-    step: object,
+    step: StepResult,
     profiles: Mapping[str, Path],
     top: int,
 ) -> str:
-    """The Markdown report of one profiled step."""
-    from loadtest.step_report import StepResult
-
-    assert isinstance(step, StepResult)
+    """The Markdown report of one profiled step: its figures, each process's CPU per
+    recommendation, and the ``top`` frames of each process's profile in ``profiles``
+    (py-spy raw files; missing ones are left out)."""
+    qps = max(step.achieved_qps, 1e-9)
+    cpu_rows = [
+        (name, f"{cpu:.2f}", f"{1000 * cpu / qps:.2f}")
+        for name, cpu in sorted(step.cpu.items(), key=lambda kv: -kv[1])
+    ]
+    cpu_rows.append(("**total**", f"{step.target_cpu:.2f}", f"{1000 * step.target_cpu / qps:.2f}"))
+    if step.load_cpu is not None:
+        cpu_rows.append(
+            ("load generator", f"{step.load_cpu:.2f}", f"{1000 * step.load_cpu / qps:.2f}")
+        )
     lines = [
         f"# Profile of the {target} at {rate:g} recommendations/s",
         "",
@@ -142,24 +144,20 @@ def report(
         f"p99 {step.p99_ms or 0:.1f} ms, errors {step.errors}, "
         f"degraded {100 * step.degraded_share:.1f} %",
         "",
-        "| process | CPU s/s | CPU ms per recommendation |",
-        "|---|---:|---:|",
+        *table(("process", "CPU s/s", "CPU ms per recommendation"), "lrr", cpu_rows),
     ]
-    qps = max(step.achieved_qps, 1e-9)
-    for name, cpu in sorted(step.cpu.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {name} | {cpu:.2f} | {1000 * cpu / qps:.2f} |")
-    lines.append(f"| **total** | {step.target_cpu:.2f} | {1000 * step.target_cpu / qps:.2f} |")
-    if step.load_cpu is not None:
-        lines.append(f"| load generator | {step.load_cpu:.2f} | {1000 * step.load_cpu / qps:.2f} |")
     for name, path in profiles.items():
         if not path.exists():
             continue
         busy, own, inclusive = top_frames(path, top)
-        lines += ["", f"## {name} ({busy} busy samples)", "", "| self | frame |", "|---:|---|"]
-        lines += [f"| {100 * share:.1f} % | `{frame}` |" for frame, share in own]
-        lines += ["", "| incl. | frame |", "|---:|---|"]
-        lines += [f"| {100 * share:.1f} % | `{frame}` |" for frame, share in inclusive]
+        lines += ["", f"## {name} ({busy} busy samples)", ""]
+        lines += table(("self", "frame"), "rl", _frame_rows(own))
+        lines += ["", *table(("incl.", "frame"), "rl", _frame_rows(inclusive))]
     return "\n".join(lines) + "\n"
+
+
+def _frame_rows(shares: Sequence[tuple[str, float]]) -> list[tuple[str, str]]:
+    return [(f"{100 * share:.1f} %", f"`{frame}`") for frame, share in shares]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -168,12 +166,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=50.0, help="offered recommendations/s")
     parser.add_argument("--step-s", type=float, default=20.0, help="profiled seconds")
     parser.add_argument("--warmup-s", type=float, default=10.0)
-    parser.add_argument("--artifacts", type=Path, help="artifact root to serve (default: train)")
-    parser.add_argument("--items", type=int, default=10000)
-    parser.add_argument("--users", type=int, default=2000)
+    add_run_options(parser)
     parser.add_argument("--top", type=int, default=25, help="frames listed per process")
     parser.add_argument("--out", type=Path, help="default: docs/bench/profile-<target>.md")
-    parser.add_argument("--keep", action="store_true", help="keep the run directory")
     add_tracing_option(parser)
     return parser.parse_args(argv)
 
@@ -181,40 +176,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Profile one step and write the report; 0 on success."""
     args = parse_args(argv)
-    words = list(argv) if argv is not None else sys.argv[1:]
-    command = shlex.join(["python", "-m", "loadtest.profile", *words])
+    command = command_line("loadtest.profile", list(argv) if argv is not None else sys.argv[1:])
     out = args.out or PROJECT_ROOT / "docs" / "bench" / f"profile-{args.target}.md"
-    base = Path(tempfile.mkdtemp(prefix="recmesh-profile-"))
-    try:
+    with run_directory("recmesh-profile-", args.keep) as base:
         artifacts = prepare_artifacts(args.artifacts, base, args.items, args.users)
-        keys = tenant_keys()
-        registry = write_tenants(base / "tenants.json", {k.name: k.api_key for k in keys})
-        traffic = Traffic(
-            artifacts=artifacts,
-            tenant_keys=write_tenant_keys(base / "tenant-keys.json", keys),
-            click_share=CLICK_SHARE,
-            zipf=ZIPF_EXPONENT,
-            seed=0,
-        )
-        with (
-            trace_receiver(args.tracing) as (tracing, _),
-            STARTERS[args.target](
-                mesh_layout(base, artifacts, registry, {**QUIET_ENV, **tracing})
-            ) as target,
-        ):
-            warm_up(target, args.rate, args.warmup_s, traffic, base)
-            python = {name: pid for name, pid in target.pids.items() if name != "redis"}
-            # The recording covers the step's window: locust takes a few seconds to open it.
-            with recording(python, base, args.step_s + 8) as profiles:
-                time.sleep(0.5)
-                step = run_step(target, args.rate, args.step_s, traffic, base)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(report(command, args.target, args.rate, step, profiles, args.top))
-    finally:
-        if args.keep:
-            print(f"run directory kept: {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        with trace_receiver(args.tracing) as (tracing, _):
+            traffic, layout = set_up(base, artifacts, tenant_keys(), tracing)
+            with STARTERS[args.target](layout) as target:
+                warm_up(target, args.rate, args.warmup_s, traffic, base)
+                python = {name: pid for name, pid in target.pids.items() if name != "redis"}
+                # The recording covers the step's window: locust takes a few seconds to open it.
+                with recording(python, base, args.step_s + 8) as profiles:
+                    time.sleep(0.5)
+                    step = run_step(target, args.rate, args.step_s, traffic, base)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(report(command, args.target, args.rate, step, profiles, args.top))
     print(f"wrote {out}")
     return 0
 

@@ -1,11 +1,14 @@
 """The step benchmark's figures: one summary per step from the load generator's records and
-the CPU samples, the sustained rate, and the reports (JSON, Markdown, PNG). Pure functions
-but for the writers at the end; :mod:`loadtest.steps` runs the benchmark.
+the CPU samples, the sustained rate, and the reports (JSON, Markdown tables,
+``docs/benchmarks.md``, PNG). Pure functions but for the writers at the end
+(:func:`plot`, :func:`write_reports`); :mod:`loadtest.steps` runs the benchmark.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -13,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loadtest.reporting import ms, percentile, run_section, table
+from loadtest.traffic import PER_USER_RATE
 
 P99_LIMIT_MS = 50.0
 """The latency objective a sustained step meets at the 99th percentile."""
@@ -76,7 +82,8 @@ def _error_name(record: Mapping[str, Any]) -> str:
 
 
 def _percentile(values: np.ndarray[Any, Any], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values.size else None
+    value = percentile(values, q)
+    return None if value is None else round(value, 3)
 
 
 def summarise_step(
@@ -124,8 +131,8 @@ def summarise_step(
 def one_line(step: StepResult) -> str:
     """A step's main figures on one line (progress output)."""
     return (
-        f"{step.offered_qps:g} QPS: achieved {step.achieved_qps:.1f}, p50 {_ms(step.p50_ms)} "
-        f"p99 {_ms(step.p99_ms)} ms, errors {step.errors}, target CPU {step.target_cpu:.2f} s/s"
+        f"{step.offered_qps:g} QPS: achieved {step.achieved_qps:.1f}, p50 {_ms1(step.p50_ms)} "
+        f"p99 {_ms1(step.p99_ms)} ms, errors {step.errors}, target CPU {step.target_cpu:.2f} s/s"
     )
 
 
@@ -218,8 +225,8 @@ def to_json(runs: Mapping[str, TargetRun], run: Mapping[str, Any]) -> dict[str, 
     }
 
 
-def _ms(value: float | None) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value:.1f}"
+def _ms1(value: float | None) -> str:
+    return ms(value, 1)
 
 
 def _qps(value: float | None) -> str:
@@ -240,37 +247,57 @@ def tables(runs: Mapping[str, TargetRun]) -> list[str]:
     """Markdown: per target, a latency table and a CPU table (one row per step)."""
     lines: list[str] = []
     for name, target in runs.items():
-        lines += [
-            f"### {name}",
-            "",
-            "| offered QPS | achieved QPS | p50 ms | p95 ms | p99 ms | max ms | errors "
-            "| degraded | clicks 202 | target CPU s/s | locust CPU s/s | meets |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
-        ]
-        for s in target.steps:
-            errors = f"{s.errors} ({100 * s.error_rate:.1f} %)" if s.errors else "0"
-            load = "—" if s.load_cpu is None else f"{s.load_cpu:.2f}"
-            lines.append(
-                f"| {s.offered_qps:g} | {s.achieved_qps:.1f} | {_ms(s.p50_ms)} | {_ms(s.p95_ms)} "
-                f"| {_ms(s.p99_ms)} | {_ms(s.max_ms)} | {errors} | {100 * s.degraded_share:.1f} % "
-                f"| {s.clicks_accepted}/{s.clicks} | {s.target_cpu:.2f} | {load} "
-                f"| {'yes' if s.meets() else 'no'} |"
+        header = (
+            "offered QPS",
+            "achieved QPS",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+            "errors",
+            "degraded",
+            "clicks 202",
+            "target CPU s/s",
+            "locust CPU s/s",
+            "meets",
+        )
+        rows = [
+            (
+                f"{s.offered_qps:g}",
+                f"{s.achieved_qps:.1f}",
+                _ms1(s.p50_ms),
+                _ms1(s.p95_ms),
+                _ms1(s.p99_ms),
+                _ms1(s.max_ms),
+                f"{s.errors} ({100 * s.error_rate:.1f} %)" if s.errors else "0",
+                f"{100 * s.degraded_share:.1f} %",
+                f"{s.clicks_accepted}/{s.clicks}",
+                f"{s.target_cpu:.2f}",
+                _cpu(s.load_cpu),
+                "yes" if s.meets() else "no",
             )
+            for s in target.steps
+        ]
+        lines += [f"### {name}", "", *table(header, "rrrrrrrrrrrc", rows)]
         names = sorted({n for s in target.steps for n in s.cpu}, key=_process_order)
         if names:
+            cpu_rows = [
+                (f"{s.offered_qps:g}", *(_cpu(s.cpu.get(n)) for n in names), _cpu(s.load_cpu))
+                for s in target.steps
+            ]
             lines += [
                 "",
                 f"CPU seconds per second of each {name} process:",
                 "",
-                "| offered QPS | " + " | ".join(names) + " | locust |",
-                "|---:|" + "---:|" * (len(names) + 1),
+                *table(("offered QPS", *names, "locust"), "r" * (len(names) + 2), cpu_rows),
             ]
-            for s in target.steps:
-                cells = [f"{s.cpu[n]:.2f}" if n in s.cpu else "—" for n in names]
-                load = "—" if s.load_cpu is None else f"{s.load_cpu:.2f}"
-                lines.append(f"| {s.offered_qps:g} | " + " | ".join(cells) + f" | {load} |")
         lines.append("")
     return lines
+
+
+def _cpu(value: float | None) -> str:
+    """A CPU seconds-per-second cell (``—``: the process was not sampled)."""
+    return "—" if value is None else f"{value:.2f}"
 
 
 PROCESS_ORDER = (
@@ -330,3 +357,89 @@ def plot(runs: Mapping[str, TargetRun], path: Path) -> Path:
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def document(
+    runs: Mapping[str, TargetRun], run: Mapping[str, Any], box: Mapping[str, str], image: str
+) -> str:
+    """``docs/benchmarks.md``: the step benchmark's run, machine, headline and tables."""
+    load = run["load_before"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Throughput of the recommendation API in steps of offered load, the mesh (one process",
+        "per service, gRPC between them) against the monolith (the same funnel in one process),",
+        "written by `python -m loadtest.steps` (`make bench`, `recmesh bench`; see its",
+        "docstring). The per-stage latency benchmark is in [bench/stages.md](bench/stages.md)",
+        "(`python -m loadtest.bench`).",
+        "",
+        f"**{headline(runs)}**",
+        "",
+        f"A target sustains a rate when that step's p99 is at most "
+        f"{P99_LIMIT_MS:g} ms, no request failed",
+        f"and at least {100 * MIN_ACHIEVED:g} % of the offered rate was sent; "
+        "the figure is the highest such step.",
+        "",
+        *run_section(
+            str(run["command"]),
+            str(run["started"]),
+            box,
+            f"load average before the run: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+            "(1 / 5 / 15 min); before each target: "
+            + ", ".join(f"{name} {target.load_before[0]:.2f}" for name, target in runs.items()),
+            str(run["artifacts"]),
+        ),
+        f"- steps: {', '.join(f'{r:g}' for r in run['rates'])} recommendations/s, "
+        f"{run['step_s']:g} s each after {run['warmup_s']:g} s of warm-up; start-up "
+        + ", ".join(f"{name} {target.startup_s:.1f} s" for name, target in runs.items()),
+        f"- traffic: {run['traffic']}",
+        f"- tracing: {run['tracing']}",
+        "",
+        "## Results",
+        "",
+        f"![p50 and p99 latency against offered load]({image})",
+        "",
+        *tables(runs),
+        "## Reading the figures",
+        "",
+        "- Latency is measured by the load generator from sending the request to reading the",
+        "  whole answer, for every recommendation sent in the step's window, failed ones",
+        "  included; percentiles are exact over those requests (no histogram buckets).",
+        "- The load is open: users fire on a fixed grid whatever the target does, and one",
+        "  that fell behind catches up at once, so a slow target shows up as latency and",
+        "  errors. The achieved rate falls below the offered one when the load generator",
+        "  itself falls behind (see its CPU), or when answers are so slow that a user's visit",
+        "  (recommendation, think time, click) keeps taking longer than its "
+        f"{1 / PER_USER_RATE:g} s period.",
+        "- `degraded` is the share of answers that named a stage that fell back; such answers",
+        "  count as successes. `clicks 202` is accepted clicks over clicks posted.",
+        "- CPU is user + system seconds per second of wall time over the window (1.00 = one",
+        "  core busy), per process by pid; `locust` is the load generator. Every process,",
+        "  the load generator included, shares the machine above: compare runs made at",
+        "  similar load averages.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(
+    runs: Mapping[str, TargetRun],
+    run: Mapping[str, Any],
+    box: Mapping[str, str],
+    out_dir: Path,
+    doc: Path,
+) -> list[Path]:
+    """Write the run's reports: ``doc`` (:func:`document`) and, in ``out_dir``,
+    ``steps.json`` (:func:`to_json`), ``steps.md`` (headline and :func:`tables`) and
+    ``steps.png`` (:func:`plot`); returns their paths in that order. ``run`` holds the
+    run's circumstances (``command``, ``started``, ``load_before``, ``artifacts``,
+    ``rates``, ``step_s``, ``warmup_s``, ``traffic``, ``tracing``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = out_dir / "steps.json"
+    figures.write_text(json.dumps(to_json(runs, run), indent=1) + "\n")
+    markdown = out_dir / "steps.md"
+    heading = [f"# Step benchmark: `{run['command']}`", "", headline(runs), ""]
+    markdown.write_text("\n".join(heading + tables(runs)))
+    png = plot(runs, out_dir / "steps.png")
+    doc.write_text(document(runs, run, box, os.path.relpath(png, doc.parent)))
+    return [doc, figures, markdown, png]

@@ -22,7 +22,8 @@ window).
 
 A target sustains a rate when its step has p99 ≤ 50 ms, no error, and sent at least 95 %
 of the offered rate; the run reports the highest such rate per target and their ratio.
-Outputs: ``docs/bench/steps.json``, ``docs/bench/steps.md`` (the tables),
+This module runs the steps; :mod:`loadtest.step_report` computes their figures and
+writes the outputs: ``docs/bench/steps.json``, ``docs/bench/steps.md`` (the tables),
 ``docs/bench/steps.png`` (latency against offered load) and ``docs/benchmarks.md``.
 """
 
@@ -33,11 +34,8 @@ import json
 import math
 import os
 import secrets
-import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,6 +61,8 @@ from loadtest.harness import (
     trace_receiver,
     write_tenants,
 )
+from loadtest.reporting import command_line
+from loadtest.runs import add_run_options, describe_artifacts, run_directory
 from loadtest.step_report import StepResult, TargetRun
 from loadtest.traffic import (
     CLICK_SHARE,
@@ -253,6 +253,31 @@ def warm_up(target: Target, rate: float, seconds: float, traffic: Traffic, direc
         process.wait()
 
 
+def set_up(
+    directory: Path,
+    artifacts: Path,
+    keys: Sequence[TenantKey],
+    extra_env: Mapping[str, str],
+    *,
+    click_share: float = CLICK_SHARE,
+    zipf: float = ZIPF_EXPONENT,
+    seed: int = 0,
+) -> tuple[Traffic, supervisor.Layout]:
+    """The traffic of a target's steps and the layout it runs in, both under ``directory``:
+    a tenant registry of ``keys`` for the target, their key file for the load, and a
+    layout serving ``artifacts`` with :data:`~loadtest.harness.QUIET_ENV` and
+    ``extra_env`` (e.g. tracing) in its environment."""
+    registry = write_tenants(directory / "tenants.json", {k.name: k.api_key for k in keys})
+    traffic = Traffic(
+        artifacts=artifacts,
+        tenant_keys=write_tenant_keys(directory / "tenant-keys.json", keys),
+        click_share=click_share,
+        zipf=zipf,
+        seed=seed,
+    )
+    return traffic, mesh_layout(directory, artifacts, registry, {**QUIET_ENV, **extra_env})
+
+
 def run_target(
     name: str,
     artifacts: Path,
@@ -261,19 +286,19 @@ def run_target(
     args: argparse.Namespace,
     tracing_env: Mapping[str, str],
 ) -> TargetRun:
-    """Start ``name`` (``tracing_env`` added to its environment), warm it up, run every
-    step, stop it."""
+    """Start ``name`` in ``base / name`` (``tracing_env`` added to its environment), warm
+    it up, run every step of ``args.rates``, stop it."""
     directory = base / name
     directory.mkdir(parents=True)
-    registry = write_tenants(directory / "tenants.json", {k.name: k.api_key for k in keys})
-    traffic = Traffic(
-        artifacts=artifacts,
-        tenant_keys=write_tenant_keys(directory / "tenant-keys.json", keys),
+    traffic, layout = set_up(
+        directory,
+        artifacts,
+        keys,
+        tracing_env,
         click_share=args.click_share,
         zipf=args.zipf,
         seed=args.seed,
     )
-    layout = mesh_layout(directory, artifacts, registry, {**QUIET_ENV, **tracing_env})
     load_before = os.getloadavg()
     print(f"[{name}] starting (load average {load_before[0]:.2f}) ...", flush=True)
     started = time.monotonic()
@@ -298,73 +323,6 @@ def tenant_keys() -> list[TenantKey]:
     ]
 
 
-def document(
-    runs: Mapping[str, TargetRun], run: Mapping[str, Any], box: Mapping[str, str], image: str
-) -> str:
-    """``docs/benchmarks.md``: the step benchmark's run, machine, headline and tables."""
-    load = run["load_before"]
-    lines = [
-        "# Benchmarks",
-        "",
-        "Throughput of the recommendation API in steps of offered load, the mesh (one process",
-        "per service, gRPC between them) against the monolith (the same funnel in one process),",
-        "written by `python -m loadtest.steps` (`make bench`, `recmesh bench`; see its",
-        "docstring). The per-stage latency benchmark is in [bench/stages.md](bench/stages.md)",
-        "(`python -m loadtest.bench`).",
-        "",
-        f"**{step_report.headline(runs)}**",
-        "",
-        f"A target sustains a rate when that step's p99 is at most "
-        f"{step_report.P99_LIMIT_MS:g} ms, no request failed",
-        f"and at least {100 * step_report.MIN_ACHIEVED:g} % of the offered rate was sent; "
-        "the figure is the highest such step.",
-        "",
-        "## Run",
-        "",
-        "```",
-        str(run["command"]),
-        "```",
-        "",
-        f"- date: {run['started']}",
-        f"- machine: {box['cpu']}, {box['memory']} RAM, {box['os']}",
-        f"- load average before the run: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
-        "(1 / 5 / 15 min); before each target: "
-        + ", ".join(f"{name} {target.load_before[0]:.2f}" for name, target in runs.items()),
-        f"- software: Python {box['python']}, {box['libraries']}; commit {box['commit']}",
-        f"- artifact set: {run['artifacts']}",
-        f"- steps: {', '.join(f'{r:g}' for r in run['rates'])} recommendations/s, "
-        f"{run['step_s']:g} s each after {run['warmup_s']:g} s of warm-up; start-up "
-        + ", ".join(f"{name} {target.startup_s:.1f} s" for name, target in runs.items()),
-        f"- traffic: {run['traffic']}",
-        f"- tracing: {run['tracing']}",
-        "",
-        "## Results",
-        "",
-        f"![p50 and p99 latency against offered load]({image})",
-        "",
-        *step_report.tables(runs),
-        "## Reading the figures",
-        "",
-        "- Latency is measured by the load generator from sending the request to reading the",
-        "  whole answer, for every recommendation sent in the step's window, failed ones",
-        "  included; percentiles are exact over those requests (no histogram buckets).",
-        "- The load is open: users fire on a fixed grid whatever the target does, and one",
-        "  that fell behind catches up at once, so a slow target shows up as latency and",
-        "  errors. The achieved rate falls below the offered one when the load generator",
-        "  itself falls behind (see its CPU), or when answers are so slow that a user's visit",
-        "  (recommendation, think time, click) keeps taking longer than its "
-        f"{1 / PER_USER_RATE:g} s period.",
-        "- `degraded` is the share of answers that named a stage that fell back; such answers",
-        "  count as successes. `clicks 202` is accepted clicks over clicks posted.",
-        "- CPU is user + system seconds per second of wall time over the window (1.00 = one",
-        "  core busy), per process by pid; `locust` is the load generator. Every process,",
-        "  the load generator included, shares the machine above: compare runs made at",
-        "  similar load averages.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.steps", description=__doc__)
     parser.add_argument("--target", choices=["mesh", "monolith", "both"], default="both")
@@ -373,9 +331,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--step-s", type=float, default=30.0, help="measured seconds per step")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="unrecorded warm-up")
-    parser.add_argument("--artifacts", type=Path, help="artifact root to serve (default: train)")
-    parser.add_argument("--items", type=int, default=10000, help="items of a trained set")
-    parser.add_argument("--users", type=int, default=2000, help="users of a trained set")
+    add_run_options(parser)
     parser.add_argument("--click-share", type=float, default=CLICK_SHARE, help="answers clicked")
     parser.add_argument(
         "--zipf", type=float, default=ZIPF_EXPONENT, help="Zipf exponent of users (0: uniform)"
@@ -383,7 +339,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the traffic")
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "docs" / "bench")
     parser.add_argument("--doc", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--keep", action="store_true", help="keep the run directory")
     add_tracing_option(parser)
     args = parser.parse_args(argv)
     try:
@@ -397,39 +352,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the steps and write the reports; 0 when every target ran."""
-    from core.artifacts import load_artifact_set, resolve_current
-
     args = parse_args(argv)
-    words = argv if argv is not None else sys.argv[1:]
-    command = shlex.join(["python", "-m", "loadtest.steps", *words])
+    command = command_line("loadtest.steps", argv if argv is not None else sys.argv[1:])
     targets = ["mesh", "monolith"] if args.target == "both" else [args.target]
     started = datetime.now(UTC).isoformat(timespec="seconds")
     load_before = os.getloadavg()
     box = machine()
-    base = Path(tempfile.mkdtemp(prefix="recmesh-steps-"))
-    print(f"step benchmark in {base}", flush=True)
-    try:
+    with run_directory("recmesh-steps-", args.keep) as base:
+        print(f"step benchmark in {base}", flush=True)
         artifacts = prepare_artifacts(args.artifacts, base, args.items, args.users)
-        current = load_artifact_set(resolve_current(artifacts), verify=False)
-        config = current.config
+        described = describe_artifacts(artifacts, args.artifacts)
         keys = tenant_keys()
         with trace_receiver(args.tracing) as (tracing_env, sink):
             runs = {
                 name: run_target(name, artifacts, base, keys, args, tracing_env) for name in targets
             }
-    finally:
-        if args.keep:
-            print(f"run directory kept: {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
-    origin = "trained by the run" if args.artifacts is None else f"from {args.artifacts}"
     run = {
         "command": command,
         "started": started,
         "load_before": [round(value, 2) for value in load_before],
         "machine": box,
-        "artifacts": f"{current.version} ({config['n_users']} users, {config['n_items']} items, "
-        f"{origin})",
+        "artifacts": described,
         "rates": args.rates,
         "step_s": args.step_s,
         "warmup_s": args.warmup_s,
@@ -446,17 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{THINK_S[0]:g}-{THINK_S[1]:g} s, "
         f"{PER_USER_RATE:g} recommendations/s per user at most, 10 items each",
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "steps.json").write_text(
-        json.dumps(step_report.to_json(runs, run), indent=1) + "\n"
-    )
-    tables = [f"# Step benchmark: `{command}`", "", step_report.headline(runs), ""]
-    (args.out_dir / "steps.md").write_text("\n".join(tables + step_report.tables(runs)))
-    png = step_report.plot(runs, args.out_dir / "steps.png")
-    image = os.path.relpath(png, args.doc.parent)
-    args.doc.write_text(document(runs, run, box, image))
+    written = step_report.write_reports(runs, run, box, args.out_dir, args.doc)
     print(step_report.headline(runs))
-    print(f"wrote {args.doc}, {args.out_dir / 'steps.json'}, {args.out_dir / 'steps.md'}, {png}")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Every server reads the same flags file (``RECMESH_FAULTS_FILE``; ``make up`` uses
 ``var/faults.json``) and re-reads it when it changes, so flags are switched at runtime
-by rewriting the file (``recmesh chaos`` and its seeded schedules do exactly that)::
+by rewriting the file with :func:`write_flags` (``recmesh chaos`` does exactly that)::
 
     {"ranking": {"Rank": {"error_rate": 0.5, "code": "UNAVAILABLE"}},
      "retrieval": {"*": {"latency_ms": 200}},
@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,36 @@ class Fault:
         return cls(rate, code, latency, bool(raw.get("hang", False)))
 
 
+def _parse_section(section: object, where: str) -> dict[str, Fault]:
+    """One service's faults (method -> fault) from its object in the flags file.
+
+    Raises:
+        ValueError: not an object, or a fault is invalid (message names ``where``).
+    """
+    if not isinstance(section, dict):
+        raise ValueError(f"{where}: expected an object of methods")
+    return {method: Fault.parse(raw, f"{where}.{method}") for method, raw in section.items()}
+
+
+def write_flags(path: Path, flags: Mapping[str, Mapping[str, object]]) -> None:
+    """Replace the flags file at ``path`` with ``flags`` (service -> method -> fault).
+
+    The flags are checked with the parser every :class:`FaultInjector` uses, so a flag the
+    servers would ignore fails here instead. The file is replaced atomically (a reader sees
+    the old flags or the new ones, never a partial file); ``{}`` clears every fault.
+
+    Raises:
+        ValueError: a flag does not parse (the file is left untouched).
+    """
+    document = json.loads(json.dumps(flags))
+    for service, section in document.items():
+        _parse_section(section, f"{path}: {service}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(document))
+    scratch.replace(path)
+
+
 class FaultInjector:
     """The flags of one service, reloaded from ``path`` when the file changes.
 
@@ -107,10 +139,7 @@ class FaultInjector:
         try:
             document = json.loads(self._path.read_text() or "{}")
             section = document.get(self._service, {}) if isinstance(document, dict) else {}
-            faults = {
-                method: Fault.parse(raw, f"{self._path}: {self._service}.{method}")
-                for method, raw in section.items()
-            }
+            faults = _parse_section(section, f"{self._path}: {self._service}")
         except (OSError, ValueError) as exc:
             log.error("fault flags ignored: %s", exc)
             return

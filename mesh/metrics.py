@@ -49,13 +49,6 @@ RPC_CLIENT_SECONDS = Histogram(
     ["grpc_service", "grpc_method", "grpc_code"],
     buckets=RPC_BUCKETS,
 )
-STAGE_SECONDS = Histogram(
-    "recmesh_stage_seconds",
-    "Time spent in each stage of a service's handler (mesh.stages.StageClock laps)",
-    ["stage"],
-    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25),
-)
-
 _STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 
 

@@ -22,24 +22,19 @@ from typing import Any
 from core.artifacts import list_versions, load_artifact_set, resolve_current, rollback
 from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
+from mesh.settings import load
 from ops import protos, supervisor
+from ops.settings import OpsSettings
+from training.find import find_or_train
+
+Command = Callable[[argparse.Namespace, OpsSettings], int]
 
 
-def _ensure_artifacts(layout: supervisor.Layout) -> None:
-    try:
-        resolve_current(layout.artifacts)
-        return
-    except ArtifactError:
-        print(f"no artifact set under {layout.artifacts}; training one (first run only)")
-    subprocess.run(
-        [sys.executable, "-m", "training", "train", "--root", str(layout.artifacts)], check=True
-    )
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    layout = supervisor.Layout.from_env()
+def cmd_up(args: argparse.Namespace, settings: OpsSettings) -> int:
+    layout = supervisor.Layout.from_settings(settings)
     started = time.monotonic()
-    _ensure_artifacts(layout)
+    # The first run trains the default set (minutes); later runs reuse it.
+    find_or_train(layout.artifacts, layout.artifacts)
     print("starting the mesh ...")
     supervisor.up(layout)
     print(f"mesh is SERVING ({time.monotonic() - started:.1f} s)")
@@ -55,14 +50,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    stopped = supervisor.down(supervisor.Layout.from_env())
+def cmd_down(args: argparse.Namespace, settings: OpsSettings) -> int:
+    stopped = supervisor.down(supervisor.Layout.from_settings(settings))
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    layout = supervisor.Layout.from_env()
+def cmd_status(args: argparse.Namespace, settings: OpsSettings) -> int:
+    layout = supervisor.Layout.from_settings(settings)
     rows = supervisor.status(layout)
     print(f"{'process':<12}{'pid':>8}  {'port':>6}  health")
     for name, pid, health in rows:
@@ -72,20 +67,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if serving else 1
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, settings: OpsSettings) -> int:
     rest = list(args.rest)
     if "--root" not in rest:
-        rest = ["--root", str(supervisor.Layout.from_env().artifacts), *rest]
+        rest = ["--root", str(settings.artifacts), *rest]
     return subprocess.run([sys.executable, "-m", "training", "train", *rest]).returncode
 
 
-def _artifact_root(args: argparse.Namespace) -> Path:
+def _artifact_root(args: argparse.Namespace, settings: OpsSettings) -> Path:
     root: Path | None = args.root
-    return root if root is not None else supervisor.Layout.from_env().artifacts
+    return root if root is not None else settings.artifacts
 
 
-def cmd_versions(args: argparse.Namespace) -> int:
-    root = _artifact_root(args)
+def cmd_versions(args: argparse.Namespace, settings: OpsSettings) -> int:
+    root = _artifact_root(args, settings)
     try:
         live = resolve_current(root).name
     except ArtifactError:
@@ -109,10 +104,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
             f"recall@100 {'-' if recall is None else f'{recall:.3f}'}"
         )
     if args.root is None:
-        layout = supervisor.Layout.from_env()
+        ports = settings.ports()
         print("served now:")
         for name in ("retrieval", "ranking"):
-            print(f"  {name:<10}{_served_version(name, layout.ports[name])}")
+            print(f"  {name:<10}{_served_version(name, ports[name])}")
     return 0
 
 
@@ -144,8 +139,8 @@ def _served_version(service: str, port: int, timeout_s: float = 1.0) -> str:
     return str(reply.model_version)
 
 
-def cmd_rollback(args: argparse.Namespace) -> int:
-    root = _artifact_root(args)
+def cmd_rollback(args: argparse.Namespace, settings: OpsSettings) -> int:
+    root = _artifact_root(args, settings)
     try:
         before = resolve_current(root).name
         after = rollback(root, args.to).name
@@ -160,42 +155,42 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    root = _artifact_root(args)
+def cmd_eval(args: argparse.Namespace, settings: OpsSettings) -> int:
+    root = _artifact_root(args, settings)
     command = [sys.executable, "-m", "training", "eval", "--root", str(root), *args.rest]
     return subprocess.run(command).returncode
 
 
-def cmd_protos(args: argparse.Namespace) -> int:
+def cmd_protos(args: argparse.Namespace, settings: OpsSettings) -> int:
     return protos.main(check=args.check)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, settings: OpsSettings) -> int:
     # The load tests are files of the checkout (locust loads them by path), not an installed
     # package: run them from the project root.
     command = [sys.executable, "-m", "loadtest.steps", *args.rest]
     return subprocess.run(command, cwd=PROJECT_ROOT).returncode
 
 
-def cmd_chaos(args: argparse.Namespace) -> int:
+def cmd_chaos(args: argparse.Namespace, settings: OpsSettings) -> int:
     # A tool above this one (it starts meshes through ops.supervisor): run it as a process.
     command = [sys.executable, "-m", "chaos", *args.rest]
     return subprocess.run(command, cwd=PROJECT_ROOT).returncode
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
+def cmd_trace(args: argparse.Namespace, settings: OpsSettings) -> int:
     from ops import trace
 
     code, lines = trace.show(
-        args.request_id, args.jaeger or trace.jaeger_url(), supervisor.Layout.from_env().log_dir
+        args.request_id,
+        args.jaeger or settings.jaeger_url,
+        supervisor.Layout.from_settings(settings).log_dir,
     )
     print("\n".join(lines))
     return code
 
 
-def _forwarding(
-    commands: Any, name: str, help_text: str, run: Callable[[argparse.Namespace], int]
-) -> argparse.ArgumentParser:
+def _forwarding(commands: Any, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
     """A subcommand that hands every argument after its name, untouched, to the tool it
     runs (which has its own ``--help``)."""
     parser: argparse.ArgumentParser = commands.add_parser(
@@ -249,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--jaeger", help="Jaeger URL (default: RECMESH_JAEGER_URL or :16686)")
     trace.set_defaults(run=cmd_trace)
     args = parser.parse_args(argv)
-    result: int = args.run(args)
-    return result
+    run: Command = args.run
+    return run(args, load(OpsSettings))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """``recmesh up|down|status``: run the whole mesh as local processes.
 
 Every process ``up`` starts (the embedded Redis, six services, the gateway) gets a pid
-file under ``<var>/run`` and a log under ``<var>/log``; ``down`` stops exactly those
-processes (SIGTERM, then SIGKILL after a grace period) and nothing else.
+file under ``<var>/run`` (:mod:`ops.processes` finds and signals them by name) and a log
+under ``<var>/log``; ``down`` stops exactly those processes (SIGTERM, then SIGKILL after a
+grace period) and nothing else.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,11 +23,13 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from mesh.context import TENANT_KEY
 from mesh.paths import ARTIFACTS_DIR, VAR_DIR
 from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GATEWAY_HTTP_PORT, SERVICES
-from mesh.settings import load, tenants_file
+from mesh.settings import load
 from mesh.tenants import load_tenants
+from ops import processes
+from ops.processes import MODULES, REDIS
 from ops.redis_server import start_embedded_redis, wait_for_redis
+from ops.settings import OpsSettings
 
-MODULES: dict[str, str] = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
 REDIS_PORT = 6390
 
 
@@ -50,22 +52,14 @@ class Layout:
     metrics_ports: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls) -> Layout:
-        """The default layout, honouring ``REDIS_URL`` and the ``RECMESH_*_PORT`` variables."""
-        ports = {
-            name: int(os.environ.get(f"RECMESH_{name.upper()}_PORT", port))
-            for name, port in DEFAULT_PORTS.items()
-        }
-        metrics_ports = {
-            name: int(os.environ.get(f"RECMESH_{name.upper()}_METRICS_PORT", port))
-            for name, port in DEFAULT_METRICS_PORTS.items()
-        }
+    def from_settings(cls, settings: OpsSettings) -> Layout:
+        """The default mesh's layout (under ``var/``) on the ports and Redis of ``settings``."""
         return cls(
-            ports=ports,
-            metrics_ports=metrics_ports,
-            http_port=int(os.environ.get("RECMESH_GATEWAY_HTTP_PORT", GATEWAY_HTTP_PORT)),
-            redis_url=os.environ.get("REDIS_URL", ""),
-            artifacts=Path(os.environ.get("RECMESH_ARTIFACTS", ARTIFACTS_DIR)),
+            ports=settings.ports(),
+            metrics_ports=settings.metrics_ports(),
+            http_port=settings.http_port,
+            redis_url=settings.redis_url,
+            artifacts=settings.artifacts,
         )
 
     @property
@@ -104,36 +98,28 @@ class Layout:
         return environment
 
 
-def _pid_file(layout: Layout, name: str) -> Path:
-    return layout.run_dir / f"{name}.pid"
-
-
-def _running_pid(layout: Layout, name: str) -> int | None:
-    """The pid recorded for ``name`` if that process is alive and is still ours."""
-    path = _pid_file(layout, name)
-    try:
-        pid = int(path.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except (OSError, ValueError):
-        return None
-    marker = "valkey-server" if name == "redis" else MODULES[name]
-    return pid if marker in cmdline else None
-
-
-def _spawn(layout: Layout, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+def _spawn(layout: Layout, name: str) -> subprocess.Popen[bytes]:
+    """Start mesh process ``name`` (``python -m <module>``) and record its pid."""
     layout.log_dir.mkdir(parents=True, exist_ok=True)
-    layout.run_dir.mkdir(parents=True, exist_ok=True)
     with open(layout.log_dir / f"{name}.log", "ab") as log:
         process = subprocess.Popen(
-            command,
+            [sys.executable, "-m", MODULES[name]],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=layout.env(),
             start_new_session=True,
         )
-    _pid_file(layout, name).write_text(str(process.pid))
+    processes.record(layout.run_dir, name, process.pid)
     return process
+
+
+def _start_redis(layout: Layout) -> None:
+    """Start the embedded Redis on ``layout.redis_port`` and record its pid."""
+    process = start_embedded_redis(
+        layout.var_dir / "redis", layout.redis_port, layout.log_dir / "redis.log"
+    )
+    processes.record(layout.run_dir, REDIS, process.pid)
 
 
 def health_status(port: int, timeout_s: float = 0.5) -> str:
@@ -189,23 +175,19 @@ def up(layout: Layout, timeout_s: float = 120.0) -> None:
     Raises:
         RuntimeError: a process exited or did not become SERVING in time.
     """
-    if not layout.redis_url and _running_pid(layout, "redis") is None:
-        process = start_embedded_redis(
-            layout.var_dir / "redis", layout.redis_port, layout.log_dir / "redis.log"
-        )
-        layout.run_dir.mkdir(parents=True, exist_ok=True)
-        _pid_file(layout, "redis").write_text(str(process.pid))
+    if not layout.redis_url and processes.running_pid(layout.run_dir, REDIS) is None:
+        _start_redis(layout)
     wait_for_redis(layout.effective_redis_url())
     started = {
-        name: _spawn(layout, name, [sys.executable, "-m", MODULES[name]])
+        name: _spawn(layout, name)
         for name in SERVICES
-        if _running_pid(layout, name) is None
+        if processes.running_pid(layout.run_dir, name) is None
     }
     _wait_serving(layout, list(SERVICES), started, timeout_s)
-    registry_path = layout.tenants or load(_TenantsOnly).tenants
+    registry_path = load(OpsSettings, layout.env()).tenants
     materialize(layout, list(load_tenants(registry_path).tenants))
-    if _running_pid(layout, "gateway") is None:
-        started["gateway"] = _spawn(layout, "gateway", [sys.executable, "-m", "gateway"])
+    if processes.running_pid(layout.run_dir, "gateway") is None:
+        started["gateway"] = _spawn(layout, "gateway")
     _wait_serving(layout, ["gateway"], started, timeout_s)
 
 
@@ -219,47 +201,28 @@ def restart(layout: Layout, name: str, timeout_s: float = 60.0) -> None:
         RuntimeError: ``name`` is still running, exited during start-up or did not
             become SERVING in time.
     """
-    if _running_pid(layout, name) is not None:
+    if processes.running_pid(layout.run_dir, name) is not None:
         raise RuntimeError(f"{name} is still running; not starting a second one")
-    if name == "redis":
-        process = start_embedded_redis(
-            layout.var_dir / "redis", layout.redis_port, layout.log_dir / "redis.log"
-        )
-        _pid_file(layout, "redis").write_text(str(process.pid))
+    if name == REDIS:
+        _start_redis(layout)
         return
-    started = {name: _spawn(layout, name, [sys.executable, "-m", MODULES[name]])}
+    started = {name: _spawn(layout, name)}
     _wait_serving(layout, [name], started, timeout_s)
 
 
 def down(layout: Layout, grace_s: float = 10.0) -> list[str]:
     """Stop every process ``up`` started (gateway first, Redis last); return their names."""
-    stopped = []
-    for name in ["gateway", *reversed(SERVICES), "redis"]:
-        pid = _running_pid(layout, name)
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and _running_pid(layout, name) is not None:
-                time.sleep(0.05)
-            if _running_pid(layout, name) is not None:
-                os.kill(pid, signal.SIGKILL)
-            stopped.append(name)
-        _pid_file(layout, name).unlink(missing_ok=True)
-    return stopped
+    names = ["gateway", *reversed(SERVICES), REDIS]
+    return [name for name in names if processes.stop(layout.run_dir, name, grace_s)]
 
 
 def status(layout: Layout) -> list[tuple[str, str, str]]:
     """``(name, pid or "-", health)`` of every process of the mesh."""
     rows = []
-    redis_pid = _running_pid(layout, "redis")
+    redis_pid = processes.running_pid(layout.run_dir, REDIS)
     redis_state = "external" if layout.redis_url else ("running" if redis_pid else "stopped")
     rows.append(("redis", str(redis_pid or "-"), redis_state))
     for name in [*SERVICES, "gateway"]:
-        pid = _running_pid(layout, name)
+        pid = processes.running_pid(layout.run_dir, name)
         rows.append((name, str(pid or "-"), health_status(layout.ports[name])))
     return rows
-
-
-@dataclass(frozen=True)
-class _TenantsOnly:
-    tenants: Path = tenants_file()

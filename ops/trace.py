@@ -10,20 +10,12 @@ prints the request's log lines from the local mesh instead: they carry the trace
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-DEFAULT_JAEGER = "http://127.0.0.1:16686"
-"""Jaeger's query service (UI and API) in the compose stack; ``RECMESH_JAEGER_URL`` overrides."""
-
-
-def jaeger_url() -> str:
-    return os.environ.get("RECMESH_JAEGER_URL", DEFAULT_JAEGER).rstrip("/")
 
 
 def find_traces(
@@ -104,7 +96,10 @@ def log_lines(log_dir: Path, request_id: str) -> list[str]:
 
 
 def show(request_id: str, base_url: str, log_dir: Path) -> tuple[int, list[str]]:
-    """Exit code and lines of ``recmesh trace``."""
+    """Exit code and lines of ``recmesh trace``: the traces that Jaeger's query service at
+    ``base_url`` (``OpsSettings.jaeger_url``) holds for ``request_id``, else the request's
+    lines in the logs under ``log_dir``."""
+    base_url = base_url.rstrip("/")
     try:
         traces = find_traces(base_url, request_id)
     except (OSError, urllib.error.URLError) as exc:

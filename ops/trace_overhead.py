@@ -34,6 +34,7 @@ from mesh.paths import ARTIFACTS_DIR
 from mesh.ports import DEFAULT_PORTS
 from ops import supervisor
 from ops.otlp_sink import OtlpSink
+from ops.processes import running_pid
 
 MODES: dict[str, str | None] = {"off": None, "1%": "0.01", "100%": "1.0"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -69,8 +70,9 @@ class Run:
     connection: http.client.HTTPConnection | None = None
 
     def pids(self) -> list[int]:
-        names = [*DEFAULT_PORTS]
-        return [int((self.layout.run_dir / f"{name}.pid").read_text()) for name in names]
+        """The live pids of the mesh's processes (one that exited counts no more CPU)."""
+        found = (running_pid(self.layout.run_dir, name) for name in DEFAULT_PORTS)
+        return [pid for pid in found if pid is not None]
 
     def cpu(self) -> float:
         """CPU seconds (user + system) the mesh's processes used so far."""

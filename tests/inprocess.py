@@ -16,6 +16,7 @@ from gateway.assignments import AssignmentCache
 from gateway.server import build_service as build_gateway
 from gateway.settings import GatewaySettings
 from mesh.context import TENANT_KEY
+from mesh.faults import write_flags
 from mesh.http import HttpListener
 from mesh.server import MeshServer
 from mesh.testing import built_server, serving
@@ -189,6 +190,6 @@ async def reset_quota(redis_url: str, tenant: str) -> None:
 def set_faults(mesh: Mesh, path: Path, flags: dict[str, Any]) -> None:
     """Write the fault ``flags`` (``mesh.faults`` format) to ``path``, the faults file
     ``mesh`` was started with, and make every server of ``mesh`` read it now."""
-    path.write_text(json.dumps(flags))
+    write_flags(path, flags)
     for server in mesh.servers.values():
         server.faults.reload()

@@ -100,14 +100,14 @@ PANELS = [
     row("Funnel"),
     panel(
         "Funnel latency by stage, p95 (gateway view)",
-        [quantile(0.95, "recmesh_gateway_stage_seconds", "stage")],
+        [quantile(0.95, "recmesh_stage_seconds", "stage", 'service="gateway"')],
         unit="s",
         width=12,
         exemplars=True,
     ),
     panel(
         "Stage latency inside services, p95",
-        [quantile(0.95, "recmesh_stage_seconds", "service, stage")],
+        [quantile(0.95, "recmesh_stage_seconds", "service, stage", 'service!="gateway"')],
         unit="s",
         width=12,
     ),

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import Counter
 from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2
@@ -38,7 +39,6 @@ from mesh.stages import StageClock
 from services.ranking.budget import CostModel, StagePlanner, score_within
 from services.ranking.explore import Slate, build_slate, rng_for
 from services.ranking.item_cache import ItemFeatureCache
-from services.ranking.metrics import EXPLORED
 from services.ranking.models import RankingModels
 from services.ranking.policy import RankPolicy
 from services.ranking.quality import QualityFactor
@@ -46,6 +46,10 @@ from services.ranking.rerank import category_spread, diversify, mmr
 from services.ranking.settings import RankingSettings
 
 log = logging.getLogger(__name__)
+
+EXPLORED = Counter(
+    "recmesh_ranking_explore_slots_total", "Slots filled by the exploration policy", ["tenant"]
+)
 
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]

@@ -22,8 +22,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import Counter, Gauge
 
-from services.ranking.metrics import CACHE_BYTES, CACHE_ENTRIES, CACHE_HIT_RATIO, CACHE_LOOKUPS
+CACHE_LOOKUPS = Counter(
+    "recmesh_ranking_item_cache_lookups_total",
+    "Item feature cache lookups by result (hit or miss)",
+    ["result"],
+)
+
+CACHE_HIT_RATIO = Gauge(
+    "recmesh_ranking_item_cache_hit_ratio",
+    "Share of item feature lookups served from the cache since start",
+)
+
+CACHE_ENTRIES = Gauge(
+    "recmesh_ranking_item_cache_entries", "Item rows held by the item feature cache"
+)
+
+CACHE_BYTES = Gauge(
+    "recmesh_ranking_item_cache_bytes", "Bytes the item feature cache reserved for rows"
+)
+
 
 ENTRY_OVERHEAD = 200
 """Approximate bytes per entry of the index (dict slot, key tuple, str and int objects)."""

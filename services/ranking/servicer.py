@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter, Gauge
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
@@ -22,13 +23,24 @@ from mesh.stages import StageClock
 from services.ranking.budget import STAGES, StagePlanner
 from services.ranking.cascade import Cascade, Outcome, warm_up_paths
 from services.ranking.item_cache import ItemFeatureCache
-from services.ranking.metrics import DEGRADED, QUALITY, STAGE_SECONDS
 from services.ranking.models import RankingModels
 from services.ranking.policy import PolicyBook
 from services.ranking.quality import QualityFactor
 from services.ranking.settings import RankingSettings
 
 log = logging.getLogger(__name__)
+
+DEGRADED = Counter(
+    "recmesh_ranking_degraded_total",
+    "Ranking stages that degraded, by stage, reason code and tenant",
+    ["stage", "reason", "tenant"],
+)
+
+QUALITY = Gauge(
+    "recmesh_ranking_quality_factor",
+    "Adaptive quality factor of each stage (share of the configured candidate count)",
+    ["stage"],
+)
 
 
 def quality_factors(
@@ -121,7 +133,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             self._settings.reply_margin_s,
             self._settings.stage_reserve_s,
         )
-        clock = StageClock()
+        clock = StageClock("ranking")
         user_reason = ""
         if request.user_features:
             user = vector_from_bytes(request.user_features, models.user_dim, "user_features")
@@ -144,13 +156,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return outcome.response(models.version)
 
     def _record(self, outcome: Outcome, tenant: str) -> None:
-        """Stage timings into the histogram and the quality factors; degradations counted."""
+        """Stage timings into the quality factors (the stage histogram is the clock's own);
+        degradations counted."""
         quality = self.cascade.quality
         for report in outcome.clock.reports:
             if report.stage not in quality:
                 continue
             seconds = report.elapsed_ms / 1000
-            STAGE_SECONDS.labels(report.stage).observe(seconds)
             if report.stage in outcome.ran:
                 quality[report.stage].observe(seconds)
                 QUALITY.labels(report.stage).set(quality[report.stage].factor)

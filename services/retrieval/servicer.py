@@ -50,7 +50,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         ann_k = self._k(request.ann_k, self._settings.ann_k, "ann_k")
         popular_k = self._k(request.popular_k, self._settings.popular_k, "popular_k")
         models = self.models
-        clock = StageClock()
+        clock = StageClock("retrieval")
         user: feature_pb2.GetUserFeaturesResponse | None = None
         try:
             user = await self._features.call(

@@ -2,9 +2,10 @@
 
 An :class:`ArtifactWatcher` polls ``<root>/current`` every ``RECMESH_ARTIFACT_POLL_S``
 seconds (``ModelServingSettings.artifact_poll_s``). When it resolves to a version directory
-other than the one being served, the watcher loads the candidate in a worker thread (``asyncio.to_thread``): the service's
-loader verifies every file's sha256, opens the models, checks their shapes against the
-set's config and against the served set, and warms them up. Only a candidate that passed
+other than the one being served, the watcher loads the candidate in a worker thread
+(``asyncio.to_thread``): the service's loader verifies every file's sha256, opens the
+models, checks their shapes against the set's config and against the served set, and
+warms them up. Only a candidate that passed
 all of that is installed, by one attribute assignment on the event loop; servicers read
 their models once per request, so a request runs entirely on the old or entirely on the
 new set, and none fails because of the swap.

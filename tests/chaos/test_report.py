@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from chaos.report import (
-    Marks,
-    build,
-    findings,
-    recovered_after,
-    recovery_time,
-    to_json,
-    to_markdown,
-    within,
-)
+from chaos.bars import build
+from chaos.figures import Marks, recovered_after, recovery_time, within
+from chaos.render import findings, to_json, to_markdown
 from chaos.scenarios import Scenario, default_scenarios, select
 from chaos.timeline import HealthSample, Request, Sample, Second
 

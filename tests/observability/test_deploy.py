@@ -60,10 +60,14 @@ def test_collector_keeps_errors_degraded_and_slow_traces() -> None:
 
 
 def _exported_metric_names() -> set[str]:
-    for module in ("gateway.server", "gateway.outbox", "mesh.client", "mesh.stages"):
+    for module in (
+        "gateway.server",
+        "gateway.outbox",
+        "mesh.client",
+        "mesh.stages",
+        "services.ranking.server",
+    ):
         importlib.import_module(module)
-    if importlib.util.find_spec("services.ranking.metrics") is not None:
-        importlib.import_module("services.ranking.metrics")
     return {family.name for family in REGISTRY.collect()}
 
 
@@ -76,8 +80,6 @@ def test_dashboard_queries_only_metrics_the_mesh_exports() -> None:
         for target in panel.get("targets", [])
         for name in re.findall(r"recmesh_[a-z_]+", target["expr"])
     }
-    if importlib.util.find_spec("services.ranking.metrics") is None:
-        queried = {name for name in queried if not name.startswith("recmesh_ranking_")}
     assert queried - exported == set()
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("latency by stage", "qps", "errors", "degraded", "tenant"):

@@ -305,5 +305,7 @@ async def test_red_metrics_per_method(mesh: tuple[Mesh, Path]) -> None:
     before = (handled(), observed())
     await recommend(running)
     assert (handled() - before[0], observed() - before[1]) == (1.0, 1.0)
-    stage = REGISTRY.get_sample_value("recmesh_gateway_stage_seconds_count", {"stage": "ranking"})
+    stage = REGISTRY.get_sample_value(
+        "recmesh_stage_seconds_count", {"service": "gateway", "stage": "ranking"}
+    )
     assert stage is not None and stage > 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtest.bench import Phase, Sample, stage_figures, summarise, to_markdown
+from loadtest.stage_report import Phase, Sample, stage_figures, summarise, to_markdown
 
 STAGES = [
     {"stage": "user_features", "elapsed_ms": 2.0},

@@ -469,7 +469,9 @@ async def test_degradations_and_stage_timings_are_counted(
         return value or 0.0
 
     def timings() -> float:
-        value = REGISTRY.get_sample_value("recmesh_ranking_stage_seconds_count", {"stage": "heavy"})
+        value = REGISTRY.get_sample_value(
+            "recmesh_stage_seconds_count", {"service": "ranking", "stage": "heavy"}
+        )
         return value or 0.0
 
     before = (degraded(), timings())
