@@ -13,7 +13,7 @@ from core.experiments.assign import Assignment, assign, control_params
 from core.experiments.book import ExperimentBook, load_experiments
 from mesh.errors import ConfigError, InvalidArgument
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEV_CONFIG = REPO_ROOT / "config" / "experiments.json"
 USERS = [f"user-{i}" for i in range(20_000)]
 
