@@ -2,7 +2,7 @@
 
 These functions reproduce the bucketing primitives of GrowthBook's Python SDK bit for bit, so
 that a team moving its experiments from GrowthBook to RecMesh keeps every user in the bucket
-they were in. ``tests/experiment/conformance/growthbook/cases.json`` (GrowthBook's shared SDK
+they were in. ``tests/core/experiments/conformance/growthbook/cases.json`` (GrowthBook's shared SDK
 test suite, spec 0.7.1) pins the behaviour.
 
 Two GrowthBook details that are easy to get wrong are part of the contract:
