@@ -20,9 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import Counter
 from recmesh.common.v1 import common_pb2
@@ -38,6 +36,7 @@ from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
 from gateway.impressions import ImpressionShipper
+from gateway.knobs import Knobs
 from gateway.outbox import Outbox
 from gateway.quota import Admission, QuotaLeases
 from gateway.settings import GatewaySettings
@@ -91,85 +90,6 @@ class Recommendation:
     propensities: list[float] = field(default_factory=list)
     """Probability each shown item had of being shown (parallel to ``item_ids``; empty
     when ranking did not answer, e.g. on a fallback)."""
-
-
-@dataclass
-class _Params:
-    """Pipeline knobs an experiment variant may set.
-
-    ``retrieval.k`` and ``ranking.heavy`` (``off``) as before; the ``ranking.*`` params below
-    become ``RankRequest`` fields (ranking checks them against its tenant policy):
-    ``ranking.candidates``, ``ranking.prerank_keep``, ``ranking.heavy_keep`` (counts),
-    ``ranking.diversity`` (``mmr``, ``cap`` or ``none``), ``ranking.mmr_lambda`` and
-    ``ranking.explore_share`` (in [0, 1]), ``ranking.budget_ms.<stage>`` (stage budget in
-    ms). A ``ranking.*`` value that does not parse or is out of range is ignored with a
-    warning, so a bad experiment file cannot fail requests.
-    """
-
-    ann_k: int = 0
-    heavy: int = ranking_pb2.HEAVY_MODE_UNSPECIFIED
-    candidates_keep: int = 0
-    prerank_keep: int = 0
-    heavy_keep: int = 0
-    diversity: int = ranking_pb2.DIVERSITY_UNSPECIFIED
-    mmr_lambda: float | None = None
-    explore_share: float | None = None
-    stage_budget_ms: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_variants(cls, params: Mapping[str, str]) -> _Params:
-        counts = {
-            "ranking.candidates": "candidates_keep",
-            "ranking.prerank_keep": "prerank_keep",
-            "ranking.heavy_keep": "heavy_keep",
-        }
-        diversity = {
-            "mmr": ranking_pb2.DIVERSITY_MMR,
-            "cap": ranking_pb2.DIVERSITY_CATEGORY_CAP,
-            "none": ranking_pb2.DIVERSITY_NONE,
-        }
-        knobs = cls()
-        if "retrieval.k" in params:
-            knobs.ann_k = int(params["retrieval.k"])
-        if params.get("ranking.heavy") == "off":
-            knobs.heavy = ranking_pb2.HEAVY_MODE_OFF
-        for key, value in params.items():
-            try:
-                if key in counts:
-                    count = int(value)
-                    if count < 1:
-                        raise ValueError("must be >= 1")
-                    setattr(knobs, counts[key], count)
-                elif key == "ranking.diversity":
-                    knobs.diversity = diversity[value]
-                elif key in ("ranking.mmr_lambda", "ranking.explore_share"):
-                    share = float(value)
-                    if not 0.0 <= share <= 1.0:
-                        raise ValueError("must be in [0, 1]")
-                    setattr(knobs, key.removeprefix("ranking."), share)
-                elif key.startswith("ranking.budget_ms."):
-                    ms = float(value)
-                    if not 0.0 < ms <= 1000.0:
-                        raise ValueError("must be in (0, 1000]")
-                    knobs.stage_budget_ms[key.removeprefix("ranking.budget_ms.")] = ms
-            except (ValueError, KeyError) as exc:
-                log.warning("experiment param %s=%r ignored: %s", key, value, exc)
-        return knobs
-
-    def rank_fields(self) -> dict[str, Any]:
-        """The ``RankRequest`` fields the ``ranking.*`` knobs set (unset ones left out)."""
-        fields: dict[str, Any] = {
-            "candidates_keep": self.candidates_keep,
-            "prerank_keep": self.prerank_keep,
-            "heavy_keep": self.heavy_keep,
-            "diversity": self.diversity,
-            "stage_budget_ms": self.stage_budget_ms,
-        }
-        if self.mmr_lambda is not None:
-            fields["mmr_lambda"] = self.mmr_lambda
-        if self.explore_share is not None:
-            fields["explore_share"] = self.explore_share
-        return fields
 
 
 class Funnel:
@@ -265,7 +185,7 @@ class Funnel:
         params: dict[str, str] = {}
         for assignment in experiments:
             params.update(assignment.params)
-        knobs = _Params.from_variants(params)
+        knobs = Knobs.from_variants(params)
 
         started = time.perf_counter()
         retrieved = await timed(
@@ -368,7 +288,7 @@ class Funnel:
         return list(reply.assignments)
 
     async def _retrieve(
-        self, tenant: str, user_id: str, knobs: _Params, degraded: list[str]
+        self, tenant: str, user_id: str, knobs: Knobs, degraded: list[str]
     ) -> retrieval_pb2.RetrieveResponse:
         try:
             retrieval = self._ds.retrieval
@@ -397,7 +317,7 @@ class Funnel:
         user_id: str,
         n: int,
         retrieved: retrieval_pb2.RetrieveResponse,
-        knobs: _Params,
+        knobs: Knobs,
         degraded: list[str],
     ) -> ranking_pb2.RankResponse | None:
         try:

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GATEWAY_HTTP_PORT
-from mesh.settings import artifacts_dir, env, port_of, redis_url, tenants_file
-
-_METRICS_DOC = "/metrics port of the service (0 picks a free one)"
+from mesh.settings import artifacts_dir, env, metrics_port_of, port_of, redis_url, tenants_file
 
 
 @dataclass(frozen=True)
@@ -30,24 +28,12 @@ class OpsSettings:
     experiment_port: int = port_of("experiment")
     events_port: int = port_of("events")
     quota_port: int = port_of("quota")
-    feature_metrics_port: int = env(
-        "RECMESH_FEATURE_METRICS_PORT", DEFAULT_METRICS_PORTS["feature"], doc=_METRICS_DOC
-    )
-    retrieval_metrics_port: int = env(
-        "RECMESH_RETRIEVAL_METRICS_PORT", DEFAULT_METRICS_PORTS["retrieval"], doc=_METRICS_DOC
-    )
-    ranking_metrics_port: int = env(
-        "RECMESH_RANKING_METRICS_PORT", DEFAULT_METRICS_PORTS["ranking"], doc=_METRICS_DOC
-    )
-    experiment_metrics_port: int = env(
-        "RECMESH_EXPERIMENT_METRICS_PORT", DEFAULT_METRICS_PORTS["experiment"], doc=_METRICS_DOC
-    )
-    events_metrics_port: int = env(
-        "RECMESH_EVENTS_METRICS_PORT", DEFAULT_METRICS_PORTS["events"], doc=_METRICS_DOC
-    )
-    quota_metrics_port: int = env(
-        "RECMESH_QUOTA_METRICS_PORT", DEFAULT_METRICS_PORTS["quota"], doc=_METRICS_DOC
-    )
+    feature_metrics_port: int = metrics_port_of("feature")
+    retrieval_metrics_port: int = metrics_port_of("retrieval")
+    ranking_metrics_port: int = metrics_port_of("ranking")
+    experiment_metrics_port: int = metrics_port_of("experiment")
+    events_metrics_port: int = metrics_port_of("events")
+    quota_metrics_port: int = metrics_port_of("quota")
     http_port: int = env("RECMESH_GATEWAY_HTTP_PORT", GATEWAY_HTTP_PORT, doc="HTTP API port")
     redis_url: str = redis_url()
     artifacts: Path = artifacts_dir()

@@ -14,7 +14,7 @@ import pytest
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2
 
-from gateway.funnel import _Params
+from gateway.knobs import Knobs
 from mesh.client import open_channel
 from mesh.testing import tenant_metadata
 from services.ranking.policy import PolicyBook
@@ -98,7 +98,7 @@ async def test_a_tenant_without_exploration_shows_no_explore_slots(mesh: Mesh) -
 
 
 def test_variant_params_become_rank_request_fields() -> None:
-    knobs = _Params.from_variants(
+    knobs = Knobs.from_variants(
         {
             "ranking.candidates": "400",
             "ranking.prerank_keep": "120",
@@ -115,13 +115,13 @@ def test_variant_params_become_rank_request_fields() -> None:
     assert request.HasField("mmr_lambda") and request.mmr_lambda == 0.0
     assert request.explore_share == pytest.approx(0.1)
     assert dict(request.stage_budget_ms) == {"heavy": 15.0}
-    unset = ranking_pb2.RankRequest(**_Params.from_variants({}).rank_fields())
+    unset = ranking_pb2.RankRequest(**Knobs.from_variants({}).rank_fields())
     assert not unset.HasField("mmr_lambda") and not unset.HasField("explore_share")
 
 
 def test_bad_variant_params_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="gateway.funnel"):
-        knobs = _Params.from_variants(
+        knobs = Knobs.from_variants(
             {
                 "ranking.heavy_keep": "lots",
                 "ranking.mmr_lambda": "1.5",
