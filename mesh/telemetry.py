@@ -19,7 +19,8 @@ Tracing (:func:`setup_tracing`) honours the standard variables:
 
 Metrics: Prometheus pull. Every service serves ``GET /metrics`` on its own HTTP port
 (:func:`mesh.http.metrics_listener`, the ``metrics_port`` setting,
-``RECMESH_<SERVICE>_METRICS_PORT``, defaults in :data:`mesh.ports.DEFAULT_METRICS_PORTS`); the gateway serves it on its HTTP API port.
+``RECMESH_<SERVICE>_METRICS_PORT``, defaults in :data:`mesh.ports.DEFAULT_METRICS_PORTS`);
+the gateway serves it on its HTTP API port.
 """
 
 from __future__ import annotations
