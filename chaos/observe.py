@@ -8,7 +8,6 @@ tenant's whole event log back through ``EventService.Read``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
@@ -26,7 +25,7 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from chaos.timeline import HealthSample, Sample
 from mesh.context import TENANT_KEY
-from ops import supervisor
+from ops import processes, supervisor
 
 RECOMMEND_ROUTE = "/v1/recommend"
 
@@ -149,11 +148,12 @@ class Observer:
         self._pool.shutdown(wait=True)
 
     def _our_pids(self) -> list[int]:
-        pids = list(self.extra_pids)
-        for path in self._layout.run_dir.glob("*.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                pids.append(int(path.read_text()))
-        return pids
+        """The run's helpers and every live process of its mesh."""
+        found = (
+            processes.running_pid(self._layout.run_dir, name)
+            for name in (*processes.MODULES, processes.REDIS)
+        )
+        return [*self.extra_pids, *(pid for pid in found if pid is not None)]
 
     def _cpu(self) -> tuple[float, float]:
         """Host busy CPU seconds and the cumulative share of this run's processes."""

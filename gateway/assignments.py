@@ -1,7 +1,7 @@
 """The gateway's cache of the experiment service's answers.
 
 Assignment is a pure function of the experiment book, the tenant and the request's
-attributes (``core.experiments.book.assign``), and the gateway sends only the user
+attributes (``core.experiments.assign.assign``), and the gateway sends only the user
 id, so an answer of the experiment service for one (tenant, user) stays right for as long
 as the service serves the same book. The service remains the owner of assignment: the
 cache holds only its answers, never computes one, and never holds the gateway's own control

@@ -7,8 +7,14 @@ from pathlib import Path
 
 from core.experiments.book import experiments_file
 from mesh.paths import VAR_DIR
-from mesh.ports import GATEWAY_HTTP_PORT
-from mesh.settings import ServerSettings, downstream, env, port_of, tenants_file
+from mesh.settings import (
+    ServerSettings,
+    downstream,
+    env,
+    gateway_http_port,
+    port_of,
+    tenants_file,
+)
 
 
 @dataclass(frozen=True)
@@ -17,7 +23,7 @@ class GatewaySettings(ServerSettings):
 
     service_name: str = "gateway"
     port: int = port_of("gateway")
-    http_port: int = env("RECMESH_GATEWAY_HTTP_PORT", GATEWAY_HTTP_PORT, doc="HTTP API port")
+    http_port: int = gateway_http_port()
     tenants: Path = tenants_file()
     experiments: Path = experiments_file()
     feature_addr: str = downstream("feature")

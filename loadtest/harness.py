@@ -24,11 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
 from mesh.ports import DEFAULT_PORTS, SERVICES
 from ops import processes, supervisor
 from ops.otlp_sink import OtlpSink
-from training.find import find_or_train
+from training.find import find_or_train, usable_set
 
 QUIET_ENV = {"RECMESH_LOG_LEVEL": "WARNING", "RECMESH_ARTIFACT_POLL_S": "0"}
 """Environment of benchmark targets: warnings only in the logs, no artifact polling."""
@@ -80,11 +81,20 @@ def write_tenants(
 
 
 def prepare_artifacts(explicit: Path | None, base: Path, items: int, users: int) -> Path:
-    """The artifact root ``explicit`` when it holds a usable set, else that of a small set
-    (``users`` users, ``items`` items; seeded, one epoch, no evaluation) trained under
-    ``base / "artifacts"`` (see :func:`training.find.find_or_train`)."""
+    """The artifact root ``explicit``, or, when none is given, that of a small set (``users``
+    users, ``items`` items; seeded, one epoch, no evaluation) trained under
+    ``base / "artifacts"`` (see :func:`training.find.find_or_train`).
+
+    Raises:
+        ArtifactError: ``explicit`` holds no usable set (a benchmark asked to measure a
+            given set never measures another one instead).
+    """
+    if explicit is not None:
+        if usable_set(explicit) is None:
+            raise ArtifactError(f"{explicit}: no usable artifact set (current) to benchmark")
+        return explicit
     found = find_or_train(
-        explicit,
+        None,
         base / "artifacts",
         n_users=users,
         n_items=items,

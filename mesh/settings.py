@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from mesh.errors import ConfigError
 from mesh.paths import ARTIFACTS_DIR, PROJECT_ROOT
-from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GATEWAY_HTTP_PORT
 
 S = TypeVar("S")
 
@@ -47,7 +47,10 @@ def _parse(raw: str, kind: Any, name: str) -> Any:
                 return False
             raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
         if kind is int:
-            return int(raw)
+            number = int(raw)
+            if name.endswith("_PORT") and not 0 <= number <= 65535:
+                raise ValueError("not a port (0..65535)")
+            return number
         if kind is float:
             return float(raw)
         if kind is Path:
@@ -143,6 +146,15 @@ def port_of(service: str) -> Any:
         f"RECMESH_{service.upper()}_PORT",
         DEFAULT_PORTS[service],
         doc=f"gRPC port of the {service} service (0 picks a free one)",
+    )
+
+
+def gateway_http_port() -> Any:
+    """The gateway's HTTP API port field, env ``RECMESH_GATEWAY_HTTP_PORT``."""
+    return env(
+        "RECMESH_GATEWAY_HTTP_PORT",
+        GATEWAY_HTTP_PORT,
+        doc="HTTP API port of the gateway (0 picks a free one)",
     )
 
 

@@ -13,8 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GATEWAY_HTTP_PORT
-from mesh.settings import artifacts_dir, env, metrics_port_of, port_of, redis_url, tenants_file
+from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from mesh.settings import (
+    artifacts_dir,
+    env,
+    gateway_http_port,
+    metrics_port_of,
+    port_of,
+    redis_url,
+    tenants_file,
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class OpsSettings:
     experiment_metrics_port: int = metrics_port_of("experiment")
     events_metrics_port: int = metrics_port_of("events")
     quota_metrics_port: int = metrics_port_of("quota")
-    http_port: int = env("RECMESH_GATEWAY_HTTP_PORT", GATEWAY_HTTP_PORT, doc="HTTP API port")
+    http_port: int = gateway_http_port()
     redis_url: str = redis_url()
     artifacts: Path = artifacts_dir()
     tenants: Path = tenants_file()

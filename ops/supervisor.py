@@ -60,6 +60,7 @@ class Layout:
             http_port=settings.http_port,
             redis_url=settings.redis_url,
             artifacts=settings.artifacts,
+            tenants=settings.tenants,
         )
 
     @property

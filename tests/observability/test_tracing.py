@@ -111,6 +111,10 @@ def test_metrics_port_per_service() -> None:
     assert load(FeatureSettings, {"RECMESH_FEATURE_METRICS_PORT": "0"}).metrics_port == 0
     with pytest.raises(ConfigError, match="RECMESH_QUOTA_METRICS_PORT"):
         load(QuotaSettings, {"RECMESH_QUOTA_METRICS_PORT": "x"})
+    with pytest.raises(ConfigError, match="RECMESH_QUOTA_METRICS_PORT"):
+        load(QuotaSettings, {"RECMESH_QUOTA_METRICS_PORT": "70000"})
+    with pytest.raises(ConfigError, match="RECMESH_FEATURE_PORT"):
+        load(FeatureSettings, {"RECMESH_FEATURE_PORT": "-1"})
 
 
 async def test_metrics_endpoint_serves_the_registry_with_exemplars() -> None:
