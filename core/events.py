@@ -11,6 +11,7 @@ from mesh.errors import InvalidArgument
 
 EVENT_TYPES = frozenset({"impression", "click", "conversion", "exposure", "dismiss"})
 MAX_EVENT_ID = 128
+MAX_REQUEST_ID_BYTES = 128
 MAX_BATCH = 1000
 MAX_FUTURE_MS = 24 * 3600 * 1000
 
@@ -32,6 +33,10 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
     if event.item_id < 0:
         raise InvalidArgument("item_id must be >= 0", field=f"{prefix}.item_id")
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if len(event.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidArgument(
+            f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes", field=f"{prefix}.request_id"
+        )
     if not 0 < event.ts_ms <= now_ms + MAX_FUTURE_MS:
         raise InvalidArgument(
             "ts must be a positive epoch time in milliseconds, not in the far future",

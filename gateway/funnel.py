@@ -90,6 +90,9 @@ class Recommendation:
     propensities: list[float] = field(default_factory=list)
     """Probability each shown item had of being shown (parallel to ``item_ids``; empty
     when ranking did not answer, e.g. on a fallback)."""
+    retrieval_version: str = ""
+    ranking_version: str = ""
+    """Artifact-set versions that served the answer ("" where that stage did not answer)."""
 
 
 class Funnel:
@@ -228,6 +231,8 @@ class Funnel:
             stage_ms=stage_ms,
             stages=stages,
             propensities=list(candidates.propensities),
+            retrieval_version=retrieved.model_version,
+            ranking_version=ranked.model_version if ranked is not None else "",
         )
         self._log_impressions(tenant, user_id, result)
         return result
@@ -349,10 +354,14 @@ class Funnel:
             return None
 
     def _log_impressions(self, tenant: str, user_id: str, result: Recommendation) -> None:
-        if not result.item_ids:
+        """One impression per shown item, carrying the answer's lineage (see ``Event``)."""
+        n = len(result.item_ids)
+        if not n:
             return
         now_ms = int(time.time() * 1000)
-        propensities = result.propensities or [0.0] * len(result.item_ids)
+        propensities = result.propensities or [0.0] * n
+        scores = result.scores or [0.0] * n
+        variants = dict(result.experiments)
         events = [
             events_pb2.Event(
                 event_id=f"{result.request_id}:{position}",
@@ -363,9 +372,15 @@ class Funnel:
                 ts_ms=now_ms,
                 position=position,
                 propensity=propensity,
+                score=score,
+                source=source,  # type: ignore[arg-type]
+                variants=variants,
+                retrieval_version=result.retrieval_version,
+                ranking_version=result.ranking_version,
+                degraded=result.degraded,
             )
-            for position, (item_id, propensity) in enumerate(
-                zip(result.item_ids, propensities, strict=True)
+            for position, (item_id, propensity, score, source) in enumerate(
+                zip(result.item_ids, propensities, scores, result.sources, strict=True)
             )
         ]
         with tracing.stage_span("impressions", events=len(events)):

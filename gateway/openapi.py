@@ -106,7 +106,7 @@ OPENAPI: dict[str, Any] = {
                                 },
                                 "user_id": {"type": "string"},
                                 "item_id": {"type": "integer", "minimum": 0},
-                                "request_id": {"type": "string"},
+                                "request_id": {"type": "string", "maxLength": 128},
                                 "ts": {"type": "integer", "description": "ms since the epoch"},
                                 "position": {"type": "integer"},
                                 "propensity": {"type": "number", "minimum": 0, "maximum": 1},

@@ -6,7 +6,8 @@ artifact root, ``recmesh rollback [--to VERSION]`` moves ``current`` back (runni
 services pick it up without restart) and ``recmesh eval`` evaluates a set offline;
 ``recmesh protos [--check]`` regenerates stubs; ``recmesh bench`` runs the step benchmark
 (``python -m loadtest.steps``); ``recmesh chaos`` runs the chaos suite (``python -m chaos``);
-``recmesh trace <request_id>`` prints a request's trace from Jaeger.
+``recmesh trace <request_id>`` prints a request's trace from Jaeger; ``recmesh explain
+<request_id>`` why its answer showed what it showed, from the event log.
 """
 
 from __future__ import annotations
@@ -190,6 +191,17 @@ def cmd_trace(args: argparse.Namespace, settings: OpsSettings) -> int:
     return code
 
 
+def cmd_explain(args: argparse.Namespace, settings: OpsSettings) -> int:
+    from mesh.tenants import load_tenants
+    from ops import explain
+
+    tenants = [args.tenant] if args.tenant else list(load_tenants(settings.tenants).tenants)
+    address = f"127.0.0.1:{settings.ports()['events']}"
+    code, text = explain.show(args.request_id, address, tenants, args.json)
+    print(text)
+    return code
+
+
 def _forwarding(commands: Any, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
     """A subcommand that hands every argument after its name, untouched, to the tool it
     runs (which has its own ``--help``)."""
@@ -239,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd_bench,
     )
     _forwarding(commands, "chaos", "break the mesh under load and report (see --help)", cmd_chaos)
+    why = commands.add_parser("explain", help="why an answer showed its items, from the event log")
+    why.add_argument("request_id", help="the request_id of a response")
+    why.add_argument("--tenant", help="the tenant whose log to read (default: every tenant)")
+    why.add_argument("--json", action="store_true", help="print JSON")
+    why.set_defaults(run=cmd_explain)
     trace = commands.add_parser("trace", help="a request's trace from Jaeger, as a tree")
     trace.add_argument("request_id", help="the request_id of a response (or x-request-id sent)")
     trace.add_argument("--jaeger", help="Jaeger URL (default: RECMESH_JAEGER_URL or :16686)")

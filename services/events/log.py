@@ -7,6 +7,12 @@ the gateway's outbox are harmless (at-least-once delivery, exactly-once effect w
 dedupe window). Every key of a batch carries the tenant's hash tag, so one script call
 touches one cluster slot.
 Entries hold the serialized ``recmesh.events.v1.Event`` under the field ``e``.
+
+An event that names a request (``request_id``) also has its stream position appended to
+``rm:{t}:rq:<request_id>`` in the same script call, a list that expires with the dedupe
+window: the events of one request (its impressions with their lineage, and the clicks and
+conversions that name it) are read back without scanning the stream
+(:meth:`EventLog.read_request`, ``recmesh explain``).
 """
 
 from __future__ import annotations
@@ -19,11 +25,18 @@ from typing import cast
 import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
+# KEYS: the stream, then per event its dedupe claim and its request index.
+# ARGV: the dedupe TTL, then per event its serialized form and "1" when it names a request.
 _APPEND = """
+local n = (#KEYS - 1) / 2
 local appended = 0
-for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
+for i = 1, n do
+  if redis.call('SET', KEYS[1 + i], '1', 'NX', 'EX', ARGV[1]) then
+    local position = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1 + i])
+    if ARGV[1 + n + i] == '1' then
+      redis.call('RPUSH', KEYS[1 + n + i], position)
+      redis.call('EXPIRE', KEYS[1 + n + i], ARGV[1])
+    end
     appended = appended + 1
   end
 end
@@ -48,6 +61,13 @@ class EventLog(abc.ABC):
     async def read(self, tenant: str, after: str, limit: int) -> list[tuple[str, events_pb2.Event]]:
         """Up to ``limit`` entries after position ``after`` ("" = from the start)."""
 
+    @abc.abstractmethod
+    async def read_request(
+        self, tenant: str, request_id: str, limit: int
+    ) -> list[tuple[str, events_pb2.Event]]:
+        """Up to ``limit`` stored events of ``tenant`` that name ``request_id``, in log
+        order (none once the request is older than the dedupe window)."""
+
 
 class RedisStreamEventLog(EventLog):
     """:class:`EventLog` on Redis Streams.
@@ -70,6 +90,10 @@ class RedisStreamEventLog(EventLog):
     def stream_key(tenant: str) -> str:
         return f"rm:{{{tenant}}}:events"
 
+    @staticmethod
+    def request_key(tenant: str, request_id: str) -> str:
+        return f"rm:{{{tenant}}}:rq:{request_id}"
+
     async def append(self, tenant: str, events: Sequence[events_pb2.Event]) -> AppendResult:
         if not events:
             return AppendResult(0, 0)
@@ -78,8 +102,13 @@ class RedisStreamEventLog(EventLog):
                 keys=[
                     self.stream_key(tenant),
                     *(f"rm:{{{tenant}}}:eid:{event.event_id}" for event in events),
+                    *(self.request_key(tenant, event.request_id) for event in events),
                 ],
-                args=[self._ttl, *(event.SerializeToString() for event in events)],
+                args=[
+                    self._ttl,
+                    *(event.SerializeToString() for event in events),
+                    *("1" if event.request_id else "0" for event in events),
+                ],
             )
         )
         return AppendResult(appended, len(events) - appended)
@@ -90,7 +119,26 @@ class RedisStreamEventLog(EventLog):
             list[tuple[bytes, dict[bytes, bytes]]],
             await self._redis.xrange(self.stream_key(tenant), min=start, count=limit),
         )
-        return [
-            (position.decode(), events_pb2.Event.FromString(fields[b"e"]))
-            for position, fields in entries
-        ]
+        return _decoded(entries)
+
+    async def read_request(
+        self, tenant: str, request_id: str, limit: int
+    ) -> list[tuple[str, events_pb2.Event]]:
+        key = self.request_key(tenant, request_id)
+        positions = cast(list[bytes], await self._redis.lrange(key, 0, limit - 1))
+        if not positions:
+            return []
+        stream = self.stream_key(tenant)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for position in positions:
+                pipe.xrange(stream, min=position, max=position)
+            found = cast(list[list[tuple[bytes, dict[bytes, bytes]]]], await pipe.execute())
+        # An entry trimmed from the stream since (retention) is simply gone.
+        return _decoded([entry for entries in found for entry in entries])
+
+
+def _decoded(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, events_pb2.Event]]:
+    return [
+        (position.decode(), events_pb2.Event.FromString(fields[b"e"]))
+        for position, fields in entries
+    ]

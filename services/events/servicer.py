@@ -6,7 +6,7 @@ from typing import Any
 
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
-from core.events import validate_batch
+from core.events import MAX_REQUEST_ID_BYTES, validate_batch
 from mesh.context import current_tenant
 from mesh.errors import InvalidArgument
 from services.events.log import EventLog
@@ -35,6 +35,20 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 "after must be a stream position like 1700000000000-0", field="after"
             )
         entries = await self._log.read(current_tenant(), request.after, request.limit or 100)
+        return events_pb2.ReadResponse(
+            events=[events_pb2.StoredEvent(position=p, event=e) for p, e in entries]
+        )
+
+    async def ReadRequestEvents(
+        self, request: events_pb2.ReadRequestEventsRequest, context: Any
+    ) -> events_pb2.ReadResponse:
+        if not request.request_id:
+            raise InvalidArgument("request_id is required", field="request_id")
+        if len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+            raise InvalidArgument(
+                f"request_id is longer than {MAX_REQUEST_ID_BYTES} bytes", field="request_id"
+            )
+        entries = await self._log.read_request(current_tenant(), request.request_id, self._max_read)
         return events_pb2.ReadResponse(
             events=[events_pb2.StoredEvent(position=p, event=e) for p, e in entries]
         )

@@ -79,6 +79,7 @@ async def test_tenants_never_see_each_others_events(
         (event("x", user_id=""), "events[0].user_id"),
         (event("x", ts_ms=0), "events[0].ts"),
         (event("x", propensity=1.5), "events[0].propensity"),
+        (event("x", request_id="r" * 129), "events[0].request_id"),
     ],
 )
 async def test_invalid_event_rejects_the_batch(
@@ -93,3 +94,45 @@ async def test_invalid_event_rejects_the_batch(
     assert ("x-recmesh-field", field) in tuple(error.value.trailing_metadata() or ())
     reply = await events.Read(events_pb2.ReadRequest(), metadata=tenant_metadata(tenant))
     assert list(reply.events) == []
+
+
+async def test_a_requests_events_are_read_back_once_each_and_only_by_its_tenant(
+    events: events_pb2_grpc.EventServiceAsyncStub,
+) -> None:
+    tenant, other = "ev" + uuid.uuid4().hex[:8], "ev" + uuid.uuid4().hex[:8]
+    batch = [
+        event("imp-0", type="impression", request_id="req-1", position=0),
+        event("imp-1", type="impression", request_id="req-1", position=1),
+        event("other", type="impression", request_id="req-2"),
+        event("no-request"),
+        event("click-1", request_id="req-1", item_id=3),
+    ]
+    await events.Append(events_pb2.AppendRequest(events=batch), metadata=tenant_metadata(tenant))
+    again = await events.Append(  # a redelivery is not indexed twice
+        events_pb2.AppendRequest(events=batch[:2]), metadata=tenant_metadata(tenant)
+    )
+    assert again.duplicates == 2
+
+    async def ask(request_id: str, who: str) -> list[str]:
+        reply = await events.ReadRequestEvents(
+            events_pb2.ReadRequestEventsRequest(request_id=request_id),
+            metadata=tenant_metadata(who),
+        )
+        return [e.event.event_id for e in reply.events]
+
+    assert await ask("req-1", tenant) == ["imp-0", "imp-1", "click-1"]
+    assert await ask("req-1", other) == []
+    assert await ask("req-9", tenant) == []
+
+
+@pytest.mark.parametrize("request_id", ["", "r" * 129])
+async def test_reading_a_request_needs_a_valid_request_id(
+    events: events_pb2_grpc.EventServiceAsyncStub, request_id: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await events.ReadRequestEvents(
+            events_pb2.ReadRequestEventsRequest(request_id=request_id),
+            metadata=tenant_metadata("demo"),
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-recmesh-field", "request_id") in tuple(error.value.trailing_metadata() or ())

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from recmesh.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -42,6 +43,26 @@ class Event(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class VariantsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EVENT_ID_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
@@ -51,6 +72,12 @@ class Event(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     PROPENSITY_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_VERSION_FIELD_NUMBER: _builtins.int
+    RANKING_VERSION_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id; the idempotency key."""
     type: _builtins.str
@@ -64,8 +91,26 @@ class Event(_message.Message):
     """Position in the shown list (impressions), 0-based."""
     propensity: _builtins.float
     """Probability the item had of being shown, for inverse-propensity weighting (0 when unknown)."""
+    score: _builtins.float
+    """Lineage of an impression the gateway logged for its own answer (empty on other events):
+    what produced the shown item, so "why was this shown" is answered from the log.
+    The item's score in the answer (the ranker's, or retrieval's when ranking fell back).
+    """
+    source: _common_pb2.Source.ValueType
+    """The candidate source of the item."""
+    retrieval_version: _builtins.str
+    """Artifact-set versions that served the request (empty when that stage did not answer)."""
+    ranking_version: _builtins.str
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def variants(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Experiment key -> variant key of every experiment the request was assigned to."""
+
+    @_builtins.property
+    def degraded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stages of the request that fell back (the answer's `degraded`)."""
+
     def __init__(
         self,
         *,
@@ -78,10 +123,16 @@ class Event(_message.Message):
         position: _builtins.int = ...,
         propensity: _builtins.float = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        score: _builtins.float = ...,
+        source: _common_pb2.Source.ValueType = ...,
+        variants: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        retrieval_version: _builtins.str = ...,
+        ranking_version: _builtins.str = ...,
+        degraded: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "event_id", b"event_id", "item_id", b"item_id", "position", b"position", "propensity", b"propensity", "request_id", b"request_id", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "degraded", b"degraded", "event_id", b"event_id", "item_id", b"item_id", "position", b"position", "propensity", b"propensity", "ranking_version", b"ranking_version", "request_id", b"request_id", "retrieval_version", b"retrieval_version", "score", b"score", "source", b"source", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,6 +202,26 @@ class ReadRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadRequest: _TypeAlias = ReadRequest  # noqa: Y015
+
+@_typing.final
+class ReadRequestEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request_id of an answer (impressions carry it; clicks and conversions name it)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadRequestEventsRequest: _TypeAlias = ReadRequestEventsRequest  # noqa: Y015
 
 @_typing.final
 class StoredEvent(_message.Message):

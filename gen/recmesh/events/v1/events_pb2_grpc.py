@@ -44,6 +44,11 @@ class EventServiceStub:
                 request_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequest.SerializeToString,
                 response_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.ReadRequestEvents = channel.unary_unary(
+                '/recmesh.events.v1.EventService/ReadRequestEvents',
+                request_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequestEventsRequest.SerializeToString,
+                response_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -64,6 +69,14 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadRequestEvents(self, request, context):
+        """Every stored event of one request of the caller's tenant (its impressions, and the
+        clicks and conversions that name it), in log order: the lineage of an answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_EventServiceServicer_to_server(servicer, server):
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
                     request_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequest.FromString,
+                    response_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.SerializeToString,
+            ),
+            'ReadRequestEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadRequestEvents,
+                    request_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequestEventsRequest.FromString,
                     response_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.SerializeToString,
             ),
     }
@@ -131,6 +149,33 @@ class EventService:
             target,
             '/recmesh.events.v1.EventService/Read',
             recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequest.SerializeToString,
+            recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRequestEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.events.v1.EventService/ReadRequestEvents',
+            recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequestEventsRequest.SerializeToString,
             recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.FromString,
             options,
             channel_credentials,

@@ -37,6 +37,10 @@ class EventServiceStub:
     """
     Read: _grpc.UnaryUnaryMultiCallable[_events_pb2.ReadRequest, _events_pb2.ReadResponse]
     """Read the caller's tenant log in order, after a stream position."""
+    ReadRequestEvents: _grpc.UnaryUnaryMultiCallable[_events_pb2.ReadRequestEventsRequest, _events_pb2.ReadResponse]
+    """Every stored event of one request of the caller's tenant (its impressions, and the
+    clicks and conversions that name it), in log order: the lineage of an answer.
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -47,6 +51,10 @@ class EventServiceAsyncStub(EventServiceStub):
     """
     Read: _aio.UnaryUnaryMultiCallable[_events_pb2.ReadRequest, _events_pb2.ReadResponse]  # type: ignore[assignment]
     """Read the caller's tenant log in order, after a stream position."""
+    ReadRequestEvents: _aio.UnaryUnaryMultiCallable[_events_pb2.ReadRequestEventsRequest, _events_pb2.ReadResponse]  # type: ignore[assignment]
+    """Every stored event of one request of the caller's tenant (its impressions, and the
+    clicks and conversions that name it), in log order: the lineage of an answer.
+    """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +74,15 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_events_pb2.ReadResponse, _abc.Awaitable[_events_pb2.ReadResponse]]:
         """Read the caller's tenant log in order, after a stream position."""
+
+    @_abc_1.abstractmethod
+    def ReadRequestEvents(
+        self,
+        request: _events_pb2.ReadRequestEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.ReadResponse, _abc.Awaitable[_events_pb2.ReadResponse]]:
+        """Every stored event of one request of the caller's tenant (its impressions, and the
+        clicks and conversions that name it), in log order: the lineage of an answer.
+        """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,102 @@
+"""``recmesh explain``: an answer's lineage read back from the event log of the live mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from recmesh.events.v1 import events_pb2, events_pb2_grpc
+
+from core.artifacts import resolve_current
+from mesh.client import open_channel
+from mesh.context import TENANT_KEY
+from ops import explain
+from tests.inprocess import Mesh
+
+DEMO = {"x-api-key": "demo-key"}
+
+
+async def post(mesh: Mesh, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(mesh.http_url + path, json=body, headers=DEMO) as response,
+    ):
+        assert response.status in (200, 202), await response.text()
+        reply: dict[str, Any] = await response.json()
+        return reply
+
+
+async def request_events(mesh: Mesh, request_id: str, wanted: int) -> list[Any]:
+    """The stored events of ``request_id`` (demo), once ``wanted`` arrived (5 s at most)."""
+    async with open_channel(mesh.addr("events")) as channel:
+        stub = events_pb2_grpc.EventServiceStub(channel)
+        for _ in range(100):
+            reply = await stub.ReadRequestEvents(
+                events_pb2.ReadRequestEventsRequest(request_id=request_id),
+                metadata=[(TENANT_KEY, "demo")],
+            )
+            if len(reply.events) >= wanted:
+                return list(reply.events)
+            await asyncio.sleep(0.05)
+    pytest.fail(f"{len(reply.events)} of {wanted} events of {request_id} stored after 5 s")
+
+
+async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
+    mesh: Mesh, artifacts_root: Path
+) -> None:
+    answer = await post(mesh, "/v1/recommend", {"user_id": "u7", "num_items": 5})
+    request_id = answer["request_id"]
+    shown = answer["items"]
+    now = int(time.time() * 1000)
+    outcomes = [
+        {"type": "click", "item_id": shown[1]["item_id"]},
+        {"type": "conversion", "item_id": 10**9},  # names the request, but was not shown
+    ]
+    events = [
+        {"event_id": uuid.uuid4().hex, "user_id": "u7", "request_id": request_id, "ts": now, **o}
+        for o in outcomes
+    ]
+    await post(mesh, "/v1/events", {"events": events})
+    await request_events(mesh, request_id, len(shown) + len(outcomes))
+
+    code, text = await asyncio.to_thread(
+        explain.show, request_id, mesh.addr("events"), ["acme", "demo"], False
+    )
+    assert code == 0 and request_id in text and "click" in text
+    code, text = await asyncio.to_thread(
+        explain.show, request_id, mesh.addr("events"), ["acme", "demo"], True
+    )
+    assert code == 0
+    explained = json.loads(text)
+    version = resolve_current(artifacts_root).name
+    assert explained["tenant"] == "demo" and explained["user_id"] == "u7"
+    assert (explained["retrieval_version"], explained["ranking_version"]) == (version, version)
+    assert explained["variants"] == {e["key"]: e["variant"] for e in answer["experiments"]}
+    assert explained["degraded"] == answer["degraded"]
+    assert [(i["position"], i["item_id"], i["score"], i["source"]) for i in explained["items"]] == [
+        (i["rank"] - 1, i["item_id"], i["score"], i["source"]) for i in shown
+    ]
+    assert [i["outcomes"] for i in explained["items"]] == [[], ["click"], [], [], []]
+    assert all(0.0 < i["propensity"] <= 1.0 for i in explained["items"])
+    assert explained["unmatched"] == [
+        {"type": "conversion", "item_id": 10**9, "event_id": events[1]["event_id"]}
+    ]
+
+
+async def test_another_tenants_log_or_an_unknown_request_explains_nothing(mesh: Mesh) -> None:
+    answer = await post(mesh, "/v1/recommend", {"user_id": "u8", "num_items": 3})
+    await request_events(mesh, answer["request_id"], 3)
+    code, text = await asyncio.to_thread(
+        explain.show, answer["request_id"], mesh.addr("events"), ["acme"], False
+    )
+    assert code == 1 and "no events" in text
+    code, _ = await asyncio.to_thread(
+        explain.show, "never-" + uuid.uuid4().hex, mesh.addr("events"), ["demo"], False
+    )
+    assert code == 1
