@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -80,7 +81,7 @@ def render(explained: dict[str, Any]) -> list[str]:
     variants = ", ".join(f"{k}={v}" for k, v in explained["variants"].items()) or "none"
     lines = [
         f"request {explained['request_id']} of tenant {explained['tenant']}, "
-        f"user {explained['user_id']}, at {explained['ts_ms']} ms",
+        f"user {explained['user_id']}, at {_iso(explained['ts_ms'])}",
         f"  retrieval set {explained['retrieval_version'] or '- (did not answer)'}",
         f"  ranking set   {explained['ranking_version'] or '- (did not answer)'}",
         f"  variants      {variants}",
@@ -135,6 +136,10 @@ def show(request_id: str, address: str, tenants: Sequence[str], as_json: bool) -
         f"no events of request {request_id} in the log of {', '.join(tenants)} "
         "(never logged, or older than the events' dedupe window)"
     )
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _source(source: int) -> str:
