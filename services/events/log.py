@@ -25,6 +25,8 @@ from typing import cast
 import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
+from core import keys
+
 # KEYS: the stream, then per event its dedupe claim and its request index.
 # ARGV: the dedupe TTL, then per event its serialized form and "1" when it names a request.
 _APPEND = """
@@ -86,23 +88,15 @@ class RedisStreamEventLog(EventLog):
         """Load the append script into Redis now, so the first append is one round trip."""
         await self._redis.script_load(_APPEND)
 
-    @staticmethod
-    def stream_key(tenant: str) -> str:
-        return f"rm:{{{tenant}}}:events"
-
-    @staticmethod
-    def request_key(tenant: str, request_id: str) -> str:
-        return f"rm:{{{tenant}}}:rq:{request_id}"
-
     async def append(self, tenant: str, events: Sequence[events_pb2.Event]) -> AppendResult:
         if not events:
             return AppendResult(0, 0)
         appended = int(
             await self._append(
                 keys=[
-                    self.stream_key(tenant),
-                    *(f"rm:{{{tenant}}}:eid:{event.event_id}" for event in events),
-                    *(self.request_key(tenant, event.request_id) for event in events),
+                    keys.events(tenant),
+                    *(keys.event_claim(tenant, event.event_id) for event in events),
+                    *(keys.request_events(tenant, event.request_id) for event in events),
                 ],
                 args=[
                     self._ttl,
@@ -117,18 +111,18 @@ class RedisStreamEventLog(EventLog):
         start = f"({after}" if after else "-"
         entries = cast(
             list[tuple[bytes, dict[bytes, bytes]]],
-            await self._redis.xrange(self.stream_key(tenant), min=start, count=limit),
+            await self._redis.xrange(keys.events(tenant), min=start, count=limit),
         )
         return _decoded(entries)
 
     async def read_request(
         self, tenant: str, request_id: str, limit: int
     ) -> list[tuple[str, events_pb2.Event]]:
-        key = self.request_key(tenant, request_id)
+        key = keys.request_events(tenant, request_id)
         positions = cast(list[bytes], await self._redis.lrange(key, 0, limit - 1))
         if not positions:
             return []
-        stream = self.stream_key(tenant)
+        stream = keys.events(tenant)
         async with self._redis.pipeline(transaction=False) as pipe:
             for position in positions:
                 pipe.xrange(stream, min=position, max=position)

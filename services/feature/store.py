@@ -28,6 +28,7 @@ import numpy.typing as npt
 import redis
 import redis.asyncio as aioredis
 
+from core import keys
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.tracing import redis_span
 
@@ -141,17 +142,9 @@ class RedisFeatureStore(FeatureStore):
         self._history_cap = history_cap
         self._bulk = bulk
 
-    @staticmethod
-    def _key(tenant: str, kind: str, entity: str | int) -> str:
-        return f"rm:{{{tenant}}}:{kind}:{entity}"
-
-    @staticmethod
-    def _meta_key(tenant: str) -> str:
-        return f"rm:{{{tenant}}}:meta"
-
     async def info(self, tenant: str) -> ViewInfo | None:
         with redis_span("HGETALL", self._redis):
-            meta = cast(dict[bytes, bytes], await self._redis.hgetall(self._meta_key(tenant)))
+            meta = cast(dict[bytes, bytes], await self._redis.hgetall(keys.meta(tenant)))
         if not meta:
             return None
         return ViewInfo(
@@ -164,16 +157,16 @@ class RedisFeatureStore(FeatureStore):
 
     async def _defaults(self, tenant: str, field: bytes) -> F32:
         with redis_span("HGET", self._redis):
-            raw = cast(bytes | None, await self._redis.hget(self._meta_key(tenant), field))
+            raw = cast(bytes | None, await self._redis.hget(keys.meta(tenant), field))
         if raw is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         return np.frombuffer(raw, dtype="<f4").copy()
 
     async def get_user(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(self._key(tenant, "u", user_id))
-            pipe.lrange(self._key(tenant, "h", user_id), -history_limit, -1)
-            pipe.hget(self._meta_key(tenant), "user_default")
+            pipe.get(keys.user_row(tenant, user_id))
+            pipe.lrange(keys.history(tenant, user_id), -history_limit, -1)
+            pipe.hget(keys.meta(tenant), "user_default")
             with redis_span("GET+LRANGE+HGET", self._redis):
                 row, history, default = await pipe.execute()
         if default is None:
@@ -188,11 +181,11 @@ class RedisFeatureStore(FeatureStore):
             return ItemFeatures(
                 np.zeros((0, default.size), np.float32), np.zeros(0, np.int32), np.zeros(0, bool)
             )
-        keys = [self._key(tenant, "i", i) for i in item_ids]
+        rows_keys = [keys.item_row(tenant, i) for i in item_ids]
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.mget(keys)
-            pipe.hget(self._meta_key(tenant), "item_default")
-            with redis_span("MGET+HGET", self._redis, keys=len(keys)):
+            pipe.mget(rows_keys)
+            pipe.hget(keys.meta(tenant), "item_default")
+            with redis_span("MGET+HGET", self._redis, keys=len(rows_keys)):
                 rows, default_raw = await pipe.execute()
         if default_raw is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
@@ -222,9 +215,9 @@ class RedisFeatureStore(FeatureStore):
             )
         async with self._redis.pipeline(transaction=False) as pipe:
             for user_id, row, history in zip(user_ids, rows, histories, strict=True):
-                pipe.set(self._key(tenant, "u", user_id), row.astype("<f4").tobytes())
+                pipe.set(keys.user_row(tenant, user_id), row.astype("<f4").tobytes())
                 if history:
-                    key = self._key(tenant, "h", user_id)
+                    key = keys.history(tenant, user_id)
                     pipe.delete(key)
                     pipe.rpush(key, *[str(int(h)) for h in history[-self._history_cap :]])
             with redis_span("PIPELINE", self._redis, keys=len(user_ids)):
@@ -233,7 +226,7 @@ class RedisFeatureStore(FeatureStore):
 
     async def append_history(self, tenant: str, user_id: str, item_ids: Sequence[int]) -> None:
         """Append interactions to a user's history, keeping the newest ``history_cap``."""
-        key = self._key(tenant, "h", user_id)
+        key = keys.history(tenant, user_id)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.rpush(key, *[str(int(i)) for i in item_ids])
             pipe.ltrim(key, -self._history_cap, -1)
@@ -255,7 +248,7 @@ class RedisFeatureStore(FeatureStore):
         packed["features"] = rows
         packed["category"] = categories
         mapping = {
-            self._key(tenant, "i", int(i)): packed[n].tobytes() for n, i in enumerate(item_ids)
+            keys.item_row(tenant, int(i)): packed[n].tobytes() for n, i in enumerate(item_ids)
         }
         with redis_span("MSET", self._redis, keys=len(mapping)):
             await self._redis.mset(mapping)
@@ -292,7 +285,7 @@ class RedisFeatureStore(FeatureStore):
                     for first in range(start, stop, 2000):
                         pipe.mset(
                             {
-                                self._key(tenant, "i", item): raw[
+                                keys.item_row(tenant, item): raw[
                                     (item - start) * width : (item - start + 1) * width
                                 ]
                                 for item in range(first, min(first + 2000, stop))
@@ -321,7 +314,7 @@ class RedisFeatureStore(FeatureStore):
     ) -> None:
         with redis_span("HSET", self._redis):
             await self._redis.hset(
-                self._meta_key(tenant),
+                keys.meta(tenant),
                 mapping={
                     "version": version,
                     "user_dim": user_default.size,

@@ -1,0 +1,65 @@
+"""The Redis key schema of a tenant's data, in one place.
+
+Every key carries the tenant as a hash tag, ``rm:{<tenant>}:...``, so in Redis Cluster a
+tenant's keys share one slot: a Lua script or ``MGET`` over them stays one round trip,
+and tenants never share a key. The feature store, the event log and the projector all
+name keys through these functions (the quota service keeps its own ``rm:{tenant:<t>}``
+buckets, which the gateway never reads).
+"""
+
+from __future__ import annotations
+
+
+def tenant_prefix(tenant: str) -> str:
+    """``rm:{<tenant>}:``, the start of every key of ``tenant``."""
+    return f"rm:{{{tenant}}}:"
+
+
+def meta(tenant: str) -> str:
+    """Hash: the feature views' widths, defaults and source version."""
+    return f"{tenant_prefix(tenant)}meta"
+
+
+def user_row(tenant: str, user_id: str) -> str:
+    """Packed float32 user feature row."""
+    return f"{tenant_prefix(tenant)}u:{user_id}"
+
+
+def history(tenant: str, user_id: str) -> str:
+    """List of the user's recent item ids (decimal), most recent last."""
+    return f"{tenant_prefix(tenant)}h:{user_id}"
+
+
+def item_row(tenant: str, item_id: int) -> str:
+    """Packed float32 item feature row plus its int32 category."""
+    return f"{tenant_prefix(tenant)}i:{item_id}"
+
+
+def events(tenant: str) -> str:
+    """Stream: the tenant's event log (field ``e`` = a serialized ``Event``)."""
+    return f"{tenant_prefix(tenant)}events"
+
+
+def event_claim(tenant: str, event_id: str) -> str:
+    """Dedupe claim of an appended event id."""
+    return f"{tenant_prefix(tenant)}eid:{event_id}"
+
+
+def request_events(tenant: str, request_id: str) -> str:
+    """List of the stream positions of the events that name ``request_id``."""
+    return f"{tenant_prefix(tenant)}rq:{request_id}"
+
+
+def dead_letters(tenant: str) -> str:
+    """Stream: events the projector could not apply, with the reason."""
+    return f"{tenant_prefix(tenant)}events:dead"
+
+
+def applied(tenant: str, event_id: str) -> str:
+    """The projector's mark that ``event_id`` was applied to the projections."""
+    return f"{tenant_prefix(tenant)}pj:{event_id}"
+
+
+def item_counters(tenant: str, item_id: int) -> str:
+    """Hash: the item's exponentially decayed impression, click and conversion counts."""
+    return f"{tenant_prefix(tenant)}ic:{item_id}"
