@@ -10,11 +10,20 @@ DEFAULT_PORTS: dict[str, int] = {
     "experiment": 50054,
     "events": 50055,
     "quota": 50056,
+    "projector": 50057,
 }
 
 GATEWAY_HTTP_PORT = 8080
 
-SERVICES: tuple[str, ...] = ("feature", "retrieval", "ranking", "experiment", "events", "quota")
+SERVICES: tuple[str, ...] = (
+    "feature",
+    "retrieval",
+    "ranking",
+    "experiment",
+    "events",
+    "quota",
+    "projector",
+)
 """Internal services, in start order (the gateway starts last)."""
 
 DEFAULT_METRICS_PORTS: dict[str, int] = {
@@ -24,6 +33,7 @@ DEFAULT_METRICS_PORTS: dict[str, int] = {
     "experiment": 9104,
     "events": 9105,
     "quota": 9106,
+    "projector": 9107,
 }
 """Prometheus ``/metrics`` port of every service (``RECMESH_<SERVICE>_METRICS_PORT``); the
 gateway serves ``/metrics`` on its HTTP API port instead."""

@@ -173,6 +173,12 @@ def redis_url() -> Any:
     return env("REDIS_URL", "", doc="Redis URL; `make up` starts an embedded Valkey when unset")
 
 
+def history_cap() -> Any:
+    """The field of how many recent items a user's history keeps (the feature store's
+    view, which the projector appends to), env ``RECMESH_FEATURE_HISTORY_CAP``."""
+    return env("RECMESH_FEATURE_HISTORY_CAP", 200, doc="history entries kept per user")
+
+
 def artifacts_dir() -> Any:
     """The artifact root field; services load ``<root>/current``."""
     return env("RECMESH_ARTIFACTS", ARTIFACTS_DIR, doc="artifact root holding `current`")

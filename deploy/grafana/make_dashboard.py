@@ -129,6 +129,21 @@ PANELS = [
         ],
         unit="reqps",
     ),
+    row("Event log projections"),
+    panel(
+        "Projector lag by tenant: entries not yet read, age of the oldest (s)",
+        [
+            ("max by (tenant) (recmesh_projector_lag_events)", "{{tenant}} entries"),
+            ("max by (tenant) (recmesh_projector_lag_seconds)", "{{tenant}} seconds"),
+        ],
+        width=12,
+    ),
+    panel(
+        "Projected events by outcome (applied, duplicate, dead)",
+        [rate_by("recmesh_projector_events_total", "tenant, outcome")],
+        unit="ops",
+        width=12,
+    ),
     row("gRPC methods (RED)"),
     panel(
         "Rate by method",

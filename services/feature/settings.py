@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.settings import ServerSettings, artifacts_dir, env, metrics_port_of, port_of, redis_url
+from mesh.settings import (
+    ServerSettings,
+    artifacts_dir,
+    env,
+    history_cap,
+    metrics_port_of,
+    port_of,
+    redis_url,
+)
 
 
 @dataclass(frozen=True)
@@ -20,7 +28,7 @@ class FeatureSettings(ServerSettings):
     history_limit: int = env(
         "RECMESH_FEATURE_HISTORY_LIMIT", 50, doc="history entries returned by default"
     )
-    history_cap: int = env("RECMESH_FEATURE_HISTORY_CAP", 200, doc="history entries kept")
+    history_cap: int = history_cap()
     max_batch: int = env(
         "RECMESH_FEATURE_MAX_BATCH", 5000, doc="most items one GetItemFeatures call may ask for"
     )

@@ -66,6 +66,7 @@ def _exported_metric_names() -> set[str]:
         "mesh.client",
         "mesh.stages",
         "services.ranking.server",
+        "services.projector.server",
     ):
         importlib.import_module(module)
     return {family.name for family in REGISTRY.collect()}

@@ -1,0 +1,269 @@
+"""Reading every tenant's event log as a consumer group, the way several replicas share it.
+
+Each tenant's stream (``keys.events``) has one consumer group (``group``, created at the
+start of the stream, so a new deployment projects the whole log). Every replica reads
+with its own consumer name, so Redis hands each entry to one of them:
+
+1. ``XREADGROUP ... >`` reads new entries of every tenant in one call (blocking up to
+   ``block_ms``); each batch is applied (:class:`~services.projector.projections.Projections`,
+   idempotent) and then acknowledged (``XACK``). A replica that dies between the two
+   leaves the entries pending.
+2. Every ``claim_idle_s / 2`` seconds ``XAUTOCLAIM`` takes over entries pending longer
+   than ``claim_idle_s`` (a crashed replica's) and applies them; applying twice changes
+   nothing. Entries trimmed from the stream while pending are acknowledged away.
+3. An entry that cannot be applied (not a valid ``Event``) goes to the tenant's dead-letter
+   stream (``keys.dead_letters``: its position, the reason, the raw bytes) and is
+   acknowledged, so one poison event never blocks the stream.
+
+The lag is published every second per tenant: entries not yet read by the group
+(``XINFO GROUPS`` ``lag``) and the age of the oldest of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge
+from recmesh.events.v1 import events_pb2
+
+from core import keys
+from core.events import validate_event
+from mesh.errors import InvalidArgument
+from services.projector.projections import Projections
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter(
+    "recmesh_projector_events_total",
+    "Log entries the projector handled, by tenant and outcome: applied, duplicate (applied "
+    "before: a redelivery) or dead (sent to the dead-letter stream)",
+    ["tenant", "outcome"],
+)
+CLAIMED = Counter(
+    "recmesh_projector_claimed_total",
+    "Pending entries taken over from a consumer that held them too long",
+    ["tenant"],
+)
+LAG_EVENTS = Gauge(
+    "recmesh_projector_lag_events", "Log entries the group has not read yet", ["tenant"]
+)
+LAG_SECONDS = Gauge(
+    "recmesh_projector_lag_seconds",
+    "Age of the oldest log entry the group has not read yet (0 when none)",
+    ["tenant"],
+)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class Lag:
+    """How far the group is behind one tenant's log."""
+
+    events: int
+    seconds: float
+
+
+class StreamProjector:
+    """Projects the logs of ``tenants`` as consumer ``consumer`` of ``group`` (see the
+    module docstring). ``clock`` gives wall time in seconds (the log's positions are
+    milliseconds of wall time)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        projections: Projections,
+        tenants: Sequence[str],
+        *,
+        group: str,
+        consumer: str,
+        batch: int = 200,
+        block_ms: int = 100,
+        claim_idle_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = client
+        self._projections = projections
+        self.tenants = list(tenants)
+        self.group = group
+        self.consumer = consumer
+        self._batch = batch
+        self._block_ms = block_ms
+        self._claim_idle_ms = int(claim_idle_s * 1000)
+        self._clock = clock
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def prepare(self) -> None:
+        """Create each tenant's group at the start of its stream, if it has none yet."""
+        for tenant in self.tenants:
+            try:
+                await self._redis.xgroup_create(keys.events(tenant), self.group, "0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def read_once(self) -> int:
+        """Read, apply and acknowledge one round of new entries; returns how many."""
+        streams: dict[Any, Any] = {keys.events(t): ">" for t in self.tenants}
+        try:
+            reply = await self._redis.xreadgroup(
+                self.group, self.consumer, streams, count=self._batch, block=self._block_ms
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.prepare()  # Redis lost its data (a restart without persistence)
+            return 0
+        handled = 0
+        by_stream = {keys.events(t): t for t in self.tenants}
+        for stream, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
+            handled += await self._handle(by_stream[stream.decode()], entries)
+        return handled
+
+    async def claim_once(self) -> int:
+        """Take over and apply every entry pending longer than ``claim_idle_s``; returns
+        how many."""
+        handled = 0
+        for tenant in self.tenants:
+            start = "0-0"
+            while True:
+                try:
+                    reply = await self._redis.xautoclaim(
+                        keys.events(tenant),
+                        self.group,
+                        self.consumer,
+                        self._claim_idle_ms,
+                        start_id=start,
+                        count=self._batch,
+                    )
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    break
+                start = _text(reply[0])
+                entries = cast(list[Entry], reply[1])
+                gone = [_text(p) for p in (reply[2] if len(reply) > 2 else [])]
+                if gone:  # trimmed from the stream while pending: nothing left to apply
+                    await self._redis.xack(keys.events(tenant), self.group, *gone)
+                if entries:
+                    CLAIMED.labels(tenant).inc(len(entries))
+                    handled += await self._handle(tenant, entries)
+                if start == "0-0":
+                    break
+        return handled
+
+    async def _handle(self, tenant: str, entries: list[Entry]) -> int:
+        events: list[events_pb2.Event] = []
+        positions: list[str] = []
+        dead: list[tuple[str, str, bytes]] = []
+        now_ms = int(self._clock() * 1000)
+        for raw_position, fields in entries:
+            position = _text(raw_position)
+            positions.append(position)
+            payload = fields.get(b"e", b"")
+            try:
+                event = events_pb2.Event.FromString(payload)
+                validate_event(event, 0, now_ms)
+            except (DecodeError, InvalidArgument) as exc:
+                dead.append((position, _reason(exc), payload))
+                continue
+            events.append(event)
+        applied = await self._projections.apply(tenant, events)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for position, reason, payload in dead:
+                pipe.xadd(
+                    keys.dead_letters(tenant),
+                    {"position": position, "reason": reason, "e": payload},
+                )
+            pipe.xack(keys.events(tenant), self.group, *positions)
+            await pipe.execute()
+        for position, reason, _ in dead:
+            log.warning(
+                "event sent to the dead-letter stream",
+                extra={"fields": {"tenant": tenant, "position": position, "reason": reason}},
+            )
+        EVENTS.labels(tenant, "applied").inc(applied)
+        EVENTS.labels(tenant, "duplicate").inc(len(events) - applied)
+        EVENTS.labels(tenant, "dead").inc(len(dead))
+        return len(entries)
+
+    async def lag(self, tenant: str) -> Lag:
+        """How far the group is behind ``tenant``'s log now."""
+        stream = keys.events(tenant)
+        groups: list[dict[str, Any]] = await self._redis.xinfo_groups(stream)
+        info = next((g for g in groups if _text(g["name"]) == self.group), None)
+        if info is None:
+            return Lag(0, 0.0)
+        behind = info.get("lag")
+        last = _text(info["last-delivered-id"])
+        oldest = cast(list[Entry], await self._redis.xrange(stream, min=f"({last}", count=1))
+        if behind is None:  # Redis could not count (entries deleted): count what is left
+            behind = await self._redis.xlen(stream) if last == "0-0" else len(oldest)
+        if not oldest:
+            return Lag(int(behind), 0.0)
+        appended_ms = int(_text(oldest[0][0]).split("-")[0])
+        return Lag(int(behind), max(0.0, self._clock() - appended_ms / 1000))
+
+    async def _run(self, step: Callable[[], Any], pause_s: float, what: str) -> None:
+        """Run ``step`` forever, ``pause_s`` apart; a failure (Redis down) is logged and
+        retried after a pause, never ends the loop."""
+        while True:
+            try:
+                await step()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("%s failed, retrying: %s", what, exc)
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("%s failed, retrying", what)
+                await asyncio.sleep(0.5)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+
+    async def _publish_lag(self) -> None:
+        for tenant in self.tenants:
+            lag = await self.lag(tenant)
+            LAG_EVENTS.labels(tenant).set(lag.events)
+            LAG_SECONDS.labels(tenant).set(lag.seconds)
+
+    async def start(self) -> None:
+        """Create the groups, then read, claim and publish the lag in the background."""
+        await self._projections.prepare()
+        await self.prepare()
+        self._tasks = [
+            asyncio.create_task(self._run(self.read_once, 0.0, "read")),
+            asyncio.create_task(self._run(self.claim_once, self._claim_idle_ms / 2000, "claim")),
+            asyncio.create_task(self._run(self._publish_lag, 1.0, "lag")),
+        ]
+
+    @property
+    def running(self) -> bool:
+        """Whether the background loops are all alive."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
+    async def stop(self) -> None:
+        """Stop reading; what was read and not acknowledged stays pending for a claim."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, InvalidArgument):
+        return f"{exc.field}: {exc.message}"
+    return f"not an Event: {exc}"

@@ -1,0 +1,51 @@
+"""Settings of the projector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh.settings import (
+    ServerSettings,
+    env,
+    history_cap,
+    metrics_port_of,
+    port_of,
+    redis_url,
+    tenants_file,
+)
+
+
+@dataclass(frozen=True)
+class ProjectorSettings(ServerSettings):
+    """Environment of the projector process. Several replicas share one consumer group."""
+
+    service_name: str = "projector"
+    port: int = port_of("projector")
+    metrics_port: int = metrics_port_of("projector")
+    redis_url: str = redis_url()
+    tenants: Path = tenants_file()
+    group: str = env(
+        "RECMESH_PROJECTOR_GROUP", "projector", doc="consumer group every replica reads in"
+    )
+    consumer: str = env(
+        "RECMESH_PROJECTOR_CONSUMER", "", doc="this replica's name in the group (default host-pid)"
+    )
+    batch: int = env("RECMESH_PROJECTOR_BATCH", 200, doc="entries read per stream and round")
+    block_ms: int = env(
+        "RECMESH_PROJECTOR_BLOCK_MS", 100, doc="how long a read waits for new entries"
+    )
+    claim_idle_s: float = env(
+        "RECMESH_PROJECTOR_CLAIM_IDLE_S",
+        30.0,
+        doc="entries read but not acknowledged for this long (a crashed replica's) are claimed",
+    )
+    half_life_s: float = env(
+        "RECMESH_PROJECTOR_HALF_LIFE_S", 3600.0, doc="half-life of the item counters' decay"
+    )
+    applied_ttl_s: int = env(
+        "RECMESH_PROJECTOR_APPLIED_TTL_S",
+        7 * 24 * 3600,
+        doc="how long an applied event id is remembered (redeliveries within it change nothing)",
+    )
+    history_cap: int = history_cap()

@@ -1,0 +1,177 @@
+"""The projector against a real Valkey: idempotent projections, order-free decay, claims of
+a crashed consumer's entries, dead letters, lag."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+import redis.asyncio as aioredis
+from recmesh.events.v1 import events_pb2
+
+from core import keys
+from services.projector.consumer import StreamProjector
+from services.projector.projections import Projections
+
+HOUR_MS = 3_600_000
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    connection = aioredis.Redis.from_url(redis_url)
+    yield connection
+    await connection.aclose()
+
+
+def projections(client: aioredis.Redis) -> Projections:
+    return Projections(client, history_cap=3, half_life_s=3600.0, applied_ttl_s=600)
+
+
+def tenant() -> str:
+    return "pj" + uuid.uuid4().hex[:8]
+
+
+def event(kind: str, item: int, ts_ms: int, user: str = "u1", **fields: object) -> events_pb2.Event:
+    return events_pb2.Event(
+        event_id=uuid.uuid4().hex,
+        type=kind,
+        user_id=user,
+        item_id=item,
+        ts_ms=ts_ms,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def history(client: aioredis.Redis, name: str, user: str = "u1") -> list[int]:
+    return [int(i) for i in await client.lrange(keys.history(name, user), 0, -1)]
+
+
+async def test_applying_an_event_twice_changes_nothing(client: aioredis.Redis) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    batch = [event("impression", 7, now), event("click", 7, now + 1), event("dismiss", 7, now)]
+    view = projections(client)
+    assert await view.apply(name, batch) == 3
+    assert await view.apply(name, batch) == 0  # a redelivery
+    assert await history(client, name) == [7]
+    counters = await view.item_counters(name, 7)
+    assert (counters["impression"], counters["click"]) == (1.0, 1.0)
+    assert "conversion" not in counters
+
+
+async def test_recent_outcomes_keep_the_newest_clicks_and_conversions(
+    client: aioredis.Redis,
+) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    outcomes = [event("click", item, now + item) for item in (1, 2, 3)]
+    await projections(client).apply(
+        name, [*outcomes, event("impression", 9, now), event("conversion", 4, now + 4)]
+    )
+    assert await history(client, name) == [2, 3, 4]  # capped at 3, newest last
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+async def test_decayed_counts_do_not_depend_on_the_order_events_arrive_in(
+    client: aioredis.Redis, order: tuple[int, ...]
+) -> None:
+    name, start = tenant(), 1_700_000_000_000
+    shown = [event("impression", 5, start + k * HOUR_MS) for k in range(3)]
+    await projections(client).apply(name, [shown[k] for k in order])
+    counters = await projections(client).item_counters(name, 5)
+    # As of the last impression, one half-life apart: 1 + 1/2 + 1/4.
+    assert counters["impression"] == pytest.approx(1.75, rel=1e-12)
+    assert counters["impression_at"] == start + 2 * HOUR_MS
+
+
+def projector(client: aioredis.Redis, names: list[str], **options: object) -> StreamProjector:
+    return StreamProjector(
+        client,
+        projections(client),
+        names,
+        group="projector",
+        consumer="test",
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def append(client: aioredis.Redis, name: str, *events: events_pb2.Event) -> list[str]:
+    positions = [await client.xadd(keys.events(name), {"e": e.SerializeToString()}) for e in events]
+    return [cast(bytes, position).decode() for position in positions]
+
+
+async def pending(client: aioredis.Redis, name: str) -> int:
+    summary = await client.xpending(keys.events(name), "projector")
+    return int(summary["pending"])
+
+
+async def test_new_entries_are_applied_acknowledged_and_the_lag_drains(
+    client: aioredis.Redis,
+) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    reader = projector(client, [name])
+    await reader.prepare()
+    await append(client, name, event("click", 11, now), event("click", 12, now))
+    lag = await reader.lag(name)
+    assert lag.events == 2 and lag.seconds >= 0.0
+    assert await reader.read_once() == 2
+    assert await history(client, name) == [11, 12]
+    assert await pending(client, name) == 0
+    assert (await reader.lag(name)).events == 0
+
+
+async def test_a_crashed_consumers_entries_are_claimed_and_applied_once(
+    client: aioredis.Redis,
+) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    reader = projector(client, [name], claim_idle_s=0.05)
+    await reader.prepare()
+    await append(client, name, event("click", 21, now))
+    # Another replica read the entry and died before acknowledging it.
+    await client.xreadgroup("projector", "crashed", {keys.events(name): ">"}, count=10)
+    assert await pending(client, name) == 1
+    await asyncio.sleep(0.1)
+    assert await reader.claim_once() == 1
+    assert await pending(client, name) == 0
+    assert await history(client, name) == [21]
+    assert await reader.claim_once() == 0  # nothing left to claim
+
+
+async def test_a_poison_entry_goes_to_the_dead_letters_and_the_stream_flows_on(
+    client: aioredis.Redis,
+) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    reader = projector(client, [name])
+    await reader.prepare()
+    await client.xadd(keys.events(name), {"e": b"\xff\xfe not a protobuf"})
+    bad_item = event("click", 31, now)
+    bad_item.item_id = -1
+    await append(client, name, bad_item, event("click", 32, now))
+    assert await reader.read_once() == 3
+    assert await history(client, name) == [32]
+    assert await pending(client, name) == 0
+    dead = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.dead_letters(name))
+    )
+    reasons = [fields[b"reason"].decode() for _, fields in dead]
+    assert len(reasons) == 2
+    assert reasons[0].startswith("not an Event")
+    assert reasons[1].startswith("events[0].item_id")
+
+
+async def test_each_tenant_is_projected_into_its_own_keys(client: aioredis.Redis) -> None:
+    first, second, now = tenant(), tenant(), int(time.time() * 1000)
+    reader = projector(client, [first, second])
+    await reader.prepare()
+    await append(client, first, event("click", 41, now))
+    await append(client, second, event("click", 42, now))
+    handled = 0
+    for _ in range(5):
+        handled += await reader.read_once()
+        if handled == 2:
+            break
+    assert (await history(client, first), await history(client, second)) == ([41], [42])
+    assert await projections(client).item_counters(second, 41) == {}
