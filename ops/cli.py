@@ -7,7 +7,8 @@ services pick it up without restart) and ``recmesh eval`` evaluates a set offlin
 ``recmesh protos [--check]`` regenerates stubs; ``recmesh bench`` runs the step benchmark
 (``python -m loadtest.steps``); ``recmesh chaos`` runs the chaos suite (``python -m chaos``);
 ``recmesh trace <request_id>`` prints a request's trace from Jaeger; ``recmesh explain
-<request_id>`` why its answer showed what it showed, from the event log.
+<request_id>`` why its answer showed what it showed, from the event log; ``recmesh events
+tail`` the newest events of a tenant's log.
 """
 
 from __future__ import annotations
@@ -202,6 +203,23 @@ def cmd_explain(args: argparse.Namespace, settings: OpsSettings) -> int:
     return code
 
 
+def cmd_events_tail(args: argparse.Namespace, settings: OpsSettings) -> int:
+    import grpc
+
+    from ops import events_tail
+
+    address = f"127.0.0.1:{settings.ports()['events']}"
+    try:
+        rows = events_tail.tail(
+            events_tail.stored_events(address, args.tenant), args.limit, args.user, args.type
+        )
+    except grpc.RpcError as exc:
+        print(f"error: the events service at {address} answered {exc.code().name}")
+        return 1
+    print(events_tail.render(rows, args.json))
+    return 0
+
+
 def _forwarding(commands: Any, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
     """A subcommand that hands every argument after its name, untouched, to the tool it
     runs (which has its own ``--help``)."""
@@ -251,6 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         cmd_bench,
     )
     _forwarding(commands, "chaos", "break the mesh under load and report (see --help)", cmd_chaos)
+    events = commands.add_parser("events", help="read a tenant's event log").add_subparsers(
+        dest="events_command", required=True
+    )
+    tail = events.add_parser("tail", help="the newest events of a tenant's log")
+    tail.add_argument("--tenant", required=True)
+    tail.add_argument("--user", default="", help="only this user's events")
+    tail.add_argument("--type", default="", help="only events of this type (e.g. click)")
+    tail.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.set_defaults(run=cmd_events_tail)
     why = commands.add_parser("explain", help="why an answer showed its items, from the event log")
     why.add_argument("request_id", help="the request_id of a response")
     why.add_argument("--tenant", help="the tenant whose log to read (default: every tenant)")
