@@ -26,8 +26,16 @@ def user_row(tenant: str, user_id: str) -> str:
 
 
 def history(tenant: str, user_id: str) -> str:
-    """List of the user's recent item ids (decimal), most recent last."""
+    """List of the user's item ids from the materialised artifact set (decimal), most
+    recent last; replaced when a set is materialised."""
     return f"{tenant_prefix(tenant)}h:{user_id}"
+
+
+def outcomes(tenant: str, user_id: str) -> str:
+    """List: the user's clicks and conversions projected from the event log (item ids,
+    decimal, newest last). Kept apart from :func:`history`, which materialisation
+    replaces; the feature store serves the two together."""
+    return f"{tenant_prefix(tenant)}o:{user_id}"
 
 
 def item_row(tenant: str, item_id: int) -> str:

@@ -361,6 +361,7 @@ class Funnel:
         now_ms = int(time.time() * 1000)
         propensities = result.propensities or [0.0] * n
         scores = result.scores or [0.0] * n
+        sources = result.sources or [0] * n
         variants = dict(result.experiments)
         events = [
             events_pb2.Event(
@@ -380,7 +381,7 @@ class Funnel:
                 degraded=result.degraded,
             )
             for position, (item_id, propensity, score, source) in enumerate(
-                zip(result.item_ids, propensities, scores, result.sources, strict=True)
+                zip(result.item_ids, propensities, scores, sources, strict=True)
             )
         ]
         with tracing.stage_span("impressions", events=len(events)):

@@ -4,10 +4,11 @@ Starts the mesh as processes (its own Valkey, free ports; :mod:`loadtest.harness
 per rate of ``--rates`` posts events to ``POST /v1/events`` for ``--seconds`` (100 posts a
 second, ``rate / 100`` events each; ``--click-share`` of them clicks, each by a user of its
 own, the rest impressions). A click is *visible* once the projector has appended its item
-to that user's history in Valkey (``core.keys.history``), which is what retrieval's seen
-filter reads. For every click it reports the time from the gateway's 202 to visible: the
-outbox, the relay, the events service, the log and the projector, end to end. Clicks not
-visible 5 s after the last post are counted apart.
+to that user's projected outcomes in Valkey (``core.keys.outcomes``), which the feature
+store serves as the newest of the user's history and retrieval's seen filter reads. For
+every click it reports the time from the gateway's 202 to visible: the outbox, the relay,
+the events service, the log and the projector, end to end. Clicks not visible 5 s after
+the last post are counted apart.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ async def watch(redis_url: str, clicks: Clicks, stop: asyncio.Event) -> None:
             if users:
                 async with client.pipeline(transaction=False) as pipe:
                     for user in users:
-                        pipe.lrange(keys.history(TENANT, user), -1, -1)
+                        pipe.lrange(keys.outcomes(TENANT, user), -1, -1)
                     lasts = await pipe.execute()
                 now = time.monotonic()
                 for user, last in zip(users, lasts, strict=True):

@@ -8,6 +8,9 @@ import redis.asyncio as aioredis
 from mesh.errors import ConfigError
 from mesh.health import HealthCheck
 
+SOCKET_TIMEOUT_S = 1.0
+"""How long a command of a service's client may wait for its answer."""
+
 
 def connect(url: str) -> aioredis.Redis:
     """A pooled asyncio client for ``url`` (hiredis parser when installed).
@@ -19,7 +22,7 @@ def connect(url: str) -> aioredis.Redis:
         raise ConfigError("REDIS_URL is not set; start the mesh with `make up` or set it")
     return aioredis.Redis.from_url(
         url,
-        socket_timeout=1.0,
+        socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=1.0,
         health_check_interval=10,
         retry_on_timeout=False,

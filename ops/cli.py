@@ -220,6 +220,13 @@ def cmd_events_tail(args: argparse.Namespace, settings: OpsSettings) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _forwarding(commands: Any, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
     """A subcommand that hands every argument after its name, untouched, to the tool it
     runs (which has its own ``--help``)."""
@@ -276,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     tail.add_argument("--tenant", required=True)
     tail.add_argument("--user", default="", help="only this user's events")
     tail.add_argument("--type", default="", help="only events of this type (e.g. click)")
-    tail.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    tail.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(run=cmd_events_tail)
     why = commands.add_parser("explain", help="why an answer showed its items, from the event log")

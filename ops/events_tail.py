@@ -18,14 +18,15 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from mesh.context import TENANT_KEY
 
-PAGE = 1000
-"""Entries asked for per ``Read`` (the service's default cap)."""
+PAGE = 100
+"""Entries asked for per ``Read`` (the service refuses more than its ``max_read``, 1000 by
+default)."""
 
 
 def stored_events(
-    address: str, tenant: str, timeout_s: float = 5.0
+    address: str, tenant: str, page: int = PAGE, timeout_s: float = 5.0
 ) -> Iterator[events_pb2.StoredEvent]:
-    """Every stored event of ``tenant``, oldest first, read a page at a time.
+    """Every stored event of ``tenant``, oldest first, read ``page`` entries at a time.
 
     Raises:
         grpc.RpcError: the events service refused or could not be reached.
@@ -35,12 +36,12 @@ def stored_events(
         stub = events_pb2_grpc.EventServiceStub(channel)
         while True:
             reply = stub.Read(
-                events_pb2.ReadRequest(after=after, limit=PAGE),
+                events_pb2.ReadRequest(after=after, limit=page),
                 metadata=((TENANT_KEY, tenant),),
                 timeout=timeout_s,
             )
             yield from reply.events
-            if len(reply.events) < PAGE:
+            if len(reply.events) < page:
                 return
             after = reply.events[-1].position
 
@@ -49,8 +50,8 @@ def tail(
     entries: Iterator[events_pb2.StoredEvent], limit: int, user: str = "", kind: str = ""
 ) -> list[dict[str, Any]]:
     """The last ``limit`` entries whose user is ``user`` and type ``kind`` (empty: any),
-    each as its stream position (``log_position``) plus the event's fields (proto3 JSON
-    mapping: 64-bit integers as strings)."""
+    each as its stream position (``log_position``) plus every field of the event (proto3
+    JSON mapping: 64-bit integers as strings, enums by name, zero values included)."""
     kept: deque[events_pb2.StoredEvent] = deque(maxlen=limit)
     for entry in entries:
         if (not user or entry.event.user_id == user) and (not kind or entry.event.type == kind):
@@ -58,7 +59,11 @@ def tail(
     return [
         {
             "log_position": entry.position,
-            **MessageToDict(entry.event, preserving_proto_field_name=True),
+            **MessageToDict(
+                entry.event,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            ),
         }
         for entry in kept
     ]

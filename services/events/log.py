@@ -9,10 +9,12 @@ touches one cluster slot.
 Entries hold the serialized ``recmesh.events.v1.Event`` under the field ``e``.
 
 An event that names a request (``request_id``) also has its stream position appended to
-``rm:{t}:rq:<request_id>`` in the same script call, a list that expires with the dedupe
-window: the events of one request (its impressions with their lineage, and the clicks and
-conversions that name it) are read back without scanning the stream
-(:meth:`EventLog.read_request`, ``recmesh explain``).
+``rm:{t}:rq:<request_id>`` in the same script call: a list of at most ``request_cap``
+positions (the first ones: the answer's impressions, then its outcomes), which expires
+one dedupe window after the request's first event (later events do not extend it). The
+events of one request (its impressions with their lineage, and the clicks and conversions
+that name it) are read back without scanning the stream (:meth:`EventLog.read_request`,
+``recmesh explain``).
 """
 
 from __future__ import annotations
@@ -28,16 +30,18 @@ from recmesh.events.v1 import events_pb2
 from core import keys
 
 # KEYS: the stream, then per event its dedupe claim and its request index.
-# ARGV: the dedupe TTL, then per event its serialized form and "1" when it names a request.
+# ARGV: the dedupe TTL, the request index's cap, then per event its serialized form, then
+# per event "1" when it names a request.
 _APPEND = """
 local n = (#KEYS - 1) / 2
 local appended = 0
 for i = 1, n do
   if redis.call('SET', KEYS[1 + i], '1', 'NX', 'EX', ARGV[1]) then
-    local position = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1 + i])
-    if ARGV[1 + n + i] == '1' then
-      redis.call('RPUSH', KEYS[1 + n + i], position)
-      redis.call('EXPIRE', KEYS[1 + n + i], ARGV[1])
+    local position = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2 + i])
+    local index = KEYS[1 + n + i]
+    if ARGV[2 + n + i] == '1' and redis.call('LLEN', index) < tonumber(ARGV[2]) then
+      redis.call('RPUSH', index, position)
+      redis.call('EXPIRE', index, ARGV[1], 'NX')
     end
     appended = appended + 1
   end
@@ -77,12 +81,15 @@ class RedisStreamEventLog(EventLog):
     Args:
         client: asyncio Redis client (bytes responses).
         dedupe_ttl_s: how long an event id is remembered.
+        request_cap: most events indexed per request (a client that names one request id
+            on every event cannot grow its index without bound).
     """
 
-    def __init__(self, client: aioredis.Redis, dedupe_ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, dedupe_ttl_s: int, request_cap: int = 1000) -> None:
         self._redis = client
         self._append = client.register_script(_APPEND)
         self._ttl = dedupe_ttl_s
+        self._request_cap = request_cap
 
     async def prepare(self) -> None:
         """Load the append script into Redis now, so the first append is one round trip."""
@@ -100,6 +107,7 @@ class RedisStreamEventLog(EventLog):
                 ],
                 args=[
                     self._ttl,
+                    self._request_cap,
                     *(event.SerializeToString() for event in events),
                     *("1" if event.request_id else "0" for event in events),
                 ],

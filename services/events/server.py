@@ -14,7 +14,7 @@ from services.events.settings import EventsSettings
 async def build_service(settings: EventsSettings) -> Service:
     """The events service writing to Redis at ``settings.redis_url``."""
     client = mesh_redis.connect(settings.redis_url)
-    log = RedisStreamEventLog(client, settings.dedupe_ttl_s)
+    log = RedisStreamEventLog(client, settings.dedupe_ttl_s, request_cap=settings.max_read)
     servicer = EventServicer(log, settings.max_read)
     return Service(
         [Registration.of(servicer, events_pb2, events_pb2_grpc, "EventService")],

@@ -6,7 +6,11 @@ a tenant's keys share a slot and a multi-key read stays one round trip):
 * ``rm:{t}:meta`` — hash: ``user_dim``, ``item_dim``, ``version``, ``user_default``,
   ``item_default`` (packed rows), ``users``, ``items`` (counts at materialisation).
 * ``rm:{t}:u:<user_id>`` — packed user row: ``user_dim`` little-endian float32.
-* ``rm:{t}:h:<user_id>`` — list of recent item ids (decimal), most recent last.
+* ``rm:{t}:h:<user_id>`` — list of the user's item ids from the artifact set (decimal), most
+  recent last; replaced when a set is materialised.
+* ``rm:{t}:o:<user_id>`` — list of the user's clicks and conversions projected from the
+  event log by the projector, newest last; materialisation never touches it. A user's
+  history is the two together, the projected outcomes last (the newest).
 * ``rm:{t}:i:<item_id>`` — packed item row: ``item_dim`` float32 then one int32 category.
 
 An item batch is one ``MGET`` of packed rows decoded with one ``numpy.frombuffer``.
@@ -84,7 +88,8 @@ class FeatureStore(abc.ABC):
 
     @abc.abstractmethod
     async def get_user(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
-        """The user's row and last ``history_limit`` history entries, or the defaults."""
+        """The user's row and last ``history_limit`` history entries (the materialised
+        history, then the outcomes projected from the event log), or the defaults."""
 
     @abc.abstractmethod
     async def get_items(self, tenant: str, item_ids: Sequence[int]) -> ItemFeatures:
@@ -166,14 +171,16 @@ class RedisFeatureStore(FeatureStore):
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(keys.user_row(tenant, user_id))
             pipe.lrange(keys.history(tenant, user_id), -history_limit, -1)
+            pipe.lrange(keys.outcomes(tenant, user_id), -history_limit, -1)
             pipe.hget(keys.meta(tenant), "user_default")
-            with redis_span("GET+LRANGE+HGET", self._redis):
-                row, history, default = await pipe.execute()
+            with redis_span("GET+LRANGE+LRANGE+HGET", self._redis):
+                row, history, outcomes, default = await pipe.execute()
         if default is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         is_default = row is None
         features = np.frombuffer(default if is_default else row, dtype="<f4")
-        return UserFeatures(features, [int(h) for h in history], is_default)
+        recent = [int(h) for h in (history + outcomes)[-history_limit:]]
+        return UserFeatures(features, recent, is_default)
 
     async def get_items(self, tenant: str, item_ids: Sequence[int]) -> ItemFeatures:
         if not item_ids:
@@ -223,15 +230,6 @@ class RedisFeatureStore(FeatureStore):
             with redis_span("PIPELINE", self._redis, keys=len(user_ids)):
                 await pipe.execute()
         return len(user_ids)
-
-    async def append_history(self, tenant: str, user_id: str, item_ids: Sequence[int]) -> None:
-        """Append interactions to a user's history, keeping the newest ``history_cap``."""
-        key = keys.history(tenant, user_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, *[str(int(i)) for i in item_ids])
-            pipe.ltrim(key, -self._history_cap, -1)
-            with redis_span("RPUSH+LTRIM", self._redis):
-                await pipe.execute()
 
     async def write_items(
         self, tenant: str, item_ids: Sequence[int], rows: F32, categories: Sequence[int]

@@ -64,6 +64,9 @@ LAG_SECONDS = Gauge(
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
+LAG_COUNT_CAP = 100_000
+"""Most unread entries counted one by one when Redis cannot say the lag itself."""
+
 
 @dataclass(frozen=True)
 class Lag:
@@ -101,6 +104,8 @@ class StreamProjector:
         self._claim_idle_ms = int(claim_idle_s * 1000)
         self._clock = clock
         self._tasks: list[asyncio.Task[None]] = []
+        self.last_read = 0.0
+        """When a read round last succeeded (``clock`` time; 0 before the first)."""
 
     async def prepare(self) -> None:
         """Create each tenant's group at the start of its stream, if it has none yet."""
@@ -123,6 +128,7 @@ class StreamProjector:
                 raise
             await self.prepare()  # Redis lost its data (a restart without persistence)
             return 0
+        self.last_read = self._clock()
         handled = 0
         by_stream = {keys.events(t): t for t in self.tenants}
         for stream, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
@@ -134,32 +140,40 @@ class StreamProjector:
         how many."""
         handled = 0
         for tenant in self.tenants:
-            start = "0-0"
-            while True:
-                try:
-                    reply = await self._redis.xautoclaim(
-                        keys.events(tenant),
-                        self.group,
-                        self.consumer,
-                        self._claim_idle_ms,
-                        start_id=start,
-                        count=self._batch,
-                    )
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    break
-                start = _text(reply[0])
-                entries = cast(list[Entry], reply[1])
-                gone = [_text(p) for p in (reply[2] if len(reply) > 2 else [])]
-                if gone:  # trimmed from the stream while pending: nothing left to apply
-                    await self._redis.xack(keys.events(tenant), self.group, *gone)
-                if entries:
-                    CLAIMED.labels(tenant).inc(len(entries))
-                    handled += await self._handle(tenant, entries)
-                if start == "0-0":
-                    break
+            try:
+                handled += await self._claim_tenant(tenant)
+            except redis.ResponseError:  # one tenant's failure does not stop the others'
+                log.exception("claiming pending entries failed", extra={"tenant": tenant})
         return handled
+
+    async def _claim_tenant(self, tenant: str) -> int:
+        handled = 0
+        start = "0-0"
+        while True:
+            try:
+                reply = await self._redis.xautoclaim(
+                    keys.events(tenant),
+                    self.group,
+                    self.consumer,
+                    self._claim_idle_ms,
+                    start_id=start,
+                    count=self._batch,
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return handled
+            start = _text(reply[0])
+            # Redis 6.2 answers a deleted pending entry as (id, None): nothing to apply.
+            entries = [e for e in cast(list[Entry], reply[1]) if e[1] is not None]
+            gone = [_text(p) for p in (reply[2] if len(reply) > 2 else [])]
+            if gone:  # trimmed from the stream while pending: nothing left to apply
+                await self._redis.xack(keys.events(tenant), self.group, *gone)
+            if entries:
+                CLAIMED.labels(tenant).inc(len(entries))
+                handled += await self._handle(tenant, entries)
+            if start == "0-0":
+                return handled
 
     async def _handle(self, tenant: str, entries: list[Entry]) -> int:
         events: list[events_pb2.Event] = []
@@ -176,6 +190,10 @@ class StreamProjector:
             except (DecodeError, InvalidArgument) as exc:
                 dead.append((position, _reason(exc), payload))
                 continue
+            # An event time ahead of its append time (a skewed client clock) counts as the
+            # append time, so one future-dated event cannot freeze an item's decay; both
+            # are in the log, so a replay computes the same.
+            event.ts_ms = min(event.ts_ms, int(position.split("-")[0]))
             events.append(event)
         applied = await self._projections.apply(tenant, events)
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -206,8 +224,9 @@ class StreamProjector:
         behind = info.get("lag")
         last = _text(info["last-delivered-id"])
         oldest = cast(list[Entry], await self._redis.xrange(stream, min=f"({last}", count=1))
-        if behind is None:  # Redis could not count (entries deleted): count what is left
-            behind = await self._redis.xlen(stream) if last == "0-0" else len(oldest)
+        if behind is None:  # Redis could not count (entries were deleted): count them here
+            unread = await self._redis.xrange(stream, min=f"({last}", count=LAG_COUNT_CAP)
+            behind = len(cast(list[Entry], unread))
         if not oldest:
             return Lag(int(behind), 0.0)
         appended_ms = int(_text(oldest[0][0]).split("-")[0])
@@ -244,10 +263,12 @@ class StreamProjector:
             asyncio.create_task(self._run(self._publish_lag, 1.0, "lag")),
         ]
 
-    @property
-    def running(self) -> bool:
-        """Whether the background loops are all alive."""
-        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+    def progressing(self, within_s: float) -> bool:
+        """Whether the loops are alive and a read round succeeded in the last ``within_s``
+        seconds (an idle read returns after ``block_ms``, so a healthy projector reads
+        several times a second)."""
+        alive = bool(self._tasks) and not any(task.done() for task in self._tasks)
+        return alive and self._clock() - self.last_read <= within_s
 
     async def stop(self) -> None:
         """Stop reading; what was read and not acknowledged stays pending for a claim."""

@@ -5,9 +5,10 @@ For each event of a batch, one Lua call first claims ``applied(tenant, event_id)
 entry (a crash between applying and acknowledging, a claimed pending entry) is harmless:
 at-least-once delivery, exactly-once effect while the mark lives.
 
-* **Recent outcomes** (``history(tenant, user)``, the feature store's history view): a
-  click or a conversion appends its item, newest last, trimmed to ``history_cap``.
-  Retrieval drops these items as already seen, and reads them as the user's history.
+* **Recent outcomes** (``outcomes(tenant, user)``): a click or a conversion appends its
+  item, newest last, trimmed to ``history_cap``. The feature store serves them after the
+  materialised history (which materialisation replaces; these it never touches), so
+  retrieval drops them as already seen and the models read them as the user's history.
 * **Item counters** (``item_counters(tenant, item)``, a hash): impressions, clicks and
   conversions with exponential time decay. For each kind the hash holds the value as of
   the latest event time seen (``<kind>_at``, ms) ``v = sum(exp(-(at - t_i) / tau))``;
@@ -36,7 +37,7 @@ COUNTED = ("impression", "click", "conversion")
 OUTCOMES = ("click", "conversion")
 """Event types appended to the user's recent outcomes."""
 
-# KEYS per event: applied mark, user history, item counters.
+# KEYS per event: applied mark, user outcomes, item counters.
 # ARGV: mark TTL, history cap, tau (ms), then per event: type, item id, event time (ms).
 _APPLY = """
 local ttl, cap, tau = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -102,7 +103,7 @@ class Projections:
         for event in events:
             key_list += [
                 keys.applied(tenant, event.event_id),
-                keys.history(tenant, event.user_id),
+                keys.outcomes(tenant, event.user_id),
                 keys.item_counters(tenant, event.item_id),
             ]
             args += [event.type, event.item_id, event.ts_ms]

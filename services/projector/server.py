@@ -13,10 +13,14 @@ from services.projector.consumer import StreamProjector
 from services.projector.projections import Projections
 from services.projector.settings import ProjectorSettings
 
+STALL_S = 10.0
+"""Seconds without a successful read of the log after which the projector is unhealthy."""
+
 
 async def build_service(settings: ProjectorSettings) -> Service:
     """The projector of every tenant in ``settings.tenants``: no gRPC API of its own, a
-    health service that is SERVING while Redis answers and its loops run, and
+    health service that is SERVING while Redis answers and it read the log in the last
+    :data:`STALL_S` seconds, and
     ``/metrics`` (lag, events handled).
 
     Raises:
@@ -35,13 +39,13 @@ async def build_service(settings: ProjectorSettings) -> Service:
         claim_idle_s=settings.claim_idle_s,
     )
 
-    async def loops_running() -> None:
-        if not projector.running:
-            raise RuntimeError("the projector's loops are not running")
+    async def reading() -> None:
+        if not projector.progressing(within_s=STALL_S):
+            raise RuntimeError(f"no successful read of the event log in {STALL_S:g} s")
 
     return Service(
         [],
-        checks=[mesh_redis.redis_check(client), HealthCheck("projector", loops_running)],
+        checks=[mesh_redis.redis_check(client), HealthCheck("projector", reading)],
         startups=[projector.start],
         cleanups=[projector.stop, client.aclose],
     )

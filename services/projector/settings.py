@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.errors import ConfigError
+from mesh.redis import SOCKET_TIMEOUT_S
 from mesh.settings import (
     ServerSettings,
     env,
@@ -14,6 +16,8 @@ from mesh.settings import (
     redis_url,
     tenants_file,
 )
+
+REDIS_SOCKET_TIMEOUT_MS = int(SOCKET_TIMEOUT_S * 1000)
 
 
 @dataclass(frozen=True)
@@ -49,3 +53,11 @@ class ProjectorSettings(ServerSettings):
         doc="how long an applied event id is remembered (redeliveries within it change nothing)",
     )
     history_cap: int = history_cap()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.block_ms < REDIS_SOCKET_TIMEOUT_MS:
+            raise ConfigError(
+                f"RECMESH_PROJECTOR_BLOCK_MS={self.block_ms} must be in 1.."
+                f"{REDIS_SOCKET_TIMEOUT_MS - 1}: a longer blocking read outlasts the Redis "
+                "client's socket timeout"
+            )

@@ -34,23 +34,24 @@ async def post_events(mesh: Mesh, user: str, kinds: list[str]) -> list[str]:
     return ids
 
 
-async def tail(mesh: Mesh, limit: int, user: str, kind: str = "") -> list[dict[str, Any]]:
+async def tail(
+    mesh: Mesh, limit: int, user: str, kind: str = "", page: int = events_tail.PAGE
+) -> list[dict[str, Any]]:
     def read() -> list[dict[str, Any]]:
         return events_tail.tail(
-            events_tail.stored_events(mesh.addr("events"), "demo"), limit, user, kind
+            events_tail.stored_events(mesh.addr("events"), "demo", page), limit, user, kind
         )
 
     return await asyncio.to_thread(read)
 
 
 async def test_tail_pages_through_the_log_and_keeps_the_newest_matching_events(
-    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+    mesh: Mesh,
 ) -> None:
-    monkeypatch.setattr(events_tail, "PAGE", 2)  # several pages even for a short log
     user = "tail-" + uuid.uuid4().hex[:6]
     ids = await post_events(mesh, user, ["click", "impression", "click", "conversion", "click"])
     for _ in range(100):
-        rows = await tail(mesh, 10, user)
+        rows = await tail(mesh, 10, user, page=2)  # several pages even for a short log
         if len(rows) == 5:
             break
         await asyncio.sleep(0.05)
@@ -76,3 +77,4 @@ async def test_the_command_prints_one_json_object_per_event(
     assert await asyncio.to_thread(cli.main, argv) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(e["event_id"], e["type"], e["user_id"]) for e in printed] == [(ids[0], "click", user)]
+    assert printed[0]["position"] == 0 and printed[0]["source"] == "SOURCE_UNSPECIFIED"

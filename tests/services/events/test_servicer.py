@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
+from core import keys
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
+from services.events.log import RedisStreamEventLog
 from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
 
@@ -136,3 +139,20 @@ async def test_reading_a_request_needs_a_valid_request_id(
         )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert ("x-recmesh-field", "request_id") in tuple(error.value.trailing_metadata() or ())
+
+
+async def test_a_requests_index_is_capped_and_its_expiry_is_not_extended(
+    redis_url: str,
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        log = RedisStreamEventLog(client, dedupe_ttl_s=100, request_cap=3)
+        name = "ev" + uuid.uuid4().hex[:8]
+        await log.append(name, [event(f"a{i}", request_id="same") for i in range(2)])
+        await client.expire(keys.request_events(name, "same"), 50)
+        await log.append(name, [event(f"b{i}", request_id="same") for i in range(3)])
+        indexed = await log.read_request(name, "same", 10)
+        assert [e.event_id for _, e in indexed] == ["a0", "a1", "b0"]
+        assert 0 < await client.ttl(keys.request_events(name, "same")) <= 50
+    finally:
+        await client.aclose()

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import pytest
@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
-from services.projector.consumer import StreamProjector
+from services.projector.consumer import Lag, StreamProjector
 from services.projector.projections import Projections
 
 HOUR_MS = 3_600_000
@@ -48,7 +48,7 @@ def event(kind: str, item: int, ts_ms: int, user: str = "u1", **fields: object) 
 
 
 async def history(client: aioredis.Redis, name: str, user: str = "u1") -> list[int]:
-    return [int(i) for i in await client.lrange(keys.history(name, user), 0, -1)]
+    return [int(i) for i in await client.lrange(keys.outcomes(name, user), 0, -1)]
 
 
 async def test_applying_an_event_twice_changes_nothing(client: aioredis.Redis) -> None:
@@ -87,14 +87,20 @@ async def test_decayed_counts_do_not_depend_on_the_order_events_arrive_in(
     assert counters["impression_at"] == start + 2 * HOUR_MS
 
 
-def projector(client: aioredis.Redis, names: list[str], **options: object) -> StreamProjector:
+def projector(
+    client: aioredis.Redis,
+    names: list[str],
+    claim_idle_s: float = 30.0,
+    clock: Callable[[], float] = time.time,
+) -> StreamProjector:
     return StreamProjector(
         client,
         projections(client),
         names,
         group="projector",
         consumer="test",
-        **options,  # type: ignore[arg-type]
+        claim_idle_s=claim_idle_s,
+        clock=clock,
     )
 
 
@@ -175,3 +181,64 @@ async def test_each_tenant_is_projected_into_its_own_keys(client: aioredis.Redis
             break
     assert (await history(client, first), await history(client, second)) == ([41], [42])
     assert await projections(client).item_counters(second, 41) == {}
+
+
+async def test_the_lag_counts_unread_entries_and_the_age_of_the_oldest(
+    client: aioredis.Redis,
+) -> None:
+    name = tenant()
+    now = [time.time()]
+    reader = projector(client, [name], clock=lambda: now[0])
+    await reader.prepare()
+    first, _ = await append(client, name, *(event("click", 61, 1) for _ in range(2)))
+    appended_s = int(first.split("-")[0]) / 1000
+    now[0] = appended_s + 3.0
+    lag = await reader.lag(name)
+    assert lag.events == 2
+    assert lag.seconds == pytest.approx(3.0, abs=0.01)
+    await reader.read_once()
+    assert await reader.lag(name) == Lag(0, 0.0)
+
+
+async def test_an_event_dated_in_the_future_counts_at_its_append_time(
+    client: aioredis.Redis,
+) -> None:
+    name = tenant()
+    reader = projector(client, [name])
+    await reader.prepare()
+    ahead = int(time.time() * 1000) + 12 * HOUR_MS  # a client clock 12 h fast
+    (position,) = await append(client, name, event("impression", 71, ahead))
+    await reader.read_once()
+    counters = await projections(client).item_counters(name, 71)
+    assert counters["impression_at"] == int(position.split("-")[0])
+
+
+async def test_a_log_lost_with_its_group_is_projected_again_from_the_start(
+    client: aioredis.Redis,
+) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    reader = projector(client, [name])
+    await reader.prepare()
+    await client.delete(keys.events(name))  # Redis restarted without its data
+    assert await reader.read_once() == 0  # NOGROUP: the group is created again
+    await append(client, name, event("click", 81, now))
+    assert await reader.read_once() == 1
+    assert await history(client, name) == [81]
+
+
+async def test_the_projector_is_progressing_only_while_its_reads_succeed(
+    client: aioredis.Redis,
+) -> None:
+    name = tenant()
+    reader = projector(client, [name])
+    assert not reader.progressing(within_s=5.0)  # not started
+    await reader.start()
+    try:
+        for _ in range(50):
+            if reader.progressing(within_s=5.0):
+                break
+            await asyncio.sleep(0.02)
+        assert reader.progressing(within_s=5.0)
+    finally:
+        await reader.stop()
+    assert not reader.progressing(within_s=5.0)
