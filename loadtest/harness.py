@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
-from mesh.ports import DEFAULT_PORTS, SERVICES
+from mesh.ports import DEFAULT_PORTS, SERVICES, free_port
 from ops import processes, supervisor
 from ops.otlp_sink import OtlpSink
 from training.find import find_or_train, usable_set
@@ -51,14 +50,6 @@ def trace_receiver(enabled: bool) -> Iterator[tuple[dict[str, str], OtlpSink]]:
     makes a target export to it (empty when ``enabled`` is false: tracing off)."""
     with OtlpSink(keep=False) as sink:
         yield ({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint} if enabled else {}), sink
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_tenants(

@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.paths import ARTIFACTS_DIR
-from mesh.ports import DEFAULT_PORTS
+from mesh.ports import DEFAULT_PORTS, free_port
 from ops import supervisor
 from ops.otlp_sink import OtlpSink
 from ops.processes import running_pid
@@ -39,13 +38,6 @@ from ops.processes import running_pid
 MODES: dict[str, str | None] = {"off": None, "1%": "0.01", "100%": "1.0"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 API_KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_tenants(path: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,18 +9,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from mesh.ports import free_port
 from ops.redis_server import start_embedded_redis
 
 if TYPE_CHECKING:
     from tests.inprocess import Mesh
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,8 @@ import grpc
 import pytest
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
-from mesh.ports import DEFAULT_PORTS
+from mesh.ports import DEFAULT_PORTS, free_port
 from ops import supervisor
-from tests.conftest import free_port
 from tests.inprocess import write_tenants
 
 pytestmark = pytest.mark.e2e

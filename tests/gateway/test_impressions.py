@@ -16,10 +16,10 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from gateway.impressions import ImpressionShipper
 from gateway.outbox import Outbox, OutboxRelay
 from mesh.client import Downstream
+from mesh.ports import free_port
 from mesh.testing import built_server, serving, tenant_metadata
 from services.events.server import build_service
 from services.events.settings import EventsSettings
-from tests.conftest import free_port
 
 
 def impression(request: str, position: int) -> events_pb2.Event:

@@ -12,10 +12,10 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from gateway.outbox import Outbox, OutboxRelay
 from mesh.client import Downstream
 from mesh.context import tenant_var
+from mesh.ports import free_port
 from mesh.testing import built_server, serving, tenant_metadata
 from services.events.server import build_service
 from services.events.settings import EventsSettings
-from tests.conftest import free_port
 
 
 def click(n: int) -> events_pb2.Event:

@@ -16,11 +16,11 @@ from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 from gateway.quota import Admission, QuotaLeases
 from mesh.client import Downstream
 from mesh.context import tenant_var
+from mesh.ports import free_port
 from mesh.server import MeshServer
 from mesh.testing import ManualClock, built_server, serving
 from services.quota.server import build_service as build_quota
 from services.quota.settings import QuotaSettings
-from tests.conftest import free_port
 from tests.inprocess import reset_quota
 
 TENANTS = {"bulk": (1000.0, 2000), "forty": (1.0, 40), "trio": (1.0, 3)}

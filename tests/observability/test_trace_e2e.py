@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from mesh.ports import DEFAULT_PORTS
+from mesh.ports import DEFAULT_PORTS, free_port
 from ops import supervisor
 from ops.otlp_sink import OtlpSink, ReceivedSpan
-from tests.conftest import free_port
 from tests.inprocess import write_tenants
 
 pytestmark = pytest.mark.e2e

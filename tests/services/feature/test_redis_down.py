@@ -9,10 +9,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
+from mesh.ports import free_port
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.feature.server import build_service
 from services.feature.settings import FeatureSettings
-from tests.conftest import free_port
 
 
 async def test_unreachable_redis_is_unavailable_not_internal(artifacts_root: Path) -> None:

@@ -25,6 +25,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from mesh.context import REQUEST_ID_KEY
+from mesh.ports import free_port
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.feature.server import build_service as build_feature
@@ -33,7 +34,6 @@ from services.ranking.rerank import category_spread
 from services.ranking.server import build_service as build_ranking
 from services.ranking.servicer import RankingServicer
 from services.ranking.settings import RankingSettings
-from tests.conftest import free_port
 
 if TYPE_CHECKING:
     RankingStub = ranking_pb2_grpc.RankingServiceAsyncStub
