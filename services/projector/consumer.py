@@ -179,21 +179,22 @@ class StreamProjector:
         events: list[events_pb2.Event] = []
         positions: list[str] = []
         dead: list[tuple[str, str, bytes]] = []
-        now_ms = int(self._clock() * 1000)
         for raw_position, fields in entries:
             position = _text(raw_position)
             positions.append(position)
+            appended_ms = int(position.split("-")[0])
             payload = fields.get(b"e", b"")
             try:
                 event = events_pb2.Event.FromString(payload)
-                validate_event(event, 0, now_ms)
+                # Judged as of its append time, not of whenever it is projected, so a
+                # replay of the log accepts and rejects the same events.
+                validate_event(event, 0, appended_ms)
             except (DecodeError, InvalidArgument) as exc:
                 dead.append((position, _reason(exc), payload))
                 continue
             # An event time ahead of its append time (a skewed client clock) counts as the
-            # append time, so one future-dated event cannot freeze an item's decay; both
-            # are in the log, so a replay computes the same.
-            event.ts_ms = min(event.ts_ms, int(position.split("-")[0]))
+            # append time, so one future-dated event cannot freeze an item's decay.
+            event.ts_ms = min(event.ts_ms, appended_ms)
             events.append(event)
         applied = await self._projections.apply(tenant, events)
         async with self._redis.pipeline(transaction=False) as pipe:
