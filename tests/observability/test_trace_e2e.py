@@ -9,6 +9,8 @@ spans and their ``recmesh.*`` attributes, and no orphan spans.
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -107,11 +109,18 @@ def edges_of(spans: list[ReceivedSpan]) -> set[tuple[str, str, str, str]]:
 def traced(layout: supervisor.Layout, sink: OtlpSink) -> Traced:
     """One request; its trace's spans, and the spans of the outbox delivery linked to it."""
     # The trace under test must have reached every service: on a busy machine the first
-    # request after start-up can still fall back, so ask again (at most three times), each
-    # time for another user: the gateway answers a user it has seen from its assignment
-    # cache, and that trace would not reach the experiment service.
+    # request after start-up can still fall back, or get a 503 (retrieval timed out before
+    # the gateway's popular-items fallback was filled), so ask again (at most three times),
+    # each time for another user: the gateway answers a user it has seen from its
+    # assignment cache, and that trace would not reach the experiment service.
     for attempt in range(1, 4):
-        body = recommend(layout, uuid.uuid4().hex, f"u{attempt}")
+        try:
+            body = recommend(layout, uuid.uuid4().hex, f"u{attempt}")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 3:
+                raise
+            time.sleep(0.5)
+            continue
         if not set(body["degraded"]) & {"quota", "experiment", "retrieval", "ranking"}:
             break
     trace_id = body["trace_id"]
