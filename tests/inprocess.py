@@ -178,6 +178,22 @@ async def inprocess_mesh(
         yield Mesh(servers, gateway.http)
 
 
+async def accepted(
+    mesh: Mesh, path: str, body: dict[str, Any], api_key: str = "demo-key"
+) -> dict[str, Any]:
+    """POST ``body`` as JSON to the gateway's HTTP API with ``api_key``; the JSON answer,
+    after asserting it was accepted (200 or 202)."""
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(mesh.http_url + path, json=body, headers={"x-api-key": api_key}) as response,
+    ):
+        assert response.status in (200, 202), await response.text()
+        reply: dict[str, Any] = await response.json()
+        return reply
+
+
 async def reset_quota(redis_url: str, tenant: str) -> None:
     """Refill ``tenant``'s bucket, so a quota test starts from a full burst."""
     import redis.asyncio as aioredis

@@ -8,11 +8,10 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
 import pytest
 
 from ops import cli, events_tail
-from tests.inprocess import Mesh
+from tests.inprocess import Mesh, accepted
 
 
 async def post_events(mesh: Mesh, user: str, kinds: list[str]) -> list[str]:
@@ -24,13 +23,7 @@ async def post_events(mesh: Mesh, user: str, kinds: list[str]) -> list[str]:
             for n, (i, k) in enumerate(zip(ids, kinds, strict=True))
         ]
     }
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            mesh.http_url + "/v1/events", json=body, headers={"x-api-key": "demo-key"}
-        ) as response,
-    ):
-        assert response.status == 202
+    await accepted(mesh, "/v1/events", body)
     return ids
 
 

@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
@@ -17,19 +16,7 @@ from core.artifacts import resolve_current
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
 from ops import explain
-from tests.inprocess import Mesh
-
-DEMO = {"x-api-key": "demo-key"}
-
-
-async def post(mesh: Mesh, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(mesh.http_url + path, json=body, headers=DEMO) as response,
-    ):
-        assert response.status in (200, 202), await response.text()
-        reply: dict[str, Any] = await response.json()
-        return reply
+from tests.inprocess import Mesh, accepted
 
 
 async def request_events(mesh: Mesh, request_id: str, wanted: int) -> list[Any]:
@@ -50,7 +37,7 @@ async def request_events(mesh: Mesh, request_id: str, wanted: int) -> list[Any]:
 async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
     mesh: Mesh, artifacts_root: Path
 ) -> None:
-    answer = await post(mesh, "/v1/recommend", {"user_id": "u7", "num_items": 5})
+    answer = await accepted(mesh, "/v1/recommend", {"user_id": "u7", "num_items": 5})
     request_id = answer["request_id"]
     shown = answer["items"]
     now = int(time.time() * 1000)
@@ -62,7 +49,7 @@ async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
         {"event_id": uuid.uuid4().hex, "user_id": "u7", "request_id": request_id, "ts": now, **o}
         for o in outcomes
     ]
-    await post(mesh, "/v1/events", {"events": events})
+    await accepted(mesh, "/v1/events", {"events": events})
     await request_events(mesh, request_id, len(shown) + len(outcomes))
 
     code, text = await asyncio.to_thread(
@@ -90,7 +77,7 @@ async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
 
 
 async def test_another_tenants_log_or_an_unknown_request_explains_nothing(mesh: Mesh) -> None:
-    answer = await post(mesh, "/v1/recommend", {"user_id": "u8", "num_items": 3})
+    answer = await accepted(mesh, "/v1/recommend", {"user_id": "u8", "num_items": 3})
     await request_events(mesh, answer["request_id"], 3)
     code, text = await asyncio.to_thread(
         explain.show, answer["request_id"], mesh.addr("events"), ["acme"], False

@@ -7,9 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
@@ -20,9 +18,7 @@ from mesh.context import TENANT_KEY
 from mesh.testing import built_server, serving
 from services.projector.server import build_service
 from services.projector.settings import ProjectorSettings
-from tests.inprocess import Mesh, write_tenants
-
-DEMO = {"x-api-key": "demo-key"}
+from tests.inprocess import Mesh, accepted, write_tenants
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +38,6 @@ async def valkey(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def post(mesh: Mesh, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(mesh.http_url + path, json=body, headers=DEMO) as response,
-    ):
-        assert response.status in (200, 202), await response.text()
-        reply: dict[str, Any] = await response.json()
-        return reply
-
-
 async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
     mesh: Mesh, projector: None, valkey: aioredis.Redis
 ) -> None:
@@ -63,7 +49,7 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
         if await valkey.llen(keys.history("demo", user))
     ]
     user = materialised[0]
-    answer = await post(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
+    answer = await accepted(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
     clicked = answer["items"][0]["item_id"]
     click = {
         "event_id": uuid.uuid4().hex,
@@ -73,10 +59,10 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
         "request_id": answer["request_id"],
         "ts": int(time.time() * 1000),
     }
-    await post(mesh, "/v1/events", {"events": [click]})
+    await accepted(mesh, "/v1/events", {"events": [click]})
     shown: list[int] = [clicked]
     for _ in range(100):  # the outbox relay, the log and the projector: well under 5 s
-        again = await post(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
+        again = await accepted(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
         shown = [item["item_id"] for item in again["items"]]
         if clicked not in shown:
             break
@@ -90,7 +76,7 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
         await feature_pb2_grpc.FeatureServiceStub(channel).Materialize(
             feature_pb2.MaterializeRequest(force=True), metadata=[(TENANT_KEY, "demo")], timeout=60
         )
-    again = await post(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
+    again = await accepted(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
     assert clicked not in [item["item_id"] for item in again["items"]]
     counters = await valkey.hgetall(keys.item_counters("demo", clicked))
     assert float(counters[b"click"]) >= 1.0
