@@ -15,6 +15,14 @@ def tenant_prefix(tenant: str) -> str:
     return f"rm:{{{tenant}}}:"
 
 
+def projection_prefix(tenant: str, namespace: str = "") -> str:
+    """The start of the projector's keys of ``tenant``: the live ones (``namespace`` empty,
+    ``rm:{<tenant>}:``) or those of a rebuild (``rm:{<tenant>}:ns:<namespace>:``). A
+    namespace keeps the tenant's hash tag, so a rebuild's keys share the live ones' slot."""
+    base = tenant_prefix(tenant)
+    return f"{base}ns:{namespace}:" if namespace else base
+
+
 def meta(tenant: str) -> str:
     """Hash: the feature views' widths, defaults and source version."""
     return f"{tenant_prefix(tenant)}meta"
@@ -31,11 +39,17 @@ def history(tenant: str, user_id: str) -> str:
     return f"{tenant_prefix(tenant)}h:{user_id}"
 
 
-def outcomes(tenant: str, user_id: str) -> str:
+def outcomes(tenant: str, user_id: str, namespace: str = "") -> str:
     """List: the user's clicks and conversions projected from the event log (item ids,
     decimal, newest last). Kept apart from :func:`history`, which materialisation
     replaces; the feature store serves the two together."""
-    return f"{tenant_prefix(tenant)}o:{user_id}"
+    return f"{projection_prefix(tenant, namespace)}o:{user_id}"
+
+
+def category_shares(tenant: str, user_id: str, namespace: str = "") -> str:
+    """Hash: the user's clicks and conversions counted by the item's category (field: the
+    category, decimal); a user's share of a category is its count over the sum."""
+    return f"{projection_prefix(tenant, namespace)}uc:{user_id}"
 
 
 def item_row(tenant: str, item_id: int) -> str:
@@ -58,16 +72,40 @@ def request_events(tenant: str, request_id: str) -> str:
     return f"{tenant_prefix(tenant)}rq:{request_id}"
 
 
+def user_events(tenant: str, user_id: str) -> str:
+    """Sorted set: the stream positions of the user's events (member: the position; score:
+    its append time, ms), written with the append; as-of reads and erasure use it."""
+    return f"{tenant_prefix(tenant)}ue:{user_id}"
+
+
 def dead_letters(tenant: str) -> str:
     """Stream: events the projector could not apply, with the reason."""
     return f"{tenant_prefix(tenant)}events:dead"
 
 
-def applied(tenant: str, event_id: str) -> str:
+def applied(tenant: str, event_id: str, namespace: str = "") -> str:
     """The projector's mark that ``event_id`` was applied to the projections."""
-    return f"{tenant_prefix(tenant)}pj:{event_id}"
+    return f"{projection_prefix(tenant, namespace)}pj:{event_id}"
 
 
-def item_counters(tenant: str, item_id: int) -> str:
+def item_counters(tenant: str, item_id: int, namespace: str = "") -> str:
     """Hash: the item's exponentially decayed impression, click and conversion counts."""
-    return f"{tenant_prefix(tenant)}ic:{item_id}"
+    return f"{projection_prefix(tenant, namespace)}ic:{item_id}"
+
+
+def trending(tenant: str, namespace: str = "") -> str:
+    """Sorted set: items by their decayed click count (member: item id, decimal; score:
+    ``core.replay.trending_score``, comparable across items at any time)."""
+    return f"{projection_prefix(tenant, namespace)}tr"
+
+
+def snapshot(tenant: str) -> str:
+    """Hash: the tenant's projections as of a log position (``position``, ``taken_ms``,
+    ``state``: ``core.replay.Projected`` as compressed JSON), which a rebuild starts from
+    and before which retention may trim the log."""
+    return f"{tenant_prefix(tenant)}snap"
+
+
+def audit(tenant: str) -> str:
+    """Stream: the tenant's audit records (erasures: who, when, what, how many)."""
+    return f"{tenant_prefix(tenant)}audit"

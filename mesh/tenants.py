@@ -5,6 +5,9 @@ Keys are stored as SHA-256 hex digests, never in clear. The file is JSON::
     {"tenants": {"demo": {"api_key_sha256": "<hex>", "rate": 300, "burst": 600}}}
 
 ``rate`` is requests per second and ``burst`` the bucket size of the tenant's quota.
+An optional ``retention_days`` (a positive number) bounds how long the tenant's event log
+keeps its entries (``recmesh events trim`` and the projector snapshot the projections
+first, so a rebuild still works); without it the log is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mesh.context import API_KEY, tenant_var, validate_tenant
 from mesh.errors import ConfigError, InvalidArgument, Unauthenticated
 
 _FIELDS = {"api_key_sha256", "rate", "burst"}
+_OPTIONAL = {"retention_days"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Tenant:
     api_key_sha256: str
     rate: float
     burst: int
+    retention_days: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,11 @@ def load_tenants(path: Path) -> TenantRegistry:
             validate_tenant(name)
         except InvalidArgument as exc:
             raise ConfigError(f"tenant file {path}: tenant name {name!r} is invalid") from exc
-        if not isinstance(spec, dict) or set(spec) != _FIELDS:
-            raise ConfigError(f"tenant file {path}: tenant {name!r} must have exactly {_FIELDS}")
+        if not isinstance(spec, dict) or not _FIELDS <= set(spec) <= _FIELDS | _OPTIONAL:
+            raise ConfigError(
+                f"tenant file {path}: tenant {name!r} must have exactly {_FIELDS}"
+                f" and may have {_OPTIONAL}"
+            )
         digest = spec["api_key_sha256"]
         if not isinstance(digest, str) or len(digest) != 64:
             raise ConfigError(f"tenant {name!r}: api_key_sha256 must be 64 hex characters")
@@ -93,7 +101,18 @@ def load_tenants(path: Path) -> TenantRegistry:
             raise ConfigError(f"tenant {name!r}: rate must be a positive number")
         if not isinstance(burst, int) or burst < 1:
             raise ConfigError(f"tenant {name!r}: burst must be a positive integer")
-        tenants[name] = Tenant(name, digest.lower(), float(rate), burst)
+        retention = spec.get("retention_days")
+        if retention is not None and (
+            isinstance(retention, bool) or not isinstance(retention, int | float) or retention <= 0
+        ):
+            raise ConfigError(f"tenant {name!r}: retention_days must be a positive number")
+        tenants[name] = Tenant(
+            name,
+            digest.lower(),
+            float(rate),
+            burst,
+            float(retention) if retention is not None else None,
+        )
     if not tenants:
         raise ConfigError(f"tenant file {path}: no tenants")
     return TenantRegistry(tenants)

@@ -8,8 +8,9 @@ services pick it up without restart) and ``recmesh eval`` evaluates a set offlin
 (``python -m loadtest.steps``); ``recmesh chaos`` runs the chaos suite (``python -m chaos``);
 ``recmesh trace <request_id>`` prints a request's trace from Jaeger; ``recmesh explain
 <request_id>`` why its answer showed what it showed, from the event log; ``recmesh events
-tail`` the newest events of a tenant's log; ``recmesh projections verify`` whether the
-projector's projections equal a recompute from the log.
+tail`` the newest events of a tenant's log and ``recmesh events trim`` its retention;
+``recmesh projections verify|rebuild|snapshot`` check, replay and snapshot the projector's
+projections (:mod:`ops.projections`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from core.artifacts import list_versions, load_artifact_set, resolve_current, ro
 from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
 from mesh.settings import load
-from ops import protos, supervisor
+from ops import projections, protos, supervisor
 from ops.settings import OpsSettings
 from training.find import find_or_train
 
@@ -221,36 +222,6 @@ def cmd_events_tail(args: argparse.Namespace, settings: OpsSettings) -> int:
     return 0
 
 
-def cmd_projections_verify(args: argparse.Namespace, settings: OpsSettings) -> int:
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from mesh.settings import load
-    from mesh.tenants import load_tenants
-    from services.projector import batch
-    from services.projector.settings import ProjectorSettings
-
-    projector = load(ProjectorSettings)
-    tenants = [args.tenant] if args.tenant else list(load_tenants(settings.tenants).tenants)
-    url = supervisor.Layout.from_settings(settings).effective_redis_url()
-
-    async def run() -> dict[str, list[str]]:
-        client = aioredis.Redis.from_url(url)
-        try:
-            return await batch.verify(client, tenants, projector.half_life_s, projector.history_cap)
-        finally:
-            await client.aclose()
-
-    found = asyncio.run(run())
-    for tenant, lines in found.items():
-        verdict = f"{len(lines)} differences" if lines else "equal to a recompute from the log"
-        print(f"{tenant}: {verdict}")
-        for line in lines[:50]:
-            print(f"  {line}")
-    return 1 if any(found.values()) else 0
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -317,14 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     tail.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(run=cmd_events_tail)
-    projections = commands.add_parser(
-        "projections", help="the projections of the event log"
-    ).add_subparsers(dest="projections_command", required=True)
-    check = projections.add_parser(
-        "verify", help="compare the live projections with a recompute from the log"
-    )
-    check.add_argument("--tenant", help="one tenant (default: every tenant)")
-    check.set_defaults(run=cmd_projections_verify)
+    projections.register(commands)
+    projections.register_trim(events)
     why = commands.add_parser("explain", help="why an answer showed its items, from the event log")
     why.add_argument("request_id", help="the request_id of a response")
     why.add_argument("--tenant", help="the tenant whose log to read (default: every tenant)")

@@ -1,17 +1,18 @@
-"""The projections recomputed from the log in one pass (batch), and their comparison with
-the live ones the stream keeps (kappa: one set of rules, two ways of running them).
+"""The projections recomputed from the log in one pass (batch), read back from Redis, and
+compared (kappa: one set of rules, two ways of running them).
 
-:func:`recompute` applies exactly the rules of :mod:`services.projector.projections` to a
-tenant's stored events in log order: each event id once, valid events only, event times
-no later than their append time. :func:`differences` compares the result with what the
-projector wrote to Redis; ``recmesh projections verify`` runs both and exits non-zero on
-any difference.
+:func:`recompute` applies the rules of :mod:`core.replay` to a tenant's stored events in
+log order, from a snapshot or from the start. :func:`read_projections` reads what the
+projector (or a rebuild, in its own namespace) wrote to Redis, every key of the
+namespace. :func:`compare` lists where two of them differ; ``recmesh projections verify``
+and ``recmesh projections rebuild --verify`` exit non-zero on any difference.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -20,121 +21,201 @@ from google.protobuf.message import DecodeError
 from recmesh.events.v1 import events_pb2
 
 from core import keys
-from core.events import validate_event
-from mesh.errors import InvalidArgument
-from services.projector.projections import COUNTED, OUTCOMES
+from core.replay import Projected, Replay, tau_ms
 
 TOLERANCE = 1e-9
-"""Relative difference of two decayed counts still taken as equal (Lua and numpy round
-the same sums in different orders)."""
+"""Relative difference of two decayed counts (absolute, of two trending scores) still
+taken as equal: Lua and Python round the same sums in different orders."""
+
+Stored = tuple[str, events_pb2.Event | None]
+"""A log entry: its position and event (None when it is not a valid ``Event``)."""
 
 
-@dataclass
-class Recomputed:
-    """A tenant's projections as a batch over its log computes them."""
-
-    outcomes: dict[str, list[int]] = field(default_factory=dict)
-    """User -> projected clicks and conversions, newest last (capped)."""
-    counters: dict[int, dict[str, tuple[float, int]]] = field(default_factory=dict)
-    """Item -> kind -> (decayed count as of ``at``, ``at`` in ms)."""
-
-
-def recompute(
-    stored: Iterable[tuple[str, events_pb2.Event | None]], half_life_s: float, history_cap: int
-) -> Recomputed:
-    """The projections of ``stored`` (log position, event or None for an invalid entry),
-    in log order."""
-    tau_ms = half_life_s * 1000.0 / math.log(2)
-    seen: set[str] = set()
-    result = Recomputed()
-    for position, event in stored:
-        if event is None or event.event_id in seen:
-            continue
-        try:
-            validate_event(event, 0, int(position.split("-")[0]))
-        except InvalidArgument:
-            continue  # a dead letter: the projector applies nothing of it either
-        seen.add(event.event_id)
-        ts = min(event.ts_ms, int(position.split("-")[0]))
-        if event.type in OUTCOMES:
-            recent = result.outcomes.setdefault(event.user_id, [])
-            recent.append(event.item_id)
-            del recent[:-history_cap]
-        if event.type in COUNTED:
-            kinds = result.counters.setdefault(event.item_id, {})
-            value, at = kinds.get(event.type, (0.0, None))
-            if at is None:
-                value, at = 1.0, ts
-            elif ts >= at:
-                value, at = value * math.exp((at - ts) / tau_ms) + 1.0, ts
-            else:
-                value += math.exp((ts - at) / tau_ms)
-            kinds[event.type] = (value, at)
-    return result
-
-
-async def read_log(
-    client: aioredis.Redis, tenant: str, page: int = 1000
-) -> list[tuple[str, events_pb2.Event | None]]:
-    """Every entry of ``tenant``'s log, in order: its position and event (None when the
-    entry is not a valid ``Event``, which the projector sends to the dead letters)."""
-    entries: list[tuple[str, events_pb2.Event | None]] = []
-    start = "-"
+async def iter_log(
+    client: aioredis.Redis, tenant: str, after: str = "", until: str = "+", page: int = 1000
+) -> AsyncIterator[list[Stored]]:
+    """``tenant``'s log after position ``after`` ("" = from the start) up to ``until``
+    (inclusive), a page at a time, in order."""
+    start = f"({after}" if after else "-"
     while True:
         chunk = cast(
             list[tuple[bytes, dict[bytes, bytes]]],
-            await client.xrange(keys.events(tenant), min=start, count=page),
+            await client.xrange(keys.events(tenant), min=start, max=until, count=page),
         )
+        entries: list[Stored] = []
         for raw_position, fields in chunk:
             try:
                 event: events_pb2.Event | None = events_pb2.Event.FromString(fields.get(b"e", b""))
             except DecodeError:
                 event = None
             entries.append((raw_position.decode(), event))
+        if entries:
+            yield entries
         if len(chunk) < page:
-            return entries
+            return
         start = f"({entries[-1][0]}"
 
 
-async def differences(client: aioredis.Redis, tenant: str, batch: Recomputed) -> list[str]:
-    """Where the live projections of ``tenant`` differ from ``batch``, one line each
-    (empty: they agree). Users and items the batch knows are compared."""
-    found: list[str] = []
+async def read_log(client: aioredis.Redis, tenant: str) -> list[Stored]:
+    """Every entry of ``tenant``'s log, in order."""
+    return [entry async for entries in iter_log(client, tenant) for entry in entries]
+
+
+async def item_categories(
+    client: aioredis.Redis, tenant: str, items: Iterable[int]
+) -> dict[int, int]:
+    """The category of each of ``items`` that has a feature row (the row's last four
+    bytes, as the projector reads them); items without a row are left out."""
+    wanted = list(items)
+    if not wanted:
+        return {}
     async with client.pipeline(transaction=False) as pipe:
-        for user in batch.outcomes:
-            pipe.lrange(keys.outcomes(tenant, user), 0, -1)
-        for item in batch.counters:
-            pipe.hgetall(keys.item_counters(tenant, item))
-        replies = await pipe.execute()
-    for user, live in zip(batch.outcomes, replies[: len(batch.outcomes)], strict=True):
-        items = [int(i) for i in cast(list[bytes], live)]
-        if items != batch.outcomes[user]:
-            found.append(f"outcomes of {user}: live {items}, log {batch.outcomes[user]}")
-    for item, raw in zip(batch.counters, replies[len(batch.outcomes) :], strict=True):
-        live_counts = {k.decode(): float(v) for k, v in cast(dict[bytes, bytes], raw).items()}
-        for kind, (value, at) in batch.counters[item].items():
-            stored, stored_at = live_counts.get(kind), live_counts.get(f"{kind}_at")
-            if (
-                stored is None
-                or stored_at != at
-                or not math.isclose(stored, value, rel_tol=TOLERANCE)
-            ):
-                found.append(
-                    f"{kind} count of item {item}: live {stored} at {stored_at}, "
-                    f"log {value:.12g} at {at}"
-                )
+        for item in wanted:
+            pipe.getrange(keys.item_row(tenant, item), -4, -1)
+        tails = cast(list[bytes], await pipe.execute())
+    return {
+        item: int.from_bytes(tail, "little", signed=True)
+        for item, tail in zip(wanted, tails, strict=True)
+        if len(tail) == 4
+    }
+
+
+async def recompute(
+    client: aioredis.Redis,
+    tenant: str,
+    half_life_s: float,
+    history_cap: int,
+    start: Projected | None = None,
+    until: str = "+",
+) -> Projected:
+    """The projections of ``tenant``'s log up to ``until``: ``start`` (a snapshot) and
+    the entries after its position, or the whole log when ``start`` is None. Item
+    categories are read from the live feature rows as the pages go."""
+    categories: dict[int, int] = {}
+    replay = Replay(half_life_s, history_cap, categories, start)
+    known: set[int] = set()
+    after = start.position if start is not None else ""
+    async for entries in iter_log(client, tenant, after, until):
+        new = {e.item_id for _, e in entries if e is not None and e.item_id not in known}
+        categories.update(await item_categories(client, tenant, new))
+        known |= new
+        replay.apply_all(entries)
+    return replay.state
+
+
+@dataclass
+class Live:
+    """What is stored in one namespace of a tenant's projections."""
+
+    projected: Projected
+    trending: dict[int, float] = field(default_factory=dict)
+
+
+async def _scan(client: aioredis.Redis, pattern: str) -> list[str]:
+    return [key.decode() async for key in client.scan_iter(match=pattern, count=1000)]
+
+
+async def read_projections(client: aioredis.Redis, tenant: str, namespace: str = "") -> Live:
+    """Every projection of ``tenant`` stored in ``namespace`` ("" = the live ones): found
+    by key (``SCAN``), so a stored projection no event explains shows up too."""
+    prefix = keys.projection_prefix(tenant, namespace)
+    found = Live(Projected())
+    for kind in ("o", "uc", "ic"):
+        names = await _scan(client, f"{prefix}{kind}:*")
+        async with client.pipeline(transaction=False) as pipe:
+            for name in names:
+                (pipe.lrange(name, 0, -1) if kind == "o" else pipe.hgetall(name))
+            replies = await pipe.execute()
+        for name, reply in zip(names, replies, strict=True):
+            owner = name[len(prefix) + len(kind) + 1 :]
+            if kind == "o":
+                found.projected.outcomes[owner] = [int(i) for i in cast(list[bytes], reply)]
+                continue
+            raw = {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], reply).items()}
+            if kind == "uc":
+                found.projected.shares[owner] = {int(c): int(n) for c, n in raw.items()}
+            else:
+                found.projected.counters[int(owner)] = {
+                    kind_: (float(raw[kind_]), int(raw[f"{kind_}_at"]))
+                    for kind_ in raw
+                    if not kind_.endswith("_at")
+                }
+    scored = cast(
+        list[tuple[bytes, float]],
+        await client.zrange(keys.trending(tenant, namespace), 0, -1, withscores=True),
+    )
+    found.trending = {int(item): score for item, score in scored}
     return found
 
 
+def compare(expected: Live, actual: Live, limit: int = 1000) -> list[str]:
+    """Where ``actual`` differs from ``expected``, one line each (at most ``limit``;
+    empty: they agree)."""
+    lines: list[str] = []
+    a, b = expected.projected, actual.projected
+    for user in sorted(a.outcomes.keys() | b.outcomes.keys()):
+        if a.outcomes.get(user, []) != b.outcomes.get(user, []):
+            lines.append(f"outcomes of {user}: {b.outcomes.get(user)} != {a.outcomes.get(user)}")
+    for user in sorted(a.shares.keys() | b.shares.keys()):
+        if a.shares.get(user, {}) != b.shares.get(user, {}):
+            lines.append(f"category shares of {user}: {b.shares.get(user)} != {a.shares.get(user)}")
+    for item in sorted(a.counters.keys() | b.counters.keys()):
+        mine, theirs = a.counters.get(item, {}), b.counters.get(item, {})
+        for kind in sorted(mine.keys() | theirs.keys()):
+            want, got = mine.get(kind), theirs.get(kind)
+            if (
+                want is None
+                or got is None
+                or want[1] != got[1]
+                or not math.isclose(want[0], got[0], rel_tol=TOLERANCE)
+            ):
+                lines.append(f"{kind} count of item {item}: {got} != {want}")
+    for item in sorted(expected.trending.keys() | actual.trending.keys()):
+        want_score, got_score = expected.trending.get(item), actual.trending.get(item)
+        if (
+            want_score is None
+            or got_score is None
+            or not math.isclose(want_score, got_score, rel_tol=0.0, abs_tol=TOLERANCE)
+        ):
+            lines.append(f"trending score of item {item}: {got_score} != {want_score}")
+    return lines[:limit]
+
+
+def expected(projected: Projected, half_life_s: float) -> Live:
+    """What the namespace that holds ``projected`` stores, the trending set included."""
+    return Live(projected, projected.trending(tau_ms(half_life_s)))
+
+
+async def load_snapshot(client: aioredis.Redis, tenant: str) -> Projected | None:
+    """The tenant's stored snapshot (``keys.snapshot``), or None when it has none."""
+    state = cast(bytes | None, await client.hget(keys.snapshot(tenant), "state"))
+    return Projected.from_bytes(state) if state is not None else None
+
+
+async def store_snapshot(client: aioredis.Redis, tenant: str, projected: Projected) -> None:
+    """Store ``projected`` as the tenant's snapshot, replacing the one before (one
+    ``HSET``: a reader sees the old snapshot or the new, never a mix)."""
+    await client.hset(
+        keys.snapshot(tenant),
+        mapping={
+            "position": projected.position,
+            "taken_ms": str(int(time.time() * 1000)),
+            "state": projected.to_bytes(),
+        },
+    )
+
+
 async def verify(
-    client: aioredis.Redis, tenants: Iterable[str], half_life_s: float, history_cap: int
+    client: aioredis.Redis, tenants: Sequence[str], half_life_s: float, history_cap: int
 ) -> dict[str, list[str]]:
-    """Per tenant, where its live projections differ from a recompute over its whole log
-    (see :func:`differences`). Events the projector has not read yet show up as
-    differences: verify a quiet log, or one whose lag is 0."""
-    return {
-        tenant: await differences(
-            client, tenant, recompute(await read_log(client, tenant), half_life_s, history_cap)
+    """Per tenant, where its live projections differ from a recompute over its log (from
+    its snapshot, when it has one, and the entries after it). Events the projector has not
+    read yet show up as differences: verify a quiet log, or one whose lag is 0."""
+    found: dict[str, list[str]] = {}
+    for tenant in tenants:
+        base = await load_snapshot(client, tenant)
+        batch = await recompute(client, tenant, half_life_s, history_cap, base)
+        found[tenant] = compare(
+            expected(batch, half_life_s), await read_projections(client, tenant)
         )
-        for tenant in tenants
-    }
+    return found

@@ -31,14 +31,10 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
-from recmesh.events.v1 import events_pb2
 
 from core import keys
-from core.events import validate_event
-from mesh.errors import InvalidArgument
-from services.projector.projections import Projections
+from services.projector.projections import Entry, Projections, decoded
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +49,12 @@ CLAIMED = Counter(
     "Pending entries taken over from a consumer that held them too long",
     ["tenant"],
 )
+UNKNOWN_ITEMS = Counter(
+    "recmesh_projector_unknown_items_total",
+    "Applied events whose item has no feature row for the tenant (they count in the user's "
+    "outcomes and the item's counters, in no category share)",
+    ["tenant"],
+)
 LAG_EVENTS = Gauge(
     "recmesh_projector_lag_events", "Log entries the group has not read yet", ["tenant"]
 )
@@ -61,8 +63,6 @@ LAG_SECONDS = Gauge(
     "Age of the oldest log entry the group has not read yet (0 when none)",
     ["tenant"],
 )
-
-Entry = tuple[bytes, dict[bytes, bytes]]
 
 LAG_COUNT_CAP = 100_000
 """Most unread entries counted one by one when Redis cannot say the lag itself."""
@@ -176,42 +176,31 @@ class StreamProjector:
                 return handled
 
     async def _handle(self, tenant: str, entries: list[Entry]) -> int:
-        events: list[events_pb2.Event] = []
-        positions: list[str] = []
-        dead: list[tuple[str, str, bytes]] = []
-        for raw_position, fields in entries:
-            position = _text(raw_position)
-            positions.append(position)
-            appended_ms = int(position.split("-")[0])
-            payload = fields.get(b"e", b"")
-            try:
-                event = events_pb2.Event.FromString(payload)
-                # Judged as of its append time, not of whenever it is projected, so a
-                # replay of the log accepts and rejects the same events.
-                validate_event(event, 0, appended_ms)
-            except (DecodeError, InvalidArgument) as exc:
-                dead.append((position, _reason(exc), payload))
-                continue
-            # An event time ahead of its append time (a skewed client clock) counts as the
-            # append time, so one future-dated event cannot freeze an item's decay.
-            event.ts_ms = min(event.ts_ms, appended_ms)
-            events.append(event)
+        events, dead = decoded(entries)
+        positions = [_text(position) for position, _ in entries]
         applied = await self._projections.apply(tenant, events)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for position, reason, payload in dead:
+            for letter in dead:
                 pipe.xadd(
                     keys.dead_letters(tenant),
-                    {"position": position, "reason": reason, "e": payload},
+                    {"position": letter.position, "reason": letter.reason, "e": letter.payload},
                 )
             pipe.xack(keys.events(tenant), self.group, *positions)
             await pipe.execute()
-        for position, reason, _ in dead:
+        for letter in dead:
             log.warning(
                 "event sent to the dead-letter stream",
-                extra={"fields": {"tenant": tenant, "position": position, "reason": reason}},
+                extra={
+                    "fields": {
+                        "tenant": tenant,
+                        "position": letter.position,
+                        "reason": letter.reason,
+                    }
+                },
             )
-        EVENTS.labels(tenant, "applied").inc(applied)
-        EVENTS.labels(tenant, "duplicate").inc(len(events) - applied)
+        EVENTS.labels(tenant, "applied").inc(applied.applied)
+        EVENTS.labels(tenant, "duplicate").inc(len(events) - applied.applied)
+        UNKNOWN_ITEMS.labels(tenant).inc(applied.unknown_items)
         EVENTS.labels(tenant, "dead").inc(len(dead))
         return len(entries)
 
@@ -283,9 +272,3 @@ class StreamProjector:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, InvalidArgument):
-        return f"{exc.field}: {exc.message}"
-    return f"not an Event: {exc}"

@@ -1,56 +1,72 @@
 """The projections the stream keeps, and how one event changes them: idempotently.
 
-For each event of a batch, one Lua call first claims ``applied(tenant, event_id)`` with
-``SET NX EX``; only the first delivery of an event changes anything, so a redelivered
-entry (a crash between applying and acknowledging, a claimed pending entry) is harmless:
-at-least-once delivery, exactly-once effect while the mark lives.
+The rules are those of :mod:`core.replay` (which applies them in memory for batch
+recomputes, snapshots and as-of reads); here they run in Redis, one Lua call per batch.
+For each event the call first claims ``applied(tenant, event_id)`` with ``SET NX EX``; only
+the first delivery of an event changes anything, so a redelivered entry (a crash between
+applying and acknowledging, a claimed pending entry) is harmless: at-least-once delivery,
+exactly-once effect while the mark lives.
 
 * **Recent outcomes** (``outcomes(tenant, user)``): a click or a conversion appends its
   item, newest last, trimmed to ``history_cap``. The feature store serves them after the
   materialised history (which materialisation replaces; these it never touches), so
   retrieval drops them as already seen and the models read them as the user's history.
+* **Category shares** (``category_shares(tenant, user)``, a hash): a click or a conversion
+  counts one for its item's category, read from the item's feature row (its last four
+  bytes); an item without a row counts in no share, and the call reports it.
 * **Item counters** (``item_counters(tenant, item)``, a hash): impressions, clicks and
-  conversions with exponential time decay. For each kind the hash holds the value as of
-  the latest event time seen (``<kind>_at``, ms) ``v = sum(exp(-(at - t_i) / tau))``;
-  an event at ``t`` later than ``at`` decays the value to ``t`` and adds 1, an earlier one
-  adds ``exp(-(at - t) / tau)``. Event time, not processing time: the value depends only
-  on which events were applied, not on their order or on when the projector ran, so a
-  replay gives the same counters. ``tau = half_life / ln 2``.
+  conversions with exponential time decay in event time. For each kind the hash holds the
+  value as of the latest event time seen (``<kind>_at``, ms); a replay in any order gives
+  the same counters. ``tau = half_life / ln 2``.
+* **Trending** (``trending(tenant)``, a sorted set): a clicked item's score is
+  :func:`core.replay.trending_score` of its click counter.
 
-Other event types (exposure, dismiss) are marked applied and change nothing yet.
+Every key is named in a namespace: the live one (``""``) or a rebuild's.
+Other event types (exposure, dismiss) are marked applied and change nothing.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from recmesh.events.v1 import events_pb2
 
 from core import keys
+from core.events import validate_event
+from core.replay import EPOCH_MS, TRENDING_KIND, appended_ms, tau_ms
+from mesh.errors import InvalidArgument
 
-COUNTED = ("impression", "click", "conversion")
-"""Event types the item counters count."""
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as Redis returns it: its position and fields."""
 
-OUTCOMES = ("click", "conversion")
-"""Event types appended to the user's recent outcomes."""
-
-# KEYS per event: applied mark, user outcomes, item counters.
-# ARGV: mark TTL, history cap, tau (ms), then per event: type, item id, event time (ms).
+# KEYS: the trending set, then per event: applied mark, user outcomes, item counters,
+# category shares, item feature row.
+# ARGV: mark TTL, history cap, tau (ms), epoch (ms), the trending kind, then per event:
+# type, item id, event time (ms).
+# Returns {applied, applied events whose item has no feature row}.
 _APPLY = """
-local ttl, cap, tau = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local applied = 0
-for i = 1, #KEYS / 3 do
-  local kind, item, ts = ARGV[1 + 3 * i], ARGV[2 + 3 * i], tonumber(ARGV[3 + 3 * i])
-  if redis.call('SET', KEYS[3 * i - 2], '1', 'NX', 'EX', ttl) then
+local ttl, cap, tau, epoch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local trend_kind = ARGV[5]
+local applied, unknown = 0, 0
+for i = 1, (#KEYS - 1) / 5 do
+  local k = 1 + 5 * (i - 1)
+  local kind, item, ts = ARGV[3 + 3 * i], ARGV[4 + 3 * i], tonumber(ARGV[5 + 3 * i])
+  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ttl) then
+    local tail = redis.call('GETRANGE', KEYS[k + 5], -4, -1)
+    if #tail ~= 4 then unknown = unknown + 1 end
     if kind == 'click' or kind == 'conversion' then
-      redis.call('RPUSH', KEYS[3 * i - 1], item)
-      redis.call('LTRIM', KEYS[3 * i - 1], -cap, -1)
+      redis.call('RPUSH', KEYS[k + 2], item)
+      redis.call('LTRIM', KEYS[k + 2], -cap, -1)
+      if #tail == 4 then
+        redis.call('HINCRBY', KEYS[k + 4], tostring(struct.unpack('<i4', tail)), 1)
+      end
     end
     if kind == 'impression' or kind == 'click' or kind == 'conversion' then
-      local key = KEYS[3 * i]
+      local key = KEYS[k + 3]
       local at = tonumber(redis.call('HGET', key, kind .. '_at'))
       local value = tonumber(redis.call('HGET', key, kind)) or 0
       if at == nil then
@@ -62,12 +78,60 @@ for i = 1, #KEYS / 3 do
       end
       redis.call('HSET', key, kind, string.format('%.17g', value), kind .. '_at',
         string.format('%d', at))
+      if kind == trend_kind then
+        redis.call('ZADD', KEYS[1], string.format('%.17g', math.log(value) + (at - epoch) / tau),
+          item)
+      end
     end
     applied = applied + 1
   end
 end
-return applied
+return {applied, unknown}
 """
+
+
+@dataclass(frozen=True)
+class Dead:
+    """An entry that cannot be applied: where it is, why, and its raw bytes."""
+
+    position: str
+    reason: str
+    payload: bytes
+
+
+def decoded(entries: Sequence[Entry]) -> tuple[list[events_pb2.Event], list[Dead]]:
+    """The events of ``entries`` that can be applied, each judged as of its append time
+    (not of whenever it is projected, so a replay accepts and rejects the same events),
+    its time no later than its append time (a skewed client clock cannot freeze an item's
+    decay); and the dead letters: entries that are not a valid ``Event``."""
+    events: list[events_pb2.Event] = []
+    dead: list[Dead] = []
+    for raw_position, fields in entries:
+        position = raw_position.decode() if isinstance(raw_position, bytes) else raw_position
+        appended = appended_ms(position)
+        payload = fields.get(b"e", b"")
+        try:
+            event = events_pb2.Event.FromString(payload)
+            validate_event(event, 0, appended)
+        except DecodeError as exc:
+            dead.append(Dead(position, f"not an Event: {exc}", payload))
+            continue
+        except InvalidArgument as exc:
+            dead.append(Dead(position, f"{exc.field}: {exc.message}", payload))
+            continue
+        event.ts_ms = min(event.ts_ms, appended)
+        events.append(event)
+    return events, dead
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What one :meth:`Projections.apply` changed."""
+
+    applied: int
+    """Events applied now (the others had been applied before and changed nothing)."""
+    unknown_items: int
+    """Applied events whose item has no feature row (no category: in no share)."""
 
 
 class Projections:
@@ -78,41 +142,60 @@ class Projections:
         history_cap: items a user's recent outcomes keep.
         half_life_s: half-life of the item counters' decay.
         applied_ttl_s: how long an applied event id is remembered.
+        namespace: where the projections are written: ``""`` for the live ones, a name
+            for a rebuild's (:func:`core.keys.projection_prefix`).
     """
 
     def __init__(
-        self, client: aioredis.Redis, history_cap: int, half_life_s: float, applied_ttl_s: int
+        self,
+        client: aioredis.Redis,
+        history_cap: int,
+        half_life_s: float,
+        applied_ttl_s: int,
+        namespace: str = "",
     ) -> None:
         self._apply = client.register_script(_APPLY)
         self._redis = client
         self._history_cap = history_cap
-        self._tau_ms = half_life_s * 1000.0 / math.log(2)
+        self._tau_ms = tau_ms(half_life_s)
         self._ttl = applied_ttl_s
+        self.namespace = namespace
 
     async def prepare(self) -> None:
         """Load the script into Redis now, so the first batch is one round trip."""
         await self._redis.script_load(_APPLY)
 
-    async def apply(self, tenant: str, events: Sequence[events_pb2.Event]) -> int:
-        """Apply ``events`` of ``tenant`` in order; returns how many were new (the others
-        had been applied before and changed nothing)."""
+    async def apply(self, tenant: str, events: Sequence[events_pb2.Event]) -> Applied:
+        """Apply ``events`` of ``tenant`` in order (their times already no later than
+        their append times)."""
         if not events:
-            return 0
-        key_list: list[str] = []
-        args: list[str | float | int] = [self._ttl, self._history_cap, self._tau_ms]
+            return Applied(0, 0)
+        ns = self.namespace
+        key_list: list[str] = [keys.trending(tenant, ns)]
+        args: list[str | float | int] = [
+            self._ttl,
+            self._history_cap,
+            self._tau_ms,
+            EPOCH_MS,
+            TRENDING_KIND,
+        ]
         for event in events:
             key_list += [
-                keys.applied(tenant, event.event_id),
-                keys.outcomes(tenant, event.user_id),
-                keys.item_counters(tenant, event.item_id),
+                keys.applied(tenant, event.event_id, ns),
+                keys.outcomes(tenant, event.user_id, ns),
+                keys.item_counters(tenant, event.item_id, ns),
+                keys.category_shares(tenant, event.user_id, ns),
+                keys.item_row(tenant, event.item_id),
             ]
             args += [event.type, event.item_id, event.ts_ms]
-        return int(await self._apply(keys=key_list, args=args))
+        applied, unknown = cast(list[int], await self._apply(keys=key_list, args=args))
+        return Applied(int(applied), int(unknown))
 
     async def item_counters(self, tenant: str, item_id: int) -> dict[str, float]:
         """The decayed counts of ``item_id`` as stored, by kind (as of each kind's latest
         event time), and those times (``<kind>_at``, ms)."""
         raw = cast(
-            dict[bytes, bytes], await self._redis.hgetall(keys.item_counters(tenant, item_id))
+            dict[bytes, bytes],
+            await self._redis.hgetall(keys.item_counters(tenant, item_id, self.namespace)),
         )
         return {k.decode(): float(v) for k, v in raw.items()}

@@ -11,6 +11,7 @@ from mesh.service import Service
 from mesh.tenants import load_tenants
 from services.projector.consumer import StreamProjector
 from services.projector.projections import Projections
+from services.projector.rebuild import Retention
 from services.projector.settings import ProjectorSettings
 
 STALL_S = 10.0
@@ -39,6 +40,15 @@ async def build_service(settings: ProjectorSettings) -> Service:
         claim_idle_s=settings.claim_idle_s,
     )
 
+    retention = Retention(
+        client,
+        {t.name: t.retention_days for t in tenants.tenants.values() if t.retention_days},
+        group=settings.group,
+        half_life_s=settings.half_life_s,
+        history_cap=settings.history_cap,
+        every_s=settings.retention_every_s,
+    )
+
     async def reading() -> None:
         if not projector.progressing(within_s=STALL_S):
             raise RuntimeError(f"no successful read of the event log in {STALL_S:g} s")
@@ -46,6 +56,6 @@ async def build_service(settings: ProjectorSettings) -> Service:
     return Service(
         [],
         checks=[mesh_redis.redis_check(client), HealthCheck("projector", reading)],
-        startups=[projector.start],
-        cleanups=[projector.stop, client.aclose],
+        startups=[projector.start, retention.start],
+        cleanups=[retention.stop, projector.stop, client.aclose],
     )

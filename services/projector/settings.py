@@ -53,6 +53,11 @@ class ProjectorSettings(ServerSettings):
         doc="how long an applied event id is remembered (redeliveries within it change nothing)",
     )
     history_cap: int = history_cap()
+    retention_every_s: float = env(
+        "RECMESH_PROJECTOR_RETENTION_EVERY_S",
+        3600.0,
+        doc="how often tenants with retention_days have their log trimmed behind a snapshot",
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.block_ms < REDIS_SOCKET_TIMEOUT_MS:

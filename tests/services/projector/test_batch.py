@@ -4,6 +4,7 @@ the projector kept while reading it, and a difference is reported."""
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from services.projector.projections import Projections
 
 HOUR_MS = 3_600_000
 CAP = 3
+CATEGORIES = {1: 4, 2: 7}
 
 
 @pytest.fixture
@@ -44,6 +46,8 @@ async def projected_log(client: aioredis.Redis) -> str:
         consumer="test",
     )
     await reader.prepare()
+    for item, category in CATEGORIES.items():  # items 0, 3 and 4 have no feature row
+        await client.set(keys.item_row(name, item), struct.pack("<fi", 0.5, category))
     now = int(time.time() * 1000)
     log = [
         event("e1", "impression", "a", 1, now - 2 * HOUR_MS),
@@ -67,20 +71,27 @@ async def test_a_recompute_from_the_log_equals_the_live_projections(
     client: aioredis.Redis,
 ) -> None:
     name = await projected_log(client)
-    recomputed = batch.recompute(await batch.read_log(client, name), 3600.0, CAP)
+    recomputed = await batch.recompute(client, name, 3600.0, CAP)
     assert recomputed.outcomes == {"a": [1, 1, 2], "b": [2, 3, 4]}
+    # a: a click and a conversion of item 1 (category 4), a click of 2 (7); b: clicks of
+    # items 0 to 4, of which only 1 and 2 have a feature row
+    assert recomputed.shares == {"a": {4: 2, 7: 1}, "b": {4: 1, 7: 1}}
     assert recomputed.counters[1]["impression"][0] == pytest.approx(1.5, rel=1e-12)
-    assert await batch.differences(client, name, recomputed) == []
+    live = await batch.read_projections(client, name)
+    assert set(live.trending) == {1, 2, 0, 3, 4}
+    assert batch.compare(batch.expected(recomputed, 3600.0), live) == []
 
 
 async def test_a_live_projection_that_drifted_is_reported(client: aioredis.Redis) -> None:
     name = await projected_log(client)
     await client.hset(keys.item_counters(name, 1), "click", "7")
     await client.rpush(keys.outcomes(name, "b"), "99")
+    await client.hset(keys.category_shares(name, "c"), "4", "1")  # a user no event explains
     found = await batch.verify(client, [name], 3600.0, CAP)
-    assert len(found[name]) == 2
+    assert len(found[name]) == 3
     assert any(line.startswith("outcomes of b") for line in found[name])
     assert any(line.startswith("click count of item 1") for line in found[name])
+    assert any(line.startswith("category shares of c") for line in found[name])
 
 
 async def test_the_command_exits_non_zero_on_a_difference(
