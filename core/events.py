@@ -14,6 +14,10 @@ MAX_EVENT_ID = 128
 MAX_REQUEST_ID_BYTES = 128
 MAX_BATCH = 1000
 MAX_FUTURE_MS = 24 * 3600 * 1000
+MAX_AGE_MS = 7 * 24 * 3600 * 1000
+"""Oldest event time accepted, relative to the append: the events service remembers an
+event id for at least this long (``RECMESH_EVENTS_DEDUPE_TTL_S``), so a retry of an event
+can never arrive after its id was forgotten and count twice."""
 
 
 def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = None) -> None:
@@ -40,6 +44,11 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
     if not 0 < event.ts_ms <= now_ms + MAX_FUTURE_MS:
         raise InvalidArgument(
             "ts must be a positive epoch time in milliseconds, not in the far future",
+            field=f"{prefix}.ts",
+        )
+    if event.ts_ms < now_ms - MAX_AGE_MS:
+        raise InvalidArgument(
+            f"ts is more than {MAX_AGE_MS // 86_400_000} days old: too late to be taken once",
             field=f"{prefix}.ts",
         )
     if not 0.0 <= event.propensity <= 1.0:

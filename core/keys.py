@@ -106,6 +106,11 @@ def snapshot(tenant: str) -> str:
     return f"{tenant_prefix(tenant)}snap"
 
 
+def retention_lock(tenant: str) -> str:
+    """The lock a projector replica holds while it trims the tenant's log."""
+    return f"{tenant_prefix(tenant)}snap:lock"
+
+
 def audit(tenant: str) -> str:
     """Stream: the tenant's audit records (erasures: who, when, what, how many)."""
     return f"{tenant_prefix(tenant)}audit"

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from recmesh.events.v1 import events_pb2
 
 from core.events import validate_event
@@ -64,6 +65,20 @@ def decayed(value: float, at_ms: int, now_ms: int, tau: float) -> float:
     """A counter stored as ``value`` as of ``at_ms``, decayed to ``now_ms`` (a counter is
     never read as of a time before its own, which would grow it)."""
     return value * math.exp(min(0.0, (at_ms - now_ms) / tau))
+
+
+Stored = tuple[str, events_pb2.Event | None]
+"""A log entry: its position and event (None when it is not a valid ``Event``)."""
+
+
+def stored_entry(position: bytes | str, fields: Mapping[bytes, bytes]) -> Stored:
+    """A stream entry as Redis returns it (position, fields), decoded: the event is the
+    ``e`` field (see ``core.keys.events``), None when it does not parse."""
+    try:
+        event: events_pb2.Event | None = events_pb2.Event.FromString(fields.get(b"e", b""))
+    except DecodeError:
+        event = None
+    return (position.decode() if isinstance(position, bytes) else position), event
 
 
 def appended_ms(position: str) -> int:

@@ -62,7 +62,7 @@ OPENAPI: dict[str, Any] = {
                                 "rank": {"type": "integer"},
                                 "source": {
                                     "type": "string",
-                                    "enum": ["ann", "popular", "fallback", "explore"],
+                                    "enum": ["ann", "trending", "popular", "fallback", "explore"],
                                 },
                             },
                         },

@@ -60,12 +60,14 @@ async def build_monolith(settings: GatewaySettings) -> Service:
         ArtifactError: the current artifact set is missing or corrupt.
         ConfigError: the tenant or experiment file is missing or invalid.
     """
-    feature = await build_feature(load(FeatureSettings))
+    events = await build_events(load(EventsSettings))
+    feature = await build_feature(
+        load(FeatureSettings), events=_local("events", events, "EventService")
+    )
     features = _local("feature", feature, "FeatureService")
     retrieval = await build_retrieval(load(RetrievalSettings), features)
     ranking = await build_ranking(load(RankingSettings), features)
     experiment = await build_experiment(load(ExperimentSettings))
-    events = await build_events(load(EventsSettings))
     quota = await build_quota(load(QuotaSettings))
     downstreams = Downstreams(
         quota=_local("quota", quota, "QuotaService"),

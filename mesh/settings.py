@@ -179,6 +179,32 @@ def history_cap() -> Any:
     return env("RECMESH_FEATURE_HISTORY_CAP", 200, doc="history entries kept per user")
 
 
+COUNTER_HALF_LIFE_S = 3600.0
+"""Default half-life of the item counters' decay, seconds (:func:`counter_half_life_s`)."""
+
+
+def counter_half_life_s() -> Any:
+    """The field of the half-life of the item counters' exponential decay, in seconds, env
+    ``RECMESH_PROJECTOR_HALF_LIFE_S``: the projector decays the counters it writes with it,
+    and the feature service decays them to the time of a read with the same one."""
+    return env(
+        "RECMESH_PROJECTOR_HALF_LIFE_S",
+        COUNTER_HALF_LIFE_S,
+        doc="half-life of the item counters' decay",
+    )
+
+
+def projector_group() -> Any:
+    """The field of the consumer group the projector replicas read every tenant's log in,
+    env ``RECMESH_PROJECTOR_GROUP``: the projector reads in it, and the events service's
+    erasure reads its progress to know which events the live item counters hold."""
+    return env(
+        "RECMESH_PROJECTOR_GROUP",
+        "projector",
+        doc="consumer group every projector replica reads in",
+    )
+
+
 def artifacts_dir() -> Any:
     """The artifact root field; services load ``<root>/current``."""
     return env("RECMESH_ARTIFACTS", ARTIFACTS_DIR, doc="artifact root holding `current`")

@@ -1,7 +1,8 @@
 """The ``recmesh`` command: run, inspect and feed the mesh.
 
 ``recmesh up|down|status`` manage local processes; ``recmesh train`` builds a new
-artifact set (``python -m training``); ``recmesh versions`` lists the sets under the
+artifact set (``python -m training``; ``--from-log`` trains its ranker on a tenant's
+event log, read from the mesh's Redis); ``recmesh versions`` lists the sets under the
 artifact root, ``recmesh rollback [--to VERSION]`` moves ``current`` back (running
 services pick it up without restart) and ``recmesh eval`` evaluates a set offline;
 ``recmesh protos [--check]`` regenerates stubs; ``recmesh bench`` runs the step benchmark
@@ -10,7 +11,9 @@ services pick it up without restart) and ``recmesh eval`` evaluates a set offlin
 <request_id>`` why its answer showed what it showed, from the event log; ``recmesh events
 tail`` the newest events of a tenant's log and ``recmesh events trim`` its retention;
 ``recmesh projections verify|rebuild|snapshot`` check, replay and snapshot the projector's
-projections (:mod:`ops.projections`).
+projections (:mod:`ops.projections`); ``recmesh features asof`` a user's features as of a
+past time, from the event log (:mod:`ops.features_asof`); ``recmesh users erase`` erases a
+user's events, projections and features, audited (:mod:`ops.users`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from core.artifacts import list_versions, load_artifact_set, resolve_current, ro
 from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
 from mesh.settings import load
-from ops import projections, protos, supervisor
+from ops import projections, protos, supervisor, users
 from ops.settings import OpsSettings
 from training.find import find_or_train
 
@@ -75,6 +78,10 @@ def cmd_train(args: argparse.Namespace, settings: OpsSettings) -> int:
     rest = list(args.rest)
     if "--root" not in rest:
         rest = ["--root", str(settings.artifacts), *rest]
+    if "--from-log" in rest and "--redis-url" not in rest:
+        # The log is in the mesh's Redis: REDIS_URL, else the embedded one `up` starts.
+        url = supervisor.Layout.from_settings(settings).effective_redis_url()
+        rest = [*rest, "--redis-url", url]
     return subprocess.run([sys.executable, "-m", "training", "train", *rest]).returncode
 
 
@@ -229,6 +236,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def cmd_features_asof(args: argparse.Namespace, settings: OpsSettings) -> int:
+    from ops import features_asof
+
+    address = f"127.0.0.1:{settings.ports()['feature']}"
+    code, text = features_asof.show(address, args.tenant, args.user, args.at, args.json)
+    print(text)
+    return code
+
+
+def _iso_time(text: str) -> int:
+    from ops.features_asof import parse_time
+
+    return parse_time(text)
+
+
 def _forwarding(commands: Any, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
     """A subcommand that hands every argument after its name, untouched, to the tool it
     runs (which has its own ``--help``)."""
@@ -290,6 +312,21 @@ def main(argv: list[str] | None = None) -> int:
     tail.set_defaults(run=cmd_events_tail)
     projections.register(commands)
     projections.register_trim(events)
+    users.register(commands)
+    features = commands.add_parser("features", help="a user's features").add_subparsers(
+        dest="features_command", required=True
+    )
+    asof = features.add_parser("asof", help="a user's features as of a past time, from the log")
+    asof.add_argument("--tenant", required=True)
+    asof.add_argument("--user", required=True)
+    asof.add_argument(
+        "--at",
+        required=True,
+        type=_iso_time,
+        help="ISO 8601 time, e.g. 2026-12-04T19:59:57Z (UTC when it has no offset)",
+    )
+    asof.add_argument("--json", action="store_true", help="print JSON")
+    asof.set_defaults(run=cmd_features_asof)
     why = commands.add_parser("explain", help="why an answer showed its items, from the event log")
     why.add_argument("request_id", help="the request_id of a response")
     why.add_argument("--tenant", help="the tenant whose log to read (default: every tenant)")

@@ -103,10 +103,17 @@ async def inprocess_mesh(
             "drain_delay_s": 0.0,
             "faults_file": str(faults_file or ""),
         }
+        events = await start(
+            "events",
+            await built_server(build_events, EventsSettings(redis_url=redis_url, **common)),
+        )
         feature = await start(
             "feature",
             await built_server(
-                build_feature, FeatureSettings(redis_url=redis_url, artifacts=artifacts, **common)
+                build_feature,
+                FeatureSettings(
+                    redis_url=redis_url, artifacts=artifacts, events_addr=events, **common
+                ),
             ),
         )
         retrieval = await start(
@@ -133,10 +140,6 @@ async def inprocess_mesh(
                 build_experiment,
                 ExperimentSettings(experiments=PROJECT / "config" / "experiments.json", **common),
             ),
-        )
-        events = await start(
-            "events",
-            await built_server(build_events, EventsSettings(redis_url=redis_url, **common)),
         )
         quota = await start(
             "quota",

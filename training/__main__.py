@@ -1,11 +1,17 @@
-"""Command line: ``python -m training train|eval|rollback``.
+"""Command line: ``python -m training train|eval|rollback|simulate-serve``.
 
 ``train`` runs :func:`training.pipeline.train` and prints a summary (version, wall time
-per phase, metrics). ``eval`` recomputes the metrics of an existing set (``current``, or
-``--version V``) from its files, on the world regenerated from its manifest, and prints
-them next to the stored ones (``!`` marks a difference; ``--check`` exits 2 if any).
-``rollback`` moves ``current`` to the previous version, or to ``--to VERSION``. Artifact
-problems exit with status 1 and the error on stderr.
+per phase, metrics). ``train --from-log [--tenant T] [--redis-url URL] [--base V]`` runs
+:func:`training.from_log.train_from_log` instead: a new set, the base set (``current``,
+or ``--base``) with a ranker learnt from the tenant's event log; the world's options
+(``--items`` ...) do not apply to it, and a log with too few impressions or no click is
+refused (status 1). ``simulate-serve`` appends a simulated serve of a set to a tenant's
+log through the events service (:mod:`training.simulate`). ``eval`` recomputes the
+metrics of an existing set (``current``, or ``--version V``) from its files, on the world
+regenerated from its manifest, and prints them next to the stored ones (``!`` marks a
+difference; ``--check`` exits 2 if any). ``rollback`` moves ``current`` to the previous
+version, or to ``--to VERSION``. Artifact problems exit with status 1 and the error on
+stderr.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+import redis
+
 from core.artifacts import load_artifact_set, resolve_current, rollback
-from mesh.errors import ArtifactError
+from mesh.errors import ArtifactError, ConfigError, FailedPrecondition
+from mesh.settings import load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +47,42 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--eval-users", type=int, default=2000)
     train_cmd.add_argument("--no-eval", action="store_true", help="skip offline evaluation")
     train_cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    log_opts = train_cmd.add_argument_group("training the ranker from the event log")
+    log_opts.add_argument(
+        "--from-log", action="store_true", help="train the ranker on a tenant's logged impressions"
+    )
+    log_opts.add_argument("--tenant", default="demo", help="whose log (default: demo)")
+    log_opts.add_argument(
+        "--promote-if-worse",
+        action="store_true",
+        help="serve the new set even if its held-out click AUC is below the base ranker's",
+    )
+    log_opts.add_argument("--redis-url", help="Redis holding the log (default: REDIS_URL)")
+    log_opts.add_argument(
+        "--base",
+        metavar="V",
+        help="base set: a version under --root or a set's directory (default: current)",
+    )
+    log_opts.add_argument(
+        "--heldout-share", type=float, default=0.2, help="latest share of impressions held out"
+    )
+    log_opts.add_argument(
+        "--min-impressions", type=int, default=1000, help="refuse a log with fewer (default 1000)"
+    )
+
+    sim_cmd = commands.add_parser(
+        "simulate-serve", help="append a simulated serve of an artifact set to a tenant's log"
+    )
+    sim_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
+    sim_cmd.add_argument("--version", metavar="V", help="default: the current version")
+    sim_cmd.add_argument("--tenant", default="demo")
+    sim_cmd.add_argument(
+        "--events", metavar="HOST:PORT", help="events service (default: this host's port)"
+    )
+    sim_cmd.add_argument("--requests", type=int, default=20000)
+    sim_cmd.add_argument("--slate", type=int, default=10)
+    sim_cmd.add_argument("--explore-slots", type=int, default=1)
+    sim_cmd.add_argument("--seed", type=int, default=0)
 
     eval_cmd = commands.add_parser("eval", help="recompute the metrics of an artifact set")
     eval_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
@@ -50,16 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     rollback_cmd.add_argument("--to", metavar="VERSION", help="default: the previous version")
 
     args = parser.parse_args(argv)
+    if args.command == "train" and args.from_log:
+        world_options = ("items", "users", "categories", "data_seed", "eval_users")
+        given = [o for o in world_options if getattr(args, o) != train_cmd.get_default(o)]
+        if given:
+            parser.error(f"--from-log keeps the base set's world: drop --{given[0]}")
     try:
         if args.command == "train":
-            return _train(args)
+            return _train_from_log(args) if args.from_log else _train(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "simulate-serve":
+            return _simulate(args)
         before = resolve_current(args.root).name
         after = rollback(args.root, args.to).name
         print(f"current: {before} -> {after}")
         return 0
-    except ArtifactError as exc:
+    except (ArtifactError, FailedPrecondition, ConfigError) as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
 
@@ -83,10 +136,95 @@ def _train(args: argparse.Namespace) -> int:
     path = train(args.root, config)
     artifact_set = load_artifact_set(path, verify=False)
     timings = artifact_set.manifest["timings_s"]
-    print(f"\nversion  {artifact_set.version}\npath     {path}\ncurrent  -> {path.name}")
+    live = resolve_current(args.root).name == path.name
+    served = f"-> {path.name}" if live else "unchanged: its held-out click AUC is below the base's"
+    print(f"\nversion  {artifact_set.version}\npath     {path}\ncurrent  {served}")
     phases = [*PHASES, "total"]
     print("wall time (s): " + ", ".join(f"{p} {timings[p]:.1f}" for p in phases if p in timings))
     print(format_metrics(artifact_set.metrics))
+    return 0
+
+
+def _train_from_log(args: argparse.Namespace) -> int:
+    from training.evaluate import format_metrics
+    from training.from_log import FromLogConfig, LogSettings, train_from_log
+    from training.log_data import LABELS
+
+    settings = load(LogSettings)
+    url = args.redis_url or settings.redis_url
+    if not url:
+        raise ConfigError("--from-log reads the log from Redis: give --redis-url or REDIS_URL")
+    if args.base:
+        base_path = Path(args.base) if Path(args.base).is_dir() else args.root / args.base
+    else:
+        base_path = resolve_current(args.root)
+    base = load_artifact_set(base_path, verify=True)
+    config = FromLogConfig(
+        tenant=args.tenant,
+        history_cap=settings.history_cap,
+        heldout_share=args.heldout_share,
+        min_impressions=args.min_impressions,
+        train_seed=args.train_seed,
+        epochs=args.epochs,
+        evaluate_world=not args.no_eval,
+        progress=not args.no_progress,
+        promote_if_worse=args.promote_if_worse,
+    )
+    client = redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=2.0)
+    try:
+        path = train_from_log(args.root, base, client, config)
+    except redis.RedisError as exc:
+        raise ConfigError(f"cannot read the log of {args.tenant!r} at {url}: {exc}") from exc
+    finally:
+        client.close()
+    artifact_set = load_artifact_set(path, verify=False)
+    lineage = artifact_set.config["from_log"]
+    timings = artifact_set.manifest["timings_s"]
+    live = resolve_current(args.root).name == path.name
+    served = f"-> {path.name}" if live else "unchanged: its held-out click AUC is below the base's"
+    print(f"\nversion  {artifact_set.version}\npath     {path}\ncurrent  {served}")
+    print(
+        f"from the log of {lineage['tenant']!r}, positions {lineage['first_position']} .. "
+        f"{lineage['last_position']} ({lineage['entries']} entries), on {base.version}"
+    )
+    examples, positives = lineage["examples"], lineage["positives"]
+    for part in ("train", "heldout"):
+        labelled = ", ".join(f"{positives[part][h]} {h}s" for h in LABELS)
+        print(f"  {part:<8} {examples[part]} impressions, {labelled}")
+    print(
+        f"  skipped  {lineage['unknown_items']} impressions of items outside the set; "
+        f"{lineage['unknown_users']} examples of unknown users (default row)"
+    )
+    print("wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    print(format_metrics(artifact_set.metrics))
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from training.from_log import LogSettings
+    from training.pipeline import world_of
+    from training.simulate import ServeConfig, append_events, simulate_serve
+
+    path = args.root / args.version if args.version else resolve_current(args.root)
+    artifact_set = load_artifact_set(path, verify=False)
+    address = args.events or f"127.0.0.1:{load(LogSettings).events_port}"
+    config = ServeConfig(
+        requests=args.requests, slate=args.slate, explore_slots=args.explore_slots, seed=args.seed
+    )
+    world, _ = world_of(artifact_set)
+    span_ms = config.requests * config.gap_ms + config.click_delay_ms[1] * 2
+    events = simulate_serve(artifact_set, world, config, int(time.time() * 1000) - span_ms)
+    try:
+        appended, duplicates = append_events(address, args.tenant, events)
+    except grpc.RpcError as exc:
+        print(f"error: the events service at {address}: {exc}", file=sys.stderr)
+        return 1
+    kinds = [e.type for e in events]
+    print(
+        f"{args.tenant}: {appended} events appended ({duplicates} already there): "
+        f"{kinds.count('impression')} impressions, {kinds.count('click')} clicks, "
+        f"{kinds.count('conversion')} conversions, from {artifact_set.version}"
+    )
     return 0
 
 

@@ -105,10 +105,18 @@ class CategoryCodes:
 
 def category_codes(world: World) -> CategoryCodes:
     """The category block of ``world.item_features`` (see :mod:`training.world`'s layout)."""
-    start = world.config.item_feature_dim - CATEGORY_EMBED_DIM - 2
-    block = world.item_features[:, start : start + CATEGORY_EMBED_DIM]
-    _, first = np.unique(world.item_categories, return_index=True)  # every category has items
-    return CategoryCodes(start=start, codes=np.ascontiguousarray(block[first]))
+    return codes_of(world.item_features, world.item_categories)
+
+
+def codes_of(item_features: F32, item_categories: NDArray[np.int32]) -> CategoryCodes:
+    """The category block of item features laid out as :mod:`training.world` lays them out
+    (the block, then two more columns, ends the row), read from an artifact set's
+    ``item_features`` and ``item_categories`` as well as from a world. Every category
+    ``0..max`` must have an item."""
+    start = int(item_features.shape[1]) - CATEGORY_EMBED_DIM - 2
+    block = item_features[:, start : start + CATEGORY_EMBED_DIM]
+    _, first = np.unique(item_categories, return_index=True)
+    return CategoryCodes(start=start, codes=np.ascontiguousarray(block[first], dtype=np.float32))
 
 
 def item_tower_inputs(world: World, codes: CategoryCodes | None) -> F32:

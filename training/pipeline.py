@@ -146,7 +146,7 @@ def train(root: Path, config: TrainConfig) -> Path:
             )
         files = {name: build / file_name for name, file_name in REQUIRED_FILES.items()}
         with _phase("export", timings, bar):
-            sample = _export_sample(examples.users.size, seed)
+            sample = export_sample(examples.users.size, seed)
             sample_users = user_x[examples.users[sample]]
             sample_items = world.item_features[examples.items[sample]]
             export_user_tower(two_tower.user_tower, files["user_tower"], sample_users)
@@ -189,7 +189,7 @@ def train(root: Path, config: TrainConfig) -> Path:
                 seeds={"data": config.data_seed, "train": config.train_seed},
                 config=manifest_config,
                 metrics=metrics,
-                libraries=_library_versions(),
+                libraries=library_versions(),
                 timings_s=timings,
             )
         set_current(root, version_dir.name)
@@ -201,6 +201,21 @@ def reevaluate(artifact_set: ArtifactSet) -> dict[str, float]:
     its manifest (``config.world``, or the sizes and ``seeds.data`` of older manifests) with
     the manifest's evaluation settings. Equal to the stored ``metrics`` of a set built by
     :func:`train` with evaluation on, on the same machine and library versions."""
+    world, eval_cfg = world_of(artifact_set)
+    paths = artifact_set.paths
+    user_rows = int(np.load(paths["user_features"], mmap_mode="r").shape[0])
+    if user_rows != world.config.n_users:
+        raise ArtifactError(
+            f"{paths['user_features']}: {user_rows} users, but the manifest's world has "
+            f"{world.config.n_users}"
+        )
+    heads = tuple(str(h) for h in artifact_set.config["ranker_heads"])
+    return evaluate(world, paths, heads, eval_cfg)
+
+
+def world_of(artifact_set: ArtifactSet) -> tuple[World, EvalConfig]:
+    """The world a set was trained on, regenerated from its manifest (``config.world``, or
+    the sizes and ``seeds.data`` of older manifests), and its evaluation settings."""
     config = artifact_set.config
     if "world" in config:
         world_cfg = WorldConfig(**config["world"])
@@ -214,20 +229,10 @@ def reevaluate(artifact_set: ArtifactSet) -> dict[str, float]:
     eval_entry = config.get("evaluation", {})
     if "seed" not in eval_entry:
         eval_entry = {**eval_entry, "seed": world_cfg.seed}
-    eval_cfg = EvalConfig.from_manifest(eval_entry)
-    heads = tuple(str(h) for h in config["ranker_heads"])
-    world = generate_world(world_cfg)
-    paths = artifact_set.paths
-    user_rows = int(np.load(paths["user_features"], mmap_mode="r").shape[0])
-    if user_rows != world_cfg.n_users:
-        raise ArtifactError(
-            f"{paths['user_features']}: {user_rows} users, but the manifest's world has "
-            f"{world_cfg.n_users}"
-        )
-    return evaluate(world, paths, heads, eval_cfg)
+    return generate_world(world_cfg), EvalConfig.from_manifest(eval_entry)
 
 
-def _export_sample(n: int, seed: int) -> NDArray[np.int64]:
+def export_sample(n: int, seed: int) -> NDArray[np.int64]:
     """Rows of the training examples used to verify the ONNX exports (a seeded sample, so
     both logged and exploration impressions are covered)."""
     rng = np.random.default_rng(seed)
@@ -264,7 +269,8 @@ def _save_data(
     )
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that built a set, for its manifest."""
     return {
         "torch": torch.__version__,
         "onnx": onnx.__version__,

@@ -15,6 +15,13 @@ one dedupe window after the request's first event (later events do not extend it
 events of one request (its impressions with their lineage, and the clicks and conversions
 that name it) are read back without scanning the stream (:meth:`EventLog.read_request`,
 ``recmesh explain``).
+
+Every event also has its position added to its user's index ``rm:{t}:ue:<user_id>`` (a
+sorted set scored by the append time, ms) in the same call, so a user's events up to a
+time are read back in log order without scanning the stream (:meth:`EventLog.read_user`,
+the feature service's as-of reads). The append time decides what "up to a time" means,
+not the event's own ``ts_ms``: an event appended after the time is left out, whatever
+time its client gave it, so nothing that was not yet in the log at that time leaks in.
 """
 
 from __future__ import annotations
@@ -22,22 +29,25 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import redis
 import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
 
-# KEYS: the stream, then per event its dedupe claim and its request index.
+# KEYS: the stream, then per event its dedupe claim, then per event its request index,
+# then per event its user's index.
 # ARGV: the dedupe TTL, the request index's cap, then per event its serialized form, then
 # per event "1" when it names a request.
 _APPEND = """
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 1) / 3
 local appended = 0
 for i = 1, n do
   if redis.call('SET', KEYS[1 + i], '1', 'NX', 'EX', ARGV[1]) then
     local position = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2 + i])
+    redis.call('ZADD', KEYS[1 + 2 * n + i], string.match(position, '^%d+'), position)
     local index = KEYS[1 + n + i]
     if ARGV[2 + n + i] == '1' and redis.call('LLEN', index) < tonumber(ARGV[2]) then
       redis.call('RPUSH', index, position)
@@ -54,6 +64,20 @@ return appended
 class AppendResult:
     appended: int
     duplicates: int
+
+
+@dataclass(frozen=True)
+class UserEvents:
+    """A page of one user's stored events (:meth:`EventLog.read_user`)."""
+
+    events: list[tuple[str, events_pb2.Event]]
+    """Position and event, in log order."""
+    next_after: str
+    """The position the next page starts after; "" when this page reached the time asked."""
+    horizon_ms: int
+    """When entries were ever removed from the tenant's log (retention, erasure), the
+    append time (ms) of the oldest one it still holds (after the newest it ever held when it
+    holds none); 0 while it holds every event appended to it."""
 
 
 class EventLog(abc.ABC):
@@ -73,6 +97,15 @@ class EventLog(abc.ABC):
     ) -> list[tuple[str, events_pb2.Event]]:
         """Up to ``limit`` stored events of ``tenant`` that name ``request_id``, in log
         order (none once the request is older than the dedupe window)."""
+
+    @abc.abstractmethod
+    async def read_user(
+        self, tenant: str, user_id: str, until_ms: int, limit: int, after: str = ""
+    ) -> UserEvents:
+        """Up to ``limit`` (>= 1) stored events of ``user_id`` appended at or before
+        ``until_ms``, after position ``after`` ("" = from the start), in log order, with
+        where the next page starts and the log's horizon. Events removed from the log since
+        they were appended (retention, erasure) are skipped and leave the user's index."""
 
 
 class RedisStreamEventLog(EventLog):
@@ -104,6 +137,7 @@ class RedisStreamEventLog(EventLog):
                     keys.events(tenant),
                     *(keys.event_claim(tenant, event.event_id) for event in events),
                     *(keys.request_events(tenant, event.request_id) for event in events),
+                    *(keys.user_events(tenant, event.user_id) for event in events),
                 ],
                 args=[
                     self._ttl,
@@ -137,6 +171,88 @@ class RedisStreamEventLog(EventLog):
             found = cast(list[list[tuple[bytes, dict[bytes, bytes]]]], await pipe.execute())
         # An entry trimmed from the stream since (retention) is simply gone.
         return _decoded([entry for entries in found for entry in entries])
+
+    async def read_user(
+        self, tenant: str, user_id: str, until_ms: int, limit: int, after: str = ""
+    ) -> UserEvents:
+        # The index orders members of one score (one millisecond) by their bytes, in which
+        # "t-10" comes before "t-9": every millisecond a page touches is read whole and put
+        # in stream order here, so a page boundary never falls by byte order.
+        index, stream = keys.user_events(tenant, user_id), keys.events(tenant)
+        start = _order(after) if after else None
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if start is not None:
+                pipe.zrange(index, start[0], start[0], byscore=True)
+            pipe.zrange(
+                index,
+                f"({start[0]}" if start is not None else "-inf",
+                until_ms,
+                byscore=True,
+                offset=0,
+                num=limit,
+            )
+            pipe.xinfo_stream(stream)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                raise reply
+        info = replies[-1]
+        if isinstance(info, redis.ResponseError):
+            info = None  # no stream yet: nothing appended, nothing removed
+        elif isinstance(info, Exception):
+            raise info
+        same: list[str] = []
+        if start is not None and start[0] <= until_ms:
+            same = [p for p in _texts(replies[0]) if _order(p) > start]
+        later = _texts(replies[-2])
+        full = len(later) == limit
+        if full:
+            last_ms = _order(later[-1])[0]
+            whole = cast(
+                list[bytes], await self._redis.zrange(index, last_ms, last_ms, byscore=True)
+            )
+            later = [p for p in later if _order(p)[0] < last_ms] + _texts(whole)
+        candidates = sorted(same, key=_order) + sorted(later, key=_order)
+        page = candidates[:limit]
+        more = full or len(candidates) > limit
+        found: list[list[tuple[bytes, dict[bytes, bytes]]]] = []
+        if page:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for position in page:
+                    pipe.xrange(stream, min=position, max=position)
+                found = cast(list[list[tuple[bytes, dict[bytes, bytes]]]], await pipe.execute())
+            gone = [p for p, entries in zip(page, found, strict=True) if not entries]
+            if gone:
+                await self._redis.zrem(index, *gone)
+        return UserEvents(
+            events=_decoded([entry for entries in found for entry in entries]),
+            next_after=page[-1] if more and page else "",
+            horizon_ms=_horizon(info),
+        )
+
+
+def _order(position: str) -> tuple[int, int]:
+    """A stream position as (ms, sequence), which sorts in log order."""
+    millis, _, seq = position.partition("-")
+    return int(millis), int(seq or 0)
+
+
+def _texts(members: list[bytes]) -> list[str]:
+    return [member.decode() for member in members]
+
+
+def _horizon(info: dict[str, Any] | None) -> int:
+    """The horizon of a stream described by ``XINFO STREAM`` (see :class:`UserEvents`)."""
+    if info is None or int(info.get("entries-added", 0)) <= int(info["length"]):
+        return 0
+    first = info.get("first-entry")
+    if first:
+        return _order(_text(first[0]))[0]
+    return _order(_text(info["last-generated-id"]))[0] + 1
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _decoded(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, events_pb2.Event]]:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.settings import ServerSettings, env, metrics_port_of, port_of, redis_url
+from core.events import MAX_AGE_MS
+from mesh.errors import ConfigError
+from mesh.settings import (
+    ServerSettings,
+    counter_half_life_s,
+    env,
+    metrics_port_of,
+    port_of,
+    projector_group,
+    redis_url,
+)
 
 
 @dataclass(frozen=True)
@@ -19,3 +29,17 @@ class EventsSettings(ServerSettings):
         "RECMESH_EVENTS_DEDUPE_TTL_S", 7 * 24 * 3600, doc="how long event ids are remembered"
     )
     max_read: int = env("RECMESH_EVENTS_MAX_READ", 1000, doc="most entries one Read returns")
+
+    def __post_init__(self) -> None:
+        if self.dedupe_ttl_s * 1000 < MAX_AGE_MS:
+            raise ConfigError(
+                f"RECMESH_EVENTS_DEDUPE_TTL_S={self.dedupe_ttl_s} must be at least "
+                f"{MAX_AGE_MS // 1000}: events up to that old are accepted, and a retry of one "
+                "must still find its id"
+            )
+
+    half_life_s: float = counter_half_life_s()
+    """The projector's half-life: an erasure recomputes item counters with it."""
+    projector_group: str = projector_group()
+    """The projector's consumer group: an erasure reads its progress to know which events
+    the live item counters hold."""

@@ -11,7 +11,12 @@ a tenant's keys share a slot and a multi-key read stays one round trip):
 * ``rm:{t}:o:<user_id>`` — list of the user's clicks and conversions projected from the
   event log by the projector, newest last; materialisation never touches it. A user's
   history is the two together, the projected outcomes last (the newest).
+* ``rm:{t}:uc:<user_id>`` — hash: the user's clicks and conversions by item category, kept
+  by the projector; served as shares (each count over their sum).
 * ``rm:{t}:i:<item_id>`` — packed item row: ``item_dim`` float32 then one int32 category.
+* ``rm:{t}:ic:<item_id>``, ``rm:{t}:tr`` — the item counters and the trending set the
+  projector keeps from the event log; read only, decayed to the time of the read
+  (:mod:`services.feature.counters`).
 
 An item batch is one ``MGET`` of packed rows decoded with one ``numpy.frombuffer``.
 Every round trip to Redis is a ``redis <COMMANDS>`` CLIENT span (``mesh.tracing.redis_span``),
@@ -23,8 +28,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -33,8 +39,17 @@ import redis
 import redis.asyncio as aioredis
 
 from core import keys
+from core.replay import Projected, category_shares, tau_ms
 from mesh.errors import FailedPrecondition, InvalidArgument
+from mesh.settings import COUNTER_HALF_LIFE_S
 from mesh.tracing import redis_span
+from services.feature.counters import (
+    Counters,
+    Trending,
+    decode_counters,
+    queue_counters,
+    read_trending,
+)
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -53,6 +68,8 @@ class UserFeatures:
     features: F32
     history: list[int]
     is_default: bool
+    category_shares: dict[int, float] = field(default_factory=dict)
+    """Category -> share of the user's clicks and conversions (empty when none)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,9 @@ class ItemFeatures:
     features: F32
     categories: I32
     missing: npt.NDArray[np.bool_]
+    counters: Counters | None = None
+    """The decayed counters of the ids asked for them (see :meth:`FeatureStore.get_items`),
+    ``None`` when none were."""
 
 
 @dataclass(frozen=True)
@@ -88,12 +108,34 @@ class FeatureStore(abc.ABC):
 
     @abc.abstractmethod
     async def get_user(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
-        """The user's row and last ``history_limit`` history entries (the materialised
-        history, then the outcomes projected from the event log), or the defaults."""
+        """The user's row, last ``history_limit`` history entries (the materialised
+        history, then the outcomes projected from the event log) and category shares, or
+        the defaults."""
 
     @abc.abstractmethod
-    async def get_items(self, tenant: str, item_ids: Sequence[int]) -> ItemFeatures:
-        """Rows for ``item_ids`` in order; unknown ids get the default row."""
+    async def get_materialised(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
+        """What materialisation wrote of the user (the row, or the defaults, and the last
+        ``history_limit`` entries of the materialised history), nothing projected from the
+        event log."""
+
+    @abc.abstractmethod
+    async def user_snapshot(self, tenant: str, user_id: str) -> Projected | None:
+        """The user's part of the tenant's projection snapshot (``keys.snapshot``: the
+        outcomes and category counts as of its log position, ``position`` set), or None
+        when the tenant has no snapshot."""
+
+    @abc.abstractmethod
+    async def get_items(
+        self, tenant: str, item_ids: Sequence[int], counter_ids: Sequence[int] = ()
+    ) -> ItemFeatures:
+        """Rows for ``item_ids`` in order (unknown ids get the default row) and, read in the
+        same round trip, the counters of ``counter_ids`` decayed to now (in their order;
+        ``counters`` is None when ``counter_ids`` is empty)."""
+
+    @abc.abstractmethod
+    async def get_trending(self, tenant: str, k: int, min_clicks: float) -> Trending:
+        """The tenant's ``k`` items with the most clicks decayed to now, at least
+        ``min_clicks`` each, most first."""
 
     @abc.abstractmethod
     async def write_users(
@@ -141,11 +183,16 @@ class RedisFeatureStore(FeatureStore):
     """Items per round trip of a bulk load (ten ``MSET`` of 2000 keys in one pipeline)."""
 
     def __init__(
-        self, client: aioredis.Redis, history_cap: int = 200, bulk: redis.Redis | None = None
+        self,
+        client: aioredis.Redis,
+        history_cap: int = 200,
+        bulk: redis.Redis | None = None,
+        half_life_s: float = COUNTER_HALF_LIFE_S,
     ) -> None:
         self._redis = client
         self._history_cap = history_cap
         self._bulk = bulk
+        self._tau = tau_ms(half_life_s)
 
     async def info(self, tenant: str) -> ViewInfo | None:
         with redis_span("HGETALL", self._redis):
@@ -173,27 +220,76 @@ class RedisFeatureStore(FeatureStore):
             pipe.lrange(keys.history(tenant, user_id), -history_limit, -1)
             pipe.lrange(keys.outcomes(tenant, user_id), -history_limit, -1)
             pipe.hget(keys.meta(tenant), "user_default")
-            with redis_span("GET+LRANGE+LRANGE+HGET", self._redis):
-                row, history, outcomes, default = await pipe.execute()
+            pipe.hgetall(keys.category_shares(tenant, user_id))
+            with redis_span("GET+LRANGE+LRANGE+HGET+HGETALL", self._redis):
+                row, history, outcomes, default, counts = await pipe.execute()
         if default is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         is_default = row is None
         features = np.frombuffer(default if is_default else row, dtype="<f4")
         recent = [int(h) for h in (history + outcomes)[-history_limit:]]
-        return UserFeatures(features, recent, is_default)
+        shares = category_shares({int(c): int(n) for c, n in counts.items()})
+        return UserFeatures(features, recent, is_default, shares)
 
-    async def get_items(self, tenant: str, item_ids: Sequence[int]) -> ItemFeatures:
-        if not item_ids:
-            default = await self._defaults(tenant, b"item_default")
-            return ItemFeatures(
-                np.zeros((0, default.size), np.float32), np.zeros(0, np.int32), np.zeros(0, bool)
-            )
-        rows_keys = [keys.item_row(tenant, i) for i in item_ids]
+    async def get_materialised(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.mget(rows_keys)
-            pipe.hget(keys.meta(tenant), "item_default")
-            with redis_span("MGET+HGET", self._redis, keys=len(rows_keys)):
-                rows, default_raw = await pipe.execute()
+            pipe.get(keys.user_row(tenant, user_id))
+            pipe.lrange(keys.history(tenant, user_id), -history_limit, -1)
+            pipe.hget(keys.meta(tenant), "user_default")
+            with redis_span("GET+LRANGE+HGET", self._redis):
+                row, history, default = await pipe.execute()
+        if default is None:
+            raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
+        is_default = row is None
+        features = np.frombuffer(default if is_default else row, dtype="<f4")
+        return UserFeatures(features, [int(h) for h in history], is_default)
+
+    async def user_snapshot(self, tenant: str, user_id: str) -> Projected | None:
+        with redis_span("HGET", self._redis):
+            state = cast(bytes | None, await self._redis.hget(keys.snapshot(tenant), "state"))
+        if state is None:
+            return None
+        whole = Projected.from_bytes(state)
+        return Projected(
+            outcomes={user_id: whole.outcomes.get(user_id, [])},
+            shares={user_id: whole.shares.get(user_id, {})},
+            position=whole.position,
+        )
+
+    async def get_items(
+        self, tenant: str, item_ids: Sequence[int], counter_ids: Sequence[int] = ()
+    ) -> ItemFeatures:
+        rows_keys = [keys.item_row(tenant, i) for i in item_ids]
+        # Without rows to read, the view default is still read for its width, unless only
+        # counters are asked for (then the answer has no rows and no width).
+        with_rows = bool(rows_keys) or not counter_ids
+        now_ms = int(time.time() * 1000)
+        commands: list[str] = []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if rows_keys:
+                pipe.mget(rows_keys)
+                commands.append("MGET")
+            if with_rows:
+                pipe.hget(keys.meta(tenant), "item_default")
+                commands.append("HGET")
+            if counter_ids:
+                queue_counters(pipe, tenant, counter_ids)
+                commands.append("EVAL")
+            with redis_span(
+                "+".join(commands), self._redis, keys=len(rows_keys) + len(counter_ids)
+            ):
+                replies = await pipe.execute()
+        rows: list[bytes | None] = replies.pop(0) if rows_keys else []
+        default_raw = replies.pop(0) if with_rows else None
+        counters = (
+            decode_counters(replies[0], len(counter_ids), now_ms, self._tau)
+            if counter_ids
+            else None
+        )
+        if not with_rows:
+            return ItemFeatures(
+                np.zeros((0, 0), np.float32), np.zeros(0, np.int32), np.zeros(0, bool), counters
+            )
         if default_raw is None:
             raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
         default_row = np.frombuffer(default_raw, dtype="<f4")
@@ -202,8 +298,17 @@ class RedisFeatureStore(FeatureStore):
         filler = default_row.tobytes() + np.int32(-1).tobytes()
         records = np.frombuffer(b"".join(filler if r is None else r for r in rows), dtype=layout)
         return ItemFeatures(
-            np.ascontiguousarray(records["features"]), records["category"].copy(), missing
+            np.ascontiguousarray(records["features"]),
+            records["category"].copy(),
+            missing,
+            counters,
         )
+
+    async def get_trending(self, tenant: str, k: int, min_clicks: float) -> Trending:
+        with redis_span("ZRANGE", self._redis):
+            return await read_trending(
+                self._redis, tenant, k, min_clicks, int(time.time() * 1000), self._tau
+            )
 
     async def _dims(self, tenant: str) -> tuple[int, int]:
         info = await self.info(tenant)

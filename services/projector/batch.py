@@ -10,6 +10,7 @@ and ``recmesh projections rebuild --verify`` exit non-zero on any difference.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -17,18 +18,13 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import redis.asyncio as aioredis
-from google.protobuf.message import DecodeError
-from recmesh.events.v1 import events_pb2
 
 from core import keys
-from core.replay import Projected, Replay, tau_ms
+from core.replay import Projected, Replay, Stored, stored_entry, tau_ms
 
 TOLERANCE = 1e-9
 """Relative difference of two decayed counts (absolute, of two trending scores) still
 taken as equal: Lua and Python round the same sums in different orders."""
-
-Stored = tuple[str, events_pb2.Event | None]
-"""A log entry: its position and event (None when it is not a valid ``Event``)."""
 
 
 async def iter_log(
@@ -42,13 +38,7 @@ async def iter_log(
             list[tuple[bytes, dict[bytes, bytes]]],
             await client.xrange(keys.events(tenant), min=start, max=until, count=page),
         )
-        entries: list[Stored] = []
-        for raw_position, fields in chunk:
-            try:
-                event: events_pb2.Event | None = events_pb2.Event.FromString(fields.get(b"e", b""))
-            except DecodeError:
-                event = None
-            entries.append((raw_position.decode(), event))
+        entries = [stored_entry(position, fields) for position, fields in chunk]
         if entries:
             yield entries
         if len(chunk) < page:
@@ -186,23 +176,70 @@ def expected(projected: Projected, half_life_s: float) -> Live:
     return Live(projected, projected.trending(tau_ms(half_life_s)))
 
 
-async def load_snapshot(client: aioredis.Redis, tenant: str) -> Projected | None:
+# KEYS: the snapshot hash. ARGV: SHA-1 of the state the new one was computed from ("" for
+# none), position, time, state, trimmed-to position ("" keeps the stored one).
+# Returns 1 when stored, 0 when the stored state changed meanwhile.
+_STORE = """
+local stored = redis.call('HGET', KEYS[1], 'state')
+local digest = stored and redis.sha1hex(stored) or ''
+if digest ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'position', ARGV[2], 'taken_ms', ARGV[3], 'state', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'trimmed_to', ARGV[5]) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A stored snapshot as read: the projections, and what compare-and-set needs."""
+
+    projected: Projected
+    digest: str
+    """SHA-1 (hex) of the stored state."""
+    trimmed_to: str
+    """The position the log was trimmed to behind this snapshot ("" when never)."""
+
+
+async def read_snapshot(client: aioredis.Redis, tenant: str) -> Snapshot | None:
     """The tenant's stored snapshot (``keys.snapshot``), or None when it has none."""
-    state = cast(bytes | None, await client.hget(keys.snapshot(tenant), "state"))
-    return Projected.from_bytes(state) if state is not None else None
-
-
-async def store_snapshot(client: aioredis.Redis, tenant: str, projected: Projected) -> None:
-    """Store ``projected`` as the tenant's snapshot, replacing the one before (one
-    ``HSET``: a reader sees the old snapshot or the new, never a mix)."""
-    await client.hset(
-        keys.snapshot(tenant),
-        mapping={
-            "position": projected.position,
-            "taken_ms": str(int(time.time() * 1000)),
-            "state": projected.to_bytes(),
-        },
+    state, trimmed = cast(
+        list[bytes | None], await client.hmget(keys.snapshot(tenant), ["state", "trimmed_to"])
     )
+    if state is None:
+        return None
+    return Snapshot(
+        Projected.from_bytes(state), hashlib.sha1(state).hexdigest(), (trimmed or b"").decode()
+    )
+
+
+async def load_snapshot(client: aioredis.Redis, tenant: str) -> Projected | None:
+    """The projections of the tenant's stored snapshot, or None when it has none."""
+    found = await read_snapshot(client, tenant)
+    return found.projected if found is not None else None
+
+
+async def store_snapshot(
+    client: aioredis.Redis,
+    tenant: str,
+    projected: Projected,
+    computed_from: Snapshot | None,
+    trimmed_to: str = "",
+) -> bool:
+    """Store ``projected`` as the tenant's snapshot if the stored one is still the one it
+    was ``computed_from`` (None: there was none); returns False when another was stored
+    meanwhile (an erasure's edit, another snapshot), which the caller computes from
+    again. One script: a reader sees the old snapshot or the new, never a mix."""
+    stored = await client.eval(
+        _STORE,
+        1,
+        keys.snapshot(tenant),
+        computed_from.digest if computed_from is not None else "",
+        projected.position,
+        str(int(time.time() * 1000)),
+        projected.to_bytes(),
+        trimmed_to,
+    )
+    return bool(stored)
 
 
 async def verify(

@@ -13,7 +13,11 @@ with its own consumer name, so Redis hands each entry to one of them:
    nothing. Entries trimmed from the stream while pending are acknowledged away.
 3. An entry that cannot be applied (not a valid ``Event``) goes to the tenant's dead-letter
    stream (``keys.dead_letters``: its position, the reason, the raw bytes) and is
-   acknowledged, so one poison event never blocks the stream.
+   acknowledged, so one poison event never blocks the stream. An event the script cannot
+   apply (a key of it holds another type of value) stays pending, is claimed again, and
+   after ``max_deliveries`` deliveries goes to the dead letters too.
+4. The claim round also deletes the group's consumers that hold nothing and were idle
+   for ``consumer_idle_s`` (gone replicas: each process names itself host-pid).
 
 The lag is published every second per tenant: entries not yet read by the group
 (``XINFO GROUPS`` ``lag``) and the age of the oldest of them.
@@ -34,19 +38,25 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from core import keys
-from services.projector.projections import Entry, Projections, decoded
+from services.projector.projections import Dead, Entry, Projections, decoded
 
 log = logging.getLogger(__name__)
 
 EVENTS = Counter(
     "recmesh_projector_events_total",
     "Log entries the projector handled, by tenant and outcome: applied, duplicate (applied "
-    "before: a redelivery) or dead (sent to the dead-letter stream)",
+    "before: a redelivery), failed (the apply failed: left pending, retried by a claim) or "
+    "dead (sent to the dead-letter stream: invalid, or failed max_deliveries times)",
     ["tenant", "outcome"],
 )
 CLAIMED = Counter(
     "recmesh_projector_claimed_total",
     "Pending entries taken over from a consumer that held them too long",
+    ["tenant"],
+)
+FORGOTTEN = Counter(
+    "recmesh_projector_consumers_deleted_total",
+    "Consumers of gone replicas deleted from the group (no pending entries, long idle)",
     ["tenant"],
 )
 UNKNOWN_ITEMS = Counter(
@@ -92,6 +102,8 @@ class StreamProjector:
         batch: int = 200,
         block_ms: int = 100,
         claim_idle_s: float = 30.0,
+        max_deliveries: int = 5,
+        consumer_idle_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = client
@@ -102,6 +114,8 @@ class StreamProjector:
         self._batch = batch
         self._block_ms = block_ms
         self._claim_idle_ms = int(claim_idle_s * 1000)
+        self._max_deliveries = max_deliveries
+        self._consumer_idle_ms = int(consumer_idle_s * 1000)
         self._clock = clock
         self._tasks: list[asyncio.Task[None]] = []
         self.last_read = 0.0
@@ -147,6 +161,8 @@ class StreamProjector:
         return handled
 
     async def _claim_tenant(self, tenant: str) -> int:
+        await self._give_up(tenant)
+        await self._forget_consumers(tenant)
         handled = 0
         start = "0-0"
         while True:
@@ -176,16 +192,36 @@ class StreamProjector:
                 return handled
 
     async def _handle(self, tenant: str, entries: list[Entry]) -> int:
+        """Apply ``entries``, dead-letter the invalid ones and acknowledge all but those the
+        script could not apply (left pending: claimed again later, up to the delivery
+        cap). A script error leaves the whole batch pending."""
         events, dead = decoded(entries)
-        positions = [_text(position) for position, _ in entries]
-        applied = await self._projections.apply(tenant, events)
+        applied = await self._projections.apply(tenant, [event for _, event in events])
+        failed = {events[i][0] for i in applied.failed}
+        for position in sorted(failed):
+            log.warning(
+                "an event's keys hold values of another type; it stays pending",
+                extra={"fields": {"tenant": tenant, "position": position}},
+            )
+        done = [_text(position) for position, _ in entries if _text(position) not in failed]
+        await self._dead_letter(tenant, dead, done)
+        EVENTS.labels(tenant, "applied").inc(applied.applied)
+        EVENTS.labels(tenant, "duplicate").inc(len(events) - len(failed) - applied.applied)
+        EVENTS.labels(tenant, "failed").inc(len(failed))
+        UNKNOWN_ITEMS.labels(tenant).inc(applied.unknown_items)
+        return len(entries)
+
+    async def _dead_letter(self, tenant: str, dead: Sequence[Dead], acked: Sequence[str]) -> None:
+        """Write ``dead`` to the tenant's dead-letter stream and acknowledge ``acked`` (the
+        dead ones among them), in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for letter in dead:
                 pipe.xadd(
                     keys.dead_letters(tenant),
                     {"position": letter.position, "reason": letter.reason, "e": letter.payload},
                 )
-            pipe.xack(keys.events(tenant), self.group, *positions)
+            if acked:
+                pipe.xack(keys.events(tenant), self.group, *acked)
             await pipe.execute()
         for letter in dead:
             log.warning(
@@ -198,11 +234,46 @@ class StreamProjector:
                     }
                 },
             )
-        EVENTS.labels(tenant, "applied").inc(applied.applied)
-        EVENTS.labels(tenant, "duplicate").inc(len(events) - applied.applied)
-        UNKNOWN_ITEMS.labels(tenant).inc(applied.unknown_items)
         EVENTS.labels(tenant, "dead").inc(len(dead))
-        return len(entries)
+
+    async def _give_up(self, tenant: str) -> None:
+        """Dead-letter the entries pending longer than ``claim_idle_s`` that were delivered
+        ``max_deliveries`` times already: each delivery failed to apply them."""
+        stream = keys.events(tenant)
+        pending = await self._redis.xpending_range(
+            stream, self.group, min="-", max="+", count=self._batch, idle=self._claim_idle_ms
+        )
+        over = [
+            _text(cast(bytes, p["message_id"]))
+            for p in pending
+            if int(p["times_delivered"]) >= self._max_deliveries
+        ]
+        if not over:
+            return
+        letters: list[Dead] = []
+        for position in over:
+            found = cast(list[Entry], await self._redis.xrange(stream, position, position))
+            payload = found[0][1].get(b"e", b"") if found else b""
+            letters.append(
+                Dead(position, f"not applied after {self._max_deliveries} deliveries", payload)
+            )
+        await self._dead_letter(tenant, letters, over)
+
+    async def _forget_consumers(self, tenant: str) -> None:
+        """Delete the group's consumers (other than this one) that hold no pending entries
+        and were idle longer than ``consumer_idle_s``: replicas gone for good (each
+        process names itself host-pid, so every restart adds a consumer)."""
+        stream = keys.events(tenant)
+        consumers: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, self.group)
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if (
+                name != self.consumer
+                and int(consumer["pending"]) == 0
+                and int(consumer["idle"]) > self._consumer_idle_ms
+            ):
+                await self._redis.xgroup_delconsumer(stream, self.group, name)
+                FORGOTTEN.labels(tenant).inc()
 
     async def lag(self, tenant: str) -> Lag:
         """How far the group is behind ``tenant``'s log now."""

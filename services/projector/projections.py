@@ -47,17 +47,32 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 # category shares, item feature row.
 # ARGV: mark TTL, history cap, tau (ms), epoch (ms), the trending kind, then per event:
 # type, item id, event time (ms).
-# Returns {applied, applied events whose item has no feature row}.
+# Returns {applied, applied events whose item has no feature row, then the 1-based index
+# of each event not applied because one of its keys holds another type}. Redis does not
+# roll a failed script back, so the types are checked before anything of an event is
+# written: an event is applied whole (and marked) or not at all.
 _APPLY = """
 local ttl, cap, tau, epoch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local trend_kind = ARGV[5]
-local applied, unknown = 0, 0
+local expected = {'string', 'list', 'hash', 'hash', 'string'}
+local function typed(key, want)
+  local found = redis.call('TYPE', key).ok
+  return found == 'none' or found == want
+end
+local result = {0, 0}
+local trend_ok = typed(KEYS[1], 'zset')
 for i = 1, (#KEYS - 1) / 5 do
   local k = 1 + 5 * (i - 1)
   local kind, item, ts = ARGV[3 + 3 * i], ARGV[4 + 3 * i], tonumber(ARGV[5 + 3 * i])
-  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ttl) then
+  local ok = trend_ok
+  for j = 1, 5 do
+    ok = ok and typed(KEYS[k + j], expected[j])
+  end
+  if not ok then
+    result[#result + 1] = i
+  elseif redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ttl) then
     local tail = redis.call('GETRANGE', KEYS[k + 5], -4, -1)
-    if #tail ~= 4 then unknown = unknown + 1 end
+    if #tail ~= 4 then result[2] = result[2] + 1 end
     if kind == 'click' or kind == 'conversion' then
       redis.call('RPUSH', KEYS[k + 2], item)
       redis.call('LTRIM', KEYS[k + 2], -cap, -1)
@@ -83,10 +98,10 @@ for i = 1, (#KEYS - 1) / 5 do
           item)
       end
     end
-    applied = applied + 1
+    result[1] = result[1] + 1
   end
 end
-return {applied, unknown}
+return result
 """
 
 
@@ -99,12 +114,13 @@ class Dead:
     payload: bytes
 
 
-def decoded(entries: Sequence[Entry]) -> tuple[list[events_pb2.Event], list[Dead]]:
-    """The events of ``entries`` that can be applied, each judged as of its append time
-    (not of whenever it is projected, so a replay accepts and rejects the same events),
+def decoded(entries: Sequence[Entry]) -> tuple[list[tuple[str, events_pb2.Event]], list[Dead]]:
+    """The events of ``entries`` that can be applied, with their positions, each judged
+    as of its append time (not of whenever it is projected, so a replay accepts and
+    rejects the same events),
     its time no later than its append time (a skewed client clock cannot freeze an item's
     decay); and the dead letters: entries that are not a valid ``Event``."""
-    events: list[events_pb2.Event] = []
+    events: list[tuple[str, events_pb2.Event]] = []
     dead: list[Dead] = []
     for raw_position, fields in entries:
         position = raw_position.decode() if isinstance(raw_position, bytes) else raw_position
@@ -120,7 +136,7 @@ def decoded(entries: Sequence[Entry]) -> tuple[list[events_pb2.Event], list[Dead
             dead.append(Dead(position, f"{exc.field}: {exc.message}", payload))
             continue
         event.ts_ms = min(event.ts_ms, appended)
-        events.append(event)
+        events.append((position, event))
     return events, dead
 
 
@@ -132,6 +148,9 @@ class Applied:
     """Events applied now (the others had been applied before and changed nothing)."""
     unknown_items: int
     """Applied events whose item has no feature row (no category: in no share)."""
+    failed: tuple[int, ...] = ()
+    """Indexes (0-based) of the events not applied at all because one of their keys holds
+    another type of value (written by something else): they are left to be retried."""
 
 
 class Projections:
@@ -188,8 +207,8 @@ class Projections:
                 keys.item_row(tenant, event.item_id),
             ]
             args += [event.type, event.item_id, event.ts_ms]
-        applied, unknown = cast(list[int], await self._apply(keys=key_list, args=args))
-        return Applied(int(applied), int(unknown))
+        applied, unknown, *failed = cast(list[int], await self._apply(keys=key_list, args=args))
+        return Applied(int(applied), int(unknown), tuple(int(i) - 1 for i in failed))
 
     async def item_counters(self, tenant: str, item_id: int) -> dict[str, float]:
         """The decayed counts of ``item_id`` as stored, by kind (as of each kind's latest

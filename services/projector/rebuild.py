@@ -106,14 +106,12 @@ async def rebuild(
     namespace = projections.namespace
     started = time.perf_counter()
     await drop_namespace(client, tenant, namespace)
-    base = await batch.load_snapshot(client, tenant)
-    if not from_snapshot and base is not None:
-        first = cast(list[Entry], await client.xrange(keys.events(tenant), count=1))
-        if base.position and (not first or _order(_text(first[0][0])) > _order(base.position)):
-            raise ValueError(
-                f"the log of {tenant} was trimmed up to {base.position}: rebuild from the snapshot"
-            )
-        base = None
+    found = await batch.read_snapshot(client, tenant)
+    if not from_snapshot and found is not None and found.trimmed_to:
+        raise ValueError(
+            f"the log of {tenant} was trimmed up to {found.trimmed_to}: rebuild from the snapshot"
+        )
+    base = found.projected if found is not None and from_snapshot else None
     if base is not None:
         await write(client, tenant, base, namespace, half_life_s)
     await projections.prepare()
@@ -124,7 +122,7 @@ async def rebuild(
         if not entries:
             break
         events, dead = decoded(entries)
-        await projections.apply(tenant, events)
+        await projections.apply(tenant, [event for _, event in events])
         replayed += len(entries)
         dead_count += len(dead)
         start = f"({entries[-1][0].decode()}"
@@ -138,15 +136,31 @@ async def rebuild(
 
 
 async def take_snapshot(
-    client: aioredis.Redis, tenant: str, half_life_s: float, history_cap: int, until: str = "+"
+    client: aioredis.Redis,
+    tenant: str,
+    half_life_s: float,
+    history_cap: int,
+    until: str = "+",
+    trimmed_to: bool = False,
 ) -> Projected:
     """Store and return ``tenant``'s projections as of log position ``until`` (the stored
-    snapshot plus the entries after it, up to ``until`` inclusive)."""
-    base = await batch.load_snapshot(client, tenant)
-    projected = await batch.recompute(client, tenant, half_life_s, history_cap, base, until)
-    if base is None or projected.position != base.position:
-        await batch.store_snapshot(client, tenant, projected)
-    return projected
+    snapshot plus the entries after it, up to ``until`` inclusive), marked as the point
+    the log is trimmed to when ``trimmed_to``. A snapshot stored by someone else while
+    this one was computed (an erasure's edit) is never overwritten: computed again.
+
+    Raises:
+        RuntimeError: the snapshot kept changing under it (five tries).
+    """
+    for _ in range(5):
+        base = await batch.read_snapshot(client, tenant)
+        start = base.projected if base is not None else None
+        projected = await batch.recompute(client, tenant, half_life_s, history_cap, start, until)
+        if start is not None and projected.position == start.position and not trimmed_to:
+            return projected
+        mark = projected.position if trimmed_to else ""
+        if await batch.store_snapshot(client, tenant, projected, base, mark):
+            return projected
+    raise RuntimeError(f"the snapshot of {tenant} kept changing while it was computed")
 
 
 @dataclass(frozen=True)
@@ -186,7 +200,9 @@ async def trim(
         if before_pending is None:
             return Trimmed("", 0)
         bound = min(bound, before_pending, key=_order)
-    snapshot = await take_snapshot(client, tenant, half_life_s, history_cap, until=bound)
+    snapshot = await take_snapshot(
+        client, tenant, half_life_s, history_cap, until=bound, trimmed_to=True
+    )
     if not snapshot.position:
         return Trimmed("", 0)
     millis, _, seq = snapshot.position.partition("-")
@@ -241,7 +257,7 @@ class Retention:
         done: dict[str, Trimmed] = {}
         now_ms = int(time.time() * 1000)
         for tenant, days in self._days.items():
-            lock = f"{keys.snapshot(tenant)}:lock"
+            lock = keys.retention_lock(tenant)
             if not await self._redis.set(lock, "1", nx=True, ex=max(1, int(self._every_s))):
                 continue
             done[tenant] = await trim(

@@ -38,6 +38,8 @@ async def build_service(settings: ProjectorSettings) -> Service:
         batch=settings.batch,
         block_ms=settings.block_ms,
         claim_idle_s=settings.claim_idle_s,
+        max_deliveries=settings.max_deliveries,
+        consumer_idle_s=settings.consumer_idle_s,
     )
 
     retention = Retention(

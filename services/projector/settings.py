@@ -9,10 +9,12 @@ from mesh.errors import ConfigError
 from mesh.redis import SOCKET_TIMEOUT_S
 from mesh.settings import (
     ServerSettings,
+    counter_half_life_s,
     env,
     history_cap,
     metrics_port_of,
     port_of,
+    projector_group,
     redis_url,
     tenants_file,
 )
@@ -29,9 +31,7 @@ class ProjectorSettings(ServerSettings):
     metrics_port: int = metrics_port_of("projector")
     redis_url: str = redis_url()
     tenants: Path = tenants_file()
-    group: str = env(
-        "RECMESH_PROJECTOR_GROUP", "projector", doc="consumer group every replica reads in"
-    )
+    group: str = projector_group()
     consumer: str = env(
         "RECMESH_PROJECTOR_CONSUMER", "", doc="this replica's name in the group (default host-pid)"
     )
@@ -44,9 +44,17 @@ class ProjectorSettings(ServerSettings):
         30.0,
         doc="entries read but not acknowledged for this long (a crashed replica's) are claimed",
     )
-    half_life_s: float = env(
-        "RECMESH_PROJECTOR_HALF_LIFE_S", 3600.0, doc="half-life of the item counters' decay"
+    max_deliveries: int = env(
+        "RECMESH_PROJECTOR_MAX_DELIVERIES",
+        5,
+        doc="an entry whose apply failed this many deliveries goes to the dead letters",
     )
+    consumer_idle_s: float = env(
+        "RECMESH_PROJECTOR_CONSUMER_IDLE_S",
+        3600.0,
+        doc="consumers with nothing pending idle this long (gone replicas) are deleted",
+    )
+    half_life_s: float = counter_half_life_s()
     applied_ttl_s: int = env(
         "RECMESH_PROJECTOR_APPLIED_TTL_S",
         7 * 24 * 3600,

@@ -14,9 +14,20 @@ prerank        the head of the list it had time for, rest in retrieval      part
                order                                                        skipped
 heavy          heavy scores for the pre-rank head it had time for, the rest  partial /
                in pre-rank order                                            skipped
+item_counters  re-rank without the recent-CTR lift for the items that have   unavailable
+               no counters held
 rerank         score order for the slots diversity had no time for          partial /
                                                                             skipped
 =============  ===========================================================  =============
+
+Between the heavy ranker and re-rank, ``item_counters`` takes the decayed impression and
+click counters (from the event log, kept by the projector) of re-rank's pool, the only
+candidates that use them, from the process's :class:`~services.ranking.counters
+.CounterCache`, which fetches them from the feature service in the background (no call
+on the request path; at most about a second old). Re-rank turns them into a recent-CTR
+lift (:func:`services.ranking.rerank.ctr_lift`) weighted by the policy's ``ctr_weight``;
+with a weight of 0 the stage does not run. Items without counters held get no lift; when
+that is because the feature service failed, the stage is degraded (``unavailable``).
 """
 
 from __future__ import annotations
@@ -37,12 +48,13 @@ from core.validation import matrix_from_proto
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.stages import StageClock
 from services.ranking.budget import CostModel, StagePlanner, score_within
+from services.ranking.counters import CounterCache
 from services.ranking.explore import Slate, build_slate, rng_for
 from services.ranking.item_cache import ItemFeatureCache
 from services.ranking.models import RankingModels
 from services.ranking.policy import RankPolicy
 from services.ranking.quality import QualityFactor
-from services.ranking.rerank import category_spread, diversify, mmr
+from services.ranking.rerank import category_spread, ctr_lift, diversify, mmr
 from services.ranking.settings import RankingSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,7 @@ EXPLORED = Counter(
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 
 
 @dataclass
@@ -99,6 +112,14 @@ class _Rows:
     hits: int
     fetched: int
     problem: Degradation | None
+
+
+@dataclass
+class _Recent:
+    """Decayed clicks and impressions of the considered candidates (0 where not read)."""
+
+    clicks: F64
+    impressions: F64
 
 
 @dataclass
@@ -150,6 +171,7 @@ class Cascade:
     features: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub]
     settings: RankingSettings
     cache: ItemFeatureCache
+    counters: CounterCache
     quality: dict[str, QualityFactor]
     clock: Callable[[], float] = time.perf_counter
     _costs: dict[str, CostModel] = field(default_factory=dict)
@@ -239,8 +261,20 @@ class Cascade:
                 score,
                 costs["heavy"],
             )
+        recent = None
+        if policy.ctr_weight > 0:
+            recent = self._item_counters(trace, tenant, ids, order[:keep_h])
         slate = self._rerank(
-            trace, planner, policy, rows, order, keep_h, featureless, n, rng_for(request_id, tenant)
+            trace,
+            planner,
+            policy,
+            rows,
+            recent,
+            order,
+            keep_h,
+            featureless,
+            n,
+            rng_for(request_id, tenant),
         )
         explored = int(slate.explored.sum())
         if explored:
@@ -345,14 +379,20 @@ class Cascade:
         planner: StagePlanner,
         policy: RankPolicy,
         rows: _Rows,
+        recent: _Recent | None,
         order: I64,
         keep: int,
         featureless: I64,
         n: int,
         rng: np.random.Generator,
     ) -> Slate:
-        """Freshness boost and diversity over the first ``keep`` of ``order``, then the
-        exploration slots (drawn from what follows the chosen items).
+        """Freshness boost, recent-CTR lift and diversity over the first ``keep`` of
+        ``order``, then the exploration slots (drawn from what follows the chosen items).
+
+        Relevance is rank-based, ``1 - rank / pool``, plus ``freshness_boost * freshness``
+        and ``ctr_weight * ctr_lift`` (the item's decayed clicks and impressions against
+        the CTR prior, :func:`~services.ranking.rerank.ctr_lift`); the pool is re-sorted by
+        it when either is on.
 
         Re-rank is the last stage and its remaining slots cost microseconds: its budget
         decides whether diversity runs at all, and only the answer's own deadline cuts it
@@ -363,9 +403,22 @@ class Cascade:
         deadline = self.clock() + (budget if answer_within is None else answer_within)
         pool = order[:keep]
         relevance = 1.0 - np.arange(pool.size, dtype=np.float64) / max(1, pool.size)
-        if policy.freshness_boost and pool.size and rows.matrix is not None:
+        boost = np.zeros(pool.size, dtype=np.float64)
+        if policy.freshness_boost and rows.matrix is not None:
             freshness = rows.matrix[pool, self.settings.freshness_column].astype(np.float64)
-            relevance = relevance + policy.freshness_boost * freshness
+            boost += policy.freshness_boost * freshness
+        counted = 0
+        if policy.ctr_weight and recent is not None:
+            clicks, impressions = recent.clicks[pool], recent.impressions[pool]
+            counted = int(np.count_nonzero((clicks > 0) | (impressions > 0)))
+            boost += policy.ctr_weight * ctr_lift(
+                clicks,
+                impressions,
+                self.settings.ctr_prior_clicks,
+                self.settings.ctr_prior_impressions,
+            )
+        if boost.any():
+            relevance = relevance + boost
             by_relevance = np.argsort(-relevance, kind="stable")
             pool, relevance = pool[by_relevance], relevance[by_relevance]
         slots = min(n, pool.size)
@@ -411,9 +464,38 @@ class Cascade:
             details={
                 "explored": int(slate.explored.sum()),
                 "categories": category_spread(rows.categories[slate.positions]),
+                "ctr_counted": counted,
             },
         )
         return slate
+
+    def _item_counters(self, trace: _Trace, tenant: str, ids: I64, pool: I64) -> _Recent:
+        """The counters held for re-rank's ``pool`` (positions into ``ids``), from the
+        process's :class:`~services.ranking.counters.CounterCache`: no call on the request
+        path. Items without counters held get none (a lift of 0); when that is because the
+        feature service failed, the stage is degraded (``unavailable``)."""
+        held = self.counters.lookup(tenant, ids[pool])
+        clicks = np.zeros(ids.size, dtype=np.float64)
+        impressions = np.zeros(ids.size, dtype=np.float64)
+        clicks[pool], impressions[pool] = held.clicks, held.impressions
+        problem = (
+            Degradation(
+                "unavailable",
+                f"item counters unavailable ({held.problem}); {int((~held.known).sum())} of "
+                f"{pool.size} re-ranked without recent CTR",
+            )
+            if held.problem
+            else None
+        )
+        trace.lap(
+            "item_counters",
+            problem,
+            candidates_in=int(pool.size),
+            candidates_out=int(held.known.sum()),
+            budget_s=0.0,
+            details={},
+        )
+        return _Recent(clicks, impressions)
 
     async def _item_rows(self, tenant: str, ids: I64, budget_s: float) -> _Rows:
         cached = self.cache.lookup(tenant, ids.tolist())

@@ -7,7 +7,7 @@ rejected so a typo fails at start-up::
 
     {"tenants": {"acme": {"prerank_keep": 150, "heavy_keep": 40, "diversity": "cap",
                           "max_per_category": 2, "blocked_categories": [3, 7],
-                          "freshness_boost": 0.05, "explore_share": 0.1,
+                          "freshness_boost": 0.05, "ctr_weight": 0.2, "explore_share": 0.1,
                           "budget_ms": {"heavy": 20}}}}
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class RankPolicy:
     max_per_category: int
     blocked_categories: frozenset[int]
     freshness_boost: float
+    ctr_weight: float
     explore_share: float
     explore_pool: int
     budgets: Mapping[str, float] = field(default_factory=dict)
@@ -64,6 +66,7 @@ class RankPolicy:
             max_per_category=settings.max_per_category,
             blocked_categories=frozenset(),
             freshness_boost=settings.freshness_boost,
+            ctr_weight=settings.ctr_weight,
             explore_share=settings.explore_share,
             explore_pool=settings.explore_pool,
             budgets={
@@ -88,6 +91,8 @@ def _problem(policy: RankPolicy) -> tuple[str, str] | None:
         return "max_per_category", "max_per_category must be >= 0"
     if not 0.0 <= policy.explore_share <= 1.0:
         return "explore_share", "explore_share must be in [0, 1]"
+    if not 0.0 <= policy.ctr_weight < math.inf:
+        return "ctr_weight", "ctr_weight must be a finite number >= 0"
     for stage, seconds in policy.budgets.items():
         if stage not in STAGES:
             return "stage_budget_ms", f"stage_budget_ms: unknown stage {stage!r} (stages: {STAGES})"

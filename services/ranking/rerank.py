@@ -125,3 +125,17 @@ def mmr(
 def category_spread(categories: I32) -> int:
     """Distinct known categories among ``categories``."""
     return len({c for c in categories.tolist() if c >= 0})
+
+
+def ctr_lift(clicks: F64, impressions: F64, prior_clicks: float, prior_impressions: float) -> F64:
+    """How much better than the prior an item's recent click-through rate is, in log terms:
+    ``ln(((clicks + a) / (impressions + b)) / (a / b))`` with ``a = prior_clicks`` and
+    ``b = prior_impressions``.
+
+    The counts are the item's decayed counters (recent events weigh more). The prior
+    smooths: an item with no counts has a lift of 0, one with few moves a little, and only
+    many impressions (clicked or not) move it far. Positive above the prior CTR ``a / b``,
+    negative below it.
+    """
+    smoothed = (clicks + prior_clicks) / (impressions + prior_impressions)
+    return np.log(smoothed * (prior_impressions / prior_clicks))

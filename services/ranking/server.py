@@ -8,8 +8,9 @@ from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from core.artifacts import resolve_current
 from mesh.service import Registration
+from services.ranking.counters import CounterCache
 from services.ranking.models import RankingModels
-from services.ranking.servicer import RankingServicer
+from services.ranking.servicer import COUNTER_BATCH, RankingServicer
 from services.ranking.settings import RankingSettings
 from services.runtime.model_service import (
     FeatureClient,
@@ -35,10 +36,20 @@ async def build_service(
     models = RankingModels(resolve_current(settings.artifacts), settings.head_weights)
     models.warm_up(settings.prerank_keep)
     features = features if features is not None else feature_client(settings)
-    servicer = RankingServicer(models, features, settings)
+    counters = CounterCache(
+        features,
+        refresh_s=settings.counters_refresh_s,
+        max_age_s=settings.counters_max_age_s,
+        max_entries=settings.counters_entries,
+        batch=COUNTER_BATCH,
+    )
+    servicer = RankingServicer(models, features, settings, counters=counters)
 
     def load(path: Path, served: RankingModels) -> RankingModels:
         return RankingModels.replacing(path, served, settings.head_weights, settings.prerank_keep)
 
     registration = Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")
-    return model_service(settings, registration, models, load, features)
+    service = model_service(settings, registration, models, load, features)
+    # The counter fetches in flight end before the feature client they call through closes.
+    service.cleanups.insert(0, counters.close)
+    return service

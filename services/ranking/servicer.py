@@ -22,6 +22,7 @@ from mesh.errors import InvalidArgument
 from mesh.stages import StageClock
 from services.ranking.budget import STAGES, StagePlanner
 from services.ranking.cascade import Cascade, Outcome, warm_up_paths
+from services.ranking.counters import CounterCache
 from services.ranking.item_cache import ItemFeatureCache
 from services.ranking.models import RankingModels
 from services.ranking.policy import PolicyBook
@@ -29,6 +30,10 @@ from services.ranking.quality import QualityFactor
 from services.ranking.settings import RankingSettings
 
 log = logging.getLogger(__name__)
+
+COUNTER_BATCH = 5000
+"""Most items one counters fetch asks for: the feature service's default batch limit
+(``RECMESH_FEATURE_MAX_BATCH``)."""
 
 DEGRADED = Counter(
     "recmesh_ranking_degraded_total",
@@ -74,6 +79,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         settings: service settings (defaults of every policy knob).
         policies: per-tenant policies (default: loaded from ``settings.policies``).
         cache: item feature cache (default: sized by ``settings``).
+        counters: item counter cache (default: one reading ``features``, per ``settings``).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         *,
         policies: PolicyBook | None = None,
         cache: ItemFeatureCache | None = None,
+        counters: CounterCache | None = None,
     ) -> None:
         self.models = models
         self._settings = settings
@@ -94,6 +101,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             cache=cache
             if cache is not None
             else ItemFeatureCache(int(settings.item_cache_mb * 2**20), settings.item_cache_ttl_s),
+            counters=counters
+            if counters is not None
+            else CounterCache(
+                features,
+                refresh_s=settings.counters_refresh_s,
+                max_age_s=settings.counters_max_age_s,
+                max_entries=settings.counters_entries,
+                batch=COUNTER_BATCH,
+            ),
             quality=quality_factors(settings, dict(self.policies.default.budgets)),
         )
         for stage, quality in self.cascade.quality.items():

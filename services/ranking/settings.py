@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh.errors import ConfigError
 from mesh.settings import env, metrics_port_of, port_of
 from services.runtime.model_service import ModelServingSettings
 
@@ -114,6 +115,49 @@ class RankingSettings(ModelServingSettings):
         -1,
         doc="item feature column holding freshness (negative: from the end)",
     )
+    ctr_weight: float = env(
+        "RECMESH_RANKING_CTR_WEIGHT",
+        0.1,
+        doc="weight of the recent CTR lift in re-rank relevance (0: counters not read)",
+    )
+    """Re-rank adds ``ctr_weight * ln(smoothed recent CTR / prior CTR)`` to each pool item's
+    rank-based relevance (``1 - rank / pool``; see :func:`services.ranking.rerank.ctr_lift`).
+
+    Why 0.1: an item whose recent CTR is twice the prior gains 0.1 * ln 2 ≈ 0.07, about 3.5
+    places in the 50-item pool, and one at four times the prior about 7; an item shown often
+    and never clicked loses as much. So the counters of the last hours reorder the heavy
+    ranker's top 50 by a few places where the evidence is strong, and cannot undo the
+    trained model's order wholesale: items with few impressions keep a lift near 0 (the
+    prior outweighs them). The same scale as ``freshness_boost`` (0.1 per standard
+    deviation moves an item a tenth of the pool). Not zero: the real-time counters exist to
+    act on the page."""
+    counters_refresh_s: float = env(
+        "RECMESH_RANKING_COUNTERS_REFRESH_S",
+        0.5,
+        doc="item counters this old are fetched again, in the background; at most one fetch "
+        "per tenant per period (also its cap)",
+    )
+    counters_max_age_s: float = env(
+        "RECMESH_RANKING_COUNTERS_MAX_AGE_S",
+        10.0,
+        doc="item counters older than this are not used (the feature service is failing)",
+    )
+    counters_entries: int = env(
+        "RECMESH_RANKING_COUNTERS_ENTRIES",
+        100_000,
+        doc="items whose counters the process holds (least recently used evicted)",
+    )
+    ctr_prior_clicks: float = env(
+        "RECMESH_RANKING_CTR_PRIOR_CLICKS",
+        1.0,
+        doc="clicks of the CTR smoothing prior (recent CTR = (clicks + a) / (impressions + b))",
+    )
+    ctr_prior_impressions: float = env(
+        "RECMESH_RANKING_CTR_PRIOR_IMPRESSIONS",
+        20.0,
+        doc="impressions of the CTR smoothing prior (a / b is the CTR an unknown item is "
+        "assumed to have: 5 %)",
+    )
     explore_share: float = env(
         "RECMESH_RANKING_EXPLORE_SHARE", 0.0, doc="share of slots filled by exploration"
     )
@@ -130,3 +174,15 @@ class RankingSettings(ModelServingSettings):
     item_cache_ttl_s: float = env(
         "RECMESH_RANKING_ITEM_CACHE_TTL_S", 60.0, doc="seconds a cached item row stays fresh"
     )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.counters_refresh_s <= self.counters_max_age_s:
+            raise ConfigError(
+                f"RECMESH_RANKING_COUNTERS_REFRESH_S={self.counters_refresh_s} must be above 0 "
+                f"and at most RECMESH_RANKING_COUNTERS_MAX_AGE_S={self.counters_max_age_s}"
+            )
+        if not (self.ctr_prior_clicks > 0 and self.ctr_prior_impressions > 0):
+            raise ConfigError(
+                "RECMESH_RANKING_CTR_PRIOR_CLICKS and RECMESH_RANKING_CTR_PRIOR_IMPRESSIONS "
+                f"must be above 0 (got {self.ctr_prior_clicks}, {self.ctr_prior_impressions})"
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,21 +116,14 @@ class RetrievalModels:
 
 
 def merge(
-    ann: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]],
-    popular: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]],
+    lists: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int]],
     seen: npt.NDArray[np.int64],
-    ann_source: int,
-    popular_source: int,
 ) -> Candidates:
-    """ANN candidates then popular ones, each id once (first source wins), seen ids removed."""
-    ids = np.concatenate([ann[0], popular[0]])
-    scores = np.concatenate([ann[1], popular[1]])
-    sources = np.concatenate(
-        [
-            np.full(ann[0].size, ann_source, np.int32),
-            np.full(popular[0].size, popular_source, np.int32),
-        ]
-    )
+    """The ``(ids, scores, source)`` lists one after the other, each id once (the first
+    list that has it wins), seen ids removed."""
+    ids = np.concatenate([found for found, _, _ in lists])
+    scores = np.concatenate([scored for _, scored, _ in lists]).astype(np.float32, copy=False)
+    sources = np.concatenate([np.full(found.size, source, np.int32) for found, _, source in lists])
     _, first = np.unique(ids, return_index=True)
     keep = np.zeros(ids.size, dtype=bool)
     keep[first] = True

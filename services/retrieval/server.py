@@ -11,6 +11,7 @@ from mesh.service import Registration
 from services.retrieval.index import RetrievalModels
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
+from services.retrieval.trending import TrendingCache
 from services.runtime.model_service import (
     FeatureClient,
     ModelService,
@@ -34,10 +35,21 @@ async def build_service(
     models = RetrievalModels(resolve_current(settings.artifacts))
     models.warm_up(settings.ann_k)
     features = features if features is not None else feature_client(settings)
-    servicer = RetrievalServicer(models, features, settings)
+    trending = TrendingCache(
+        features,
+        size=settings.trending_list,
+        min_clicks=settings.trending_min_clicks,
+        refresh_s=settings.trending_refresh_s,
+        max_age_s=settings.trending_max_age_s,
+        wait_s=settings.feature_budget_s,
+    )
+    servicer = RetrievalServicer(models, features, settings, trending)
 
     def load(path: Path, served: RetrievalModels) -> RetrievalModels:
         return RetrievalModels.replacing(path, served, settings.ann_k)
 
     registration = Registration.of(servicer, retrieval_pb2, retrieval_pb2_grpc, "RetrievalService")
-    return model_service(settings, registration, models, load, features)
+    service = model_service(settings, registration, models, load, features)
+    # The refreshes in flight end before the feature client they call through closes.
+    service.cleanups.insert(0, trending.close)
+    return service

@@ -1,8 +1,10 @@
-"""``recmesh.retrieval.v1.RetrievalService``: user features → user tower → ANN + popular."""
+"""``recmesh.retrieval.v1.RetrievalService``: user features → user tower → ANN, then the
+trending and popular items."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -12,20 +14,27 @@ from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from core.validation import check_user_id
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
+from mesh.context import current_tenant
 from mesh.errors import InvalidArgument
 from mesh.stages import StageClock
 from services.retrieval.index import RetrievalModels, merge
 from services.retrieval.settings import RetrievalSettings
+from services.retrieval.trending import TrendingCache
 
 log = logging.getLogger(__name__)
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
-    """Merged, deduplicated candidates with the user's history removed.
+    """Merged, deduplicated candidates with the user's history removed: the ANN source,
+    then the tenant's trending items, then the popular ones (an item found by several keeps
+    the first source's score and name).
 
-    Unknown users (default features) get popular items only. When the feature service
-    fails, retrieval still answers from popularity and names ``user_features`` in
-    ``degraded``.
+    Unknown users (default features) get trending and popular items only. When the feature
+    service fails, retrieval still answers from popularity (and from a trending list it
+    still may serve, see :mod:`services.retrieval.trending`) and names ``user_features`` in
+    ``degraded``; a request with no trending list to serve names ``trending``. Trending
+    comes from a per-tenant list the process keeps (:class:`TrendingCache`), so it adds no
+    call to a request.
     """
 
     def __init__(
@@ -33,10 +42,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         models: RetrievalModels,
         features: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub],
         settings: RetrievalSettings,
+        trending: TrendingCache,
     ) -> None:
         self.models = models
         self._features = features
         self._settings = settings
+        self._trending = trending
 
     def _k(self, value: int, default: int, field: str) -> int:
         if value < 0 or value > self._settings.max_k:
@@ -46,9 +57,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: Any
     ) -> retrieval_pb2.RetrieveResponse:
+        """The user's candidates: ``ann_k`` from ANN, ``trending_k`` trending and
+        ``popular_k`` popular ones (0: the service defaults), merged, seen items removed.
+
+        Raises:
+            InvalidArgument: bad ``user_id``, a count outside ``0..max_k``, or no tenant in
+                the call's metadata.
+        """
         check_user_id(request.user_id)
+        tenant = current_tenant()
         ann_k = self._k(request.ann_k, self._settings.ann_k, "ann_k")
         popular_k = self._k(request.popular_k, self._settings.popular_k, "popular_k")
+        trending_k = self._k(request.trending_k, self._settings.trending_k, "trending_k")
         models = self.models
         clock = StageClock("retrieval")
         user: feature_pb2.GetUserFeaturesResponse | None = None
@@ -73,12 +93,30 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             vector = np.frombuffer(user.features, dtype="<f4")
             ann = models.search(models.embed(vector), ann_k + seen.size)
         clock.lap("ann", candidates_out=ann[0].size)
-        popular = (models.popular_ids[: popular_k + seen.size], models.popular_scores)
-        popular = (popular[0], popular[1][: popular[0].size])
-        candidates = merge(ann, popular, seen, common_pb2.SOURCE_ANN, common_pb2.SOURCE_POPULAR)
+        listed = await self._trending.get(tenant)
+        trending = (listed.ids[: trending_k + seen.size], listed.clicks[: trending_k + seen.size])
+        clock.lap(
+            "trending",
+            candidates_out=trending[0].size,
+            budget_s=self._settings.feature_budget_s,
+            degraded_reason=listed.problem,
+        )
+        clock.reports[-1].details["age_s"] = listed.age_s if listed.age_s < math.inf else -1.0
+        popular = (
+            models.popular_ids[: popular_k + seen.size],
+            models.popular_scores[: popular_k + seen.size],
+        )
+        candidates = merge(
+            [
+                (*ann, common_pb2.SOURCE_ANN),
+                (*trending, common_pb2.SOURCE_TRENDING),
+                (*popular, common_pb2.SOURCE_POPULAR),
+            ],
+            seen,
+        )
         clock.lap(
             "merge",
-            candidates_in=ann[0].size + popular[0].size,
+            candidates_in=ann[0].size + trending[0].size + popular[0].size,
             candidates_out=candidates.ids.size,
         )
         return retrieval_pb2.RetrieveResponse(

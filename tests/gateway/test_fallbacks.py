@@ -41,12 +41,13 @@ async def recommend(mesh: Mesh, user: str = "u1", n: int = 10) -> tuple[int, Any
 @pytest.mark.parametrize(
     ("service", "user", "degraded", "sources"),
     [
-        ("ranking", "u1", ["ranking"], {"ann", "popular"}),
+        ("ranking", "u1", ["ranking"], {"ann", "trending", "popular"}),
         ("retrieval", "u2", ["retrieval"], {"fallback"}),
-        ("experiment", "u3", ["experiment"], {"ann", "popular"}),
-        ("quota", "u4", ["quota"], {"ann", "popular"}),
-        # Ranking may still have the items' rows in its cache, so only retrieval must degrade.
-        ("feature", "u5", ["user_features"], {"popular"}),
+        ("experiment", "u3", ["experiment"], {"ann", "trending", "popular"}),
+        ("quota", "u4", ["quota"], {"ann", "trending", "popular"}),
+        # Ranking may still have the items' rows in its cache, so only retrieval must degrade;
+        # retrieval may still serve a trending list it holds.
+        ("feature", "u5", ["user_features"], {"trending", "popular"}),
     ],
 )
 async def test_a_failing_service_degrades_the_answer_not_the_status(

@@ -185,7 +185,7 @@ def test_parent_child_edges(traced: Traced) -> None:
     expected |= {
         ("retrieval", retrieve, "retrieval", user),
         ("retrieval", user, "feature", user),
-        ("feature", user, "feature", "redis GET+LRANGE+LRANGE+HGET"),
+        ("feature", user, "feature", "redis GET+LRANGE+LRANGE+HGET+HGETALL"),
         ("ranking", rank, "ranking", items),
         ("ranking", items, "feature", items),
         ("feature", items, "feature", "redis MGET+HGET"),

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from core import keys
@@ -51,6 +52,14 @@ async def test_append_is_idempotent_and_read_in_order(
     )
     assert (first.appended, first.duplicates) == (5, 0)
     assert (again.appended, again.duplicates) == (1, 1)
+    counted = {
+        outcome: REGISTRY.get_sample_value(
+            "recmesh_events_appends_total",
+            {"tenant": tenant, "outcome": outcome, "field": ""},
+        )
+        for outcome in ("appended", "duplicate")
+    }
+    assert counted == {"appended": 6.0, "duplicate": 1.0}
     reply = await events.Read(events_pb2.ReadRequest(), metadata=tenant_metadata(tenant))
     assert [e.event.event_id for e in reply.events] == [*ids, "e5"]
     after = await events.Read(
@@ -81,6 +90,7 @@ async def test_tenants_never_see_each_others_events(
         (event("x", type="teleport"), "events[0].type"),
         (event("x", user_id=""), "events[0].user_id"),
         (event("x", ts_ms=0), "events[0].ts"),
+        (event("x", ts_ms=int(time.time() * 1000) - 8 * 86_400_000), "events[0].ts"),  # too old
         (event("x", propensity=1.5), "events[0].propensity"),
         (event("x", request_id="r" * 129), "events[0].request_id"),
     ],
@@ -95,6 +105,8 @@ async def test_invalid_event_rejects_the_batch(
         )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert ("x-recmesh-field", field) in tuple(error.value.trailing_metadata() or ())
+    refused = {"tenant": tenant, "outcome": "refused", "field": field.rsplit(".", 1)[-1]}
+    assert REGISTRY.get_sample_value("recmesh_events_appends_total", refused) == 1.0
     reply = await events.Read(events_pb2.ReadRequest(), metadata=tenant_metadata(tenant))
     assert list(reply.events) == []
 

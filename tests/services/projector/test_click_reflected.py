@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -81,3 +82,7 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
     counters = await valkey.hgetall(keys.item_counters("demo", clicked))
     assert float(counters[b"click"]) >= 1.0
     assert float(counters[b"impression"]) >= 1.0
+    assert await valkey.zscore(keys.trending("demo"), str(clicked)) is not None
+    category = cast(bytes, await valkey.getrange(keys.item_row("demo", clicked), -4, -1))
+    shares = await valkey.hgetall(keys.category_shares("demo", user))
+    assert int(shares[str(int.from_bytes(category, "little", signed=True)).encode()]) >= 1

@@ -92,6 +92,7 @@ def projector(
     names: list[str],
     claim_idle_s: float = 30.0,
     clock: Callable[[], float] = time.time,
+    **options: float,
 ) -> StreamProjector:
     return StreamProjector(
         client,
@@ -101,6 +102,7 @@ def projector(
         consumer="test",
         claim_idle_s=claim_idle_s,
         clock=clock,
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -166,6 +168,51 @@ async def test_a_poison_entry_goes_to_the_dead_letters_and_the_stream_flows_on(
     assert len(reasons) == 2
     assert reasons[0].startswith("not an Event")
     assert reasons[1].startswith("events[0].item_id")
+
+
+async def test_an_event_the_script_fails_on_is_retried_then_dead_lettered_alone(
+    client: aioredis.Redis,
+) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    reader = projector(client, [name], claim_idle_s=0.01, max_deliveries=3)
+    await reader.prepare()
+    await client.set(keys.outcomes(name, "broken"), "a string, not a list")  # WRONGTYPE
+    await append(
+        client,
+        name,
+        event("click", 41, now),
+        event("click", 42, now, user="broken"),
+        event("click", 43, now),
+    )
+    assert await reader.read_once() == 3
+    assert await history(client, name) == [41, 43]  # the batch went on without it
+    assert await pending(client, name) == 1
+    for _ in range(3):  # delivered once by the read, then claimed until the cap
+        await asyncio.sleep(0.02)
+        await reader.claim_once()
+    assert await pending(client, name) == 0
+    dead = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.dead_letters(name))
+    )
+    assert [fields[b"reason"] for _, fields in dead] == [b"not applied after 3 deliveries"]
+    assert events_pb2.Event.FromString(dead[0][1][b"e"]).user_id == "broken"
+
+
+async def test_gone_replicas_are_deleted_from_the_group_once_they_hold_nothing(
+    client: aioredis.Redis,
+) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    reader = projector(client, [name], claim_idle_s=0.01, consumer_idle_s=0.01)
+    await reader.prepare()
+    await append(client, name, event("click", 51, now))
+    await client.xreadgroup("projector", "gone-1", {keys.events(name): ">"}, count=10)
+    await asyncio.sleep(0.03)
+    await reader.claim_once()  # takes gone-1's entry; gone-1 still held it at the check
+    await asyncio.sleep(0.03)
+    await reader.claim_once()
+    consumers = await client.xinfo_consumers(keys.events(name), "projector")
+    assert [c["name"] for c in consumers] == [b"test"]
+    assert await history(client, name) == [51]
 
 
 async def test_each_tenant_is_projected_into_its_own_keys(client: aioredis.Redis) -> None:

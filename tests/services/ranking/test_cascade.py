@@ -7,6 +7,7 @@ in about 1 ms, so it would fit in any deadline).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -34,6 +35,7 @@ from services.ranking.rerank import category_spread
 from services.ranking.server import build_service as build_ranking
 from services.ranking.servicer import RankingServicer
 from services.ranking.settings import RankingSettings
+from tests.projected import event, project
 
 if TYPE_CHECKING:
     RankingStub = ranking_pb2_grpc.RankingServiceAsyncStub
@@ -520,3 +522,81 @@ async def test_a_freshness_boost_moves_fresh_items_up(
     # order, except between items whose freshness differs by less than 1/100.
     values = freshness.tolist()
     assert all(a >= b - 0.01 for a, b in itertools.pairwise(values)), values
+
+
+async def test_a_high_recent_ctr_moves_an_item_up_and_a_low_one_down(
+    artifacts_root: Path,
+    feature: MeshServer,
+    features: FeatureStub,
+    user_row: bytes,
+    redis_url: str,
+) -> None:
+    # A tenant of its own: the counters projected here must not reorder the other tests'.
+    fresh = "ctr" + uuid.uuid4().hex[:8]
+    await features.Materialize(feature_pb2.MaterializeRequest(), metadata=tenant_metadata(fresh))
+    addr = f"127.0.0.1:{feature.port}"
+    page: dict[str, Any] = {"num_items": 20, "diversity": ranking_pb2.DIVERSITY_NONE}
+    refresh_s = 0.05
+    warm = (fresh, user_row)
+    async with ranking(artifacts_root, addr, warm, counters_refresh_s=refresh_s) as (
+        servicer,
+        stub,
+    ):
+        before = list((await rank(stub, fresh, user_row, **page)).ranked.item_ids)
+        liked, ignored = before[12], before[3]
+        # In the last hour: the 13th item was shown 40 times and clicked 12 (CTR 0.3 against
+        # the prior's 0.05), the 4th was shown 200 times and never clicked.
+        await project(
+            redis_url,
+            fresh,
+            [
+                *(event("impression", f"v{n}", liked) for n in range(40)),
+                *(event("click", f"v{n}", liked) for n in range(12)),
+                *(event("impression", f"w{n}", ignored) for n in range(200)),
+            ],
+        )
+        # Ranking holds counters for up to about twice its refresh period: a request after
+        # one period queues the pool's counters again, and the next one uses them.
+        await asyncio.sleep(2 * refresh_s)
+        await rank(stub, fresh, user_row, **page)
+        await servicer.cascade.counters.idle()
+        after = await rank(stub, fresh, user_row, **page)
+    async with ranking(artifacts_root, addr, (fresh, user_row), ctr_weight=0.0) as (_, stub):
+        unweighted = await rank(stub, fresh, user_row, **page)
+    moved = list(after.ranked.item_ids)
+    assert moved.index(liked) < 12 - 3  # lift ln(13/60 / 0.05) = 1.47: about 7 places of 50
+    assert moved.index(ignored) > 3 + 3  # lift ln(1/220 / 0.05) = -2.4: about 12 places
+    assert list(after.degraded) == []
+    read = stages(after)["item_counters"]
+    assert (read.candidates_in, read.candidates_out) == (50, 50)  # re-rank's pool only
+    assert stages(after)["rerank"].details["ctr_counted"] == 2
+    # Weight 0: the same counters change nothing, and none are read.
+    assert list(unweighted.ranked.item_ids) == before
+    assert "item_counters" not in stages(unweighted)
+
+
+async def test_without_item_counters_the_cached_rows_still_rank_and_it_is_said(
+    artifacts_root: Path, features: FeatureStub, tenant: str, user_row: bytes
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    async with ranking(artifacts_root, nowhere) as (servicer, stub):
+        rows = await features.GetItemFeatures(
+            feature_pb2.GetItemFeaturesRequest(item_ids=CANDIDATES),
+            metadata=tenant_metadata(tenant),
+        )
+        servicer.cascade.cache.put(
+            tenant,
+            CANDIDATES,
+            np.frombuffer(rows.features.values, dtype="<f4").reshape(len(CANDIDATES), -1),
+            np.asarray(rows.categories, dtype=np.int32),
+        )
+        first = await rank(stub, tenant, user_row)  # queues the pool's counters: never waits
+        await servicer.cascade.counters.idle()  # the fetch fails
+        reply = await rank(stub, tenant, user_row)
+    assert first.degraded == []
+    report = stages(reply)["item_counters"]
+    assert reply.degraded == ["item_counters"]
+    assert report.reason.startswith("item counters unavailable")
+    assert report.candidates_out == 0
+    assert len(reply.ranked.item_ids) == 10
+    assert [s.stage for s in reply.stages][-3:] == ["heavy", "item_counters", "rerank"]

@@ -93,7 +93,7 @@ async def test_a_tenant_without_exploration_shows_no_explore_slots(mesh: Mesh) -
         ) as response,
     ):
         body = await response.json()
-    assert {i["source"] for i in body["items"]} <= {"ann", "popular"}
+    assert {i["source"] for i in body["items"]} <= {"ann", "trending", "popular"}
     assert {i["propensity"] for i in body["items"]} == {1.0}
 
 

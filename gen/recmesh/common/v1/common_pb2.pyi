@@ -34,6 +34,8 @@ class _SourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Source.ValueTy
     """The gateway's cached popular items, used when retrieval is down."""
     SOURCE_EXPLORE: _Source.ValueType  # 4
     """Chosen by the re-ranker's exploration policy."""
+    SOURCE_TRENDING: _Source.ValueType  # 5
+    """The tenant's items with the most recent clicks (decayed click counters of the event log)."""
 
 class Source(_Source, metaclass=_SourceEnumTypeWrapper):
     """Where a candidate came from."""
@@ -47,6 +49,8 @@ SOURCE_FALLBACK: Source.ValueType  # 3
 """The gateway's cached popular items, used when retrieval is down."""
 SOURCE_EXPLORE: Source.ValueType  # 4
 """Chosen by the re-ranker's exploration policy."""
+SOURCE_TRENDING: Source.ValueType  # 5
+"""The tenant's items with the most recent clicks (decayed click counters of the event log)."""
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
 @_typing.final

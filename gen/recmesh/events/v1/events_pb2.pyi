@@ -224,6 +224,145 @@ class ReadRequestEventsRequest(_message.Message):
 Global___ReadRequestEventsRequest: _TypeAlias = ReadRequestEventsRequest  # noqa: Y015
 
 @_typing.final
+class ReadUserEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    until_ms: _builtins.int
+    """Only events appended at or before this time, ms since the Unix epoch; 0 = now."""
+    limit: _builtins.int
+    """Most events in the page, 0..the service's RECMESH_EVENTS_MAX_READ; 0 means 100."""
+    after: _builtins.str
+    """Read after this stream position (the previous page's next_after); empty = from the start."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        until_ms: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "until_ms", b"until_ms", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadUserEventsRequest: _TypeAlias = ReadUserEventsRequest  # noqa: Y015
+
+@_typing.final
+class ReadUserEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_FIELD_NUMBER: _builtins.int
+    HORIZON_MS_FIELD_NUMBER: _builtins.int
+    next_after: _builtins.str
+    """Where the next page starts (send it as `after`); empty when this page reached until_ms.
+    A page may hold fewer than `limit` events and still have a next one (entries trimmed
+    from the log since they were indexed are skipped).
+    """
+    horizon_ms: _builtins.int
+    """The log's horizon: when entries were ever removed from the tenant's log (retention,
+    erasure), the append time (ms) of the oldest entry it still holds; 0 while it holds
+    every event appended to it. Before the horizon the log alone cannot say what a user
+    had done.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredEvent]:
+        """Same field number as ReadResponse.events."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___StoredEvent] | None = ...,
+        next_after: _builtins.str = ...,
+        horizon_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "horizon_ms", b"horizon_ms", "next_after", b"next_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadUserEventsResponse: _TypeAlias = ReadUserEventsResponse  # noqa: Y015
+
+@_typing.final
+class EraseUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    requested_by: _builtins.str
+    """Who asks (an operator's name), kept in the audit record; required."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requested_by", b"requested_by", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseUserRequest: _TypeAlias = EraseUserRequest  # noqa: Y015
+
+@_typing.final
+class EraseUserResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    PROJECTIONS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ENTRIES_FIELD_NUMBER: _builtins.int
+    FEATURE_KEYS_FIELD_NUMBER: _builtins.int
+    ITEMS_RECOMPUTED_FIELD_NUMBER: _builtins.int
+    AUDIT_POSITION_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """The erased user as the audit record names it: "sha256:" + hex SHA-256 of the user id."""
+    events: _builtins.int
+    """Log entries of the user removed."""
+    dead_letters: _builtins.int
+    """Dead letters of the user removed."""
+    projections: _builtins.int
+    """Projection keys of the user removed (outcomes, category shares; live and rebuilds')."""
+    snapshot_entries: _builtins.int
+    """The user's parts removed from the tenant's snapshot (outcomes, category shares)."""
+    feature_keys: _builtins.int
+    """Feature keys of the user removed (user row, materialised history)."""
+    items_recomputed: _builtins.int
+    """Items whose counters and trending score were recomputed."""
+    audit_position: _builtins.str
+    """Position of the audit record in the tenant's audit stream."""
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        events: _builtins.int = ...,
+        dead_letters: _builtins.int = ...,
+        projections: _builtins.int = ...,
+        snapshot_entries: _builtins.int = ...,
+        feature_keys: _builtins.int = ...,
+        items_recomputed: _builtins.int = ...,
+        audit_position: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_position", b"audit_position", "dead_letters", b"dead_letters", "events", b"events", "feature_keys", b"feature_keys", "items_recomputed", b"items_recomputed", "projections", b"projections", "snapshot_entries", b"snapshot_entries", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseUserResponse: _TypeAlias = EraseUserResponse  # noqa: Y015
+
+@_typing.final
 class StoredEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -49,6 +49,16 @@ class EventServiceStub:
                 request_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequestEventsRequest.SerializeToString,
                 response_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.ReadUserEvents = channel.unary_unary(
+                '/recmesh.events.v1.EventService/ReadUserEvents',
+                request_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadUserEventsRequest.SerializeToString,
+                response_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadUserEventsResponse.FromString,
+                _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/recmesh.events.v1.EventService/EraseUser',
+                request_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -77,6 +87,27 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadUserEvents(self, request, context):
+        """The stored events of one user of the caller's tenant appended at or before a time, in
+        log order, a page at a time (the as-of reads of the feature service). The append time
+        decides, not the event's own time: an event appended after until_ms is left out
+        whatever its ts_ms.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseUser(self, request, context):
+        """Erase one user of the caller's tenant: their events (log and dead letters), their
+        projections and features, their part of the snapshot; the counters and trending
+        scores of the items their events touched are recomputed from what remains, and an
+        audit record (who, when, the subject as sha256, the counts) is appended. Erasing a
+        user with nothing stored removes nothing and is still audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +125,16 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.ReadRequestEvents,
                     request_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequestEventsRequest.FromString,
                     response_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.SerializeToString,
+            ),
+            'ReadUserEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadUserEvents,
+                    request_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadUserEventsRequest.FromString,
+                    response_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.ReadUserEventsResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=recmesh_dot_events_dot_v1_dot_events__pb2.EraseUserRequest.FromString,
+                    response_serializer=recmesh_dot_events_dot_v1_dot_events__pb2.EraseUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +218,60 @@ class EventService:
             '/recmesh.events.v1.EventService/ReadRequestEvents',
             recmesh_dot_events_dot_v1_dot_events__pb2.ReadRequestEventsRequest.SerializeToString,
             recmesh_dot_events_dot_v1_dot_events__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadUserEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.events.v1.EventService/ReadUserEvents',
+            recmesh_dot_events_dot_v1_dot_events__pb2.ReadUserEventsRequest.SerializeToString,
+            recmesh_dot_events_dot_v1_dot_events__pb2.ReadUserEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.events.v1.EventService/EraseUser',
+            recmesh_dot_events_dot_v1_dot_events__pb2.EraseUserRequest.SerializeToString,
+            recmesh_dot_events_dot_v1_dot_events__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

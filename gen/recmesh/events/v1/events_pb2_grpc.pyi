@@ -41,6 +41,19 @@ class EventServiceStub:
     """Every stored event of one request of the caller's tenant (its impressions, and the
     clicks and conversions that name it), in log order: the lineage of an answer.
     """
+    ReadUserEvents: _grpc.UnaryUnaryMultiCallable[_events_pb2.ReadUserEventsRequest, _events_pb2.ReadUserEventsResponse]
+    """The stored events of one user of the caller's tenant appended at or before a time, in
+    log order, a page at a time (the as-of reads of the feature service). The append time
+    decides, not the event's own time: an event appended after until_ms is left out
+    whatever its ts_ms.
+    """
+    EraseUser: _grpc.UnaryUnaryMultiCallable[_events_pb2.EraseUserRequest, _events_pb2.EraseUserResponse]
+    """Erase one user of the caller's tenant: their events (log and dead letters), their
+    projections and features, their part of the snapshot; the counters and trending
+    scores of the items their events touched are recomputed from what remains, and an
+    audit record (who, when, the subject as sha256, the counts) is appended. Erasing a
+    user with nothing stored removes nothing and is still audited.
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -54,6 +67,19 @@ class EventServiceAsyncStub(EventServiceStub):
     ReadRequestEvents: _aio.UnaryUnaryMultiCallable[_events_pb2.ReadRequestEventsRequest, _events_pb2.ReadResponse]  # type: ignore[assignment]
     """Every stored event of one request of the caller's tenant (its impressions, and the
     clicks and conversions that name it), in log order: the lineage of an answer.
+    """
+    ReadUserEvents: _aio.UnaryUnaryMultiCallable[_events_pb2.ReadUserEventsRequest, _events_pb2.ReadUserEventsResponse]  # type: ignore[assignment]
+    """The stored events of one user of the caller's tenant appended at or before a time, in
+    log order, a page at a time (the as-of reads of the feature service). The append time
+    decides, not the event's own time: an event appended after until_ms is left out
+    whatever its ts_ms.
+    """
+    EraseUser: _aio.UnaryUnaryMultiCallable[_events_pb2.EraseUserRequest, _events_pb2.EraseUserResponse]  # type: ignore[assignment]
+    """Erase one user of the caller's tenant: their events (log and dead letters), their
+    projections and features, their part of the snapshot; the counters and trending
+    scores of the items their events touched are recomputed from what remains, and an
+    audit record (who, when, the subject as sha256, the counts) is appended. Erasing a
+    user with nothing stored removes nothing and is still audited.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,6 +109,31 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_events_pb2.ReadResponse, _abc.Awaitable[_events_pb2.ReadResponse]]:
         """Every stored event of one request of the caller's tenant (its impressions, and the
         clicks and conversions that name it), in log order: the lineage of an answer.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadUserEvents(
+        self,
+        request: _events_pb2.ReadUserEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.ReadUserEventsResponse, _abc.Awaitable[_events_pb2.ReadUserEventsResponse]]:
+        """The stored events of one user of the caller's tenant appended at or before a time, in
+        log order, a page at a time (the as-of reads of the feature service). The append time
+        decides, not the event's own time: an event appended after until_ms is left out
+        whatever its ts_ms.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseUser(
+        self,
+        request: _events_pb2.EraseUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_events_pb2.EraseUserResponse, _abc.Awaitable[_events_pb2.EraseUserResponse]]:
+        """Erase one user of the caller's tenant: their events (log and dead letters), their
+        projections and features, their part of the snapshot; the counters and trending
+        scores of the items their events touched are recomputed from what remains, and an
+        audit record (who, when, the subject as sha256, the counts) is appended. Erasing a
+        user with nothing stored removes nothing and is still audited.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,39 +25,49 @@ _sym_db = _symbol_database.Default()
 from recmesh.common.v1 import common_pb2 as recmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n recmesh/feature/v1/feature.proto\x12\x12recmesh.feature.v1\x1a\x1erecmesh/common/v1/common.proto\"@\n\x16GetUserFeaturesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\x05\"]\n\x17GetUserFeaturesResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0f\n\x07history\x18\x03 \x03(\x03\x12\x12\n\nis_default\x18\x04 \x01(\x08\"*\n\x16GetItemFeaturesRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\"{\n\x17GetItemFeaturesResponse\x12\x32\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32 .recmesh.common.v1.FeatureMatrix\x12\x12\n\ncategories\x18\x02 \x03(\x05\x12\x18\n\x10missing_item_ids\x18\x03 \x03(\x03\"=\n\x07UserRow\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0c\x12\x0f\n\x07history\x18\x03 \x03(\x03\"F\n\x18WriteUserFeaturesRequest\x12*\n\x05users\x18\x01 \x03(\x0b\x32\x1b.recmesh.feature.v1.UserRow\"t\n\x18WriteItemFeaturesRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x32\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32 .recmesh.common.v1.FeatureMatrix\x12\x12\n\ncategories\x18\x03 \x03(\x05\"(\n\x15WriteFeaturesResponse\x12\x0f\n\x07written\x18\x01 \x01(\x05\"\x16\n\x14\x44\x65scribeViewsRequest\">\n\x0f\x46\x65\x61tureViewInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x10\n\x08\x65ntities\x18\x03 \x01(\x03\"i\n\x15\x44\x65scribeViewsResponse\x12\x32\n\x05views\x18\x01 \x03(\x0b\x32#.recmesh.feature.v1.FeatureViewInfo\x12\x1c\n\x14materialized_version\x18\x02 \x01(\t\"#\n\x12MaterializeRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\"T\n\x13MaterializeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x01(\x03\x12\r\n\x05items\x18\x03 \x01(\x03\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x32\x8a\x05\n\x0e\x46\x65\x61tureService\x12j\n\x0fGetUserFeatures\x12*.recmesh.feature.v1.GetUserFeaturesRequest\x1a+.recmesh.feature.v1.GetUserFeaturesResponse\x12j\n\x0fGetItemFeatures\x12*.recmesh.feature.v1.GetItemFeaturesRequest\x1a+.recmesh.feature.v1.GetItemFeaturesResponse\x12l\n\x11WriteUserFeatures\x12,.recmesh.feature.v1.WriteUserFeaturesRequest\x1a).recmesh.feature.v1.WriteFeaturesResponse\x12l\n\x11WriteItemFeatures\x12,.recmesh.feature.v1.WriteItemFeaturesRequest\x1a).recmesh.feature.v1.WriteFeaturesResponse\x12^\n\x0bMaterialize\x12&.recmesh.feature.v1.MaterializeRequest\x1a\'.recmesh.feature.v1.MaterializeResponse\x12\x64\n\rDescribeViews\x12(.recmesh.feature.v1.DescribeViewsRequest\x1a).recmesh.feature.v1.DescribeViewsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n recmesh/feature/v1/feature.proto\x12\x12recmesh.feature.v1\x1a\x1erecmesh/common/v1/common.proto\"R\n\x16GetUserFeaturesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\x05\x12\x10\n\x08\x61s_of_ms\x18\x03 \x01(\x03\"\xee\x01\n\x17GetUserFeaturesResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0f\n\x07history\x18\x03 \x03(\x03\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12X\n\x0f\x63\x61tegory_shares\x18\x05 \x03(\x0b\x32?.recmesh.feature.v1.GetUserFeaturesResponse.CategorySharesEntry\x1a\x35\n\x13\x43\x61tegorySharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"D\n\x16GetItemFeaturesRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x18\n\x10\x63ounter_item_ids\x18\x02 \x03(\x03\"\xaf\x01\n\x17GetItemFeaturesResponse\x12\x32\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32 .recmesh.common.v1.FeatureMatrix\x12\x12\n\ncategories\x18\x02 \x03(\x05\x12\x18\n\x10missing_item_ids\x18\x03 \x03(\x03\x12\x32\n\x08\x63ounters\x18\x04 \x01(\x0b\x32 .recmesh.feature.v1.ItemCounters\"Z\n\x0cItemCounters\x12\x13\n\x0bimpressions\x18\x01 \x03(\x01\x12\x0e\n\x06\x63licks\x18\x02 \x03(\x01\x12\x13\n\x0b\x63onversions\x18\x03 \x03(\x01\x12\x10\n\x08\x61s_of_ms\x18\x04 \x01(\x03\"8\n\x17GetTrendingItemsRequest\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x12\n\nmin_clicks\x18\x02 \x01(\x01\"N\n\x18GetTrendingItemsResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x0e\n\x06\x63licks\x18\x02 \x03(\x01\x12\x10\n\x08\x61s_of_ms\x18\x03 \x01(\x03\"=\n\x07UserRow\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0c\x12\x0f\n\x07history\x18\x03 \x03(\x03\"F\n\x18WriteUserFeaturesRequest\x12*\n\x05users\x18\x01 \x03(\x0b\x32\x1b.recmesh.feature.v1.UserRow\"t\n\x18WriteItemFeaturesRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x32\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32 .recmesh.common.v1.FeatureMatrix\x12\x12\n\ncategories\x18\x03 \x03(\x05\"(\n\x15WriteFeaturesResponse\x12\x0f\n\x07written\x18\x01 \x01(\x05\"\x16\n\x14\x44\x65scribeViewsRequest\">\n\x0f\x46\x65\x61tureViewInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x10\n\x08\x65ntities\x18\x03 \x01(\x03\"i\n\x15\x44\x65scribeViewsResponse\x12\x32\n\x05views\x18\x01 \x03(\x0b\x32#.recmesh.feature.v1.FeatureViewInfo\x12\x1c\n\x14materialized_version\x18\x02 \x01(\t\"#\n\x12MaterializeRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\"T\n\x13MaterializeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05users\x18\x02 \x01(\x03\x12\r\n\x05items\x18\x03 \x01(\x03\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x32\xf9\x05\n\x0e\x46\x65\x61tureService\x12j\n\x0fGetUserFeatures\x12*.recmesh.feature.v1.GetUserFeaturesRequest\x1a+.recmesh.feature.v1.GetUserFeaturesResponse\x12j\n\x0fGetItemFeatures\x12*.recmesh.feature.v1.GetItemFeaturesRequest\x1a+.recmesh.feature.v1.GetItemFeaturesResponse\x12m\n\x10GetTrendingItems\x12+.recmesh.feature.v1.GetTrendingItemsRequest\x1a,.recmesh.feature.v1.GetTrendingItemsResponse\x12l\n\x11WriteUserFeatures\x12,.recmesh.feature.v1.WriteUserFeaturesRequest\x1a).recmesh.feature.v1.WriteFeaturesResponse\x12l\n\x11WriteItemFeatures\x12,.recmesh.feature.v1.WriteItemFeaturesRequest\x1a).recmesh.feature.v1.WriteFeaturesResponse\x12^\n\x0bMaterialize\x12&.recmesh.feature.v1.MaterializeRequest\x1a\'.recmesh.feature.v1.MaterializeResponse\x12\x64\n\rDescribeViews\x12(.recmesh.feature.v1.DescribeViewsRequest\x1a).recmesh.feature.v1.DescribeViewsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recmesh.feature.v1.feature_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GETUSERFEATURESRESPONSE_CATEGORYSHARESENTRY']._loaded_options = None
+  _globals['_GETUSERFEATURESRESPONSE_CATEGORYSHARESENTRY']._serialized_options = b'8\001'
   _globals['_GETUSERFEATURESREQUEST']._serialized_start=88
-  _globals['_GETUSERFEATURESREQUEST']._serialized_end=152
-  _globals['_GETUSERFEATURESRESPONSE']._serialized_start=154
-  _globals['_GETUSERFEATURESRESPONSE']._serialized_end=247
-  _globals['_GETITEMFEATURESREQUEST']._serialized_start=249
-  _globals['_GETITEMFEATURESREQUEST']._serialized_end=291
-  _globals['_GETITEMFEATURESRESPONSE']._serialized_start=293
-  _globals['_GETITEMFEATURESRESPONSE']._serialized_end=416
-  _globals['_USERROW']._serialized_start=418
-  _globals['_USERROW']._serialized_end=479
-  _globals['_WRITEUSERFEATURESREQUEST']._serialized_start=481
-  _globals['_WRITEUSERFEATURESREQUEST']._serialized_end=551
-  _globals['_WRITEITEMFEATURESREQUEST']._serialized_start=553
-  _globals['_WRITEITEMFEATURESREQUEST']._serialized_end=669
-  _globals['_WRITEFEATURESRESPONSE']._serialized_start=671
-  _globals['_WRITEFEATURESRESPONSE']._serialized_end=711
-  _globals['_DESCRIBEVIEWSREQUEST']._serialized_start=713
-  _globals['_DESCRIBEVIEWSREQUEST']._serialized_end=735
-  _globals['_FEATUREVIEWINFO']._serialized_start=737
-  _globals['_FEATUREVIEWINFO']._serialized_end=799
-  _globals['_DESCRIBEVIEWSRESPONSE']._serialized_start=801
-  _globals['_DESCRIBEVIEWSRESPONSE']._serialized_end=906
-  _globals['_MATERIALIZEREQUEST']._serialized_start=908
-  _globals['_MATERIALIZEREQUEST']._serialized_end=943
-  _globals['_MATERIALIZERESPONSE']._serialized_start=945
-  _globals['_MATERIALIZERESPONSE']._serialized_end=1029
-  _globals['_FEATURESERVICE']._serialized_start=1032
-  _globals['_FEATURESERVICE']._serialized_end=1682
+  _globals['_GETUSERFEATURESREQUEST']._serialized_end=170
+  _globals['_GETUSERFEATURESRESPONSE']._serialized_start=173
+  _globals['_GETUSERFEATURESRESPONSE']._serialized_end=411
+  _globals['_GETUSERFEATURESRESPONSE_CATEGORYSHARESENTRY']._serialized_start=358
+  _globals['_GETUSERFEATURESRESPONSE_CATEGORYSHARESENTRY']._serialized_end=411
+  _globals['_GETITEMFEATURESREQUEST']._serialized_start=413
+  _globals['_GETITEMFEATURESREQUEST']._serialized_end=481
+  _globals['_GETITEMFEATURESRESPONSE']._serialized_start=484
+  _globals['_GETITEMFEATURESRESPONSE']._serialized_end=659
+  _globals['_ITEMCOUNTERS']._serialized_start=661
+  _globals['_ITEMCOUNTERS']._serialized_end=751
+  _globals['_GETTRENDINGITEMSREQUEST']._serialized_start=753
+  _globals['_GETTRENDINGITEMSREQUEST']._serialized_end=809
+  _globals['_GETTRENDINGITEMSRESPONSE']._serialized_start=811
+  _globals['_GETTRENDINGITEMSRESPONSE']._serialized_end=889
+  _globals['_USERROW']._serialized_start=891
+  _globals['_USERROW']._serialized_end=952
+  _globals['_WRITEUSERFEATURESREQUEST']._serialized_start=954
+  _globals['_WRITEUSERFEATURESREQUEST']._serialized_end=1024
+  _globals['_WRITEITEMFEATURESREQUEST']._serialized_start=1026
+  _globals['_WRITEITEMFEATURESREQUEST']._serialized_end=1142
+  _globals['_WRITEFEATURESRESPONSE']._serialized_start=1144
+  _globals['_WRITEFEATURESRESPONSE']._serialized_end=1184
+  _globals['_DESCRIBEVIEWSREQUEST']._serialized_start=1186
+  _globals['_DESCRIBEVIEWSREQUEST']._serialized_end=1208
+  _globals['_FEATUREVIEWINFO']._serialized_start=1210
+  _globals['_FEATUREVIEWINFO']._serialized_end=1272
+  _globals['_DESCRIBEVIEWSRESPONSE']._serialized_start=1274
+  _globals['_DESCRIBEVIEWSRESPONSE']._serialized_end=1379
+  _globals['_MATERIALIZEREQUEST']._serialized_start=1381
+  _globals['_MATERIALIZEREQUEST']._serialized_end=1416
+  _globals['_MATERIALIZERESPONSE']._serialized_start=1418
+  _globals['_MATERIALIZERESPONSE']._serialized_end=1502
+  _globals['_FEATURESERVICE']._serialized_start=1505
+  _globals['_FEATURESERVICE']._serialized_end=2266
 # @@protoc_insertion_point(module_scope)

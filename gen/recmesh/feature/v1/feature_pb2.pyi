@@ -27,18 +27,27 @@ class GetUserFeaturesRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     HISTORY_LIMIT_FIELD_NUMBER: _builtins.int
+    AS_OF_MS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     history_limit: _builtins.int
     """Most recent history entries to return; 0 means the service default."""
+    as_of_ms: _builtins.int
+    """The user's features as of this time (ms since the Unix epoch), computed from the event
+    log: the materialised row and history, then the user's clicks and conversions appended
+    to the log at or before it (the append time decides, not the event's ts). 0 = now, from
+    the live projections. INVALID_ARGUMENT when in the future; FAILED_PRECONDITION when
+    before the log's horizon (retention trimmed what it needs).
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         history_limit: _builtins.int = ...,
+        as_of_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["history_limit", b"history_limit", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_ms", b"as_of_ms", "history_limit", b"history_limit", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -48,10 +57,31 @@ Global___GetUserFeaturesRequest: _TypeAlias = GetUserFeaturesRequest  # noqa: Y0
 class GetUserFeaturesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CategorySharesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FEATURES_FIELD_NUMBER: _builtins.int
     DIM_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    CATEGORY_SHARES_FIELD_NUMBER: _builtins.int
     features: _builtins.bytes
     """float32 little-endian, `dim` values."""
     dim: _builtins.int
@@ -61,6 +91,12 @@ class GetUserFeaturesResponse(_message.Message):
     def history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Recently interacted item ids, most recent last."""
 
+    @_builtins.property
+    def category_shares(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """Category -> the share of the user's clicks and conversions on items of that category
+        (the shares sum to 1; empty when the user has none).
+        """
+
     def __init__(
         self,
         *,
@@ -68,10 +104,11 @@ class GetUserFeaturesResponse(_message.Message):
         dim: _builtins.int = ...,
         history: _abc.Iterable[_builtins.int] | None = ...,
         is_default: _builtins.bool = ...,
+        category_shares: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dim", b"dim", "features", b"features", "history", b"history", "is_default", b"is_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category_shares", b"category_shares", "dim", b"dim", "features", b"features", "history", b"history", "is_default", b"is_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -82,16 +119,24 @@ class GetItemFeaturesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEM_IDS_FIELD_NUMBER: _builtins.int
+    COUNTER_ITEM_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def counter_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Items whose decayed counters are wanted (ItemCounters); may differ from item_ids (a
+        caller that caches rows still wants fresh counters). Empty: no counters read.
+        """
+
     def __init__(
         self,
         *,
         item_ids: _abc.Iterable[_builtins.int] | None = ...,
+        counter_item_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter_item_ids", b"counter_item_ids", "item_ids", b"item_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -104,6 +149,7 @@ class GetItemFeaturesResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
     MISSING_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def features(self) -> _common_pb2.FeatureMatrix:
         """One row per requested id, in request order; unknown items get the default row."""
@@ -116,20 +162,117 @@ class GetItemFeaturesResponse(_message.Message):
     def missing_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Ids that were unknown and got defaults."""
 
+    @_builtins.property
+    def counters(self) -> Global___ItemCounters:
+        """Counters of the request's counter_item_ids, in their order (unset when none were asked)."""
+
     def __init__(
         self,
         *,
         features: _common_pb2.FeatureMatrix | None = ...,
         categories: _abc.Iterable[_builtins.int] | None = ...,
         missing_item_ids: _abc.Iterable[_builtins.int] | None = ...,
+        counters: Global___ItemCounters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["features", b"features"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "features", b"features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "features", b"features", "missing_item_ids", b"missing_item_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "counters", b"counters", "features", b"features", "missing_item_ids", b"missing_item_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetItemFeaturesResponse: _TypeAlias = GetItemFeaturesResponse  # noqa: Y015
+
+@_typing.final
+class ItemCounters(_message.Message):
+    """Items' impressions, clicks and conversions with exponential time decay (half-life
+    RECMESH_PROJECTOR_HALF_LIFE_S), each decayed to as_of_ms; parallel arrays, 0 for an
+    item never counted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPRESSIONS_FIELD_NUMBER: _builtins.int
+    CLICKS_FIELD_NUMBER: _builtins.int
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
+    AS_OF_MS_FIELD_NUMBER: _builtins.int
+    as_of_ms: _builtins.int
+    """The time the counts are decayed to: the feature service's clock, ms since the epoch."""
+    @_builtins.property
+    def impressions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def clicks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def conversions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        impressions: _abc.Iterable[_builtins.float] | None = ...,
+        clicks: _abc.Iterable[_builtins.float] | None = ...,
+        conversions: _abc.Iterable[_builtins.float] | None = ...,
+        as_of_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_ms", b"as_of_ms", "clicks", b"clicks", "conversions", b"conversions", "impressions", b"impressions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemCounters: _TypeAlias = ItemCounters  # noqa: Y015
+
+@_typing.final
+class GetTrendingItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    K_FIELD_NUMBER: _builtins.int
+    MIN_CLICKS_FIELD_NUMBER: _builtins.int
+    k: _builtins.int
+    """Most items returned, 1..the service's RECMESH_FEATURE_MAX_BATCH."""
+    min_clicks: _builtins.float
+    """Leave out items whose decayed click count is below this (0: every clicked item)."""
+    def __init__(
+        self,
+        *,
+        k: _builtins.int = ...,
+        min_clicks: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "min_clicks", b"min_clicks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTrendingItemsRequest: _TypeAlias = GetTrendingItemsRequest  # noqa: Y015
+
+@_typing.final
+class GetTrendingItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    CLICKS_FIELD_NUMBER: _builtins.int
+    AS_OF_MS_FIELD_NUMBER: _builtins.int
+    as_of_ms: _builtins.int
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Most decayed clicks first."""
+
+    @_builtins.property
+    def clicks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Each item's click count decayed to as_of_ms."""
+
+    def __init__(
+        self,
+        *,
+        item_ids: _abc.Iterable[_builtins.int] | None = ...,
+        clicks: _abc.Iterable[_builtins.float] | None = ...,
+        as_of_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_ms", b"as_of_ms", "clicks", b"clicks", "item_ids", b"item_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTrendingItemsResponse: _TypeAlias = GetTrendingItemsResponse  # noqa: Y015
 
 @_typing.final
 class UserRow(_message.Message):

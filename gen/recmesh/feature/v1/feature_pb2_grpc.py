@@ -44,6 +44,11 @@ class FeatureServiceStub:
                 request_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemFeaturesRequest.SerializeToString,
                 response_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemFeaturesResponse.FromString,
                 _registered_method=True)
+        self.GetTrendingItems = channel.unary_unary(
+                '/recmesh.feature.v1.FeatureService/GetTrendingItems',
+                request_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetTrendingItemsRequest.SerializeToString,
+                response_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetTrendingItemsResponse.FromString,
+                _registered_method=True)
         self.WriteUserFeatures = channel.unary_unary(
                 '/recmesh.feature.v1.FeatureService/WriteUserFeatures',
                 request_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.WriteUserFeaturesRequest.SerializeToString,
@@ -78,7 +83,17 @@ class FeatureServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetItemFeatures(self, request, context):
-        """Many items' dense features in one Redis round trip, rows in request order.
+        """Many items' dense features in one Redis round trip, rows in request order, and, in
+        the same round trip, the decayed impression, click and conversion counters of the
+        items named in counter_item_ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrendingItems(self, request, context):
+        """The tenant's trending items: those with the most decayed clicks now, most first (the
+        projector's trending set). One Redis command.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +140,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.GetItemFeatures,
                     request_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemFeaturesRequest.FromString,
                     response_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemFeaturesResponse.SerializeToString,
+            ),
+            'GetTrendingItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrendingItems,
+                    request_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetTrendingItemsRequest.FromString,
+                    response_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetTrendingItemsResponse.SerializeToString,
             ),
             'WriteUserFeatures': grpc.unary_unary_rpc_method_handler(
                     servicer.WriteUserFeatures,
@@ -201,6 +221,33 @@ class FeatureService:
             '/recmesh.feature.v1.FeatureService/GetItemFeatures',
             recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemFeaturesRequest.SerializeToString,
             recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrendingItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.feature.v1.FeatureService/GetTrendingItems',
+            recmesh_dot_feature_dot_v1_dot_feature__pb2.GetTrendingItemsRequest.SerializeToString,
+            recmesh_dot_feature_dot_v1_dot_feature__pb2.GetTrendingItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

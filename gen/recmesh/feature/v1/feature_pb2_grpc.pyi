@@ -38,7 +38,14 @@ class FeatureServiceStub:
     vector with is_default set, never NOT_FOUND.
     """
     GetItemFeatures: _grpc.UnaryUnaryMultiCallable[_feature_pb2.GetItemFeaturesRequest, _feature_pb2.GetItemFeaturesResponse]
-    """Many items' dense features in one Redis round trip, rows in request order."""
+    """Many items' dense features in one Redis round trip, rows in request order, and, in
+    the same round trip, the decayed impression, click and conversion counters of the
+    items named in counter_item_ids.
+    """
+    GetTrendingItems: _grpc.UnaryUnaryMultiCallable[_feature_pb2.GetTrendingItemsRequest, _feature_pb2.GetTrendingItemsResponse]
+    """The tenant's trending items: those with the most decayed clicks now, most first (the
+    projector's trending set). One Redis command.
+    """
     WriteUserFeatures: _grpc.UnaryUnaryMultiCallable[_feature_pb2.WriteUserFeaturesRequest, _feature_pb2.WriteFeaturesResponse]
     """Upsert users (batch materialisation or streaming updates)."""
     WriteItemFeatures: _grpc.UnaryUnaryMultiCallable[_feature_pb2.WriteItemFeaturesRequest, _feature_pb2.WriteFeaturesResponse]
@@ -58,7 +65,14 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     vector with is_default set, never NOT_FOUND.
     """
     GetItemFeatures: _aio.UnaryUnaryMultiCallable[_feature_pb2.GetItemFeaturesRequest, _feature_pb2.GetItemFeaturesResponse]  # type: ignore[assignment]
-    """Many items' dense features in one Redis round trip, rows in request order."""
+    """Many items' dense features in one Redis round trip, rows in request order, and, in
+    the same round trip, the decayed impression, click and conversion counters of the
+    items named in counter_item_ids.
+    """
+    GetTrendingItems: _aio.UnaryUnaryMultiCallable[_feature_pb2.GetTrendingItemsRequest, _feature_pb2.GetTrendingItemsResponse]  # type: ignore[assignment]
+    """The tenant's trending items: those with the most decayed clicks now, most first (the
+    projector's trending set). One Redis command.
+    """
     WriteUserFeatures: _aio.UnaryUnaryMultiCallable[_feature_pb2.WriteUserFeaturesRequest, _feature_pb2.WriteFeaturesResponse]  # type: ignore[assignment]
     """Upsert users (batch materialisation or streaming updates)."""
     WriteItemFeatures: _aio.UnaryUnaryMultiCallable[_feature_pb2.WriteItemFeaturesRequest, _feature_pb2.WriteFeaturesResponse]  # type: ignore[assignment]
@@ -87,7 +101,20 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _feature_pb2.GetItemFeaturesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feature_pb2.GetItemFeaturesResponse, _abc.Awaitable[_feature_pb2.GetItemFeaturesResponse]]:
-        """Many items' dense features in one Redis round trip, rows in request order."""
+        """Many items' dense features in one Redis round trip, rows in request order, and, in
+        the same round trip, the decayed impression, click and conversion counters of the
+        items named in counter_item_ids.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTrendingItems(
+        self,
+        request: _feature_pb2.GetTrendingItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_pb2.GetTrendingItemsResponse, _abc.Awaitable[_feature_pb2.GetTrendingItemsResponse]]:
+        """The tenant's trending items: those with the most decayed clicks now, most first (the
+        projector's trending set). One Redis command.
+        """
 
     @_abc_1.abstractmethod
     def WriteUserFeatures(
