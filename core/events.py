@@ -15,9 +15,10 @@ MAX_REQUEST_ID_BYTES = 128
 MAX_BATCH = 1000
 MAX_FUTURE_MS = 24 * 3600 * 1000
 MAX_AGE_MS = 7 * 24 * 3600 * 1000
-"""Oldest event time accepted, relative to the append: the events service remembers an
-event id for at least this long (``RECMESH_EVENTS_DEDUPE_TTL_S``), so a retry of an event
-can never arrive after its id was forgotten and count twice."""
+"""Oldest event time a client may post (:func:`check_fresh`, at the gateway): the events
+service remembers an event id for at least ``MAX_AGE_MS + MAX_FUTURE_MS``
+(``RECMESH_EVENTS_DEDUPE_TTL_S``), so a client's retry of an event can never arrive after
+its id was forgotten and count twice."""
 
 
 def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = None) -> None:
@@ -46,13 +47,26 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
             "ts must be a positive epoch time in milliseconds, not in the far future",
             field=f"{prefix}.ts",
         )
-    if event.ts_ms < now_ms - MAX_AGE_MS:
-        raise InvalidArgument(
-            f"ts is more than {MAX_AGE_MS // 86_400_000} days old: too late to be taken once",
-            field=f"{prefix}.ts",
-        )
     if not 0.0 <= event.propensity <= 1.0:
         raise InvalidArgument("propensity must be in [0, 1]", field=f"{prefix}.propensity")
+
+
+def check_fresh(events: list[events_pb2.Event], now_ms: int | None = None) -> None:
+    """Refuse a client's batch with an event older than :data:`MAX_AGE_MS`. Checked where
+    clients post (the gateway), not on the way to the log: an event the gateway accepted
+    is never refused later for having aged in its outbox, and a replay of the log judges
+    events by :func:`validate_event` alone.
+
+    Raises:
+        InvalidArgument: naming the first event too old.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    for index, event in enumerate(events):
+        if event.ts_ms < now_ms - MAX_AGE_MS:
+            raise InvalidArgument(
+                f"ts is more than {MAX_AGE_MS // 86_400_000} days old: too late to be taken once",
+                field=f"events[{index}].ts",
+            )
 
 
 def validate_batch(events: list[events_pb2.Event]) -> None:

@@ -22,6 +22,7 @@ past time, and training sets built from the log. One event, in log order:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import zlib
@@ -152,7 +153,8 @@ class Replay:
         history_cap: outcomes kept per user.
         categories: item -> category, for the category shares (an item missing from it
             counts in no share).
-        start: projections to continue from (a snapshot); a fresh state when None.
+        start: projections to continue from (a snapshot; copied, never changed); a fresh
+            state when None.
     """
 
     def __init__(
@@ -162,7 +164,7 @@ class Replay:
         categories: Mapping[int, int],
         start: Projected | None = None,
     ) -> None:
-        self.state = start if start is not None else Projected()
+        self.state = copy.deepcopy(start) if start is not None else Projected()
         self.tau = tau_ms(half_life_s)
         self._cap = history_cap
         self._categories = categories

@@ -9,7 +9,7 @@ from typing import Any
 from recmesh.common.v1 import common_pb2
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from core.events import validate_batch
+from core.events import check_fresh, validate_batch
 from gateway.funnel import Funnel
 from gateway.metrics import LATENCY, REQUESTS
 from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
@@ -76,6 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._tenant(context)
         events = list(request.events)
         validate_batch(events)
+        check_fresh(events)
         try:
             await self._funnel.append_events(events)
         except (OSError, sqlite3.Error) as exc:

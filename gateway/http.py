@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from recmesh.common.v1 import common_pb2
 
-from core.events import validate_batch
+from core.events import check_fresh, validate_batch
 from gateway.clients import Downstreams
 from gateway.funnel import Funnel, Recommendation
 from gateway.metrics import LATENCY, REQUESTS
@@ -182,6 +182,7 @@ class HttpApi:
         self._tenant(request)
         events = parse_events(await request.read())
         validate_batch(events)
+        check_fresh(events)
         try:
             await self._funnel.append_events(events)
         except (OSError, sqlite3.Error) as exc:

@@ -5,7 +5,10 @@
 to the events service in order, in batches per tenant, and deletes them only once the
 events service acknowledged the batch. Delivery is at least once; the events service
 drops repeats by event id, so the effect is exactly once. A gateway killed after a 202
-finds the rows again on restart.
+finds the rows again on restart. A batch the events service refuses as invalid (a rule
+that differs between the two) is delivered one event at a time, and each event refused
+alone moves to the file's ``refused`` table with the reason: it never holds back the
+rows of other requests and tenants behind it.
 
 Each row keeps the W3C ``traceparent`` of the span that stored it (the request's
 ``stage.impressions`` span, or the ``POST /v1/events`` span). A delivery round is its own
@@ -21,20 +24,28 @@ import itertools
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import grpc
 from opentelemetry.trace import Link
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from recmesh.events.v1 import events_pb2
 
 from mesh import tracing
 from mesh.client import describe_failure
 from mesh.context import tenant_var
+from mesh.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 OUTBOX_DEPTH = Gauge("recmesh_gateway_outbox_depth", "Events accepted and not yet delivered")
+REFUSED = Counter(
+    "recmesh_gateway_outbox_refused_total",
+    "Accepted events the events service refused as invalid on delivery (kept in the "
+    "outbox file's refused table; a rule that differs between gateway and events service)",
+)
 
 Send = Callable[[list[events_pb2.Event]], Awaitable[object]]
 """Delivers one tenant's batch (the tenant is in the context); raises when not delivered."""
@@ -53,6 +64,11 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS outbox ("
             " id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, event BLOB NOT NULL,"
             " trace TEXT NOT NULL DEFAULT '')"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS refused ("
+            " id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, event BLOB NOT NULL,"
+            " reason TEXT NOT NULL, refused_at REAL NOT NULL)"
         )
         self._pending: list[tuple[list[tuple[str, bytes, str]], asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
@@ -158,6 +174,38 @@ class Outbox:
         self._rows = max(0, self._rows - len(ids))
         OUTBOX_DEPTH.set(self._rows)
 
+    def _refuse(self, row_id: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO refused (id, tenant, event, reason, refused_at)"
+                    " SELECT id, tenant, event, ?, ? FROM outbox WHERE id = ?",
+                    (reason, time.time(), row_id),
+                )
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    async def refuse(self, row_id: int, reason: str) -> None:
+        """Move a row the events service refused (invalid there) out of the queue into the
+        ``refused`` table, with the reason, in one transaction: it no longer holds back
+        the rows behind it, and it is kept for an operator, not dropped."""
+        await asyncio.to_thread(self._refuse, row_id, reason)
+        self._rows = max(0, self._rows - 1)
+        OUTBOX_DEPTH.set(self._rows)
+        REFUSED.inc()
+
+    def refused(self) -> list[tuple[str, events_pb2.Event, str]]:
+        """The rows the events service refused: tenant, event and reason, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tenant, event, reason FROM refused ORDER BY id"
+            ).fetchall()
+        return [(t, events_pb2.Event.FromString(e), r) for t, e, r in rows]
+
     async def depth(self) -> int:
         """Rows not yet delivered."""
         return await asyncio.to_thread(self._depth)
@@ -189,6 +237,14 @@ async def send_linked(
         attributes=tracing.recmesh_attributes(tenant=tenant, events=len(events)),
     ):
         await send(events)
+
+
+def _invalid(exc: Exception) -> bool:
+    """Whether a delivery failed because the events service judged the batch invalid (not
+    because it could not be reached): retrying the same batch would fail forever."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return isinstance(exc, InvalidArgument)
 
 
 class OutboxRelay:
@@ -233,16 +289,41 @@ class OutboxRelay:
         delivered = 0
         for tenant, group in itertools.groupby(rows, key=lambda row: row[1]):
             batch = list(group)
-            await send_linked(
-                "outbox.deliver",
-                tenant,
-                [event for _, _, event, _ in batch],
-                [tp for _, _, _, tp in batch],
-                self._send,
-            )
-            await self._outbox.ack([row_id for row_id, _, _, _ in batch])
+            try:
+                await send_linked(
+                    "outbox.deliver",
+                    tenant,
+                    [event for _, _, event, _ in batch],
+                    [tp for _, _, _, tp in batch],
+                    self._send,
+                )
+            except Exception as exc:
+                if not _invalid(exc):
+                    raise
+                await self._deliver_alone(tenant, batch)
+            else:
+                await self._outbox.ack([row_id for row_id, _, _, _ in batch])
             delivered += len(batch)
         return delivered
+
+    async def _deliver_alone(
+        self, tenant: str, batch: list[tuple[int, str, events_pb2.Event, str]]
+    ) -> None:
+        """Deliver a batch the events service refused as invalid one event at a time: the
+        valid ones reach the log, each refused one goes to the outbox's refused table."""
+        for row_id, _, event, trace in batch:
+            try:
+                await send_linked("outbox.deliver", tenant, [event], [trace], self._send)
+            except Exception as exc:
+                if not _invalid(exc):
+                    raise
+                log.error(
+                    "the events service refused an accepted event; kept in the refused table",
+                    extra={"fields": {"tenant": tenant, "event_id": event.event_id}},
+                )
+                await self._outbox.refuse(row_id, describe_failure(exc))
+            else:
+                await self._outbox.ack([row_id])
 
     async def _run(self) -> None:
         backoff = self._idle_s

@@ -1,14 +1,14 @@
-"""``recmesh projections verify|rebuild|snapshot`` and ``recmesh events trim``: the
-operator's side of the projector's projections (run against the deployment's Redis, with
-the projector's own settings: half-life, history cap, group).
+"""``recmesh projections verify|rebuild`` and ``recmesh events trim``: the operator's side
+of the projector's projections (run against the deployment's Redis, with the projector's
+half-life, history cap and group, read from the same variables the projector reads).
 
 * ``verify``: the live projections against a recompute from the log (snapshot + tail).
 * ``rebuild [--verify] [--from-start] [--keep]``: the log replayed through the projector's
   Lua into a fresh namespace (``rebuild-<time>``); ``--verify`` compares it with the live
   projections. The namespace is dropped afterwards unless ``--keep``.
-* ``snapshot``: store the projections as of the end of the log now.
 * ``events trim``: snapshot and trim the log entries older than the tenant's retention
-  (``retention_days`` in the tenant file, or ``--keep-days``).
+  (``retention_days`` in the tenant file, or ``--keep-days``); the projector does the same
+  every ``RECMESH_PROJECTOR_RETENTION_EVERY_S``.
 
 Each exits 1 when a tenant differs (or cannot be rebuilt), 0 otherwise.
 """
@@ -24,15 +24,16 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 
-from mesh.settings import load
 from mesh.tenants import TenantRegistry, load_tenants
 from ops import supervisor
 from ops.settings import OpsSettings
 from services.projector import batch, rebuild
 from services.projector.projections import Projections
-from services.projector.settings import ProjectorSettings
 
 T = TypeVar("T")
+REBUILD_MARK_TTL_S = 86_400
+"""Applied marks of a rebuild's namespace: they only need to outlive the rebuild, which
+drops them with the namespace (``--keep`` leaves them to expire)."""
 DAY_MS = 86_400_000
 
 
@@ -63,17 +64,15 @@ def _report(found: dict[str, list[str]], agree: str) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: OpsSettings) -> int:
-    projector = load(ProjectorSettings)
     tenants, _ = _tenants(args, settings)
     found = _run(
         settings,
-        lambda client: batch.verify(client, tenants, projector.half_life_s, projector.history_cap),
+        lambda client: batch.verify(client, tenants, settings.half_life_s, settings.history_cap),
     )
     return _report(found, "equal to a recompute from the log")
 
 
 def cmd_rebuild(args: argparse.Namespace, settings: OpsSettings) -> int:
-    projector = load(ProjectorSettings)
     tenants, _ = _tenants(args, settings)
     namespace = args.namespace or f"rebuild-{int(time.time())}"
 
@@ -81,15 +80,15 @@ def cmd_rebuild(args: argparse.Namespace, settings: OpsSettings) -> int:
         found: dict[str, list[str]] = {}
         into = Projections(
             client,
-            projector.history_cap,
-            projector.half_life_s,
-            projector.applied_ttl_s,
+            settings.history_cap,
+            settings.half_life_s,
+            REBUILD_MARK_TTL_S,
             namespace=namespace,
         )
         for tenant in tenants:
             try:
                 done = await rebuild.rebuild(
-                    client, tenant, into, projector.half_life_s, not args.from_start
+                    client, tenant, into, settings.half_life_s, not args.from_start
                 )
             except ValueError as exc:
                 found[tenant] = [str(exc)]
@@ -103,6 +102,7 @@ def cmd_rebuild(args: argparse.Namespace, settings: OpsSettings) -> int:
                 found[tenant] = batch.compare(
                     await batch.read_projections(client, tenant),
                     await batch.read_projections(client, tenant, namespace),
+                    settings.half_life_s,
                 )
             if not args.keep:
                 await rebuild.drop_namespace(client, tenant, namespace)
@@ -112,23 +112,7 @@ def cmd_rebuild(args: argparse.Namespace, settings: OpsSettings) -> int:
     return _report(found, "the rebuild equals the live projections") if found else 0
 
 
-def cmd_snapshot(args: argparse.Namespace, settings: OpsSettings) -> int:
-    projector = load(ProjectorSettings)
-    tenants, _ = _tenants(args, settings)
-
-    async def work(client: aioredis.Redis) -> None:
-        for tenant in tenants:
-            taken = await rebuild.take_snapshot(
-                client, tenant, projector.half_life_s, projector.history_cap
-            )
-            print(f"{tenant}: snapshot at {taken.position or 'the start (empty log)'}")
-
-    _run(settings, work)
-    return 0
-
-
 def cmd_trim(args: argparse.Namespace, settings: OpsSettings) -> int:
-    projector = load(ProjectorSettings)
     tenants, registry = _tenants(args, settings)
     now_ms = int(time.time() * 1000)
 
@@ -144,9 +128,9 @@ def cmd_trim(args: argparse.Namespace, settings: OpsSettings) -> int:
                 client,
                 tenant,
                 now_ms - int(days * DAY_MS),
-                projector.group,
-                projector.half_life_s,
-                projector.history_cap,
+                settings.projector_group,
+                settings.half_life_s,
+                settings.history_cap,
             )
             done[tenant] = {"trimmed": trimmed.removed, "snapshot": trimmed.position}
         return done
@@ -178,9 +162,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     again.add_argument("--namespace", default="", help="name (default rebuild-<unix time>)")
     again.add_argument("--keep", action="store_true", help="keep the namespace afterwards")
     again.set_defaults(run=cmd_rebuild)
-    snap = projections.add_parser("snapshot", help="store the projections as of the log's end")
-    snap.add_argument("--tenant", help="one tenant (default: every tenant)")
-    snap.set_defaults(run=cmd_snapshot)
 
 
 def register_trim(events: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -16,13 +16,16 @@ from pathlib import Path
 from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from mesh.settings import (
     artifacts_dir,
+    counter_half_life_s,
     env,
     gateway_http_port,
     metrics_port_of,
     port_of,
+    projector_group,
     redis_url,
     tenants_file,
 )
+from mesh.settings import history_cap as history_cap_field
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class OpsSettings:
     redis_url: str = redis_url()
     artifacts: Path = artifacts_dir()
     tenants: Path = tenants_file()
+    half_life_s: float = counter_half_life_s()
+    """The projector's counter half-life (``recmesh projections`` recomputes with it)."""
+    history_cap: int = history_cap_field()
+    projector_group: str = projector_group()
     jaeger_url: str = env(
         "RECMESH_JAEGER_URL",
         "http://127.0.0.1:16686",

@@ -270,7 +270,8 @@ class Eraser:
 
     async def _delete_events(self, tenant: str, user_id: str, found: _Found) -> int:
         """``XDEL`` the user's entries, drop their positions from the request indexes and
-        delete the user index; returns how many entries went."""
+        from the user index (only those: an event the user appended since the search stays
+        indexed with its entry); returns how many entries went."""
         stream = keys.events(tenant)
         positions = list(found.events)
         removed = 0
@@ -280,7 +281,8 @@ class Eraser:
             for position, event in found.events.items():
                 if event.request_id:
                     pipe.lrem(keys.request_events(tenant, event.request_id), 0, position)
-            pipe.delete(keys.user_events(tenant, user_id))
+            for start in range(0, len(positions), PAGE):
+                pipe.zrem(keys.user_events(tenant, user_id), *positions[start : start + PAGE])
             await pipe.execute()
         return removed
 

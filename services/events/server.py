@@ -22,5 +22,6 @@ async def build_service(settings: EventsSettings) -> Service:
         [Registration.of(servicer, events_pb2, events_pb2_grpc, "EventService")],
         checks=[mesh_redis.redis_check(client)],
         startups=[log.prepare],
+        drains=[servicer.finish_erasures],
         cleanups=[client.aclose],
     )

@@ -35,6 +35,13 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         self._eraser = eraser
         self._erasing: set[asyncio.Task[Erased]] = set()
 
+    async def finish_erasures(self) -> None:
+        """Wait for the erasures under way (the drain calls it): one started runs to its
+        end, audit record included, even when its caller went away or the process is
+        stopping."""
+        if self._erasing:
+            await asyncio.gather(*self._erasing, return_exceptions=True)
+
     async def Append(
         self, request: events_pb2.AppendRequest, context: Any
     ) -> events_pb2.AppendResponse:

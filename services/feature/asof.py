@@ -146,10 +146,29 @@ class AsOfReader:
                 idempotent=True,
             )
         except grpc.aio.AioRpcError as exc:
-            raise Unavailable(
-                f"the user's events could not be read from the events service: "
-                f"{describe_failure(exc)}"
+            if exc.code() in _UNREACHABLE:
+                raise Unavailable(
+                    f"the user's events could not be read from the events service: "
+                    f"{describe_failure(exc)}"
+                ) from exc
+            # The service answered and refused this read (a page larger than its
+            # RECMESH_EVENTS_MAX_READ): a deployment error, not an outage to retry.
+            raise FailedPrecondition(
+                f"the events service refused the read of the user's events: {describe_failure(exc)}"
             ) from exc
+
+
+_UNREACHABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+"""Statuses of a read that did not get an answer, worth retrying later: UNAVAILABLE here."""
 
 
 def _iso(ms: int) -> str:

@@ -13,42 +13,19 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import redis.asyncio as aioredis
 
 from core import keys
-from core.replay import Projected, Replay, Stored, stored_entry, tau_ms
+from core.logread import dead_lettered, iter_log
+from core.replay import Projected, Replay, decayed, tau_ms
 
 TOLERANCE = 1e-9
 """Relative difference of two decayed counts (absolute, of two trending scores) still
 taken as equal: Lua and Python round the same sums in different orders."""
-
-
-async def iter_log(
-    client: aioredis.Redis, tenant: str, after: str = "", until: str = "+", page: int = 1000
-) -> AsyncIterator[list[Stored]]:
-    """``tenant``'s log after position ``after`` ("" = from the start) up to ``until``
-    (inclusive), a page at a time, in order."""
-    start = f"({after}" if after else "-"
-    while True:
-        chunk = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await client.xrange(keys.events(tenant), min=start, max=until, count=page),
-        )
-        entries = [stored_entry(position, fields) for position, fields in chunk]
-        if entries:
-            yield entries
-        if len(chunk) < page:
-            return
-        start = f"({entries[-1][0]}"
-
-
-async def read_log(client: aioredis.Redis, tenant: str) -> list[Stored]:
-    """Every entry of ``tenant``'s log, in order."""
-    return [entry async for entries in iter_log(client, tenant) for entry in entries]
 
 
 async def item_categories(
@@ -79,17 +56,19 @@ async def recompute(
     until: str = "+",
 ) -> Projected:
     """The projections of ``tenant``'s log up to ``until``: ``start`` (a snapshot) and
-    the entries after its position, or the whole log when ``start`` is None. Item
-    categories are read from the live feature rows as the pages go."""
+    the entries after its position, or the whole log when ``start`` is None, leaving out
+    the entries the projector dead-lettered (:func:`dead_lettered`). Item categories are
+    read from the live feature rows as the pages go."""
     categories: dict[int, int] = {}
     replay = Replay(half_life_s, history_cap, categories, start)
     known: set[int] = set()
+    given_up = await dead_lettered(client, tenant)
     after = start.position if start is not None else ""
     async for entries in iter_log(client, tenant, after, until):
         new = {e.item_id for _, e in entries if e is not None and e.item_id not in known}
         categories.update(await item_categories(client, tenant, new))
         known |= new
-        replay.apply_all(entries)
+        replay.apply_all((p, None if p in given_up else e) for p, e in entries)
     return replay.state
 
 
@@ -138,9 +117,12 @@ async def read_projections(client: aioredis.Redis, tenant: str, namespace: str =
     return found
 
 
-def compare(expected: Live, actual: Live, limit: int = 1000) -> list[str]:
+def compare(expected: Live, actual: Live, half_life_s: float, limit: int = 1000) -> list[str]:
     """Where ``actual`` differs from ``expected``, one line each (at most ``limit``;
-    empty: they agree)."""
+    empty: they agree). Two counters of one kind agree when their values decayed to the
+    later of their two times agree (an erasure keeps a counter's time when it takes an
+    event out, so the same count can be stored as of another time)."""
+    tau = tau_ms(half_life_s)
     lines: list[str] = []
     a, b = expected.projected, actual.projected
     for user in sorted(a.outcomes.keys() | b.outcomes.keys()):
@@ -156,8 +138,11 @@ def compare(expected: Live, actual: Live, limit: int = 1000) -> list[str]:
             if (
                 want is None
                 or got is None
-                or want[1] != got[1]
-                or not math.isclose(want[0], got[0], rel_tol=TOLERANCE)
+                or not math.isclose(
+                    decayed(*want, max(want[1], got[1]), tau),
+                    decayed(*got, max(want[1], got[1]), tau),
+                    rel_tol=TOLERANCE,
+                )
             ):
                 lines.append(f"{kind} count of item {item}: {got} != {want}")
     for item in sorted(expected.trending.keys() | actual.trending.keys()):
@@ -223,7 +208,7 @@ async def store_snapshot(
     tenant: str,
     projected: Projected,
     computed_from: Snapshot | None,
-    trimmed_to: str = "",
+    trimmed_to: str,
 ) -> bool:
     """Store ``projected`` as the tenant's snapshot if the stored one is still the one it
     was ``computed_from`` (None: there was none); returns False when another was stored
@@ -253,6 +238,6 @@ async def verify(
         base = await load_snapshot(client, tenant)
         batch = await recompute(client, tenant, half_life_s, history_cap, base)
         found[tenant] = compare(
-            expected(batch, half_life_s), await read_projections(client, tenant)
+            expected(batch, half_life_s), await read_projections(client, tenant), half_life_s
         )
     return found

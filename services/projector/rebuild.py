@@ -6,12 +6,13 @@ retention (trimming the log behind a snapshot, so a rebuild still works).
   (:class:`~services.projector.projections.Projections` in that namespace): the stream's
   code, not a second implementation. ``recmesh projections rebuild --verify`` then
   compares the namespace with the live projections.
-* :func:`take_snapshot` stores the projections as of a log position, computed by the
-  batch rules (the stored snapshot plus the entries after it), never read from the live
-  keys, so a snapshot is exactly what the log says.
-* :func:`trim` snapshots up to a bound and trims the log before it (``XTRIM MINID``). The
-  bound never passes an entry the projector's group has not read, or has read and not
-  acknowledged: trimming cannot lose an event from the live projections.
+* :func:`trim` stores a snapshot at a bound and trims the log up to it (``XTRIM MINID``):
+  the projections as of that position, computed by the batch rules (the snapshot before
+  plus the entries between), never read from the live keys, so a snapshot is exactly what
+  the log says. The bound never passes an entry the projector's group has not read, or
+  has read and not acknowledged: trimming cannot lose an event from the live projections.
+  Snapshots are taken only there, so a snapshot's position is always where the log was
+  trimmed to: the log holds everything after it, and nothing before.
 """
 
 from __future__ import annotations
@@ -135,34 +136,6 @@ async def rebuild(
     )
 
 
-async def take_snapshot(
-    client: aioredis.Redis,
-    tenant: str,
-    half_life_s: float,
-    history_cap: int,
-    until: str = "+",
-    trimmed_to: bool = False,
-) -> Projected:
-    """Store and return ``tenant``'s projections as of log position ``until`` (the stored
-    snapshot plus the entries after it, up to ``until`` inclusive), marked as the point
-    the log is trimmed to when ``trimmed_to``. A snapshot stored by someone else while
-    this one was computed (an erasure's edit) is never overwritten: computed again.
-
-    Raises:
-        RuntimeError: the snapshot kept changing under it (five tries).
-    """
-    for _ in range(5):
-        base = await batch.read_snapshot(client, tenant)
-        start = base.projected if base is not None else None
-        projected = await batch.recompute(client, tenant, half_life_s, history_cap, start, until)
-        if start is not None and projected.position == start.position and not trimmed_to:
-            return projected
-        mark = projected.position if trimmed_to else ""
-        if await batch.store_snapshot(client, tenant, projected, base, mark):
-            return projected
-    raise RuntimeError(f"the snapshot of {tenant} kept changing while it was computed")
-
-
 @dataclass(frozen=True)
 class Trimmed:
     """What :func:`trim` did."""
@@ -182,7 +155,13 @@ async def trim(
 ) -> Trimmed:
     """Snapshot ``tenant``'s projections and trim its log of the entries appended before
     ``before_ms`` that the projector's ``group`` has read and acknowledged (see the module
-    docstring)."""
+    docstring). The snapshot is stored at exactly the trim point (``position`` =
+    ``trimmed_to``), computed from the one before and the log between, and only if no one
+    changed the stored one meanwhile (an erasure's edit): then it is computed again.
+
+    Raises:
+        RuntimeError: the snapshot kept changing under it (five tries).
+    """
     stream = keys.events(tenant)
     bound = await _last_before(client, stream, f"{before_ms - 1}")
     if bound is None:
@@ -200,16 +179,24 @@ async def trim(
         if before_pending is None:
             return Trimmed("", 0)
         bound = min(bound, before_pending, key=_order)
-    snapshot = await take_snapshot(
-        client, tenant, half_life_s, history_cap, until=bound, trimmed_to=True
-    )
-    if not snapshot.position:
-        return Trimmed("", 0)
-    millis, _, seq = snapshot.position.partition("-")
-    removed = int(
-        await client.xtrim(stream, minid=f"{millis}-{int(seq or 0) + 1}", approximate=False)
-    )
-    return Trimmed(snapshot.position, removed)
+    for _ in range(5):
+        base = await batch.read_snapshot(client, tenant)
+        start = base.projected if base is not None else None
+        if start is not None and _order(start.position) >= _order(bound):
+            break  # a trim with a longer retention before: nothing newer to trim
+        projected = await batch.recompute(client, tenant, half_life_s, history_cap, start, bound)
+        if not projected.position:
+            return Trimmed("", 0)
+        # Stored only if no one (an erasure) changed the snapshot meanwhile; else again.
+        if await batch.store_snapshot(client, tenant, projected, base, trimmed_to=bound):
+            millis, _, seq = bound.partition("-")
+            removed = int(
+                await client.xtrim(stream, minid=f"{millis}-{int(seq or 0) + 1}", approximate=False)
+            )
+            return Trimmed(bound, removed)
+    else:
+        raise RuntimeError(f"the snapshot of {tenant} kept changing while it was computed")
+    return Trimmed("", 0)
 
 
 async def _last_before(client: aioredis.Redis, stream: str, bound: str) -> str | None:

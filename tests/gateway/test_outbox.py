@@ -94,3 +94,51 @@ async def test_a_failed_commit_fails_every_put_waiting_on_it(tmp_path: Path) -> 
         *(outbox.put("demo", [click(n)]) for n in range(5)), return_exceptions=True
     )
     assert all(isinstance(r, sqlite3.Error) for r in results)
+
+
+async def test_an_event_the_events_service_refuses_is_set_aside_and_the_rest_flows_on(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A rule that differs between gateway and events service must not jam the outbox:
+    the refused event is kept in the refused table, every other row is delivered."""
+    tenant, other = f"or{time.time_ns() % 10**9}", f"os{time.time_ns() % 10**9}"
+    port = free_port()
+    events = Downstream.open("events", f"127.0.0.1:{port}", events_pb2_grpc.EventServiceStub)
+
+    async def send(batch: list[events_pb2.Event]) -> object:
+        return await events.call(
+            events.stub.Append, events_pb2.AppendRequest(events=batch), cap_s=1.0, idempotent=True
+        )
+
+    outbox = Outbox(tmp_path / "outbox.db")
+    bad = click(1)
+    bad.type = "teleport"
+    await outbox.put(tenant, [click(0), bad, click(2)])
+    await outbox.put(other, [click(3)])
+    relay = OutboxRelay(outbox, send, idle_s=0.02, max_backoff_s=0.1)
+    server = await built_server(build_service, EventsSettings(port=port, redis_url=redis_url))
+    async with serving(server):
+        await relay.start()
+        for _ in range(100):
+            if await outbox.depth() == 0:
+                break
+            await asyncio.sleep(0.05)
+        stored = {
+            name: [
+                e.event.event_id
+                for e in (
+                    await events.stub.Read(
+                        events_pb2.ReadRequest(limit=100), metadata=tenant_metadata(name)
+                    )
+                ).events
+            ]
+            for name in (tenant, other)
+        }
+    await relay.stop()
+    await events.close()
+    assert stored == {tenant: ["outbox-0", "outbox-2"], other: ["outbox-3"]}
+    reopened = Outbox(tmp_path / "outbox.db")
+    [(who, event, reason)] = reopened.refused()
+    assert (who, event.event_id) == (tenant, "outbox-1")
+    assert reason.startswith("INVALID_ARGUMENT") and "type" in reason
+    reopened.close()

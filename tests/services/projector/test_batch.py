@@ -79,7 +79,7 @@ async def test_a_recompute_from_the_log_equals_the_live_projections(
     assert recomputed.counters[1]["impression"][0] == pytest.approx(1.5, rel=1e-12)
     live = await batch.read_projections(client, name)
     assert set(live.trending) == {1, 2, 0, 3, 4}
-    assert batch.compare(batch.expected(recomputed, 3600.0), live) == []
+    assert batch.compare(batch.expected(recomputed, 3600.0), live, 3600.0) == []
 
 
 async def test_a_live_projection_that_drifted_is_reported(client: aioredis.Redis) -> None:

@@ -44,7 +44,7 @@ async def test_a_rebuild_into_a_fresh_namespace_equals_the_live_projections(
     assert done.snapshot_position == "" and done.dead == 1
     rebuilt = await batch.read_projections(client, name, "r1")
     assert rebuilt.projected.outcomes == live.projected.outcomes != {}
-    assert batch.compare(live, rebuilt) == []
+    assert batch.compare(live, rebuilt, HALF_LIFE_S) == []
     # the live keys were not touched, and the namespace goes away whole
     assert await batch.read_projections(client, name) == live
     assert await rebuild.drop_namespace(client, name, "r1") > 0
@@ -56,7 +56,9 @@ async def test_a_changed_live_projection_makes_the_rebuild_differ(client: aiored
     await rebuild.rebuild(client, name, into(client, "r2"), HALF_LIFE_S)
     await client.zadd(keys.trending(name), {"1": 1e9})
     found = batch.compare(
-        await batch.read_projections(client, name), await batch.read_projections(client, name, "r2")
+        await batch.read_projections(client, name),
+        await batch.read_projections(client, name, "r2"),
+        HALF_LIFE_S,
     )
     assert [line.split(":")[0] for line in found] == ["trending score of item 1"]
 
@@ -100,6 +102,7 @@ async def test_trimming_keeps_what_the_snapshot_does_not_cover_and_a_rebuild_sti
         batch.compare(
             await batch.read_projections(client, name),
             await batch.read_projections(client, name, "r3"),
+            HALF_LIFE_S,
         )
         == []
     )
