@@ -88,8 +88,9 @@ def applied(tenant: str, event_id: str, namespace: str = "") -> str:
     return f"{projection_prefix(tenant, namespace)}pj:{event_id}"
 
 
-def item_counters(tenant: str, item_id: int, namespace: str = "") -> str:
-    """Hash: the item's exponentially decayed impression, click and conversion counts."""
+def item_counters(tenant: str, item_id: int | str, namespace: str = "") -> str:
+    """Hash: the item's exponentially decayed impression, click and conversion counts
+    (``item_id`` "" names the prefix every item's key starts with)."""
     return f"{projection_prefix(tenant, namespace)}ic:{item_id}"
 
 

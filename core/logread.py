@@ -15,6 +15,21 @@ import redis.asyncio as aioredis
 from core import keys
 from core.replay import Stored, stored_entry
 
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""A stream entry as Redis returns it: its position and fields."""
+
+
+def position_order(position: str) -> tuple[int, int]:
+    """A stream position as (ms, sequence), which sorts in log order (the text does not:
+    ``…-10`` sorts before ``…-9``)."""
+    millis, _, seq = position.partition("-")
+    return int(millis), int(seq or 0)
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply field (bytes from a bytes client) as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
 
 async def iter_log(
     client: aioredis.Redis, tenant: str, after: str = "", until: str = "+", page: int = 1000

@@ -91,6 +91,7 @@ from recmesh.events.v1 import events_pb2
 
 from core import keys
 from core.events import validate_event
+from core.logread import Entry, as_text, position_order
 from core.replay import (
     COUNTED,
     TRENDING_KIND,
@@ -105,8 +106,6 @@ from mesh.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[bytes, dict[bytes, bytes]]
-"""A stream entry as Redis returns it: its position and fields."""
 
 PAGE = 1000
 """Entries read (and ids deleted) per call."""
@@ -365,11 +364,15 @@ class Eraser:
         returns the items changed."""
         if not projected.position:
             return set()
-        bound = _order(projected.position)
+        bound = position_order(projected.position)
         changed: set[int] = set()
         seen: set[str] = set()
-        for position, event in sorted(found.events.items(), key=lambda pe: _order(pe[0])):
-            if _order(position) > bound or event.type not in COUNTED or event.event_id in seen:
+        for position, event in sorted(found.events.items(), key=lambda pe: position_order(pe[0])):
+            if (
+                position_order(position) > bound
+                or event.type not in COUNTED
+                or event.event_id in seen
+            ):
                 continue
             appended = appended_ms(position)
             try:
@@ -426,15 +429,15 @@ class Eraser:
                     tail: list[tuple[str, events_pb2.Event]] = []
                     if group is not None:
                         delivered, pending = group
-                        oldest_pending = min(pending, key=_order) if pending else None
+                        oldest_pending = min(pending, key=position_order) if pending else None
                         async for entries in self._pages(stream, folded, delivered):
                             for raw, fields in entries:
                                 position = raw.decode()
                                 event = _event(fields.get(b"e"))
                                 mine = event is not None and event.item_id in items
-                                if oldest_pending is None or _order(position) < _order(
-                                    oldest_pending
-                                ):
+                                if oldest_pending is None or position_order(
+                                    position
+                                ) < position_order(oldest_pending):
                                     # Acknowledged: applied, and stays so. Fold it in for good.
                                     if mine:
                                         applied.apply(position, event)
@@ -468,7 +471,7 @@ class Eraser:
             groups: list[dict[str, Any]] = await self._redis.xinfo_groups(stream)
         except redis.ResponseError:
             return None  # no stream
-        info = next((g for g in groups if _text(g["name"]) == self._group), None)
+        info = next((g for g in groups if as_text(g["name"]) == self._group), None)
         if info is None:
             return None
         pending: set[str] = set()
@@ -479,8 +482,8 @@ class Eraser:
                     stream, self._group, min="-", max="+", count=int(info["pending"])
                 ),
             )
-            pending = {_text(row["message_id"]) for row in rows}
-        return _text(info["last-delivered-id"]), pending
+            pending = {as_text(row["message_id"]) for row in rows}
+        return as_text(info["last-delivered-id"]), pending
 
     async def _applied_only(
         self,
@@ -539,7 +542,7 @@ class Eraser:
             "items_recomputed": erased.items_recomputed,
         }
         position = await self._redis.xadd(keys.audit(tenant), cast(Any, record))
-        return _text(cast(bytes, position))
+        return as_text(cast(bytes, position))
 
     async def _pages(
         self, stream: str, after: str = "", until: str = "+"
@@ -576,15 +579,6 @@ def _event_of(payload: bytes | None, user_id: str) -> events_pb2.Event | None:
         return None
     event = _event(payload)
     return event if event is not None and event.user_id == user_id else None
-
-
-def _order(position: str) -> tuple[int, int]:
-    millis, _, seq = position.partition("-")
-    return int(millis), int(seq or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _glob_escape(text: str) -> str:

@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
+from core.logread import as_text, position_order
 
 # KEYS: the stream, then per event its dedupe claim, then per event its request index,
 # then per event its user's index.
@@ -179,7 +180,7 @@ class RedisStreamEventLog(EventLog):
         # "t-10" comes before "t-9": every millisecond a page touches is read whole and put
         # in stream order here, so a page boundary never falls by byte order.
         index, stream = keys.user_events(tenant, user_id), keys.events(tenant)
-        start = _order(after) if after else None
+        start = position_order(after) if after else None
         async with self._redis.pipeline(transaction=False) as pipe:
             if start is not None:
                 pipe.zrange(index, start[0], start[0], byscore=True)
@@ -203,16 +204,16 @@ class RedisStreamEventLog(EventLog):
             raise info
         same: list[str] = []
         if start is not None and start[0] <= until_ms:
-            same = [p for p in _texts(replies[0]) if _order(p) > start]
+            same = [p for p in _texts(replies[0]) if position_order(p) > start]
         later = _texts(replies[-2])
         full = len(later) == limit
         if full:
-            last_ms = _order(later[-1])[0]
+            last_ms = position_order(later[-1])[0]
             whole = cast(
                 list[bytes], await self._redis.zrange(index, last_ms, last_ms, byscore=True)
             )
-            later = [p for p in later if _order(p)[0] < last_ms] + _texts(whole)
-        candidates = sorted(same, key=_order) + sorted(later, key=_order)
+            later = [p for p in later if position_order(p)[0] < last_ms] + _texts(whole)
+        candidates = sorted(same, key=position_order) + sorted(later, key=position_order)
         page = candidates[:limit]
         more = full or len(candidates) > limit
         found: list[list[tuple[bytes, dict[bytes, bytes]]]] = []
@@ -231,12 +232,6 @@ class RedisStreamEventLog(EventLog):
         )
 
 
-def _order(position: str) -> tuple[int, int]:
-    """A stream position as (ms, sequence), which sorts in log order."""
-    millis, _, seq = position.partition("-")
-    return int(millis), int(seq or 0)
-
-
 def _texts(members: list[bytes]) -> list[str]:
     return [member.decode() for member in members]
 
@@ -247,12 +242,8 @@ def _horizon(info: dict[str, Any] | None) -> int:
         return 0
     first = info.get("first-entry")
     if first:
-        return _order(_text(first[0]))[0]
-    return _order(_text(info["last-generated-id"]))[0] + 1
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        return position_order(as_text(first[0]))[0]
+    return position_order(as_text(info["last-generated-id"]))[0] + 1
 
 
 def _decoded(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, events_pb2.Event]]:

@@ -80,35 +80,39 @@ class Live:
     trending: dict[int, float] = field(default_factory=dict)
 
 
-async def _scan(client: aioredis.Redis, pattern: str) -> list[str]:
-    return [key.decode() async for key in client.scan_iter(match=pattern, count=1000)]
+async def _owned(client: aioredis.Redis, prefix: str, list_kind: bool) -> dict[str, object]:
+    """Every key starting with ``prefix`` (a key function's name for the owner ""), by
+    its owner (the rest of the name), with its value: a list, or a hash as text."""
+    names = [key.decode() async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+    async with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            (pipe.lrange(name, 0, -1) if list_kind else pipe.hgetall(name))
+        replies = await pipe.execute()
+    return {name[len(prefix) :]: reply for name, reply in zip(names, replies, strict=True)}
+
+
+def _text_hash(reply: object) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], reply).items()}
 
 
 async def read_projections(client: aioredis.Redis, tenant: str, namespace: str = "") -> Live:
     """Every projection of ``tenant`` stored in ``namespace`` ("" = the live ones): found
     by key (``SCAN``), so a stored projection no event explains shows up too."""
-    prefix = keys.projection_prefix(tenant, namespace)
     found = Live(Projected())
-    for kind in ("o", "uc", "ic"):
-        names = await _scan(client, f"{prefix}{kind}:*")
-        async with client.pipeline(transaction=False) as pipe:
-            for name in names:
-                (pipe.lrange(name, 0, -1) if kind == "o" else pipe.hgetall(name))
-            replies = await pipe.execute()
-        for name, reply in zip(names, replies, strict=True):
-            owner = name[len(prefix) + len(kind) + 1 :]
-            if kind == "o":
-                found.projected.outcomes[owner] = [int(i) for i in cast(list[bytes], reply)]
-                continue
-            raw = {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], reply).items()}
-            if kind == "uc":
-                found.projected.shares[owner] = {int(c): int(n) for c, n in raw.items()}
-            else:
-                found.projected.counters[int(owner)] = {
-                    kind_: (float(raw[kind_]), int(raw[f"{kind_}_at"]))
-                    for kind_ in raw
-                    if not kind_.endswith("_at")
-                }
+    outcomes = await _owned(client, keys.outcomes(tenant, "", namespace), list_kind=True)
+    for user, reply in outcomes.items():
+        found.projected.outcomes[user] = [int(i) for i in cast(list[bytes], reply)]
+    shares = await _owned(client, keys.category_shares(tenant, "", namespace), list_kind=False)
+    for user, reply in shares.items():
+        found.projected.shares[user] = {int(c): int(n) for c, n in _text_hash(reply).items()}
+    counters = await _owned(client, keys.item_counters(tenant, "", namespace), list_kind=False)
+    for item, reply in counters.items():
+        raw = _text_hash(reply)
+        found.projected.counters[int(item)] = {
+            kind: (float(raw[kind]), int(raw[f"{kind}_at"]))
+            for kind in raw
+            if not kind.endswith("_at")
+        }
     scored = cast(
         list[tuple[bytes, float]],
         await client.zrange(keys.trending(tenant, namespace), 0, -1, withscores=True),

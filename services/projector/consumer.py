@@ -38,7 +38,8 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from core import keys
-from services.projector.projections import Dead, Entry, Projections, decoded
+from core.logread import Entry, as_text
+from services.projector.projections import Dead, Projections, decoded
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,10 @@ class StreamProjector:
                 if "NOGROUP" not in str(exc):
                     raise
                 return handled
-            start = _text(reply[0])
+            start = as_text(reply[0])
             # Redis 6.2 answers a deleted pending entry as (id, None): nothing to apply.
             entries = [e for e in cast(list[Entry], reply[1]) if e[1] is not None]
-            gone = [_text(p) for p in (reply[2] if len(reply) > 2 else [])]
+            gone = [as_text(p) for p in (reply[2] if len(reply) > 2 else [])]
             if gone:  # trimmed from the stream while pending: nothing left to apply
                 await self._redis.xack(keys.events(tenant), self.group, *gone)
             if entries:
@@ -203,7 +204,7 @@ class StreamProjector:
                 "an event's keys hold values of another type; it stays pending",
                 extra={"fields": {"tenant": tenant, "position": position}},
             )
-        done = [_text(position) for position, _ in entries if _text(position) not in failed]
+        done = [as_text(position) for position, _ in entries if as_text(position) not in failed]
         await self._dead_letter(tenant, dead, done)
         EVENTS.labels(tenant, "applied").inc(applied.applied)
         EVENTS.labels(tenant, "duplicate").inc(len(events) - len(failed) - applied.applied)
@@ -244,7 +245,7 @@ class StreamProjector:
             stream, self.group, min="-", max="+", count=self._batch, idle=self._claim_idle_ms
         )
         over = [
-            _text(cast(bytes, p["message_id"]))
+            as_text(cast(bytes, p["message_id"]))
             for p in pending
             if int(p["times_delivered"]) >= self._max_deliveries
         ]
@@ -266,7 +267,7 @@ class StreamProjector:
         stream = keys.events(tenant)
         consumers: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, self.group)
         for consumer in consumers:
-            name = _text(consumer["name"])
+            name = as_text(consumer["name"])
             if (
                 name != self.consumer
                 and int(consumer["pending"]) == 0
@@ -279,18 +280,18 @@ class StreamProjector:
         """How far the group is behind ``tenant``'s log now."""
         stream = keys.events(tenant)
         groups: list[dict[str, Any]] = await self._redis.xinfo_groups(stream)
-        info = next((g for g in groups if _text(g["name"]) == self.group), None)
+        info = next((g for g in groups if as_text(g["name"]) == self.group), None)
         if info is None:
             return Lag(0, 0.0)
         behind = info.get("lag")
-        last = _text(info["last-delivered-id"])
+        last = as_text(info["last-delivered-id"])
         oldest = cast(list[Entry], await self._redis.xrange(stream, min=f"({last}", count=1))
         if behind is None:  # Redis could not count (entries were deleted): count them here
             unread = await self._redis.xrange(stream, min=f"({last}", count=LAG_COUNT_CAP)
             behind = len(cast(list[Entry], unread))
         if not oldest:
             return Lag(int(behind), 0.0)
-        appended_ms = int(_text(oldest[0][0]).split("-")[0])
+        appended_ms = int(as_text(oldest[0][0]).split("-")[0])
         return Lag(int(behind), max(0.0, self._clock() - appended_ms / 1000))
 
     async def _run(self, step: Callable[[], Any], pause_s: float, what: str) -> None:
@@ -339,7 +340,3 @@ class StreamProjector:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

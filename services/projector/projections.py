@@ -37,11 +37,9 @@ from recmesh.events.v1 import events_pb2
 
 from core import keys
 from core.events import validate_event
+from core.logread import Entry
 from core.replay import EPOCH_MS, TRENDING_KIND, appended_ms, tau_ms
 from mesh.errors import InvalidArgument
-
-Entry = tuple[bytes, dict[bytes, bytes]]
-"""A stream entry as Redis returns it: its position and fields."""
 
 # KEYS: the trending set, then per event: applied mark, user outcomes, item counters,
 # category shares, item feature row.

@@ -28,9 +28,10 @@ import redis
 import redis.asyncio as aioredis
 
 from core import keys
+from core.logread import Entry, as_text, position_order
 from core.replay import Projected, tau_ms
 from services.projector import batch
-from services.projector.projections import Entry, Projections, decoded
+from services.projector.projections import Projections, decoded
 
 log = logging.getLogger(__name__)
 
@@ -167,22 +168,22 @@ async def trim(
     if bound is None:
         return Trimmed("", 0)
     groups: list[dict[str, Any]] = await client.xinfo_groups(stream)
-    info = next((g for g in groups if _text(g["name"]) == group), None)
+    info = next((g for g in groups if as_text(g["name"]) == group), None)
     if info is None:
         return Trimmed("", 0)  # nobody projects this log yet: trimming would lose events
-    bound = min(bound, _text(info["last-delivered-id"]), key=_order)
-    if _order(bound) == (0, 0):
+    bound = min(bound, as_text(info["last-delivered-id"]), key=position_order)
+    if position_order(bound) == (0, 0):
         return Trimmed("", 0)
     pending = await client.xpending(stream, group)
     if pending["pending"]:
-        before_pending = await _last_before(client, stream, f"({_text(pending['min'])}")
+        before_pending = await _last_before(client, stream, f"({as_text(pending['min'])}")
         if before_pending is None:
             return Trimmed("", 0)
-        bound = min(bound, before_pending, key=_order)
+        bound = min(bound, before_pending, key=position_order)
     for _ in range(5):
         base = await batch.read_snapshot(client, tenant)
         start = base.projected if base is not None else None
-        if start is not None and _order(start.position) >= _order(bound):
+        if start is not None and position_order(start.position) >= position_order(bound):
             break  # a trim with a longer retention before: nothing newer to trim
         projected = await batch.recompute(client, tenant, half_life_s, history_cap, start, bound)
         if not projected.position:
@@ -205,15 +206,6 @@ async def _last_before(client: aioredis.Redis, stream: str, bound: str) -> str |
     except redis.ResponseError:
         return None
     return found[0][0].decode() if found else None
-
-
-def _order(position: str) -> tuple[int, int]:
-    millis, _, seq = position.partition("-")
-    return int(millis), int(seq or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class Retention:

@@ -5,8 +5,10 @@ group has acknowledged, and a rebuild after it still equals the live projections
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -137,3 +139,47 @@ async def test_the_rebuild_command_verifies_and_exits_non_zero_on_a_difference(
     assert await asyncio.to_thread(cli.main, argv) == 1
     # the namespaces were dropped after each run
     assert not [k async for k in client.scan_iter(match=f"{keys.tenant_prefix(name)}ns:*")]
+
+
+async def test_retention_trims_each_tenant_once_per_round_among_replicas(
+    client: aioredis.Redis,
+) -> None:
+    name = await projected_log(client)
+    await tail_projected(client, name, 1, "r")
+    length = await client.xlen(keys.events(name))
+    replicas = [
+        rebuild.Retention(
+            client,
+            {name: 1e-9},  # everything appended so far is older than that
+            group="projector",
+            half_life_s=HALF_LIFE_S,
+            history_cap=CAP,
+            every_s=60.0,
+        )
+        for _ in range(2)
+    ]
+    first, second = [await replica.once() for replica in replicas]
+    assert first[name].removed == length  # the whole log, read and acknowledged
+    assert second == {}  # the other replica found the tenant's lock held
+    assert await client.xlen(keys.events(name)) == 0
+    assert await batch.verify(client, [name], HALF_LIFE_S, CAP) == {name: []}
+
+
+async def test_the_trim_command_uses_the_tenants_retention(
+    client: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    name = await projected_log(client)
+    await tail_projected(client, name, 1, "c")
+    tenants = tmp_path / "tenants.json"
+    spec = {"api_key_sha256": "a" * 64, "rate": 10, "burst": 20}
+    tenants.write_text(json.dumps({"tenants": {name: {**spec, "retention_days": 1}, "keep": spec}}))
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("RECMESH_TENANTS", str(tenants))
+    monkeypatch.setenv("RECMESH_FEATURE_HISTORY_CAP", str(CAP))
+    length = await client.xlen(keys.events(name))
+    # one day of retention: nothing of this log is old enough
+    assert await asyncio.to_thread(cli.main, ["events", "trim", "--tenant", name]) == 0
+    assert await client.xlen(keys.events(name)) == length
+    argv = ["events", "trim", "--tenant", name, "--keep-days", "0.0000001"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert await client.xlen(keys.events(name)) == 0
