@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from chaos.figures import Figures, Marks, compute
-from chaos.scenarios import BAR_TEXT, ISSUE_BARS, Scenario
+from chaos.figures import Evidence, Figures, Marks, compute
+from chaos.scenarios import BAR_TEXT, ISSUE_13_BARS, ISSUE_BARS, Scenario
 from chaos.timeline import HealthSample, Request, Sample, Second
 
 ANSWERED_BAR_PCT = 99.9
@@ -38,8 +38,11 @@ class ScenarioReport:
         return all(bar.passed is not False for bar in self.bars)
 
 
-def evaluate(scenario: Scenario, f: Figures, deadline_ms: float) -> list[Bar]:
-    """The bars of ``scenario`` judged on ``f``."""
+def evaluate(
+    scenario: Scenario, f: Figures, deadline_ms: float, check_made: bool = False
+) -> list[Bar]:
+    """The bars of ``scenario`` judged on ``f``; ``check_made`` says whether the run checked
+    the projections at its end (without it the ``verify`` bar is not measured)."""
     bars = []
     for name in scenario.all_bars:
         measured: float | bool | None
@@ -64,9 +67,26 @@ def evaluate(scenario: Scenario, f: Figures, deadline_ms: float) -> list[Bar]:
         elif name == "closes":
             measured = f.breaker_closed_s is not None
             passed = measured
+        elif name == "once":
+            if f.events_missing is None or f.events_duplicated is None:
+                measured, passed = None, None
+            else:
+                measured = f.events_missing + f.events_duplicated
+                passed = measured == 0
+        elif name == "verify":
+            # No verdict (the projector never caught up) fails the bar: a projector that
+            # cannot catch up is no better than one that counts wrong.
+            measured = f.projections_differ
+            passed = None if not check_made else measured == 0
         else:
             raise ValueError(f"unknown bar {name!r}")
-        source = "issue 5" if name in ISSUE_BARS else "reliability.md"
+        source = (
+            "issue 5"
+            if name in ISSUE_BARS
+            else "issue 13"
+            if name in ISSUE_13_BARS
+            else "reliability.md"
+        )
         bars.append(Bar(name, BAR_TEXT[name], measured, passed, source))
     return bars
 
@@ -80,11 +100,14 @@ def build(
     stored: Mapping[str, int] | None,
     deadline_ms: float,
     stalls: Mapping[int, float] | None = None,
+    evidence: Evidence | None = None,
 ) -> ScenarioReport:
-    """Figures, bars and timeline of one scenario."""
+    """Figures, bars and timeline of one scenario (``evidence``: see
+    :func:`chaos.figures.compute`)."""
     figures, timeline = compute(
-        scenario, marks, requests, samples, health, stored, deadline_ms, stalls
+        scenario, marks, requests, samples, health, stored, deadline_ms, stalls, evidence
     )
+    check_made = evidence is not None and evidence.check is not None
     return ScenarioReport(
-        scenario, marks, figures, evaluate(scenario, figures, deadline_ms), timeline
+        scenario, marks, figures, evaluate(scenario, figures, deadline_ms, check_made), timeline
     )

@@ -3,7 +3,7 @@
 :class:`Control` acts on the mesh through :mod:`ops.processes` (pid files, signals),
 :func:`ops.supervisor.restart` and :func:`mesh.faults.write_flags`; what is its own is
 remembering the processes it stopped so that a run never leaves one frozen.
-:func:`load_generator` and :func:`canary` run the suite's helper processes.
+:func:`load_generator`, :func:`ingest` and :func:`canary` run the suite's helper processes.
 """
 
 from __future__ import annotations
@@ -104,6 +104,51 @@ def load_generator(
         yield process.pid
     finally:
         _stop_by_file(process, stop, timeout_s=20)
+
+
+@contextlib.contextmanager
+def ingest(
+    url: str,
+    api_key: str,
+    base: Path,
+    *,
+    rate: float,
+    batch: int,
+    click_share: float,
+    n_users: int,
+    n_items: int,
+    seed: int,
+) -> Iterator[int]:
+    """Run :mod:`chaos.ingest` in its own process (writing ``base/ingest.jsonl``) against
+    ``url``; yields its pid. The keywords are its options (``python -m chaos.ingest --help``)."""
+    stop = base / "ingest.stop"
+    command = [
+        sys.executable,
+        "-m",
+        "chaos.ingest",
+        f"--url={url}",
+        f"--api-key={api_key}",
+        f"--rate={rate}",
+        f"--batch={batch}",
+        f"--click-share={click_share}",
+        f"--n-users={n_users}",
+        f"--n-items={n_items}",
+        f"--stop-file={stop}",
+        f"--out={base / 'ingest.jsonl'}",
+        f"--seed={seed}",
+    ]
+    with open(base / "ingest.log", "ab") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        yield process.pid
+    finally:
+        _stop_by_file(process, stop, timeout_s=10)
 
 
 @contextlib.contextmanager

@@ -18,10 +18,33 @@ Definitions (also written into the Markdown report):
   downstreams on the request path (quota, experiment, retrieval, ranking).
 * **events lost** — clicks answered 202 during the scenario whose id is not in the events
   service's log at the end of the run (read back with ``EventService.Read``).
+* **in the log exactly once** — every event accepted during the scenario (the ingest's
+  posts and the load's clicks answered 202, and the impressions of every answer, ``<request
+  id>:<position>``) is in the tenant's log at the end of the run, counted by event id;
+  *missing* counts the accepted ids not found, *duplicated* the extra copies of any id sent
+  during the scenario (accepted or not).
+* **projector lag** — entries of the tenant's log the projector's consumer group has not
+  read (``XINFO GROUPS`` ``lag``, what ``recmesh_projector_lag_events`` publishes), read
+  from Redis twice a second so it is seen while the projector is down. *Back to 0
+  after* is from the end of the repair to the first sample with lag 0. *Left pending by
+  the fault* are the entries read and not acknowledged while the fault held (a killed
+  consumer's, the fewest seen from 1 s after the fault to the repair); *all acknowledged
+  after* is from the fault to the first sample after the repair with nothing pending: a
+  killed consumer's entries are claimed by a live one once idle for
+  ``RECMESH_PROJECTOR_CLAIM_IDLE_S``.
+* **projections = a recount from the log** — once the load stopped and the outbox
+  drained, the suite waits until the projector's group has read and acknowledged every
+  entry (lag 0, nothing pending), then runs ``services.projector.batch.verify``: every
+  live projection (users' recent outcomes and category shares, items' decayed counters,
+  the trending set) against the same rules recomputed from the whole log. It is one check
+  of the whole run, so it covers the events of every scenario; an event applied twice
+  shows as a counter above its recount.
 * **time to recover** — from the start of the repair to the first of three consecutive
   seconds in which no request failed, the fault's stages were degraded in at most
   max(10 %, twice the baseline share) of answers, the breaker in front of the target was
-  closed, every process was SERVING and the outbox was back to its usual depth.
+  closed, every process was SERVING and the outbox was back to its usual depth (and, in
+  the scenarios with the projections bar, the projector's lag at most max(50, twice its
+  baseline peak)).
 * **drain errors** (SIGTERM) — requests open at any moment between the SIGTERM and the
   gateway's exit that got no successful answer; connections refused once it stopped
   listening are counted apart (one gateway, no load balancer to route around it), and
@@ -40,13 +63,15 @@ Definitions (also written into the Markdown report):
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from chaos.scenarios import Scenario
 from chaos.timeline import (
     BREAKER_OPEN,
+    GroupSample,
     HealthSample,
+    ProjectorCheck,
     Request,
     Sample,
     Second,
@@ -59,6 +84,7 @@ from chaos.timeline import (
     series,
     stalled,
 )
+from loadtest.ingest import Post
 
 REQUEST_PATH = ("quota", "experiment", "retrieval", "ranking")
 """Downstreams the gateway calls once per recommendation."""
@@ -77,6 +103,49 @@ class Marks:
     recover: float
     recovered: float
     end: float
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the run learned about the event log and the projections.
+
+    Attributes:
+        posts: the ingest's posts (``chaos.ingest``).
+        stored: event id -> copies in the tenant's log at the end of the run, every type
+            (None: the log was not read back).
+        group: the projector's consumer group, sampled during the run.
+        check: the end-of-run check of the projections (None: not made).
+    """
+
+    posts: Sequence[Post] = ()
+    stored: Mapping[str, int] | None = None
+    group: Sequence[GroupSample] = ()
+    check: ProjectorCheck | None = None
+
+
+def exactly_once(
+    accepted: Iterable[str], sent: Iterable[str], stored: Mapping[str, int]
+) -> tuple[int, int]:
+    """``(missing, duplicated)``: the ``accepted`` ids with no copy in the log, and the
+    copies beyond the first of every id ``sent`` (accepted or not: a post that timed out
+    may still have been stored, once)."""
+    missing = sum(1 for i in set(accepted) if stored.get(i, 0) == 0)
+    duplicated = sum(stored.get(i, 0) - 1 for i in set(sent) if stored.get(i, 0) > 1)
+    return missing, duplicated
+
+
+def impression_ids(requests: Iterable[Request]) -> list[str]:
+    """The ids of the impressions the gateway logs for the successful answers among
+    ``requests`` (``<request id>:<position>``)."""
+    return [
+        f"{r.request_id}:{i}" for r in requests if r.kind == "rec" and r.ok for i in range(r.items)
+    ]
+
+
+def lag_limit(group: Sequence[GroupSample], t0: float, t1: float) -> int:
+    """The projector lag counted as caught up: twice the baseline peak, at least 50."""
+    peak = max((g.lag or 0 for g in group if g.up and t0 <= g.t < t1), default=0)
+    return max(50, 2 * peak)
 
 
 @dataclass
@@ -121,14 +190,36 @@ class Figures:
     max_stall_ms: float | None = None
     not_answered: int = 0
     not_answered_in_stalls: int = 0
+    ingest_posts: int = 0
+    ingest_accepted: int = 0
+    events_expected: int = 0
+    events_missing: int | None = None
+    events_duplicated: int | None = None
+    lag_peak: int | None = None
+    lag_zero_s: float | None = None
+    pending_held: int | None = None
+    pending_cleared_s: float | None = None
+    projections_differ: int | None = None
 
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _steady(second: Second, scenario: Scenario, stage_limit: float, outbox_limit: float) -> bool:
+def _steady(
+    second: Second,
+    scenario: Scenario,
+    stage_limit: float,
+    outbox_limit: float,
+    lag_limit: int | None = None,
+) -> bool:
     if second.requests == 0 or (second.error_pct or 0.0) > 0.0:
+        return False
+    if (
+        scenario.projects
+        and lag_limit is not None
+        and (second.lag is None or second.lag > lag_limit)
+    ):
         return False
     if scenario.stages and (second.stage_pct or 0.0) > stage_limit:
         return False
@@ -145,14 +236,17 @@ def recovery_time(
     scenario: Scenario,
     stage_limit: float,
     outbox_limit: float,
+    lag_limit: int | None = None,
 ) -> float | None:
     """Seconds from ``repair_at`` (relative to the fault) to the first of
-    :data:`STEADY_SECONDS` steady seconds; None when the window never settles."""
+    :data:`STEADY_SECONDS` steady seconds; None when the window never settles.
+    ``lag_limit`` None: the projector's lag was not observed (not judged)."""
     run = 0
     for index, second in enumerate(timeline):
         if second.t + 1.0 <= repair_at:
             continue
-        run = run + 1 if _steady(second, scenario, stage_limit, outbox_limit) else 0
+        steady = _steady(second, scenario, stage_limit, outbox_limit, lag_limit)
+        run = run + 1 if steady else 0
         if run == STEADY_SECONDS:
             first = timeline[index - STEADY_SECONDS + 1]
             return max(0.0, first.t - repair_at)
@@ -188,12 +282,15 @@ def compute(
     stored: Mapping[str, int] | None,
     deadline_ms: float,
     stalls: Mapping[int, float] | None = None,
+    evidence: Evidence | None = None,
 ) -> tuple[Figures, list[Second]]:
     """The figures of one scenario and its per-second timeline (baseline included).
 
     ``stored`` counts each click id found in the event log (None: not read back);
-    ``stalls`` is the scheduling canary's worst oversleep per wall-clock second.
+    ``stalls`` is the scheduling canary's worst oversleep per wall-clock second;
+    ``evidence`` is what the run saw of the log and the projector (None: nothing).
     """
+    evidence = evidence or Evidence()
     f = Figures()
     window = in_window(requests, marks.fault, marks.end, "rec")
     base = in_window(requests, marks.start, marks.fault, "rec")
@@ -264,6 +361,8 @@ def compute(
         f.events_lost = len(accepted) - f.clicks_stored
         f.duplicates_stored = sum(stored.get(i, 0) - 1 for i in accepted if stored.get(i, 0) > 1)
 
+    _log_figures(f, marks, clicks, requests, evidence)
+
     limit = outbox_limit(samples, marks.start, marks.fault)
     depths = [s for s in samples if s.up and marks.fault <= s.t <= marks.end]
     f.outbox_peak = max((s.outbox for s in depths), default=None)
@@ -299,11 +398,61 @@ def compute(
         deadline_ms,
         scenario.stages,
         stalls,
+        evidence.group,
     )
     f.time_to_recover_s = recovery_time(
-        timeline, marks.recover - marks.fault, scenario, stage_limit(f.baseline_stage_pct), limit
+        timeline,
+        marks.recover - marks.fault,
+        scenario,
+        stage_limit(f.baseline_stage_pct),
+        limit,
+        lag_limit(evidence.group, marks.start, marks.fault) if evidence.group else None,
     )
     return f, timeline
+
+
+def _log_figures(
+    f: Figures,
+    marks: Marks,
+    clicks: Sequence[Request],
+    requests: Sequence[Request],
+    evidence: Evidence,
+) -> None:
+    """The figures of the event log and the projector (see the module docstring)."""
+    posts = [p for p in evidence.posts if marks.start <= p.t < marks.end]
+    f.ingest_posts = len(posts)
+    f.ingest_accepted = sum(len(p.ids) for p in posts if p.ok)
+    impressions = impression_ids(in_window(requests, marks.start, marks.end, "rec"))
+    accepted = [i for p in posts if p.ok for i in p.ids]
+    accepted += [r.event_id for r in clicks if r.ok] + impressions
+    sent = [i for p in posts for i in p.ids] + [r.event_id for r in clicks] + impressions
+    f.events_expected = len(set(accepted))
+    if evidence.stored is not None:
+        f.events_missing, f.events_duplicated = exactly_once(accepted, sent, evidence.stored)
+
+    seen = [g for g in evidence.group if g.up and marks.fault <= g.t <= marks.end]
+    f.lag_peak = max((g.lag for g in seen if g.lag is not None), default=None)
+    # While the fault holds nobody acknowledges: what is pending then, at its lowest (a
+    # batch in flight at the fault may still be acknowledged), is what the fault left
+    # read and unacknowledged (a killed consumer's entries).
+    held = [
+        g.pending
+        for g in seen
+        if marks.fault + 1.0 <= g.t < marks.recover and g.pending is not None
+    ]
+    f.pending_held = min(held, default=None)
+    zero = next((g.t for g in seen if g.t >= marks.recovered and g.lag == 0), None)
+    f.lag_zero_s = None if zero is None else zero - marks.recovered
+    if f.pending_held:
+        # They are claimed after the claim idle time, which may be after the scenario
+        # ended: look at every later sample of the run.
+        cleared = next(
+            (g.t for g in evidence.group if g.up and g.t >= marks.recovered and g.pending == 0),
+            None,
+        )
+        f.pending_cleared_s = None if cleared is None else cleared - marks.fault
+    if evidence.check is not None:
+        f.projections_differ = evidence.check.verified
 
 
 def stage_limit(baseline_stage_pct: float | None) -> float:
@@ -318,6 +467,7 @@ def recovered_after(
     samples: Sequence[Sample],
     health: Sequence[HealthSample],
     deadline_ms: float,
+    group: Sequence[GroupSample] = (),
 ) -> float | None:
     """Time to recover, judged on what was seen until ``marks.end`` (the run uses it live
     to end a scenario once it has recovered)."""
@@ -329,7 +479,15 @@ def recovered_after(
         else None
     )
     timeline = seconds(
-        requests, samples, health, marks.start, marks.end, marks.fault, deadline_ms, stages
+        requests,
+        samples,
+        health,
+        marks.start,
+        marks.end,
+        marks.fault,
+        deadline_ms,
+        stages,
+        group=group,
     )
     return recovery_time(
         timeline,
@@ -337,4 +495,5 @@ def recovered_after(
         scenario,
         stage_limit(baseline),
         outbox_limit(samples, marks.start, marks.fault),
+        lag_limit(group, marks.start, marks.fault) if group else None,
     )

@@ -1,13 +1,18 @@
-"""Watching the mesh while it is broken: ``/metrics`` scrapes, health checks, event read-back.
+"""Watching the mesh while it is broken: ``/metrics`` scrapes, health checks, the event
+log's consumer group, event read-back and the projections' check.
 
-:class:`Observer` runs two background threads: one scrapes the gateway's ``/metrics``
-twice a second into :class:`~chaos.timeline.Sample`, the other asks every process for its
-``grpc.health.v1`` status once a second (Redis: PING). :func:`read_events` reads a
-tenant's whole event log back through ``EventService.Read``.
+:class:`Observer` runs three background threads: one scrapes the gateway's ``/metrics``
+twice a second into :class:`~chaos.timeline.Sample`, one asks every process for its
+``grpc.health.v1`` status once a second (Redis: PING), one reads the projector's consumer
+group on the tenant's log from Redis twice a second (:class:`~chaos.timeline.GroupSample`).
+:func:`read_events` reads a tenant's whole event log back through ``EventService.Read``;
+:func:`check_projections` waits for the projector to catch up and compares its
+projections with a recount from the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import threading
@@ -17,15 +22,21 @@ import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
-from chaos.timeline import HealthSample, Sample
+from chaos.timeline import GroupSample, HealthSample, ProjectorCheck, Sample
+from core import keys
+from core.logread import as_text
 from mesh.context import TENANT_KEY
 from ops import processes, supervisor
+from services.projector import batch
+from services.projector.settings import ProjectorSettings
 
 RECOMMEND_ROUTE = "/v1/recommend"
 
@@ -115,26 +126,61 @@ def _redis_status(url: str) -> str:
         client.close()
 
 
+def group_state(client: redis.Redis, stream: str, group: str, t: float) -> GroupSample:
+    """``group``'s state on ``stream`` now (``up`` False when Redis did not answer; lag and
+    pending None while the group does not exist)."""
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            length, groups = pipe.execute()
+    except redis.ResponseError:  # no such stream yet
+        return GroupSample(t, True, length=0)
+    except (redis.RedisError, OSError):
+        return GroupSample(t, False)
+    info: dict[str, Any] | None = next((g for g in groups if as_text(g["name"]) == group), None)
+    if info is None:
+        return GroupSample(t, True, length=int(length))
+    lag = info.get("lag")
+    return GroupSample(
+        t,
+        True,
+        lag=None if lag is None else int(lag),
+        pending=int(info["pending"]),
+        length=int(length),
+    )
+
+
 class Observer:
-    """Background scrapes of one mesh; read ``samples`` and ``health`` at any time."""
+    """Background scrapes of one mesh; read ``samples``, ``health`` and ``group`` at any
+    time. ``tenant`` and ``group`` name the log and the projector's consumer group watched."""
 
     def __init__(
-        self, layout: supervisor.Layout, scrape_s: float = 0.5, health_s: float = 1.0
+        self,
+        layout: supervisor.Layout,
+        tenant: str,
+        group: str,
+        scrape_s: float = 0.5,
+        health_s: float = 1.0,
     ) -> None:
         self._layout = layout
         self._url = f"http://127.0.0.1:{layout.http_port}/metrics"
         self._scrape_s = scrape_s
         self._health_s = health_s
+        self._stream = keys.events(tenant)
+        self._group = group
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chaos-health")
         self.samples: list[Sample] = []
         self.health: list[HealthSample] = []
+        self.group: list[GroupSample] = []
         self.extra_pids: list[int] = [os.getpid()]
         self._cpu_seen: dict[int, float] = {}
         self._cpu_ours = 0.0
         self._threads = [
             threading.Thread(target=self._scrape_loop, name="chaos-scrape", daemon=True),
             threading.Thread(target=self._health_loop, name="chaos-health", daemon=True),
+            threading.Thread(target=self._group_loop, name="chaos-group", daemon=True),
         ]
 
     def start(self) -> None:
@@ -206,6 +252,18 @@ class Observer:
             self.health.append(self.check_health())
             self._stop.wait(max(0.0, self._health_s - (time.monotonic() - started)))
 
+    def _group_loop(self) -> None:
+        client = redis.Redis.from_url(
+            self._layout.effective_redis_url(), socket_connect_timeout=0.3, socket_timeout=0.3
+        )
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                self.group.append(group_state(client, self._stream, self._group, time.time()))
+                self._stop.wait(max(0.0, self._scrape_s - (time.monotonic() - started)))
+        finally:
+            client.close()
+
     def latest(self) -> tuple[Sample | None, HealthSample | None]:
         """The most recent answered scrape and health check."""
         sample = next((s for s in reversed(self.samples) if s.up), None)
@@ -228,3 +286,45 @@ def read_events(port: int, tenant: str, page: int = 1000) -> Iterable[events_pb2
             for stored in reply.events:
                 yield stored.event
             after = reply.events[-1].position
+
+
+def check_projections(
+    url: str, tenant: str, settings: ProjectorSettings, timeout_s: float, shown: int = 20
+) -> ProjectorCheck:
+    """Wait (at most ``timeout_s``) until the projector's group has read and acknowledged
+    every entry of ``tenant``'s log, then compare the live projections with a recount from
+    the log (``services.projector.batch.verify``, with the projector's half-life and
+    history cap). Call it once nothing is appended any more: the load stopped and the
+    outbox drained. The differences are kept as counted, and the first ``shown`` as worded.
+    """
+    stream = keys.events(tenant)
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
+    started = time.monotonic()
+    try:
+        while True:
+            state = group_state(client, stream, settings.group, time.time())
+            caught_up = state.up and state.lag == 0 and state.pending == 0
+            if caught_up or time.monotonic() - started > timeout_s:
+                break
+            time.sleep(0.5)
+    finally:
+        client.close()
+    waited = time.monotonic() - started
+    entries = state.length or 0
+    if not caught_up:
+        return ProjectorCheck(False, waited, state.lag, state.pending, entries, 0)
+
+    async def verify() -> list[str]:
+        async_client = aioredis.Redis.from_url(url)
+        try:
+            found = await batch.verify(
+                async_client, [tenant], settings.half_life_s, settings.history_cap
+            )
+        finally:
+            await async_client.aclose()
+        return found[tenant]
+
+    differences = asyncio.run(verify())
+    return ProjectorCheck(
+        True, waited, state.lag, state.pending, entries, len(differences), differences[:shown]
+    )

@@ -1,4 +1,5 @@
-"""One PNG timeline per scenario: latency, error and degraded rates, breaker state."""
+"""One PNG timeline per scenario: latency, error and degraded rates, breaker state, outbox
+(and the projector's lag in the scenarios that check the projections)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,10 @@ def timeline_png(report: ScenarioReport, deadline_ms: float, path: Path) -> Path
     outbox = state.twinx()
     outbox.plot(xs, _values(timeline, "outbox"), color="tab:brown", alpha=0.5, label="outbox")
     outbox.set_ylabel("outbox rows")
+    if report.scenario.projects:
+        outbox.plot(xs, _values(timeline, "lag"), color="tab:cyan", label="projector lag")
+        outbox.plot(xs, _values(timeline, "pending"), color="tab:olive", label="pending")
+        outbox.set_ylabel("outbox rows, log entries")
     lines, labels = state.get_legend_handles_labels()
     more, more_labels = outbox.get_legend_handles_labels()
     state.legend(lines + more, labels + more_labels, loc="upper right", fontsize=8, ncol=3)

@@ -37,6 +37,17 @@ def findings(reports: Sequence[ScenarioReport]) -> list[str]:
                 line += f" ({context})"
             elif bar.name == "lost":
                 line += f" of {f.clicks_accepted} accepted clicks"
+            elif bar.name == "once":
+                line += (
+                    f": {f.events_missing} of {f.events_expected} accepted events missing, "
+                    f"{f.events_duplicated} extra copies"
+                )
+            elif bar.name == "verify":
+                line += (
+                    " (the projector never caught up with the log)"
+                    if f.projections_differ is None
+                    else " differences between the live projections and the recount"
+                )
             elif bar.name == "drain":
                 line += f" (refused while no gateway listened: {f.refused})"
             out.append(line)
@@ -131,6 +142,7 @@ def to_markdown(
         f"{run['events']['duplicates']} duplicates in the log; impressions: "
         f"{run['events']['impressions_expected']} expected, "
         f"{run['events']['impressions_stored']} stored",
+        *_ingest_lines(run),
         "",
         "## Scenarios",
         "",
@@ -192,6 +204,8 @@ def to_markdown(
             f"| outbox peak / drained after | {_fmt(f.outbox_peak, 0)} rows / "
             f"{_fmt(f.outbox_drain_s, 1, ' s')} |",
         ]
+        if r.scenario.projects or f.ingest_posts:
+            lines += _log_rows(r)
         if f.drain_errors is not None:
             lines.append(
                 f"| drain errors / refused while no gateway listened "
@@ -218,6 +232,68 @@ def to_markdown(
     return "\n".join(lines)
 
 
+def _ingest_lines(run: Mapping[str, Any]) -> list[str]:
+    """The run's bullets on the event ingest and the end-of-run projector check (none for
+    a run from before them)."""
+    events, ingest = run["events"], run.get("ingest")
+    lines = []
+    if ingest is not None and "ingest_posts" in events:
+        lines.append(
+            f"- ingest: {ingest['rate']:g} events/s posted to `POST /v1/events` in posts of "
+            f"{ingest['batch']} ({100 * run['click_share']:.0f} % clicks, the rest "
+            f"impressions): {events['ingest_posts_accepted']} of {events['ingest_posts']} "
+            f"posts accepted, {events['ingest_accepted']} events accepted, "
+            f"{events['ingest_stored']} in the log"
+        )
+    check = run.get("projector_check")
+    if check is not None:
+        verdict = (
+            f"**{_count(check['difference_count'])} differences** from a recount of the "
+            f"{check['entries']} log entries (`services.projector.batch.verify`)"
+            if check["caught_up"]
+            else f"**not caught up** (lag {check['lag']}, pending {check['pending']}): "
+            "projections not compared"
+        )
+        lines.append(
+            f"- projections, once the load stopped: the projector read and acknowledged the "
+            f"whole log after {check['waited_s']:.1f} s; {verdict}"
+        )
+        lines += [f"  - {line}" for line in check["differences"]]
+    return lines
+
+
+def _count(n: int) -> str:
+    """A count of differences, which ``batch.compare`` stops listing at 1000."""
+    return f"{n}+" if n >= 1000 else str(n)
+
+
+def _entries(n: int | None) -> str:
+    return "—" if n is None else f"{n} entries"
+
+
+def _log_rows(r: ScenarioReport) -> list[str]:
+    """The scenario's rows on the event log, and on the projector for the scenarios that
+    check the projections."""
+    f = r.figures
+    rows = [
+        f"| ingest posts / events accepted | {f.ingest_posts} / {f.ingest_accepted} |",
+        f"| events accepted (ingest, clicks, impressions) / missing from the log / extra "
+        f"copies | {f.events_expected} / {_fmt(f.events_missing)} / "
+        f"{_fmt(f.events_duplicated)} |",
+    ]
+    if not r.scenario.projects:
+        return rows
+    differ = "—" if f.projections_differ is None else _count(f.projections_differ)
+    return [
+        *rows,
+        f"| projector lag: peak / back to 0 after the repair | {_entries(f.lag_peak)} / "
+        f"{_fmt(f.lag_zero_s, 1, ' s')} |",
+        f"| left pending by the fault / all acknowledged after the fault | "
+        f"{_entries(f.pending_held)} / {_fmt(f.pending_cleared_s, 1, ' s')} |",
+        f"| projections ≠ a recount from the log (end of run) | {differ} |",
+    ]
+
+
 HOW_IT_RUNS = """\
 `make chaos` (or `recmesh chaos`, `python -m chaos`; `--help` for options such as `--only
 kill-ranking`, `--rate`, `--fault-s`, `--keep`, `--reanalyse DIR`) starts its own mesh with
@@ -229,16 +305,19 @@ gevent's monkey-patching never reaches the process that drives the mesh. Users f
 fixed time grid, evenly staggered (locust's `constant_throughput` anchors every user at its
 creation, so users spawned together would fire together): the arrival rate stays constant
 whatever the mesh does. Each recommendation is followed, for a fifth of them, by a click
-with a fresh event id.
+with a fresh event id. Besides, `chaos.ingest` posts events to `POST /v1/events` at a fixed
+rate (clicks and impressions, open loop), as an application backend would.
 
 After a warm-up, each scenario runs: baseline, fault (SIGKILL / SIGSTOP / SIGTERM through
 the pid files the supervisor writes; fault flags by rewriting the `faults.json` every server
 watches), the fault held, the repair (`supervisor.restart`, SIGCONT, flags cleared), a wait
 until the scenario has recovered as defined below (judged live, at most 30 s), then 5 s
 more. The gateway's `/metrics` is scraped twice a second, every process's
-health once a second. At the end the suite waits for the outbox to drain, reads the whole
-event log back through `EventService.Read` and stops the mesh. The exit status is 1 when
-any bar is missed.
+health once a second, the projector's consumer group on the log (Redis `XINFO GROUPS`)
+twice a second. At the end the suite stops the load, waits for the outbox to drain, reads
+the whole event log back through `EventService.Read`, waits until the projector has read
+and acknowledged every entry, compares its projections with a recount from the log, and
+stops the mesh. The exit status is 1 when any bar is missed.
 
 The machine is shared: the "host CPU busy (others)" column shows how much CPU the host had
 left, and a scheduling canary (`chaos.canary`, a process sleeping 10 ms in a loop) records

@@ -1,12 +1,15 @@
 """``recmesh chaos``: break the mesh under steady load, one scenario at a time, and report.
 
 The run starts its own mesh (``ops.supervisor``: a temporary var directory, free ports,
-its own Redis and tenant registry), starts locust (:mod:`chaos.load`) at a fixed rate,
-lets it warm up, and then, per scenario: ``pre_s`` seconds of baseline, the fault, the
+its own Redis and tenant registry), starts locust (:mod:`chaos.load`) at a fixed rate and
+the event ingest (:mod:`chaos.ingest`, ``ingest_rate`` events/s to ``POST /v1/events``),
+lets them warm up, and then, per scenario: ``pre_s`` seconds of baseline, the fault, the
 fault held, the repair (:class:`chaos.control.Control`), a wait until the scenario has
 recovered (judged live by :func:`chaos.figures.recovered_after`, at most ``settle_max_s``),
-and ``post_s`` more seconds. Afterwards it waits for the outbox to
-drain, reads the event log back, stops the mesh, and writes ``docs/chaos.md``,
+and ``post_s`` more seconds. Afterwards it stops the load, waits for the outbox to
+drain, reads the event log back, waits for the projector to catch up and checks its
+projections against a recount from the log (:func:`chaos.observe.check_projections`),
+stops the mesh, and writes ``docs/chaos.md``,
 ``docs/chaos/report.json`` and one PNG per scenario. The exit status is 1 when a bar was
 missed. Raw observations stay in the run directory (``--keep``), and
 ``--reanalyse <dir>`` rebuilds the report from them without running anything.
@@ -32,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from chaos.bars import build
-from chaos.control import TENANT, Control, canary, load_generator
-from chaos.figures import STALL_MS, Marks, recovered_after
+from chaos.control import TENANT, Control, canary, ingest, load_generator
+from chaos.figures import STALL_MS, Evidence, Marks, impression_ids, recovered_after
 from chaos.render import findings, to_json, to_markdown
 from chaos.scenarios import Scenario, default_scenarios, select
-from chaos.timeline import HealthSample, Request, Sample, other_cpu
+from chaos.timeline import GroupSample, HealthSample, ProjectorCheck, Request, Sample, other_cpu
 from loadtest.harness import mesh_layout, write_tenants
+from loadtest.ingest import Post
 from loadtest.traffic import PER_USER_RATE
 from mesh.paths import ARTIFACTS_DIR, PROJECT_ROOT
 from training.find import find_or_train
@@ -49,6 +53,8 @@ class Options:
 
     rate: float = 25.0
     click_share: float = 0.2
+    ingest_rate: float = 100.0
+    ingest_batch: int = 10
     fault_s: float = 20.0
     long_fault_s: float = 30.0
     pre_s: float = 5.0
@@ -130,7 +136,13 @@ def perform(
         # The load generator writes once a second: judge only complete seconds.
         marks = Marks(start, fault, recover, recovered, time.time() - 1.5)
         settled = recovered_after(
-            scenario, marks, tail.read(), observer.samples, observer.health, deadline_ms
+            scenario,
+            marks,
+            tail.read(),
+            observer.samples,
+            observer.health,
+            deadline_ms,
+            observer.group,
         )
     if settled is None:
         print(f"  not recovered {opts.settle_max_s:g} s after the repair", flush=True)
@@ -156,12 +168,19 @@ def _dump(path: Path, rows: list[Any]) -> None:
             out.write(json.dumps(dataclasses.asdict(row)) + "\n")
 
 
+CATCH_UP_S = 120.0
+"""Longest wait, once the load stopped, for the projector to read and acknowledge the
+whole log (a killed consumer's entries are claimed after ``RECMESH_PROJECTOR_CLAIM_IDLE_S``,
+30 s by default)."""
+
+
 def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
     """Start the mesh, run ``scenarios`` under load and save every observation in ``base``."""
-    from chaos.observe import Observer, read_events
+    from chaos.observe import Observer, check_projections, read_events
     from gateway.settings import GatewaySettings
     from mesh.settings import load
     from ops import supervisor
+    from services.projector.settings import ProjectorSettings
 
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t_begin = time.monotonic()
@@ -176,11 +195,14 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         progress=False,
     )
     artifacts, n_users = artifact_set.path.parent, int(artifact_set.config["n_users"])
+    n_items = int(artifact_set.config["n_items"])
     api_key = "chaos-" + secrets.token_hex(12)
     tenants = write_tenants(base / "tenants.json", {TENANT: api_key}, rate=1000, burst=2000)
     layout = mesh_layout(base, artifacts, tenants)
+    projector = load(ProjectorSettings, layout.env())
     control = Control(layout)
-    observer = Observer(layout)
+    observer = Observer(layout, TENANT, projector.group)
+    check: ProjectorCheck | None = None
     marks: dict[str, Marks] = {}
     print(f"chaos run in {base}; starting the mesh ...", flush=True)
     try:
@@ -203,8 +225,25 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
                 n_users=n_users,
                 seed=opts.seed,
             ) as load_pid,
+            (
+                ingest(
+                    url,
+                    api_key,
+                    base,
+                    rate=opts.ingest_rate,
+                    batch=opts.ingest_batch,
+                    click_share=opts.click_share,
+                    n_users=n_users,
+                    n_items=n_items,
+                    seed=opts.seed,
+                )
+                if opts.ingest_rate > 0
+                else contextlib.nullcontext(None)
+            ) as ingest_pid,
         ):
             observer.extra_pids += [canary_pid, load_pid]
+            if ingest_pid is not None:
+                observer.extra_pids.append(ingest_pid)
             time.sleep(opts.warmup_s)
             for scenario in scenarios:
                 marks[scenario.name] = perform(scenario, control, observer, tail, deadline_ms, opts)
@@ -213,12 +252,23 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         impressions: collections.Counter[str] = collections.Counter()
         for event in read_events(layout.ports["events"], TENANT):
             (clicks if event.type == "click" else impressions)[event.event_id] += 1
+        print("waiting for the projector to catch up, then checking its projections ...")
+        check = check_projections(layout.effective_redis_url(), TENANT, projector, CATCH_UP_S)
+        print(
+            f"  caught up: {check.caught_up} after {check.waited_s:.1f} s; "
+            f"{check.difference_count} differences over {check.entries} log entries",
+            flush=True,
+        )
     finally:
         control.resume_all()
         observer.stop()
         supervisor.down(layout)
     _dump(base / "samples.jsonl", observer.samples)
     _dump(base / "health.jsonl", observer.health)
+    _dump(base / "group.jsonl", observer.group)
+    (base / "projector.json").write_text(
+        json.dumps(dataclasses.asdict(check) if check is not None else None)
+    )
     (base / "stored.json").write_text(json.dumps({"clicks": clicks, "impressions": impressions}))
     run = {
         "started": started,
@@ -230,6 +280,7 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         "rate": opts.rate,
         "users": max(1, round(opts.rate / PER_USER_RATE)),
         "click_share": opts.click_share,
+        "ingest": {"rate": opts.ingest_rate, "batch": opts.ingest_batch},
         "artifacts": _display(artifacts),
         "durations_s": {
             "pre": opts.pre_s,
@@ -261,6 +312,17 @@ def analyse(base: Path, opts: Options) -> bool:
     health = [HealthSample(**json.loads(line)) for line in _lines(base / "health.jsonl")]
     stored = json.loads((base / "stored.json").read_text())
     clicks: dict[str, int] = stored["clicks"]
+    every_id = collections.Counter(clicks) + collections.Counter(stored["impressions"])
+    # Runs from before the ingest and the projector check lack their files.
+    posts = [Post.parse(json.loads(line)) for line in _lines(base / "ingest.jsonl", True)]
+    group = [GroupSample(**json.loads(line)) for line in _lines(base / "group.jsonl", True)]
+    checked = (
+        json.loads((base / "projector.json").read_text())
+        if (base / "projector.json").exists()
+        else None
+    )
+    check = ProjectorCheck(**checked) if checked else None
+    evidence = Evidence(posts, every_id, group, check)
     stalls: dict[int, float] = {}
     for line in _lines(base / "canary.jsonl"):
         record = json.loads(line)
@@ -271,14 +333,21 @@ def analyse(base: Path, opts: Options) -> bool:
     }
     reports = [
         build(
-            scenarios[name], Marks(**marks), requests, samples, health, clicks, deadline_ms, stalls
+            scenarios[name],
+            Marks(**marks),
+            requests,
+            samples,
+            health,
+            clicks,
+            deadline_ms,
+            stalls,
+            evidence,
         )
         for name, marks in run["marks"].items()
     ]
     accepted = {r.event_id for r in requests if r.kind == "evt" and r.ok}
-    expected = {
-        f"{r.request_id}:{i}" for r in requests if r.kind == "rec" and r.ok for i in range(r.items)
-    }
+    expected = set(impression_ids(requests))
+    ingested = {i for p in posts if p.ok for i in p.ids}
     loads = [s.load1 for s in samples]
     run |= {
         "stall_seconds": sum(v >= STALL_MS for v in stalls.values()),
@@ -296,7 +365,12 @@ def analyse(base: Path, opts: Options) -> bool:
             + sum(n - 1 for n in stored["impressions"].values() if n > 1),
             "impressions_expected": len(expected),
             "impressions_stored": sum(1 for i in expected if stored["impressions"].get(i, 0)),
+            "ingest_posts": len(posts),
+            "ingest_posts_accepted": sum(p.ok for p in posts),
+            "ingest_accepted": len(ingested),
+            "ingest_stored": sum(1 for i in ingested if every_id.get(i, 0)),
         },
+        "projector_check": dataclasses.asdict(check) if check is not None else None,
         "findings": findings(reports),
     }
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +389,10 @@ def analyse(base: Path, opts: Options) -> bool:
     return bool(document["passed"])
 
 
-def _lines(path: Path) -> Iterator[str]:
+def _lines(path: Path, optional: bool = False) -> Iterator[str]:
+    """The non-empty lines of ``path`` (none when ``optional`` and it does not exist)."""
+    if optional and not path.exists():
+        return
     with path.open() as lines:
         for line in lines:
             if line.strip():
@@ -326,6 +403,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
     parser = argparse.ArgumentParser(prog="recmesh chaos", description=__doc__)
     defaults = Options()
     parser.add_argument("--rate", type=float, default=defaults.rate, help="requests/s")
+    parser.add_argument(
+        "--ingest-rate",
+        type=float,
+        default=defaults.ingest_rate,
+        help="events/s posted to /v1/events besides the load's clicks (0: none)",
+    )
     parser.add_argument("--fault-s", type=float, default=defaults.fault_s)
     parser.add_argument("--long-fault-s", type=float, default=defaults.long_fault_s)
     parser.add_argument("--post-s", type=float, default=defaults.post_s)
@@ -349,6 +432,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
         parser.error(str(exc))
     opts = Options(
         rate=args.rate,
+        ingest_rate=args.ingest_rate,
         fault_s=args.fault_s,
         long_fault_s=args.long_fault_s,
         post_s=args.post_s,

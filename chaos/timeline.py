@@ -1,11 +1,15 @@
 """What a chaos run observed, and its per-second aggregation. Pure functions, no I/O.
 
-Three streams are recorded while the suite runs:
+Four streams are recorded while the suite runs, and one check at its end:
 
 * :class:`Request` — one per HTTP request the load generator sent (``chaos.load``);
+* :class:`loadtest.ingest.Post` — one per ``POST /v1/events`` of the ingest (``chaos.ingest``);
 * :class:`Sample` — the gateway's ``/metrics`` scraped twice a second (breaker states,
   downstream attempts and retries, recommend requests counted by the gateway, outbox depth);
-* :class:`HealthSample` — every process's ``grpc.health.v1`` status once a second.
+* :class:`HealthSample` — every process's ``grpc.health.v1`` status once a second;
+* :class:`GroupSample` — the projector's consumer group on the tenant's log, twice a second;
+* :class:`ProjectorCheck` — once the load stopped: the projector caught up, and its
+  projections compared with a recount from the log.
 
 :func:`seconds` turns them into one :class:`Second` per wall-clock second of a window;
 :func:`increase` and :func:`max_in_flight` give window totals.
@@ -94,6 +98,54 @@ class HealthSample:
     status: Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class GroupSample:
+    """The projector's consumer group on the tenant's log at ``t``, read from Redis
+    (``XINFO GROUPS``, ``XLEN``); ``up`` False when Redis did not answer (fields None).
+
+    ``lag`` is the entries the group has not read yet (what the projector's
+    ``recmesh_projector_lag_events`` gauge publishes, read here so it is seen while the
+    projector is down), ``pending`` the entries read and not acknowledged (a killed
+    consumer's, until they are claimed), ``length`` the entries in the log.
+    """
+
+    t: float
+    up: bool
+    lag: int | None = None
+    pending: int | None = None
+    length: int | None = None
+
+
+@dataclass(frozen=True)
+class ProjectorCheck:
+    """The end-of-run check of the projections (``chaos.observe.check_projections``).
+
+    Attributes:
+        caught_up: the group read and acknowledged every entry of the log (lag 0, nothing
+            pending) within the wait; only then were the projections compared.
+        waited_s: how long the wait took.
+        lag: entries not read when the wait ended.
+        pending: entries read and not acknowledged when the wait ended.
+        entries: entries in the log.
+        difference_count: differences ``services.projector.batch.verify`` found (0: the
+            live projections equal a recount from the log).
+        differences: the first of them, as it words them.
+    """
+
+    caught_up: bool
+    waited_s: float
+    lag: int | None
+    pending: int | None
+    entries: int
+    difference_count: int
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> int | None:
+        """The differences found, or None when the projector never caught up (no verdict)."""
+        return self.difference_count if self.caught_up else None
+
+
 @dataclass
 class Second:
     """Aggregates of one second; ``t`` is its start relative to the scenario's fault."""
@@ -115,6 +167,8 @@ class Second:
     stall_ms: float | None = None
     clicks_accepted: int = 0
     clicks_failed: int = 0
+    lag: int | None = None
+    pending: int | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -145,6 +199,7 @@ def seconds(
     deadline_ms: float,
     stages: Iterable[str] = (),
     stalls: Mapping[int, float] | None = None,
+    group: Sequence[GroupSample] = (),
 ) -> list[Second]:
     """One :class:`Second` for each second of ``[t0, t1)``, stamped relative to ``origin``.
 
@@ -153,6 +208,7 @@ def seconds(
     successful answers slower than the deadline, ``error_pct`` the share without a
     successful answer. A breaker's value is the worst state seen in the second.
     ``stalls`` maps a wall-clock second to the scheduling canary's worst oversleep in it.
+    ``lag`` and ``pending`` are the largest of the second's ``group`` samples.
     """
     wanted = set(stages)
     count = max(0, math.ceil(t1 - t0))
@@ -201,6 +257,15 @@ def seconds(
             start = math.floor(t0 + index)
             values = [stalls[k] for k in (start, start + 1) if k in stalls]
             out[index].stall_ms = max(values) if values else None
+    for observed in group:
+        index = slot(observed.t)
+        if index is None or not observed.up:
+            continue
+        second = out[index]
+        if observed.lag is not None:
+            second.lag = max(second.lag or 0, observed.lag)
+        if observed.pending is not None:
+            second.pending = max(second.pending or 0, observed.pending)
     for check in health:
         index = slot(check.t)
         if index is None:

@@ -9,7 +9,10 @@ from recmesh.events.v1 import events_pb2
 from core.validation import check_user_id
 from mesh.errors import InvalidArgument
 
-EVENT_TYPES = frozenset({"impression", "click", "conversion", "exposure", "dismiss"})
+EVENT_TYPES = frozenset({"impression", "click", "conversion", "exposure", "dismiss", "error"})
+"""``exposure`` and ``error`` are the gateway's own, like ``impression``: a user's exposure to
+an experiment's variant, and a request of an assigned user the gateway failed
+(``gateway.exposures``); experiment reports read them."""
 MAX_EVENT_ID = 128
 MAX_REQUEST_ID_BYTES = 128
 MAX_BATCH = 1000

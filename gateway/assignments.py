@@ -62,6 +62,12 @@ class AssignmentCache:
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._version = ""
 
+    @property
+    def version(self) -> str:
+        """The book version of every answer held ("" before the first): the one of the
+        latest answer stored, since an answer of another book empties the cache."""
+        return self._version
+
     def get(self, tenant: str, user_id: str) -> list[experiment_pb2.Assignment] | None:
         """The assignments of the answer stored for ``(tenant, user_id)`` at most ``ttl_s``
         seconds ago, or None. The messages are shared with later hits: do not modify them."""

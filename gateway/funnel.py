@@ -5,7 +5,9 @@ deadline. A failing stage falls back instead of failing the request (see the bri
 quota down → fail open/closed by setting; experiment down (and the user's assignment not
 cached) → control variants; retrieval down → the tenant's cached popular items; ranking
 down → retrieval order. Every fallback is named in ``degraded``. Impressions are queued
-for delivery once the answer is ready (``gateway.impressions``), off the request path.
+for delivery once the answer is ready (``gateway.impressions``), off the request path, and
+so are the request's exposures to experiment variants (once admitted) and, when it fails
+after admission, its error (``gateway.exposures``).
 
 Tracing: each stage runs in a ``stage.<name>`` span (budget, candidate counts, breaker
 state, degraded reason as ``recmesh.*`` attributes) under the request's SERVER span, which
@@ -32,18 +34,19 @@ from recmesh.retrieval.v1 import retrieval_pb2
 from core.experiments.assign import control_params
 from core.experiments.book import ExperimentBook
 from core.validation import check_user_id
+from gateway import exposures
 from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
 from gateway.impressions import ImpressionShipper
-from gateway.knobs import Knobs
+from gateway.knobs import Knobs, interleave_arms
 from gateway.outbox import Outbox
 from gateway.quota import Admission, QuotaLeases
 from gateway.settings import GatewaySettings
 from mesh import tracing
 from mesh.client import CALL_FAILURES, describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
-from mesh.errors import InvalidArgument, ResourceExhausted, Unavailable
+from mesh.errors import InvalidArgument, RecMeshError, ResourceExhausted, Unavailable
 from mesh.stages import timed
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,11 @@ class Recommendation:
     retrieval_version: str = ""
     ranking_version: str = ""
     """Artifact-set versions that served the answer ("" where that stage did not answer)."""
+    latency_ms: float = 0.0
+    """Time from the request's arrival in the funnel to the answer being ready."""
+    teams: list[str] = field(default_factory=list)
+    """Interleaved answers: the arm whose team-draft pick each shown item was (parallel to
+    ``item_ids``; empty otherwise, e.g. when ranking did not answer)."""
 
 
 class Funnel:
@@ -115,6 +123,7 @@ class Funnel:
         self._ds = downstreams
         self._book = book
         self._assignments = assignments
+        self._exposed = exposures.ExposureMemo(settings.exposure_memo_entries)
         self.impressions = ImpressionShipper(
             outbox,
             self.deliver,
@@ -152,6 +161,7 @@ class Funnel:
             ResourceExhausted: the tenant is over quota.
             Unavailable: neither retrieval nor the fallback cache can produce items.
         """
+        arrived = time.perf_counter()
         n = self.validate(user_id, num_items)
         request_id = request_id or uuid.uuid4().hex
         tenant_var.set(tenant)
@@ -167,7 +177,7 @@ class Funnel:
         settings = self._settings
 
         started = time.perf_counter()
-        quota, experiments = await asyncio.gather(
+        quota, (experiments, book_version) = await asyncio.gather(
             timed("gateway", "quota", settings.quota_budget_s, self._quota(degraded)),
             timed(
                 "gateway",
@@ -189,7 +199,59 @@ class Funnel:
         for assignment in experiments:
             params.update(assignment.params)
         knobs = Knobs.from_variants(params)
+        knobs.interleave = interleave_arms(experiments)
+        if book_version:
+            self.impressions.put(
+                tenant,
+                exposures.exposures(
+                    self._exposed,
+                    tenant,
+                    user_id,
+                    request_id,
+                    exposures.applied(experiments, params),
+                    book_version,
+                    int(time.time() * 1000),
+                ),
+            )
+        try:
+            result = await self._answer(
+                tenant, user_id, n, request_id, experiments, knobs, degraded, stage_ms
+            )
+        except Exception as exc:
+            if experiments:
+                code = exc.grpc_code.name if isinstance(exc, RecMeshError) else "INTERNAL"
+                error = exposures.error_event(
+                    user_id,
+                    request_id,
+                    {a.experiment_key: a.variant_key for a in experiments},
+                    degraded,
+                    code,
+                    (time.perf_counter() - arrived) * 1000,
+                    int(time.time() * 1000),
+                )
+                self.impressions.put(tenant, [error])
+            raise
+        result.latency_ms = (time.perf_counter() - arrived) * 1000
+        self._log_impressions(tenant, user_id, result)
+        return result
 
+    async def _answer(
+        self,
+        tenant: str,
+        user_id: str,
+        n: int,
+        request_id: str,
+        experiments: list[experiment_pb2.Assignment],
+        knobs: Knobs,
+        degraded: list[str],
+        stage_ms: dict[str, float],
+    ) -> Recommendation:
+        """Retrieval and ranking of an admitted request, with their fallbacks.
+
+        Raises:
+            Unavailable: neither retrieval nor the fallback cache can produce items.
+        """
+        settings = self._settings
         started = time.perf_counter()
         retrieved = await timed(
             "gateway",
@@ -233,8 +295,8 @@ class Funnel:
             propensities=list(candidates.propensities),
             retrieval_version=retrieved.model_version,
             ranking_version=ranked.model_version if ranked is not None else "",
+            teams=list(ranked.teams) if ranked is not None else [],
         )
-        self._log_impressions(tenant, user_id, result)
         return result
 
     async def _quota(self, degraded: list[str]) -> Admission | None:
@@ -262,16 +324,17 @@ class Funnel:
 
     async def _experiments(
         self, tenant: str, user_id: str, degraded: list[str]
-    ) -> list[experiment_pb2.Assignment]:
-        """The request's assignments: the cached answer for (tenant, user) if one is fresh,
-        else the experiment service's answer (then cached), else, the service failing, the
-        control variants of the gateway's copy of the book (named in ``degraded``, not
-        cached)."""
+    ) -> tuple[list[experiment_pb2.Assignment], str]:
+        """The request's assignments and the version of the book they come from: the
+        cached answer for (tenant, user) if one is fresh, else the experiment service's
+        answer (then cached), else, the service failing, the control variants of the
+        gateway's copy of the book (named in ``degraded``, not cached) with no version
+        ("": not a bucketing, nobody is exposed by them)."""
         cached = self._assignments.get(tenant, user_id)
         ASSIGNMENT_CACHE.labels("miss" if cached is None else "hit").inc()
         if cached is not None:
             tracing.annotate(assignment_source="cache")
-            return cached
+            return cached, self._assignments.version
         try:
             experiment = self._ds.experiment
             reply = await experiment.call(
@@ -287,10 +350,10 @@ class Funnel:
             return [
                 experiment_pb2.Assignment(experiment_key=key, variant_key="control", params=params)
                 for key, params in control_params(self._book, tenant).items()
-            ]
+            ], ""
         tracing.annotate(assignment_source="service")
         self._assignments.put(tenant, user_id, reply)
-        return list(reply.assignments)
+        return list(reply.assignments), reply.book_version
 
     async def _retrieve(
         self, tenant: str, user_id: str, knobs: Knobs, degraded: list[str]
@@ -362,6 +425,7 @@ class Funnel:
         propensities = result.propensities or [0.0] * n
         scores = result.scores or [0.0] * n
         sources = result.sources or [0] * n
+        teams = result.teams if len(result.teams) == n else [""] * n
         variants = dict(result.experiments)
         events = [
             events_pb2.Event(
@@ -379,9 +443,11 @@ class Funnel:
                 retrieval_version=result.retrieval_version,
                 ranking_version=result.ranking_version,
                 degraded=result.degraded,
+                latency_ms=result.latency_ms,
+                team=team,
             )
-            for position, (item_id, propensity, score, source) in enumerate(
-                zip(result.item_ids, propensities, scores, sources, strict=True)
+            for position, (item_id, propensity, score, source, team) in enumerate(
+                zip(result.item_ids, propensities, scores, sources, teams, strict=True)
             )
         ]
         with tracing.stage_span("impressions", events=len(events)):

@@ -18,6 +18,7 @@ from gateway.clients import Downstreams
 from gateway.funnel import Funnel, Recommendation
 from gateway.metrics import LATENCY, REQUESTS
 from gateway.openapi import OPENAPI
+from gateway.reports import ExperimentReports
 from gateway.schema import parse_events, parse_recommend
 from mesh import tracing
 from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
@@ -94,10 +95,17 @@ class HttpApi:
     with ``Connection: close``, and ``/healthz`` reports 503.
     """
 
-    def __init__(self, funnel: Funnel, tenants: TenantRegistry, downstreams: Downstreams) -> None:
+    def __init__(
+        self,
+        funnel: Funnel,
+        tenants: TenantRegistry,
+        downstreams: Downstreams,
+        reports: ExperimentReports,
+    ) -> None:
         self._funnel = funnel
         self._tenants = tenants
         self._downstreams = downstreams
+        self._reports = reports
         self._draining = False
 
     async def drain(self) -> None:
@@ -119,6 +127,7 @@ class HttpApi:
             [
                 web.post("/v1/recommend", self.recommend),
                 web.post("/v1/events", self.events),
+                web.get("/v1/experiments/{key}/report", self.report),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.metrics),
                 web.get("/openapi.json", self.openapi),
@@ -188,6 +197,12 @@ class HttpApi:
         except (OSError, sqlite3.Error) as exc:
             raise Unavailable("events could not be stored; retry later") from exc
         return web.json_response({"accepted": len(events)}, status=202)
+
+    async def report(self, request: web.Request) -> web.Response:
+        """The calling tenant's report of one of its experiments (``gateway.reports``)."""
+        tenant = self._tenant(request)  # also the request's tenant_var: the call's metadata
+        body = await self._reports.report(tenant.name, request.match_info["key"])
+        return web.json_response(body)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """200 while every dependency is SERVING and the API is not draining, else 503."""

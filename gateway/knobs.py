@@ -2,16 +2,19 @@
 
 Variants carry ``params`` (``config/experiments.json``, :mod:`core.experiments.book`); the
 gateway merges those of a request's assignments and turns them into the retrieval size and
-the ``RankRequest`` fields here, so the funnel only applies :class:`Knobs`.
+the ``RankRequest`` fields here, so the funnel only applies :class:`Knobs`. An
+interleaving experiment's assignment carries its two arms instead of params
+(:func:`interleave_arms`): ranking then merges the two rankings by team draft.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from recmesh.experiment.v1 import experiment_pb2
 from recmesh.ranking.v1 import ranking_pb2
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ class Knobs:
     mmr_lambda: float | None = None
     explore_share: float | None = None
     stage_budget_ms: dict[str, float] = field(default_factory=dict)
+    interleave: ranking_pb2.Interleave | None = None
+    """The two rankers of an interleaving experiment the request is in (or None)."""
 
     @classmethod
     def from_variants(cls, params: Mapping[str, str]) -> Knobs:
@@ -95,4 +100,54 @@ class Knobs:
             fields["mmr_lambda"] = self.mmr_lambda
         if self.explore_share is not None:
             fields["explore_share"] = self.explore_share
+        if self.interleave is not None:
+            fields["interleave"] = self.interleave
         return fields
+
+
+_DIVERSITY = {
+    "mmr": ranking_pb2.DIVERSITY_MMR,
+    "cap": ranking_pb2.DIVERSITY_CATEGORY_CAP,
+    "none": ranking_pb2.DIVERSITY_NONE,
+}
+
+
+def interleave_arms(
+    assignments: Sequence[experiment_pb2.Assignment],
+) -> ranking_pb2.Interleave | None:
+    """The ``RankRequest.interleave`` of the first assignment with two arms (an
+    interleaving experiment; the book keeps those from overlapping), or None.
+
+    Each arm's params become its ``RankerArm`` knobs (``ranking.heavy``,
+    ``ranking.prerank_keep``, ``ranking.heavy_keep``, ``ranking.diversity``,
+    ``ranking.mmr_lambda``, ``ranking.ctr_weight``, ``ranking.freshness_boost``); a value
+    that does not parse is logged and ignored, as for :class:`Knobs`.
+    """
+    for assignment in assignments:
+        if len(assignment.arms) == 2:
+            a, b = (_arm(arm) for arm in assignment.arms)
+            return ranking_pb2.Interleave(a=a, b=b)
+    return None
+
+
+def _arm(spec: experiment_pb2.Arm) -> ranking_pb2.RankerArm:
+    arm = ranking_pb2.RankerArm(key=spec.key)
+    for key, value in spec.params.items():
+        try:
+            if key == "ranking.heavy":
+                heavy = {"on": ranking_pb2.HEAVY_MODE_ON, "off": ranking_pb2.HEAVY_MODE_OFF}
+                arm.heavy_mode = heavy[value]
+            elif key in ("ranking.prerank_keep", "ranking.heavy_keep"):
+                count = int(value)
+                if count < 1:
+                    raise ValueError("must be >= 1")
+                setattr(arm, key.removeprefix("ranking."), count)
+            elif key == "ranking.diversity":
+                arm.diversity = _DIVERSITY[value]
+            elif key in ("ranking.mmr_lambda", "ranking.ctr_weight", "ranking.freshness_boost"):
+                setattr(arm, key.removeprefix("ranking."), float(value))
+            else:
+                raise KeyError("not an arm knob")
+        except (ValueError, KeyError) as exc:
+            log.warning("interleaving arm %s: param %s=%r ignored: %s", spec.key, key, value, exc)
+    return arm

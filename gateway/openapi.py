@@ -17,8 +17,9 @@ _ERROR = {
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
-        400: "invalid body; `field` names the culprit",
+        400: "invalid body, or a report of an interleaving experiment; `field` names it",
         401: "missing or unknown x-api-key",
+        404: "no such experiment for the calling tenant",
         429: "over quota; see the Retry-After header",
         503: "no useful answer can be produced",
     }
@@ -31,6 +32,142 @@ def _errors(*codes: int) -> dict[str, Any]:
     }
 
 
+_NUMBER = {"type": "number"}
+_COUNT = {"type": "integer", "minimum": 0}
+_INTERVAL = {"type": "object", "properties": {"low": _NUMBER, "high": _NUMBER}}
+_LIFT = {
+    "type": "object",
+    "description": "a treatment against the control (core.experiments.stats.Comparison)",
+    "properties": {
+        "control_mean": _NUMBER,
+        "treatment_mean": _NUMBER,
+        "absolute_lift": _NUMBER,
+        "absolute_ci": _INTERVAL,
+        "relative_lift": _NUMBER,
+        "relative_ci": _INTERVAL,
+        "p_value": _NUMBER,
+        "probability_to_beat": _NUMBER,
+        "expected_loss": _NUMBER,
+        "variance_reduction": _NUMBER,
+    },
+}
+_SPREAD = {
+    "type": "object",
+    "properties": {"items_shown": _COUNT, "coverage": _NUMBER, "gini": _NUMBER},
+}
+_REPORT = {
+    "type": "object",
+    "description": "an experiment's report from the tenant's event log (docs/experiments.md, "
+    "Report); the fields of recmesh.experiment.v1.Report in proto3 JSON (64-bit integers as "
+    "strings)",
+    "properties": {
+        "experiment_key": {"type": "string"},
+        "tenant": {"type": "string"},
+        "book_version": {"type": "string"},
+        "log_position": {"type": "string"},
+        "entries": {"type": "string", "description": "uint64"},
+        "first_exposure_ms": {"type": "string", "description": "int64, ms since the epoch"},
+        "alpha": _NUMBER,
+        "variants": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "variant_key": {"type": "string"},
+                    "weight": _NUMBER,
+                    "users": _COUNT,
+                    "exposures": _COUNT,
+                    "requests": _COUNT,
+                    "impressions": _COUNT,
+                    "clicks": _COUNT,
+                    "conversions": _COUNT,
+                    "ctr": _NUMBER,
+                    "conversion_rate": _NUMBER,
+                    "errors": _COUNT,
+                    "comparisons": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "metric": {"type": "string", "enum": ["ctr", "conversion_rate"]},
+                                "lift": _LIFT,
+                                "cuped": _LIFT,
+                                "not_computed": {"type": "string"},
+                            },
+                        },
+                    },
+                    "guardrails": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "name": {
+                                    "type": "string",
+                                    "enum": ["degraded_share", "p99_latency_ms", "error_rate"],
+                                },
+                                "bound": _NUMBER,
+                                "value": _NUMBER,
+                                "requests": _COUNT,
+                                "passed": {"type": "boolean"},
+                            },
+                        },
+                    },
+                    "spread": _SPREAD,
+                },
+            },
+        },
+        "srm": {
+            "type": "object",
+            "properties": {
+                "observed": {"type": "array", "items": _COUNT},
+                "expected_share": {"type": "array", "items": _NUMBER},
+                "chi2": _NUMBER,
+                "p_value": _NUMBER,
+                "mismatch": {"type": "boolean"},
+            },
+        },
+        "data_quality": {
+            "type": "object",
+            "properties": {
+                "users_in_several_variants": _COUNT,
+                "exposures_of_unknown_variants": _COUNT,
+                "impressions_outside_exposure": _COUNT,
+                "fallback_requests": _COUNT,
+                "unmatched_outcomes": _COUNT,
+                "invalid_entries": _COUNT,
+                "book_versions": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"book_version": {"type": "string"}, "exposures": _COUNT},
+                    },
+                },
+            },
+        },
+        "catalogue_size": _COUNT,
+        "daily": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "day": {"type": "string", "description": "UTC, YYYY-MM-DD"},
+                    "variant_key": {"type": "string"},
+                    "users": _COUNT,
+                    "impressions": _COUNT,
+                    "clicks": _COUNT,
+                    "conversions": _COUNT,
+                    "ctr": _NUMBER,
+                    "spread": _SPREAD,
+                },
+            },
+        },
+        "covariate_users": _COUNT,
+        "entries_read": {"type": "string", "description": "uint64"},
+        "rebuilt": {"type": "boolean"},
+        "compute_ms": _NUMBER,
+    },
+}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "RecMesh gateway", "version": "1.0.0"},
@@ -38,6 +175,7 @@ OPENAPI: dict[str, Any] = {
         "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
         "schemas": {
             "Error": _ERROR,
+            "Report": _REPORT,
             "RecommendRequest": {
                 "type": "object",
                 "required": ["user_id"],
@@ -102,6 +240,7 @@ OPENAPI: dict[str, Any] = {
                                         "conversion",
                                         "exposure",
                                         "dismiss",
+                                        "error",
                                     ],
                                 },
                                 "user_id": {"type": "string"},
@@ -156,6 +295,30 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
                 "responses": {"202": {"description": "accepted"}, **_errors(400, 401, 503)},
+            }
+        },
+        "/v1/experiments/{key}/report": {
+            "get": {
+                "summary": "The report of one of the calling tenant's experiments, from its "
+                "event log",
+                "parameters": [
+                    {
+                        "name": "key",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "the experiment's key in the experiment book",
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the report",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Report"}}
+                        },
+                    },
+                    **_errors(400, 401, 404, 503),
+                },
             }
         },
         "/healthz": {

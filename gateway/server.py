@@ -15,6 +15,7 @@ from gateway.grpc_api import GatewayServicer
 from gateway.http import HttpApi
 from gateway.outbox import Outbox, OutboxRelay
 from gateway.quota import QuotaLeases
+from gateway.reports import ExperimentReports
 from gateway.settings import GatewaySettings
 from mesh.http import HttpListener
 from mesh.service import Registration, Service
@@ -63,7 +64,8 @@ async def build_service(
     )
     funnel = Funnel(settings, downstreams, book, outbox, fallback, assignments, quota)
     relay = OutboxRelay(outbox, funnel.deliver)
-    api = HttpApi(funnel, tenants, downstreams)
+    reports = ExperimentReports(downstreams.experiment, book, settings.report_timeout_s)
+    api = HttpApi(funnel, tenants, downstreams, reports)
     http = HttpListener(
         api.app(settings.max_body_bytes),
         settings.host,

@@ -60,6 +60,19 @@ class GatewaySettings(ServerSettings):
         doc="(tenant, user) assignments the gateway's cache holds, least recently used "
         "evicted first; 0 turns the cache off",
     )
+    exposure_memo_entries: int = env(
+        "RECMESH_GATEWAY_EXPOSURE_MEMO_ENTRIES",
+        100_000,
+        doc="exposure event ids (one per tenant, user, experiment, variant and UTC day) the "
+        "gateway remembers having sent, so it does not send them again (the events service "
+        "drops repeats anyway); 0 sends every request's exposures",
+    )
+    report_timeout_s: float = env(
+        "RECMESH_GATEWAY_REPORT_TIMEOUT_S",
+        60.0,
+        doc="timeout of GET /v1/experiments/{key}/report's call to the experiment service "
+        "(a report reads the tenant's event log)",
+    )
     retrieval_budget_s: float = env(
         "RECMESH_GATEWAY_RETRIEVAL_BUDGET_S", 0.025, doc="retrieval stage cap"
     )

@@ -1,8 +1,10 @@
 """What every benchmark's report shares: exact percentiles, millisecond cells, Markdown
-tables and the "Run" section (command, date, machine, load, software, artifact set).
+tables and the "Run" section (command, date, machine, load, software, artifact set), and
+the writing of a generated block into a hand-written Markdown file (:func:`write_block`).
 
-Pure functions; the benchmarks (:mod:`loadtest.stage_report`, :mod:`loadtest.step_report`,
-:mod:`loadtest.profile`) compose their reports from them.
+Pure functions but :func:`write_block`; the benchmarks (:mod:`loadtest.stage_report`,
+:mod:`loadtest.step_report`, :mod:`loadtest.profile`, :mod:`loadtest.experiment_stats`)
+compose their reports from them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,3 +75,19 @@ def run_section(
         f"- software: Python {box['python']}, {box['libraries']}; commit {box['commit']}",
         f"- artifact set: {artifacts}",
     ]
+
+
+def write_block(path: Path, name: str, lines: Sequence[str]) -> None:
+    """Put ``lines`` into the Markdown file ``path`` between the lines
+    ``<!-- name: begin -->`` and ``<!-- name: end -->``, replacing what was between them and
+    keeping the rest of the file (its prose, other benchmarks' blocks). When the file or the
+    markers are missing, the block is appended at the end of the file (created if need be)."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    block = "\n".join([begin, *lines, end])
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    start, stop = text.find(begin), text.find(end)
+    if 0 <= start < stop:
+        text = text[:start] + block + text[stop + len(end) :]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+    path.write_text(text, encoding="utf-8")

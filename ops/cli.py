@@ -5,7 +5,9 @@ artifact set (``python -m training``; ``--from-log`` trains its ranker on a tena
 event log, read from the mesh's Redis); ``recmesh versions`` lists the sets under the
 artifact root, ``recmesh rollback [--to VERSION]`` moves ``current`` back (running
 services pick it up without restart) and ``recmesh eval`` evaluates a set offline;
-``recmesh protos [--check]`` regenerates stubs; ``recmesh bench`` runs the step benchmark
+``recmesh ope --policy P`` estimates a candidate policy's CTR off-policy from a tenant's
+log (``python -m training ope``, on the mesh's Redis); ``recmesh protos [--check]``
+regenerates stubs; ``recmesh bench`` runs the step benchmark
 (``python -m loadtest.steps``); ``recmesh chaos`` runs the chaos suite (``python -m chaos``);
 ``recmesh trace <request_id>`` prints a request's trace from Jaeger; ``recmesh explain
 <request_id>`` why its answer showed what it showed, from the event log; ``recmesh events
@@ -13,7 +15,10 @@ tail`` the newest events of a tenant's log and ``recmesh events trim`` its reten
 ``recmesh projections verify|rebuild|snapshot`` check, replay and snapshot the projector's
 projections (:mod:`ops.projections`); ``recmesh features asof`` a user's features as of a
 past time, from the event log (:mod:`ops.features_asof`); ``recmesh users erase`` erases a
-user's events, projections and features, audited (:mod:`ops.users`).
+user's events, projections and features, audited (:mod:`ops.users`); ``recmesh experiments
+report <key>`` an experiment's report from the event log (:mod:`ops.experiments_report`)
+and ``recmesh experiments interleaving <key>`` which arm of an interleaving experiment the
+clicks prefer (:mod:`ops.experiments_interleaving`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ from core.artifacts import list_versions, load_artifact_set, resolve_current, ro
 from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
 from mesh.settings import load
-from ops import projections, protos, supervisor, users
+from ops import (
+    experiments_interleaving,
+    experiments_report,
+    projections,
+    protos,
+    supervisor,
+    users,
+)
 from ops.settings import OpsSettings
 from training.find import find_or_train
 
@@ -83,6 +95,17 @@ def cmd_train(args: argparse.Namespace, settings: OpsSettings) -> int:
         url = supervisor.Layout.from_settings(settings).effective_redis_url()
         rest = [*rest, "--redis-url", url]
     return subprocess.run([sys.executable, "-m", "training", "train", *rest]).returncode
+
+
+def cmd_ope(args: argparse.Namespace, settings: OpsSettings) -> int:
+    rest = list(args.rest)
+    if "--root" not in rest:
+        rest = ["--root", str(settings.artifacts), *rest]
+    if "--redis-url" not in rest:
+        # The log is in the mesh's Redis: REDIS_URL, else the embedded one `up` starts.
+        url = supervisor.Layout.from_settings(settings).effective_redis_url()
+        rest = [*rest, "--redis-url", url]
+    return subprocess.run([sys.executable, "-m", "training", "ope", *rest]).returncode
 
 
 def _artifact_root(args: argparse.Namespace, settings: OpsSettings) -> Path:
@@ -272,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     _forwarding(
         commands, "train", "train a new artifact set (python -m training train --help)", cmd_train
     )
+    _forwarding(
+        commands,
+        "ope",
+        "a candidate policy's CTR estimated off-policy from a tenant's log "
+        "(python -m training ope --help)",
+        cmd_ope,
+    )
     versions = commands.add_parser("versions", help="artifact sets under the root, and current")
     versions.add_argument("--root", type=Path, help="artifact root (default: RECMESH_ARTIFACTS)")
     versions.add_argument(
@@ -313,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     projections.register(commands)
     projections.register_trim(events)
     users.register(commands)
+    experiments_report.register(commands)
+    experiments_interleaving.register(commands)
     features = commands.add_parser("features", help="a user's features").add_subparsers(
         dest="features_command", required=True
     )

@@ -2,8 +2,8 @@
 
 The variables are the ones the mesh's processes read themselves (``RECMESH_<NAME>_PORT``,
 ``RECMESH_<NAME>_METRICS_PORT``, ``RECMESH_GATEWAY_HTTP_PORT``, ``REDIS_URL``,
-``RECMESH_ARTIFACTS``, ``RECMESH_TENANTS``), so ``recmesh up`` and ``recmesh status`` agree
-with a mesh started under the same environment;
+``RECMESH_ARTIFACTS``, ``RECMESH_TENANTS``, ``RECMESH_EXPERIMENTS``), so ``recmesh up`` and
+``recmesh status`` agree with a mesh started under the same environment;
 :meth:`ops.supervisor.Layout.from_settings` turns them into a layout. ``RECMESH_JAEGER_URL``
 is ``recmesh trace``'s own.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.experiments.book import experiments_file
 from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from mesh.settings import (
     artifacts_dir,
@@ -51,6 +52,8 @@ class OpsSettings:
     redis_url: str = redis_url()
     artifacts: Path = artifacts_dir()
     tenants: Path = tenants_file()
+    experiments: Path = experiments_file()
+    """The experiment book (``recmesh experiments report`` finds an experiment's tenants)."""
     half_life_s: float = counter_half_life_s()
     """The projector's counter half-life (``recmesh projections`` recomputes with it)."""
     history_cap: int = history_cap_field()

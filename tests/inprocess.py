@@ -82,6 +82,7 @@ async def inprocess_mesh(
     tenants_file: Path,
     faults_file: Path | None = None,
     assignments: AssignmentCache | None = None,
+    experiments: Path | None = None,
 ) -> AsyncIterator[Mesh]:
     """Every service and the gateway, in this process, on port 0, features materialised.
 
@@ -89,8 +90,10 @@ async def inprocess_mesh(
 
     With ``faults_file`` every server watches it for fault flags (see ``mesh.faults``).
     ``assignments`` replaces the gateway's cache of experiment assignments (the default one
-    is sized by the gateway's default settings).
+    is sized by the gateway's default settings). ``experiments`` is the experiment book the
+    experiment service and the gateway load (default: ``config/experiments.json``).
     """
+    book = experiments or PROJECT / "config" / "experiments.json"
     async with AsyncExitStack() as stack:
         servers: dict[str, MeshServer] = {}
 
@@ -138,7 +141,7 @@ async def inprocess_mesh(
             "experiment",
             await built_server(
                 build_experiment,
-                ExperimentSettings(experiments=PROJECT / "config" / "experiments.json", **common),
+                ExperimentSettings(experiments=book, redis_url=redis_url, **common),
             ),
         )
         quota = await start(
@@ -159,7 +162,7 @@ async def inprocess_mesh(
             http_port=0,
             outbox=tenants_file.parent / "outbox.db",
             tenants=tenants_file,
-            experiments=PROJECT / "config" / "experiments.json",
+            experiments=book,
             feature_addr=feature,
             retrieval_addr=retrieval,
             ranking_addr=ranking,

@@ -6,7 +6,10 @@ per phase, metrics). ``train --from-log [--tenant T] [--redis-url URL] [--base V
 or ``--base``) with a ranker learnt from the tenant's event log; the world's options
 (``--items`` ...) do not apply to it, and a log with too few impressions or no click is
 refused (status 1). ``simulate-serve`` appends a simulated serve of a set to a tenant's
-log through the events service (:mod:`training.simulate`). ``eval`` recomputes the
+log through the events service (:mod:`training.simulate`). ``ope --policy P`` estimates a
+candidate policy's CTR off-policy from a tenant's log (:mod:`training.ope`; status 1 when
+the log cannot be read, has fewer than two answers, or logs propensities of 1, which are
+conditional on candidates the log does not hold). ``eval`` recomputes the
 metrics of an existing set (``current``, or ``--version V``) from its files, on the world
 regenerated from its manifest, and prints them next to the stored ones (``!`` marks a
 difference; ``--check`` exits 2 if any). ``rollback`` moves ``current`` to the previous
@@ -84,6 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     sim_cmd.add_argument("--explore-slots", type=int, default=1)
     sim_cmd.add_argument("--seed", type=int, default=0)
 
+    ope_cmd = commands.add_parser(
+        "ope", help="estimate a candidate policy's CTR off-policy from a tenant's log"
+    )
+    ope_cmd.add_argument(
+        "--policy",
+        required=True,
+        metavar="SET|JSON",
+        help="an artifact set (a version under --root or a directory), or a JSON file of "
+        "parameters: artifacts, candidates, slate, explore_slots, head_weights",
+    )
+    ope_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
+    ope_cmd.add_argument("--tenant", default="demo", help="whose log (default: demo)")
+    ope_cmd.add_argument("--redis-url", help="Redis holding the log (default: REDIS_URL)")
+    ope_cmd.add_argument(
+        "--clip", type=float, default=None, help="cap of an importance weight (default 100)"
+    )
+    ope_cmd.add_argument(
+        "--truth",
+        action="store_true",
+        help="also print the candidate's true CTR from its set's world (for a simulated log)",
+    )
+    ope_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+
     eval_cmd = commands.add_parser("eval", help="recompute the metrics of an artifact set")
     eval_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
     eval_cmd.add_argument("--version", metavar="V", help="default: the current version")
@@ -108,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "simulate-serve":
             return _simulate(args)
+        if args.command == "ope":
+            return _ope(args)
         before = resolve_current(args.root).name
         after = rollback(args.root, args.to).name
         print(f"current: {before} -> {after}")
@@ -225,6 +253,97 @@ def _simulate(args: argparse.Namespace) -> int:
         f"{kinds.count('impression')} impressions, {kinds.count('click')} clicks, "
         f"{kinds.count('conversion')} conversions, from {artifact_set.version}"
     )
+    return 0
+
+
+def _ope(args: argparse.Namespace) -> int:
+    import json
+
+    from core.experiments.ope import DEFAULT_CLIP
+    from training.from_log import LogSettings
+    from training.log_data import read_examples
+    from training.ope import (
+        LoggedImpressions,
+        evaluate,
+        format_estimate,
+        load_candidate,
+        to_json,
+        true_ctr,
+    )
+    from training.pipeline import world_of
+    from training.simulate import ServeConfig
+
+    settings = load(LogSettings)
+    url = args.redis_url or settings.redis_url
+    if not url:
+        raise ConfigError("ope reads the log from Redis: give --redis-url or REDIS_URL")
+    clip = DEFAULT_CLIP if args.clip is None else args.clip
+    candidate = load_candidate(args.policy, args.root, cache=args.truth)
+    categories = candidate.artifact_set.open_array("item_categories")
+    client = redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=2.0)
+    try:
+        examples = read_examples(
+            client,
+            args.tenant,
+            n_users=candidate.policy.ranker.n_users,
+            item_categories=categories,
+            history_cap=settings.history_cap,
+        )
+    except redis.RedisError as exc:
+        raise ConfigError(f"cannot read the log of {args.tenant!r} at {url}: {exc}") from exc
+    finally:
+        client.close()
+    log = LoggedImpressions.from_examples(examples)
+    certain = int((log.propensities >= 1.0).sum())
+    if certain:
+        raise ConfigError(
+            f"{certain} impressions of {args.tenant!r} log propensity 1: the log holds "
+            "probabilities conditional on what it does not record (the mesh's ranking logs 1 "
+            "for every ranked slot, given its candidates), not the probability of showing "
+            "the item to the user that off-policy estimates need (docs/experiments.md, "
+            "Off-policy evaluation)"
+        )
+    try:
+        estimate = evaluate(log, candidate.policy, clip=clip)
+    except ValueError as exc:
+        raise ConfigError(f"the log of {args.tenant!r} cannot be evaluated: {exc}") from exc
+    truth = None
+    if args.truth:
+        world, _ = world_of(candidate.artifact_set)
+        truth = true_ctr(candidate.policy, world, ServeConfig().unknown_share)
+    counts = examples.counts
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "tenant": args.tenant,
+                    "policy": candidate.description,
+                    "log": {
+                        "entries": counts.entries,
+                        "impressions": counts.impressions,
+                        "unknown_items": counts.unknown_items,
+                        "skipped_requests": log.skipped_requests,
+                    },
+                    **to_json(estimate),
+                    "true_ctr": truth,
+                }
+            )
+        )
+        return 0
+    policy = candidate.description
+    weights = ", ".join(f"{h} {w:g}" for h, w in policy["head_weights"].items())
+    print(
+        f"candidate {policy['artifacts']}: {policy['candidates']} candidates, slate "
+        f"{policy['slate']} with {policy['explore_slots']} exploration slot(s), heads {weights}"
+    )
+    print(
+        f"log of {args.tenant!r}: {estimate.impressions} impressions in {estimate.requests} "
+        f"answers, {estimate.clicks} clicks; {log.skipped_requests} answers without "
+        f"propensities and {counts.unknown_items} impressions of unknown items left out"
+    )
+    print(format_estimate(estimate))
+    if truth is not None:
+        print(f"true CTR (the world's ground truth, exact): {truth:.4f}")
     return 0
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from core.experiments.book import ExperimentBook
+from core.experiments.book import ExperimentBook, Variant
 from core.experiments.growthbook import choose_variation, gb_hash, in_namespace
+from core.experiments.interleaving import INTERLEAVED
 from mesh.errors import InvalidArgument
 
 
@@ -22,12 +23,17 @@ class Assignment:
     Attributes:
         experiment_key: the experiment.
         variant_key: the variant the request is bucketed into.
-        variant_index: position of that variant, 0 being the control.
+        variant_index: position of that variant, 0 being the control; -1 for an
+            interleaving experiment, whose users see both variants.
         params: the variant's knobs (read-only).
         in_experiment: GrowthBook's ``inExperiment``; True for every assignment :func:`assign`
             returns, since requests not bucketed get no assignment at all. Exposure logging
             should key on it.
         hash_value: the GrowthBook bucket hash of the request, in [0, 1).
+        arms: an interleaving experiment's two variants, A (the control) then B, which the
+            request's answer merges by team draft (``variant_key`` is then
+            :data:`~core.experiments.interleaving.INTERLEAVED` and ``params`` empty);
+            empty for every other experiment.
     """
 
     experiment_key: str
@@ -36,6 +42,7 @@ class Assignment:
     params: Mapping[str, str]
     in_experiment: bool
     hash_value: float
+    arms: tuple[Variant, ...] = ()
 
 
 def assign(book: ExperimentBook, *, tenant: str, attributes: Mapping[str, str]) -> list[Assignment]:
@@ -44,7 +51,9 @@ def assign(book: ExperimentBook, *, tenant: str, attributes: Mapping[str, str]) 
     For each experiment, in book order, the steps of GrowthBook's ``runExperiment`` that
     RecMesh supports are applied, and the first that fails skips the experiment: inactive;
     tenant not targeted; hash attribute missing or empty; outside the namespace slice; hash
-    outside every bucket range (not covered). Skipped experiments yield no assignment, and the
+    outside every bucket range (not covered). A request covered by an interleaving
+    experiment is in it whichever range its hash falls in (it sees both variants: the
+    assignment's ``arms``). Skipped experiments yield no assignment, and the
     caller uses the experiment's control params (see :func:`control_params`) or its defaults.
 
     The function is pure: the result depends only on its arguments, so the same request is
@@ -82,6 +91,19 @@ def assign(book: ExperimentBook, *, tenant: str, attributes: Mapping[str, str]) 
         bucket = gb_hash(experiment.seed, value, experiment.hash_version)
         index = choose_variation(bucket, experiment.bucket_ranges)
         if index < 0:
+            continue
+        if experiment.type == "interleave":
+            assignments.append(
+                Assignment(
+                    experiment_key=experiment.key,
+                    variant_key=INTERLEAVED,
+                    variant_index=-1,
+                    params={},
+                    in_experiment=True,
+                    hash_value=bucket,
+                    arms=experiment.variants,
+                )
+            )
             continue
         variant = experiment.variants[index]
         assignments.append(

@@ -21,6 +21,9 @@ File format::
        "variants": [                         # required, at least 2; the first is the control
          {"key": "control", "weight": 0.5, "params": {"retrieval.k": "300"}},
          {"key": "treatment", "weight": 0.5, "params": {"retrieval.k": "600"}}],
+       "guardrails": {"degraded_share": 0.05, "p99_latency_ms": 120, "error_rate": 0.01},
+                                             # optional; each bound optional (see below)
+       "type": "ab",                         # optional, "ab" (default) or "interleave"
        "active": true}                       # optional, defaults to true
     ]}
 
@@ -29,6 +32,22 @@ weights must lie in [0, 1] and sum to 1 within GrowthBook's tolerance of 0.99 to
 bucket ranges used are always the configured ones. ``params`` maps knob names (e.g.
 ``retrieval.k``, ``ranking.heavy``, ``ranking.prerank_keep``) to string values that the gateway
 applies to the pipeline; it defaults to ``{}``. Unknown keys anywhere are rejected.
+
+``guardrails`` bounds what an experiment's report checks per variant (``docs/experiments.md``,
+"Report"): ``degraded_share`` (share of the variant's requests with a stage fallen back, in
+[0, 1]), ``p99_latency_ms`` (99th percentile of the gateway's time to answer, > 0) and
+``error_rate`` (share of the variant's requests the gateway failed, in [0, 1]). A variant
+passes a guardrail while its value is at most the bound; a bound left out is not checked.
+
+``"type": "interleave"`` makes an interleaving experiment (``docs/experiments.md``,
+"Interleaving"): every user it covers sees both of its exactly two variants at once, merged
+by team draft, the first (A, the control) against the second (B). Its variants carry no
+``weight``, and their params are ranking knobs the ranking service can apply per arm
+(:data:`INTERLEAVE_PARAMS`): ``ranking.heavy`` (``on``/``off``), ``ranking.prerank_keep``
+and ``ranking.heavy_keep`` (counts >= 1), ``ranking.diversity`` (``mmr``, ``cap``,
+``none``), ``ranking.mmr_lambda`` (in [0, 1]), ``ranking.ctr_weight`` (>= 0) and
+``ranking.freshness_boost``. A request gets one merged list, so two active interleaving
+experiments open to a common tenant must slice one namespace into disjoint ranges.
 
 A loaded book has a ``version``: the first 16 hex digits of the SHA-256 of its canonical JSON
 (object keys sorted, no whitespace, lists in file order). Reformatting the file or reordering
@@ -47,6 +66,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
 
 from core.experiments.growthbook import (
     WEIGHT_SUM_MAX,
@@ -62,6 +82,8 @@ from mesh.paths import CONFIG_DIR
 from mesh.settings import env
 
 DEFAULT_HASH_ATTRIBUTE = "user_id"
+
+ExperimentType = Literal["ab", "interleave"]
 
 
 def experiments_file() -> Path:
@@ -86,10 +108,39 @@ _EXPERIMENT_KEYS = frozenset(
         "tenants",
         "namespace",
         "variants",
+        "guardrails",
+        "type",
         "active",
     }
 )
 _VARIANT_KEYS = frozenset({"key", "weight", "params"})
+_GUARDRAIL_KEYS = frozenset({"degraded_share", "p99_latency_ms", "error_rate"})
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    """The bounds an experiment's report checks on every variant; ``None`` = not checked.
+
+    Attributes:
+        degraded_share: most share of a variant's requests answered with a stage fallen
+            back, in [0, 1].
+        p99_latency_ms: most 99th percentile of the gateway's time to answer, ms, > 0.
+        error_rate: most share of a variant's requests the gateway failed, in [0, 1].
+    """
+
+    degraded_share: float | None = None
+    p99_latency_ms: float | None = None
+    error_rate: float | None = None
+
+    def bounds(self) -> list[tuple[str, float]]:
+        """The bounds set, as ``(name, bound)`` in the order degraded_share,
+        p99_latency_ms, error_rate."""
+        named = [
+            ("degraded_share", self.degraded_share),
+            ("p99_latency_ms", self.p99_latency_ms),
+            ("error_rate", self.error_rate),
+        ]
+        return [(name, bound) for name, bound in named if bound is not None]
 
 
 @dataclass(frozen=True)
@@ -121,6 +172,9 @@ class Experiment:
         namespace: ``(id, start, end)`` slice, or ``None``.
         variants: two or more variants; index 0 is the control.
         active: inactive experiments assign no one.
+        guardrails: the bounds its report checks per variant.
+        type: ``"ab"``, or ``"interleave"`` for an interleaving experiment (two variants,
+            the arms, shown together to every user covered).
     """
 
     key: str
@@ -132,10 +186,17 @@ class Experiment:
     namespace: Namespace | None
     variants: tuple[Variant, ...]
     active: bool
+    guardrails: Guardrails = Guardrails()
+    type: ExperimentType = "ab"
 
     def targets(self, tenant: str) -> bool:
         """Whether the experiment is active and open to ``tenant``."""
-        return self.active and (self.tenants is None or tenant in self.tenants)
+        return self.active and self.declared_for(tenant)
+
+    def declared_for(self, tenant: str) -> bool:
+        """Whether the experiment is open to ``tenant``, active or not (whose report the
+        tenant may read)."""
+        return self.tenants is None or tenant in self.tenants
 
     @cached_property
     def bucket_ranges(self) -> list[BucketRange]:
@@ -242,6 +303,7 @@ def _parse_book(document: object, source: str) -> ExperimentBook:
             )
         seen.add(experiment.key)
         experiments.append(experiment)
+    _check_interleaving_overlap(experiments, source)
     return ExperimentBook(experiments=tuple(experiments), version=_version(document))
 
 
@@ -283,6 +345,8 @@ def _parse_experiment(raw: object, index: int, source: str) -> Experiment:
         namespace=_namespace(raw.get("namespace"), where),
         variants=_variants(raw.get("variants"), where),
         active=active,
+        guardrails=_guardrails(raw.get("guardrails"), where),
+        type=_type(raw, where),
     )
 
 
@@ -383,3 +447,132 @@ def _variant(raw: object, where: _Where, index: int, weight: float | None) -> Va
     ):
         raise where.error(f"{field}.params", "must map non-empty names to string values")
     return Variant(key=key, weight=weight, params=MappingProxyType(dict(params)))
+
+
+def _guardrails(value: object, where: _Where) -> Guardrails:
+    if value is None:
+        return Guardrails()
+    if not isinstance(value, dict):
+        raise where.error("guardrails", "must be an object of bounds")
+    _reject_unknown(value, _GUARDRAIL_KEYS, where, prefix="guardrails.")
+    shares = {
+        name: _fraction(value[name], where, f"guardrails.{name}")
+        for name in ("degraded_share", "error_rate")
+        if name in value
+    }
+    latency = None
+    if "p99_latency_ms" in value:
+        latency = _number(value["p99_latency_ms"])
+        if latency is None or not latency > 0.0:
+            raise where.error(
+                "guardrails.p99_latency_ms",
+                f"must be a number of ms above 0, got {value['p99_latency_ms']!r}",
+            )
+    return Guardrails(
+        degraded_share=shares.get("degraded_share"),
+        p99_latency_ms=latency,
+        error_rate=shares.get("error_rate"),
+    )
+
+
+INTERLEAVE_PARAMS: Mapping[str, str] = MappingProxyType(
+    {
+        "ranking.heavy": "on or off",
+        "ranking.prerank_keep": "a count >= 1",
+        "ranking.heavy_keep": "a count >= 1",
+        "ranking.diversity": "mmr, cap or none",
+        "ranking.mmr_lambda": "a number in [0, 1]",
+        "ranking.ctr_weight": "a number >= 0",
+        "ranking.freshness_boost": "a number",
+    }
+)
+"""The params an interleaving experiment's arms may set, and what each takes."""
+
+
+def _arm_value_ok(name: str, value: str) -> bool:
+    if name == "ranking.heavy":
+        return value in ("on", "off")
+    if name == "ranking.diversity":
+        return value in ("mmr", "cap", "none")
+    if name in ("ranking.prerank_keep", "ranking.heavy_keep"):
+        return value.isdecimal() and 1 <= int(value) <= 1_000_000
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    if not math.isfinite(number):
+        return False
+    if name == "ranking.mmr_lambda":
+        return 0.0 <= number <= 1.0
+    if name == "ranking.ctr_weight":
+        return number >= 0.0
+    return True
+
+
+def _type(raw: dict[str, object], where: _Where) -> ExperimentType:
+    """The experiment's type; for ``interleave``, its variants checked as arms (exactly
+    two, no weights, only :data:`INTERLEAVE_PARAMS` with valid values)."""
+    kind = raw.get("type", "ab")
+    if kind == "ab":
+        return "ab"
+    if kind != "interleave":
+        raise where.error("type", f"must be 'ab' or 'interleave', got {kind!r}")
+    variants = raw.get("variants")
+    assert isinstance(variants, list)  # _variants checked it before
+    if len(variants) != 2:
+        raise where.error("variants", "an interleaving experiment has exactly 2 variants")
+    for index, variant in enumerate(variants):
+        assert isinstance(variant, dict)
+        if "weight" in variant:
+            raise where.error(
+                f"variants[{index}].weight",
+                "an interleaving experiment shows both variants to every user: no weights",
+            )
+        params = variant.get("params", {})
+        assert isinstance(params, dict)
+        for name, value in params.items():
+            if name not in INTERLEAVE_PARAMS:
+                raise where.error(
+                    f"variants[{index}].params.{name}",
+                    f"not a knob an interleaving arm can set (allowed: "
+                    f"{', '.join(sorted(INTERLEAVE_PARAMS))})",
+                )
+            if not _arm_value_ok(name, value):
+                raise where.error(
+                    f"variants[{index}].params.{name}",
+                    f"must be {INTERLEAVE_PARAMS[name]}, got {value!r}",
+                )
+    return "interleave"
+
+
+def _check_interleaving_overlap(experiments: list[Experiment], source: str) -> None:
+    """Two active interleaving experiments open to a common tenant must be in disjoint
+    ranges of one namespace (a request gets one merged list)."""
+    interleaving = [
+        (index, e) for index, e in enumerate(experiments) if e.type == "interleave" and e.active
+    ]
+    for later, (index, experiment) in enumerate(interleaving):
+        for _, earlier in interleaving[:later]:
+            shared = (
+                experiment.tenants is None
+                or earlier.tenants is None
+                or bool(experiment.tenants & earlier.tenants)
+            )
+            if not shared:
+                continue
+            apart = (
+                experiment.namespace is not None
+                and earlier.namespace is not None
+                and experiment.namespace[0] == earlier.namespace[0]
+                and (
+                    experiment.namespace[2] <= earlier.namespace[1]
+                    or earlier.namespace[2] <= experiment.namespace[1]
+                )
+            )
+            if not apart:
+                raise ConfigError(
+                    f"{source}: experiment {experiment.key!r}: field 'namespace': overlaps "
+                    f"interleaving experiment {earlier.key!r}; give both disjoint ranges of "
+                    "one namespace",
+                    field=f"experiments[{index}].namespace",
+                )

@@ -7,7 +7,9 @@ with its own consumer name, so Redis hands each entry to one of them:
 1. ``XREADGROUP ... >`` reads new entries of every tenant in one call (blocking up to
    ``block_ms``); each batch is applied (:class:`~services.projector.projections.Projections`,
    idempotent) and then acknowledged (``XACK``). A replica that dies between the two
-   leaves the entries pending.
+   leaves the entries pending under its name; a replica names itself stably (its host
+   name: a pod's name), so the restarted process reads its own pending entries first
+   (``XREADGROUP ... 0``) and applies the log in order.
 2. Every ``claim_idle_s / 2`` seconds ``XAUTOCLAIM`` takes over entries pending longer
    than ``claim_idle_s`` (a crashed replica's) and applies them; applying twice changes
    nothing. Entries trimmed from the stream while pending are acknowledged away.
@@ -17,7 +19,7 @@ with its own consumer name, so Redis hands each entry to one of them:
    apply (a key of it holds another type of value) stays pending, is claimed again, and
    after ``max_deliveries`` deliveries goes to the dead letters too.
 4. The claim round also deletes the group's consumers that hold nothing and were idle
-   for ``consumer_idle_s`` (gone replicas: each process names itself host-pid).
+   for ``consumer_idle_s`` (replicas gone for good, e.g. pods of a scaled-down set).
 
 The lag is published every second per tenant: entries not yet read by the group
 (``XINFO GROUPS`` ``lag``) and the age of the oldest of them.
@@ -119,6 +121,7 @@ class StreamProjector:
         self._consumer_idle_ms = int(consumer_idle_s * 1000)
         self._clock = clock
         self._tasks: list[asyncio.Task[None]] = []
+        self._own_backlog = True
         self.last_read = 0.0
         """When a read round last succeeded (``clock`` time; 0 before the first)."""
 
@@ -132,11 +135,22 @@ class StreamProjector:
                     raise
 
     async def read_once(self) -> int:
-        """Read, apply and acknowledge one round of new entries; returns how many."""
-        streams: dict[Any, Any] = {keys.events(t): ">" for t in self.tenants}
+        """Read, apply and acknowledge one round; returns how many entries. Until it has
+        none left, a round reads this consumer's own pending entries (``XREADGROUP ... 0``:
+        what this name had read and not acknowledged when its last process died) before
+        any new one, so a restart applies the log in order."""
+        if self._own_backlog:
+            handled = await self._read("0", None)
+            if handled:
+                return handled
+            self._own_backlog = False  # every stream's own pending list is empty now
+        return await self._read(">", self._block_ms)
+
+    async def _read(self, start: str, block_ms: int | None) -> int:
+        streams: dict[Any, Any] = {keys.events(t): start for t in self.tenants}
         try:
             reply = await self._redis.xreadgroup(
-                self.group, self.consumer, streams, count=self._batch, block=self._block_ms
+                self.group, self.consumer, streams, count=self._batch, block=block_ms
             )
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -147,7 +161,14 @@ class StreamProjector:
         handled = 0
         by_stream = {keys.events(t): t for t in self.tenants}
         for stream, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
-            handled += await self._handle(by_stream[stream.decode()], entries)
+            # A pending entry deleted from the stream since comes back as (id, None).
+            gone = [as_text(p) for p, fields in entries if fields is None]
+            if gone:
+                await self._redis.xack(stream, self.group, *gone)
+            live = [entry for entry in entries if entry[1] is not None]
+            handled += len(gone)
+            if live:
+                handled += await self._handle(by_stream[stream.decode()], live)
         return handled
 
     async def claim_once(self) -> int:
@@ -262,8 +283,8 @@ class StreamProjector:
 
     async def _forget_consumers(self, tenant: str) -> None:
         """Delete the group's consumers (other than this one) that hold no pending entries
-        and were idle longer than ``consumer_idle_s``: replicas gone for good (each
-        process names itself host-pid, so every restart adds a consumer)."""
+        and were idle longer than ``consumer_idle_s``: replicas gone for good (a
+        scaled-down replica set, a renamed host)."""
         stream = keys.events(tenant)
         consumers: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, self.group)
         for consumer in consumers:

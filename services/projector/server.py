@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 from mesh import redis as mesh_redis
@@ -34,7 +33,7 @@ async def build_service(settings: ProjectorSettings) -> Service:
         Projections(client, settings.history_cap, settings.half_life_s, settings.applied_ttl_s),
         list(tenants.tenants),
         group=settings.group,
-        consumer=settings.consumer or f"{socket.gethostname()}-{os.getpid()}",
+        consumer=settings.consumer or socket.gethostname(),
         batch=settings.batch,
         block_ms=settings.block_ms,
         claim_idle_s=settings.claim_idle_s,

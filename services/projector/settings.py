@@ -33,7 +33,10 @@ class ProjectorSettings(ServerSettings):
     tenants: Path = tenants_file()
     group: str = projector_group()
     consumer: str = env(
-        "RECMESH_PROJECTOR_CONSUMER", "", doc="this replica's name in the group (default host-pid)"
+        "RECMESH_PROJECTOR_CONSUMER",
+        "",
+        doc="this replica's name in the group, stable across its restarts and distinct "
+        "from the other replicas' (default: the host name, a pod's name in Kubernetes)",
     )
     batch: int = env("RECMESH_PROJECTOR_BATCH", 200, doc="entries read per stream and round")
     block_ms: int = env(

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +44,12 @@ from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2
 
+from core.experiments.interleaving import (
+    TEAM_A,
+    inclusion_probabilities,
+    random_coins,
+    team_draft,
+)
 from core.validation import matrix_from_proto
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.stages import StageClock
@@ -52,7 +58,7 @@ from services.ranking.counters import CounterCache
 from services.ranking.explore import Slate, build_slate, rng_for
 from services.ranking.item_cache import ItemFeatureCache
 from services.ranking.models import RankingModels
-from services.ranking.policy import RankPolicy
+from services.ranking.policy import Arm, RankPolicy
 from services.ranking.quality import QualityFactor
 from services.ranking.rerank import category_spread, ctr_lift, diversify, mmr
 from services.ranking.settings import RankingSettings
@@ -89,6 +95,8 @@ class Outcome:
     degradations: dict[str, Degradation] = field(default_factory=dict)
     ran: set[str] = field(default_factory=set)
     """Stages that did work (their timing feeds the quality factor)."""
+    teams: list[str] = field(default_factory=list)
+    """Interleaved requests: the arm key of each shown item (empty otherwise)."""
 
     def response(self, model_version: str) -> ranking_pb2.RankResponse:
         return ranking_pb2.RankResponse(
@@ -101,6 +109,7 @@ class Outcome:
             stages=self.clock.reports,
             degraded=self.clock.degraded,
             model_version=model_version,
+            teams=self.teams,
         )
 
 
@@ -120,6 +129,27 @@ class _Recent:
 
     clicks: F64
     impressions: F64
+
+
+@dataclass
+class _Picked:
+    """Re-rank's choice for one ranker: the chosen head, why it fell short, how many pool
+    items had counters, and the pool's size."""
+
+    chosen: I64
+    problem: Degradation | None
+    counted: int
+    pool: int
+
+
+@dataclass
+class _Merged:
+    """An interleaved list: shown candidate positions, the team (0 = A) of each, and each
+    one's probability of being shown over the draft's coins (0 = not computed)."""
+
+    shown: I64
+    teams: list[int]
+    propensities: npt.NDArray[np.float64]
 
 
 @dataclass
@@ -196,8 +226,21 @@ class Cascade:
         planner: StagePlanner,
         user: F32,
         clock: StageClock,
+        arms: Sequence[Arm] = (),
     ) -> Outcome:
-        """Rank ``request.candidates`` for ``user`` into at most ``n`` items."""
+        """Rank ``request.candidates`` for ``user`` into at most ``n`` items.
+
+        With two ``arms`` (an interleaved request, :meth:`PolicyBook.arms
+        <services.ranking.policy.PolicyBook.arms>`) the shared stages run once (item
+        features, pre-rank of the most either arm keeps, the heavy ranker over the most
+        either keeps when either uses it, the counters of both pools), each arm is
+        re-ranked on its own order, without exploration, and the two heads are merged by
+        team draft: the outcome names each item's team, its score is its team's, and its
+        propensity is its probability of being shown over the draft's coins. ``policy``
+        holds the request-wide knobs (candidates, blocked categories, budgets); without
+        ``arms`` it is the one ranker's, with the request's heavy mode.
+        """
+        arms = arms or (Arm("", policy, request.heavy_mode != ranking_pb2.HEAVY_MODE_OFF),)
         trace = _Trace(clock)
         incoming = request.candidates
         all_ids = np.asarray(incoming.item_ids, dtype=np.int64)
@@ -241,15 +284,24 @@ class Cascade:
         score = in_scores[: ids.size].copy()
         costs = self.costs(models)
 
-        keep_k = max(n, self.quality["heavy"].scale(policy.prerank_keep))
+        keeps = [max(n, self.quality["heavy"].scale(arm.policy.prerank_keep)) for arm in arms]
         pre_order = self._prerank(
-            trace, planner, models, user, rows.matrix, eligible, keep_k, score, costs["prerank"]
+            trace,
+            planner,
+            models,
+            user,
+            rows.matrix,
+            eligible,
+            max(keeps),
+            score,
+            costs["prerank"],
         )
-        survivors = pre_order[:keep_k]
-        keep_h = max(n, self.quality["rerank"].scale(policy.heavy_keep))
-        order = pre_order
-        if request.heavy_mode != ranking_pb2.HEAVY_MODE_OFF:
-            order = self._heavy(
+        survivors = pre_order[: max(keeps)]
+        keeps_h = [max(n, self.quality["rerank"].scale(arm.policy.heavy_keep)) for arm in arms]
+        pre_score = score.copy()
+        heavy_order, heavy_scored = pre_order, 0
+        if any(arm.heavy for arm in arms):
+            heavy_order, heavy_scored = self._heavy(
                 trace,
                 planner,
                 models,
@@ -257,24 +309,51 @@ class Cascade:
                 rows.matrix,
                 pre_order,
                 survivors,
-                keep_h,
+                max(keeps_h),
                 score,
                 costs["heavy"],
             )
+        orders: list[I64] = []
+        scores: list[F32] = []
+        for arm, arm_keep in zip(arms, keeps, strict=True):
+            if not arm.heavy:
+                orders.append(pre_order)
+                scores.append(pre_score)
+            elif len(arms) == 1:
+                orders.append(heavy_order)
+                scores.append(score)
+            else:
+                # The arm's own heavy order: the heavy-scored part of its survivors.
+                top = pre_order[: min(heavy_scored, arm_keep)]
+                by_heavy = top[np.argsort(-score[top], kind="stable")]
+                orders.append(np.concatenate([by_heavy, pre_order[top.size :]]))
+                arm_score = pre_score.copy()
+                arm_score[top] = score[top]
+                scores.append(arm_score)
         recent = None
-        if policy.ctr_weight > 0:
-            recent = self._item_counters(trace, tenant, ids, order[:keep_h])
+        if any(arm.policy.ctr_weight > 0 for arm in arms):
+            pools = [order[:keep] for order, keep in zip(orders, keeps_h, strict=True)]
+            pool = pools[0] if len(pools) == 1 else np.unique(np.concatenate(pools))
+            recent = self._item_counters(trace, tenant, ids, pool)
+        rng = rng_for(request_id, tenant)
+        if len(arms) == 2:
+            merged = self._interleave(
+                trace, planner, arms, rows, recent, orders, keeps_h, featureless, n, rng
+            )
+            shown = merged.shown
+            outcome = trace.outcome(
+                ids[shown],
+                np.array(
+                    [scores[team][p] for p, team in zip(shown, merged.teams, strict=True)],
+                    dtype=np.float32,
+                ),
+                in_sources[shown].copy(),
+                merged.propensities,
+            )
+            outcome.teams = [arms[team].key for team in merged.teams]
+            return outcome
         slate = self._rerank(
-            trace,
-            planner,
-            policy,
-            rows,
-            recent,
-            order,
-            keep_h,
-            featureless,
-            n,
-            rng_for(request_id, tenant),
+            trace, planner, policy, rows, recent, orders[0], keeps_h[0], featureless, n, rng
         )
         explored = int(slate.explored.sum())
         if explored:
@@ -282,7 +361,7 @@ class Cascade:
         shown = slate.positions
         sources = in_sources[shown].copy()
         sources[slate.explored] = common_pb2.SOURCE_EXPLORE
-        return trace.outcome(ids[shown], score[shown], sources, slate.propensities)
+        return trace.outcome(ids[shown], scores[0][shown], sources, slate.propensities)
 
     def _prerank(
         self,
@@ -339,8 +418,9 @@ class Cascade:
         keep: int,
         score: F32,
         cost: CostModel,
-    ) -> I64:
-        """Heavy-score as many survivors as fit, in pre-rank order; the new order."""
+    ) -> tuple[I64, int]:
+        """Heavy-score as many survivors as fit, in pre-rank order; the new order and how
+        many were heavy-scored (the first of ``survivors``)."""
         budget = planner.budget("heavy")
         heavy = score_within(
             lambda a, b: models.heavy_scores(user, np.ascontiguousarray(matrix[survivors[a:b]])),
@@ -371,7 +451,7 @@ class Cascade:
             },
             ran=scored > 0,
         )
-        return order
+        return order, scored
 
     def _rerank(
         self,
@@ -387,7 +467,99 @@ class Cascade:
         rng: np.random.Generator,
     ) -> Slate:
         """Freshness boost, recent-CTR lift and diversity over the first ``keep`` of
-        ``order``, then the exploration slots (drawn from what follows the chosen items).
+        ``order`` (:meth:`_diversify`), then the exploration slots (drawn from what follows
+        the chosen items)."""
+        budget = planner.budget("rerank")
+        picked = self._diversify(
+            budget, _deadline(self.clock, planner, budget), policy, rows, recent, order, keep, n
+        )
+        rest = order[~np.isin(order, picked.chosen)]
+        slate = build_slate(
+            np.concatenate([picked.chosen, rest, featureless]),
+            n,
+            policy.explore_share,
+            policy.explore_pool,
+            rng,
+        )
+        trace.lap(
+            "rerank",
+            picked.problem,
+            candidates_in=picked.pool,
+            candidates_out=int(slate.positions.size),
+            budget_s=budget,
+            details={
+                "explored": int(slate.explored.sum()),
+                "categories": category_spread(rows.categories[slate.positions]),
+                "ctr_counted": picked.counted,
+            },
+        )
+        return slate
+
+    def _interleave(
+        self,
+        trace: _Trace,
+        planner: StagePlanner,
+        arms: Sequence[Arm],
+        rows: _Rows,
+        recent: _Recent | None,
+        orders: Sequence[I64],
+        keeps: Sequence[int],
+        featureless: I64,
+        n: int,
+        rng: np.random.Generator,
+    ) -> _Merged:
+        """Re-rank each arm's order (:meth:`_diversify`, no exploration) and merge the two
+        heads of ``n`` by team draft, the coins drawn from ``rng``; the shown candidate
+        positions, the team of each, and each one's probability of being shown over the
+        coins (:func:`~core.experiments.interleaving.inclusion_probabilities`)."""
+        budget = planner.budget("rerank")
+        deadline = _deadline(self.clock, planner, budget)
+        heads: list[list[int]] = []
+        problem: Degradation | None = None
+        counted = pooled = 0
+        for arm, order, keep in zip(arms, orders, keeps, strict=True):
+            picked = self._diversify(budget, deadline, arm.policy, rows, recent, order, keep, n)
+            rest = order[~np.isin(order, picked.chosen)]
+            heads.append(np.concatenate([picked.chosen, rest, featureless])[:n].tolist())
+            problem = problem or picked.problem
+            counted, pooled = max(counted, picked.counted), pooled + picked.pool
+        merged = team_draft(heads[0], heads[1], n, random_coins(rng))
+        shown = np.asarray(merged.items, dtype=np.int64)
+        trace.lap(
+            "rerank",
+            problem,
+            candidates_in=pooled,
+            candidates_out=int(shown.size),
+            budget_s=budget,
+            details={
+                "explored": 0,
+                "categories": category_spread(rows.categories[shown]),
+                "ctr_counted": counted,
+                "interleaved_a": sum(team == TEAM_A for team in merged.teams),
+            },
+        )
+        probabilities = inclusion_probabilities(heads[0], heads[1], n)
+        return _Merged(
+            shown,
+            list(merged.teams),
+            np.array([probabilities[p] for p in merged.items])
+            if probabilities is not None
+            else np.zeros(shown.size),
+        )
+
+    def _diversify(
+        self,
+        budget: float,
+        deadline: float,
+        policy: RankPolicy,
+        rows: _Rows,
+        recent: _Recent | None,
+        order: I64,
+        keep: int,
+        n: int,
+    ) -> _Picked:
+        """The re-ranked head of ``order``: freshness boost, recent-CTR lift and diversity
+        over its first ``keep``.
 
         Relevance is rank-based, ``1 - rank / pool``, plus ``freshness_boost * freshness``
         and ``ctr_weight * ctr_lift`` (the item's decayed clicks and impressions against
@@ -398,10 +570,8 @@ class Cascade:
         decides whether diversity runs at all, and only the answer's own deadline cuts it
         short (a scheduling stall inside it is not worth a worse page otherwise).
         """
-        budget = planner.budget("rerank")
-        answer_within = planner.answer_within()
-        deadline = self.clock() + (budget if answer_within is None else answer_within)
         pool = order[:keep]
+        pool_size = int(pool.size)
         relevance = 1.0 - np.arange(pool.size, dtype=np.float64) / max(1, pool.size)
         boost = np.zeros(pool.size, dtype=np.float64)
         if policy.freshness_boost and rows.matrix is not None:
@@ -447,27 +617,7 @@ class Cascade:
                     f"diversified {picked.diversified} of {slots} slots before the answer's "
                     "deadline; the rest in score order",
                 )
-        rest = order[~np.isin(order, chosen)]
-        slate = build_slate(
-            np.concatenate([chosen, rest, featureless]),
-            n,
-            policy.explore_share,
-            policy.explore_pool,
-            rng,
-        )
-        trace.lap(
-            "rerank",
-            problem,
-            candidates_in=int(pool.size),
-            candidates_out=int(slate.positions.size),
-            budget_s=budget,
-            details={
-                "explored": int(slate.explored.sum()),
-                "categories": category_spread(rows.categories[slate.positions]),
-                "ctr_counted": counted,
-            },
-        )
-        return slate
+        return _Picked(chosen, problem, counted, pool_size)
 
     def _item_counters(self, trace: _Trace, tenant: str, ids: I64, pool: I64) -> _Recent:
         """The counters held for re-rank's ``pool`` (positions into ``ids``), from the
@@ -562,6 +712,12 @@ def warm_up_paths() -> None:
     np.isin(order, order[:5])
     build_slate(order, 10, 0.3, 20, rng_for("warm-up", ""))
     category_spread(categories)
+
+
+def _deadline(clock: Callable[[], float], planner: StagePlanner, budget: float) -> float:
+    """When re-rank must stop: the answer's deadline, or its budget from now without one."""
+    answer_within = planner.answer_within()
+    return clock() + (budget if answer_within is None else answer_within)
 
 
 def _without_features(hit: npt.NDArray[np.bool_], total: int, why: str) -> Degradation:

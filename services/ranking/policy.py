@@ -2,8 +2,10 @@
 
 Three layers, each overriding the one before: the service settings, the tenant's entry
 in the policy file (``RECMESH_RANKING_POLICIES``), and the request (experiment variant
-params the gateway copies into ``RankRequest``). The policy file is JSON; unknown keys are
-rejected so a typo fails at start-up::
+params the gateway copies into ``RankRequest``). An interleaved request
+(``RankRequest.interleave``) has two arms, each the request's policy with the arm's knobs
+over it (:meth:`PolicyBook.arms`). The policy file is JSON; unknown keys are rejected so a
+typo fails at start-up::
 
     {"tenants": {"acme": {"prerank_keep": 150, "heavy_keep": 40, "diversity": "cap",
                           "max_per_category": 2, "blocked_categories": [3, 7],
@@ -140,6 +142,22 @@ def _tenant_policy(base: RankPolicy, tenant: str, spec: Any, path: Path) -> Rank
     return policy
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One ranker of a request: its policy and whether the heavy ranker orders its list.
+
+    Attributes:
+        key: the arm's name (an interleaving experiment's variant key); "" when the request
+            is not interleaved.
+        policy: the request's policy with the arm's overrides.
+        heavy: whether the heavy ranker orders the arm's list (else pre-rank order).
+    """
+
+    key: str
+    policy: RankPolicy
+    heavy: bool
+
+
 class PolicyBook:
     """Per-tenant policies over the service defaults.
 
@@ -204,3 +222,62 @@ class PolicyBook:
         if problem is not None:
             raise InvalidArgument(problem[1], field=problem[0])
         return resolved
+
+    def arms(self, policy: RankPolicy, request: ranking_pb2.RankRequest) -> tuple[Arm, ...]:
+        """The request's rankers: one (key "") unless it is interleaved, then A and B, each
+        ``policy`` (the request's, from :meth:`resolve`) with the arm's knobs over it.
+
+        Raises:
+            InvalidArgument: an arm's knob is out of range (field ``interleave.a.<knob>``),
+                an arm has no key, or both have the same.
+        """
+        heavy = request.heavy_mode != ranking_pb2.HEAVY_MODE_OFF
+        if not request.HasField("interleave"):
+            return (Arm("", policy, heavy),)
+        arms = []
+        for name in ("a", "b"):
+            spec: ranking_pb2.RankerArm = getattr(request.interleave, name)
+            if not spec.key:
+                raise InvalidArgument(
+                    f"interleave.{name}.key must be non-empty", field=f"interleave.{name}.key"
+                )
+            arms.append(Arm(spec.key, _arm_policy(policy, spec, name), _arm_heavy(spec, heavy)))
+        if arms[0].key == arms[1].key:
+            raise InvalidArgument(
+                "interleave.a.key and interleave.b.key must differ", field="interleave.b.key"
+            )
+        return tuple(arms)
+
+
+def _arm_heavy(spec: ranking_pb2.RankerArm, default: bool) -> bool:
+    if spec.heavy_mode == ranking_pb2.HEAVY_MODE_UNSPECIFIED:
+        return default
+    return bool(spec.heavy_mode != ranking_pb2.HEAVY_MODE_OFF)
+
+
+def _arm_policy(policy: RankPolicy, spec: ranking_pb2.RankerArm, name: str) -> RankPolicy:
+    """``policy`` with the arm's knobs (unset ones keep the policy's)."""
+    changes: dict[str, Any] = {}
+    for knob in ("prerank_keep", "heavy_keep"):
+        value = getattr(spec, knob)
+        if value < 0:
+            raise InvalidArgument(f"{knob} must be >= 0", field=f"interleave.{name}.{knob}")
+        if value:
+            changes[knob] = value
+    if spec.diversity in _DIVERSITY_FROM_PROTO:
+        changes["diversity"] = _DIVERSITY_FROM_PROTO[spec.diversity]
+    if spec.HasField("mmr_lambda"):
+        changes["mmr_lambda"] = spec.mmr_lambda
+    if spec.HasField("ctr_weight"):
+        changes["ctr_weight"] = spec.ctr_weight
+    if spec.HasField("freshness_boost"):
+        changes["freshness_boost"] = spec.freshness_boost
+    if not math.isfinite(changes.get("freshness_boost", 0.0)):
+        raise InvalidArgument(
+            "freshness_boost must be finite", field=f"interleave.{name}.freshness_boost"
+        )
+    resolved = dataclasses.replace(policy, **changes)
+    problem = _problem(resolved)
+    if problem is not None:
+        raise InvalidArgument(problem[1], field=f"interleave.{name}.{problem[0]}")
+    return resolved

@@ -65,7 +65,8 @@ def quality_factors(
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    """Ranks a candidate list for one user within the request's deadline.
+    """Ranks a candidate list for one user within the request's deadline (or, for an
+    interleaved request, two rankings of it merged by team draft).
 
     Without item features (feature service down, nothing cached) the candidates keep
     their incoming order and ``item_features`` is named in ``degraded``; without user
@@ -142,6 +143,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         n = self._validate(request)
         tenant = tenant_var.get()
         policy = self.policies.resolve(tenant, request)
+        arms = self.policies.arms(policy, request)
         models = self.models
         planner = StagePlanner(
             policy.budgets,
@@ -167,6 +169,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             planner=planner,
             user=user,
             clock=clock,
+            arms=arms,
         )
         self._record(outcome, tenant)
         return outcome.response(models.version)

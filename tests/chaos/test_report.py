@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from chaos.bars import build
-from chaos.figures import Marks, recovered_after, recovery_time, within
+from chaos.figures import Evidence, Marks, exactly_once, recovered_after, recovery_time, within
 from chaos.render import findings, to_json, to_markdown
 from chaos.scenarios import Scenario, default_scenarios, select
-from chaos.timeline import HealthSample, Request, Sample, Second
+from chaos.timeline import GroupSample, HealthSample, ProjectorCheck, Request, Sample, Second
+from loadtest.ingest import Post
 
 DEADLINE_MS = 100.0
 MARKS = Marks(start=0.0, fault=5.0, recover=15.0, recovered=17.0, end=30.0)
@@ -259,6 +260,7 @@ def test_the_suite_covers_every_fault_of_the_issue() -> None:
         "kill-experiment",
         "kill-quota",
         "kill-events",
+        "kill-projector",
         "stop-feature",
         "ranking-unavailable-50",
         "retrieval-latency-200ms",
@@ -269,6 +271,8 @@ def test_the_suite_covers_every_fault_of_the_issue() -> None:
     assert events.fault_s == 30.0, "the events service stays down 30 s"
     assert all("answered" in s.bars for s in default_scenarios() if s.action == "kill")
     assert all({"lost", "amplification"} <= set(s.all_bars) for s in default_scenarios())
+    projector_faults = [s.name for s in default_scenarios() if {"once", "verify"} <= set(s.bars)]
+    assert projector_faults == ["kill-projector", "redis-restart"], "issue 13's two faults"
     with pytest.raises(ValueError, match="unknown scenario"):
         select(default_scenarios(), ["kill-nothing"])
 
@@ -290,3 +294,115 @@ def test_recovery_is_judged_live_on_what_was_seen_so_far() -> None:
     so_far = Marks(MARKS.start, MARKS.fault, MARKS.recover, MARKS.recovered, 19.0)
     assert recovered_after(kill, so_far, *observed, DEADLINE_MS) is None
     assert recovered_after(kill, MARKS, *observed, DEADLINE_MS) == pytest.approx(3.0)
+
+
+def test_exactly_once_counts_missing_accepted_ids_and_extra_copies_of_any_sent() -> None:
+    stored = {"a": 1, "b": 2, "t": 2, "x": 1}
+    # "c" was accepted and is missing; "b" is stored twice; "t" was sent (its post timed
+    # out, so it was not accepted) and is stored twice; "x" was never sent by this window.
+    assert exactly_once(["a", "b", "c", "c"], ["a", "b", "c", "t"], stored) == (1, 2)
+    assert exactly_once([], [], stored) == (0, 0)
+
+
+def evidence(stored: dict[str, int], check: ProjectorCheck | None) -> Evidence:
+    """The log of one scenario: two ingest posts (the second timed out), the clicks and
+    the ten impressions of each answer of :func:`load`, the projector's group killed at
+    the fault and caught up 2 s after the repair."""
+    posts = [
+        Post(6.0, 4.0, 202, "", ("p1", "p2")),
+        Post(9.0, 2000.0, 0, "timeout", ("p3",)),
+    ]
+    group = [
+        GroupSample(t / 2, True, lag=0 if not 10 <= t < 38 else 400, pending=5 * (10 <= t < 50))
+        for t in range(60)
+    ]
+    return Evidence(posts, stored, group, check)
+
+
+def log_of(requests: list[Request], *extra: str) -> dict[str, int]:
+    """Every event of ``requests`` stored once, plus ``extra`` copies."""
+    stored = {f"{r.request_id}:{i}": 1 for r in requests if r.kind == "rec" for i in range(10)}
+    stored |= {r.event_id: 1 for r in requests if r.kind == "evt"}
+    stored |= {"p1": 1, "p2": 1}
+    for event_id in extra:
+        stored[event_id] = stored.get(event_id, 0) + 1
+    return stored
+
+
+CAUGHT_UP = ProjectorCheck(True, 1.0, 0, 0, 10_000, 0)
+
+
+def test_the_log_bars_of_a_projector_scenario() -> None:
+    requests = load(late_at=None)
+    kill = scenario("kill-projector")
+    clean = build(
+        kill,
+        MARKS,
+        requests,
+        samples(),
+        health(),
+        log_of(requests),
+        DEADLINE_MS,
+        evidence=evidence(log_of(requests), CAUGHT_UP),
+    )
+    f = clean.figures
+    assert f.events_expected == 2 + 4 + 750 * 10, "accepted posts, clicks, impressions"
+    assert (f.events_missing, f.events_duplicated) == (0, 0)
+    assert (f.lag_peak, f.pending_held, f.pending_cleared_s) == (400, 5, 20.0)
+    assert f.lag_zero_s == pytest.approx(2.0)
+    assert {b.name: b.passed for b in clean.bars} == {
+        "answered": True,
+        "once": True,
+        "verify": True,
+        "lost": True,
+        "amplification": True,
+    }
+
+    broken = log_of(requests, "r3:0", "p3", "p3")
+    del broken["p2"]
+    report = build(
+        kill,
+        MARKS,
+        requests,
+        samples(),
+        health(),
+        broken,
+        DEADLINE_MS,
+        evidence=evidence(broken, ProjectorCheck(True, 1.0, 0, 0, 10_000, 3, ["x"])),
+    )
+    bars = {b.name: b for b in report.bars}
+    assert bars["once"].measured == 1 + 1 + 1 and not bars["once"].passed
+    assert bars["verify"].measured == 3 and not bars["verify"].passed
+    assert bars["once"].source == bars["verify"].source == "issue 13"
+    lines = findings([report])
+    assert ": 1 of 7506 accepted events missing, 2 extra copies" in lines[0]
+
+
+def test_a_projector_that_never_caught_up_fails_the_projections_bar() -> None:
+    requests = load(late_at=None)
+    stored = log_of(requests)
+    stuck = ProjectorCheck(False, 120.0, 12, 3, 10_000, 0)
+    report = build(
+        scenario("kill-projector"),
+        MARKS,
+        requests,
+        samples(),
+        health(),
+        stored,
+        DEADLINE_MS,
+        evidence=evidence(stored, stuck),
+    )
+    verify = next(b for b in report.bars if b.name == "verify")
+    assert verify.measured is None and verify.passed is False
+    assert "never caught up" in findings([report])[0]
+    unchecked = build(
+        scenario("kill-projector"),
+        MARKS,
+        requests,
+        samples(),
+        health(),
+        stored,
+        DEADLINE_MS,
+        evidence=evidence(stored, None),
+    )
+    assert next(b for b in unchecked.bars if b.name == "verify").passed is None

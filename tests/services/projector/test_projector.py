@@ -289,3 +289,22 @@ async def test_the_projector_is_progressing_only_while_its_reads_succeed(
     finally:
         await reader.stop()
     assert not reader.progressing(within_s=5.0)
+
+
+async def test_a_restarted_replica_applies_what_it_had_read_before_anything_new(
+    client: aioredis.Redis,
+) -> None:
+    """Killed between reading and acknowledging, then restarted under its stable name: the
+    entries it held come first, so the user's outcomes stay in log order."""
+    name, now = tenant(), int(time.time() * 1000)
+    first = projector(client, [name])
+    await first.prepare()
+    await append(client, name, event("click", 61, now))
+    await client.xreadgroup("projector", "test", {keys.events(name): ">"}, count=10)  # dies
+    await append(client, name, event("click", 62, now + 1))
+    again = projector(client, [name])  # the same consumer name, a new process
+    assert await again.read_once() == 1  # its own pending entry
+    assert await history(client, name) == [61]
+    assert await again.read_once() == 1  # none left of its own: then the new entry
+    assert await history(client, name) == [61, 62]
+    assert await pending(client, name) == 0

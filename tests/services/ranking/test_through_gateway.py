@@ -74,7 +74,11 @@ async def test_impressions_carry_the_propensities_ranking_returned(mesh: Mesh) -
             reply = await stub.Read(
                 events_pb2.ReadRequest(limit=1000), metadata=tenant_metadata("demo")
             )
-            logged = [e.event for e in reply.events if e.event.request_id == body["request_id"]]
+            logged = [
+                e.event
+                for e in reply.events
+                if e.event.request_id == body["request_id"] and e.event.type == "impression"
+            ]
             if len(logged) == 10:
                 break
             await asyncio.sleep(0.05)

@@ -78,10 +78,13 @@ class Event(_message.Message):
     RETRIEVAL_VERSION_FIELD_NUMBER: _builtins.int
     RANKING_VERSION_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    BOOK_VERSION_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id; the idempotency key."""
     type: _builtins.str
-    """impression, click, conversion, exposure."""
+    """impression, click, conversion, exposure, dismiss, error (a request the gateway failed)."""
     user_id: _builtins.str
     item_id: _builtins.int
     request_id: _builtins.str
@@ -101,6 +104,21 @@ class Event(_message.Message):
     retrieval_version: _builtins.str
     """Artifact-set versions that served the request (empty when that stage did not answer)."""
     ranking_version: _builtins.str
+    book_version: _builtins.str
+    """On an exposure: the version of the experiment book the assignment came from (the
+    experiment service's AssignResponse.book_version). Empty on other events.
+    """
+    latency_ms: _builtins.float
+    """On the gateway's impressions and errors: how long the gateway took to produce the
+    request's answer (or its error), ms, from the request's arrival in the funnel to the
+    answer being ready; 0 when not measured (events clients post, older gateways).
+    """
+    team: _builtins.str
+    """On an impression of an interleaved request (an interleaving experiment's variant
+    "interleaved" in `variants`): the arm whose team-draft pick the item was (the arm's
+    variant key). Empty on other events. `propensity` stays the probability the item had of
+    being shown, over the draft's coins (core/experiments/interleaving.py).
+    """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -129,10 +147,13 @@ class Event(_message.Message):
         retrieval_version: _builtins.str = ...,
         ranking_version: _builtins.str = ...,
         degraded: _abc.Iterable[_builtins.str] | None = ...,
+        book_version: _builtins.str = ...,
+        latency_ms: _builtins.float = ...,
+        team: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "degraded", b"degraded", "event_id", b"event_id", "item_id", b"item_id", "position", b"position", "propensity", b"propensity", "ranking_version", b"ranking_version", "request_id", b"request_id", "retrieval_version", b"retrieval_version", "score", b"score", "source", b"source", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "book_version", b"book_version", "degraded", b"degraded", "event_id", b"event_id", "item_id", b"item_id", "latency_ms", b"latency_ms", "position", b"position", "propensity", b"propensity", "ranking_version", b"ranking_version", "request_id", b"request_id", "retrieval_version", b"retrieval_version", "score", b"score", "source", b"source", "team", b"team", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&recmesh/experiment/v1/experiment.proto\x12\x15recmesh.experiment.v1\"\x9d\x01\n\rAssignRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12H\n\nattributes\x18\x02 \x03(\x0b\x32\x34.recmesh.experiment.v1.AssignRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd2\x01\n\nAssignment\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x13\n\x0bvariant_key\x18\x02 \x01(\t\x12\x15\n\rvariant_index\x18\x03 \x01(\x05\x12=\n\x06params\x18\x04 \x03(\x0b\x32-.recmesh.experiment.v1.Assignment.ParamsEntry\x12\x12\n\nhash_value\x18\x05 \x01(\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x0e\x41ssignResponse\x12\x36\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32!.recmesh.experiment.v1.Assignment\x12\x14\n\x0c\x62ook_version\x18\x02 \x01(\t2j\n\x11\x45xperimentService\x12U\n\x06\x41ssign\x12$.recmesh.experiment.v1.AssignRequest\x1a%.recmesh.experiment.v1.AssignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&recmesh/experiment/v1/experiment.proto\x12\x15recmesh.experiment.v1\"\x9d\x01\n\rAssignRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12H\n\nattributes\x18\x02 \x03(\x0b\x32\x34.recmesh.experiment.v1.AssignRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfc\x01\n\nAssignment\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x13\n\x0bvariant_key\x18\x02 \x01(\t\x12\x15\n\rvariant_index\x18\x03 \x01(\x05\x12=\n\x06params\x18\x04 \x03(\x0b\x32-.recmesh.experiment.v1.Assignment.ParamsEntry\x12\x12\n\nhash_value\x18\x05 \x01(\x01\x12(\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x1a.recmesh.experiment.v1.Arm\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x03\x41rm\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x36\n\x06params\x18\x02 \x03(\x0b\x32&.recmesh.experiment.v1.Arm.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x0e\x41ssignResponse\x12\x36\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32!.recmesh.experiment.v1.Assignment\x12\x14\n\x0c\x62ook_version\x18\x02 \x01(\t\"*\n\x10GetReportRequest\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\"%\n\x08Interval\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\"\xaf\x02\n\x04Lift\x12\x14\n\x0c\x63ontrol_mean\x18\x01 \x01(\x01\x12\x16\n\x0etreatment_mean\x18\x02 \x01(\x01\x12\x15\n\rabsolute_lift\x18\x03 \x01(\x01\x12\x34\n\x0b\x61\x62solute_ci\x18\x04 \x01(\x0b\x32\x1f.recmesh.experiment.v1.Interval\x12\x15\n\rrelative_lift\x18\x05 \x01(\x01\x12\x34\n\x0brelative_ci\x18\x06 \x01(\x0b\x32\x1f.recmesh.experiment.v1.Interval\x12\x0f\n\x07p_value\x18\x07 \x01(\x01\x12\x1b\n\x13probability_to_beat\x18\x08 \x01(\x01\x12\x15\n\rexpected_loss\x18\t \x01(\x01\x12\x1a\n\x12variance_reduction\x18\n \x01(\x01\"\x8f\x01\n\x10MetricComparison\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12)\n\x04lift\x18\x02 \x01(\x0b\x32\x1b.recmesh.experiment.v1.Lift\x12*\n\x05\x63uped\x18\x03 \x01(\x0b\x32\x1b.recmesh.experiment.v1.Lift\x12\x14\n\x0cnot_computed\x18\x04 \x01(\t\"Y\n\tGuardrail\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ound\x18\x02 \x01(\x01\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x10\n\x08requests\x18\x04 \x01(\r\x12\x0e\n\x06passed\x18\x05 \x01(\x08\"=\n\x06Spread\x12\x13\n\x0bitems_shown\x18\x01 \x01(\r\x12\x10\n\x08\x63overage\x18\x02 \x01(\x01\x12\x0c\n\x04gini\x18\x03 \x01(\x01\"\xb5\x01\n\x0c\x44\x61ilyVariant\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\x13\n\x0bvariant_key\x18\x02 \x01(\t\x12\r\n\x05users\x18\x03 \x01(\r\x12\x13\n\x0bimpressions\x18\x04 \x01(\r\x12\x0e\n\x06\x63licks\x18\x05 \x01(\r\x12\x13\n\x0b\x63onversions\x18\x06 \x01(\r\x12\x0b\n\x03\x63tr\x18\x07 \x01(\x01\x12-\n\x06spread\x18\x08 \x01(\x0b\x32\x1d.recmesh.experiment.v1.Spread\"\xfb\x02\n\rVariantReport\x12\x13\n\x0bvariant_key\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\r\n\x05users\x18\x03 \x01(\r\x12\x11\n\texposures\x18\x04 \x01(\r\x12\x10\n\x08requests\x18\x05 \x01(\r\x12\x13\n\x0bimpressions\x18\x06 \x01(\r\x12\x0e\n\x06\x63licks\x18\x07 \x01(\r\x12\x13\n\x0b\x63onversions\x18\x08 \x01(\r\x12\x0b\n\x03\x63tr\x18\t \x01(\x01\x12\x17\n\x0f\x63onversion_rate\x18\n \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x0b \x01(\r\x12<\n\x0b\x63omparisons\x18\x0c \x03(\x0b\x32\'.recmesh.experiment.v1.MetricComparison\x12\x34\n\nguardrails\x18\r \x03(\x0b\x32 .recmesh.experiment.v1.Guardrail\x12-\n\x06spread\x18\x0e \x01(\x0b\x32\x1d.recmesh.experiment.v1.Spread\"h\n\x0bSampleRatio\x12\x10\n\x08observed\x18\x01 \x03(\r\x12\x16\n\x0e\x65xpected_share\x18\x02 \x03(\x01\x12\x0c\n\x04\x63hi2\x18\x03 \x01(\x01\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x10\n\x08mismatch\x18\x05 \x01(\x08\";\n\x10\x42ookVersionCount\x12\x14\n\x0c\x62ook_version\x18\x01 \x01(\t\x12\x11\n\texposures\x18\x02 \x01(\r\"\x8d\x02\n\x0b\x44\x61taQuality\x12!\n\x19users_in_several_variants\x18\x01 \x01(\r\x12%\n\x1d\x65xposures_of_unknown_variants\x18\x02 \x01(\r\x12$\n\x1cimpressions_outside_exposure\x18\x03 \x01(\r\x12\x19\n\x11\x66\x61llback_requests\x18\x04 \x01(\r\x12\x1a\n\x12unmatched_outcomes\x18\x05 \x01(\r\x12\x17\n\x0finvalid_entries\x18\x06 \x01(\r\x12>\n\rbook_versions\x18\x07 \x03(\x0b\x32\'.recmesh.experiment.v1.BookVersionCount\"\xda\x03\n\x06Report\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0c\x62ook_version\x18\x03 \x01(\t\x12\x14\n\x0clog_position\x18\x04 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x04\x12\x19\n\x11\x66irst_exposure_ms\x18\x06 \x01(\x03\x12\r\n\x05\x61lpha\x18\x07 \x01(\x01\x12\x36\n\x08variants\x18\x08 \x03(\x0b\x32$.recmesh.experiment.v1.VariantReport\x12/\n\x03srm\x18\t \x01(\x0b\x32\".recmesh.experiment.v1.SampleRatio\x12\x38\n\x0c\x64\x61ta_quality\x18\n \x01(\x0b\x32\".recmesh.experiment.v1.DataQuality\x12\x16\n\x0e\x63\x61talogue_size\x18\x0b \x01(\r\x12\x32\n\x05\x64\x61ily\x18\x0c \x03(\x0b\x32#.recmesh.experiment.v1.DailyVariant\x12\x17\n\x0f\x63ovariate_users\x18\r \x01(\r\x12\x14\n\x0c\x65ntries_read\x18\x0e \x01(\x04\x12\x0f\n\x07rebuilt\x18\x0f \x01(\x08\x12\x12\n\ncompute_ms\x18\x10 \x01(\x01\x32\xbf\x01\n\x11\x45xperimentService\x12U\n\x06\x41ssign\x12$.recmesh.experiment.v1.AssignRequest\x1a%.recmesh.experiment.v1.AssignResponse\x12S\n\tGetReport\x12\'.recmesh.experiment.v1.GetReportRequest\x1a\x1d.recmesh.experiment.v1.Reportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,16 +35,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_ASSIGNMENT_PARAMSENTRY']._loaded_options = None
   _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_ARM_PARAMSENTRY']._loaded_options = None
+  _globals['_ARM_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_ASSIGNREQUEST']._serialized_start=66
   _globals['_ASSIGNREQUEST']._serialized_end=223
   _globals['_ASSIGNREQUEST_ATTRIBUTESENTRY']._serialized_start=174
   _globals['_ASSIGNREQUEST_ATTRIBUTESENTRY']._serialized_end=223
   _globals['_ASSIGNMENT']._serialized_start=226
-  _globals['_ASSIGNMENT']._serialized_end=436
-  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_start=391
-  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_end=436
-  _globals['_ASSIGNRESPONSE']._serialized_start=438
-  _globals['_ASSIGNRESPONSE']._serialized_end=532
-  _globals['_EXPERIMENTSERVICE']._serialized_start=534
-  _globals['_EXPERIMENTSERVICE']._serialized_end=640
+  _globals['_ASSIGNMENT']._serialized_end=478
+  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_start=433
+  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_end=478
+  _globals['_ARM']._serialized_start=480
+  _globals['_ARM']._serialized_end=601
+  _globals['_ARM_PARAMSENTRY']._serialized_start=433
+  _globals['_ARM_PARAMSENTRY']._serialized_end=478
+  _globals['_ASSIGNRESPONSE']._serialized_start=603
+  _globals['_ASSIGNRESPONSE']._serialized_end=697
+  _globals['_GETREPORTREQUEST']._serialized_start=699
+  _globals['_GETREPORTREQUEST']._serialized_end=741
+  _globals['_INTERVAL']._serialized_start=743
+  _globals['_INTERVAL']._serialized_end=780
+  _globals['_LIFT']._serialized_start=783
+  _globals['_LIFT']._serialized_end=1086
+  _globals['_METRICCOMPARISON']._serialized_start=1089
+  _globals['_METRICCOMPARISON']._serialized_end=1232
+  _globals['_GUARDRAIL']._serialized_start=1234
+  _globals['_GUARDRAIL']._serialized_end=1323
+  _globals['_SPREAD']._serialized_start=1325
+  _globals['_SPREAD']._serialized_end=1386
+  _globals['_DAILYVARIANT']._serialized_start=1389
+  _globals['_DAILYVARIANT']._serialized_end=1570
+  _globals['_VARIANTREPORT']._serialized_start=1573
+  _globals['_VARIANTREPORT']._serialized_end=1952
+  _globals['_SAMPLERATIO']._serialized_start=1954
+  _globals['_SAMPLERATIO']._serialized_end=2058
+  _globals['_BOOKVERSIONCOUNT']._serialized_start=2060
+  _globals['_BOOKVERSIONCOUNT']._serialized_end=2119
+  _globals['_DATAQUALITY']._serialized_start=2122
+  _globals['_DATAQUALITY']._serialized_end=2391
+  _globals['_REPORT']._serialized_start=2394
+  _globals['_REPORT']._serialized_end=2868
+  _globals['_EXPERIMENTSERVICE']._serialized_start=2871
+  _globals['_EXPERIMENTSERVICE']._serialized_end=3062
 # @@protoc_insertion_point(module_scope)

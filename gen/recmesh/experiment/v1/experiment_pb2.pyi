@@ -92,6 +92,7 @@ class Assignment(_message.Message):
     VARIANT_INDEX_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     HASH_VALUE_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
     experiment_key: _builtins.str
     variant_key: _builtins.str
     variant_index: _builtins.int
@@ -99,6 +100,13 @@ class Assignment(_message.Message):
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Pipeline knobs of the variant, e.g. "retrieval.ann_k" -> "600"."""
+
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
+        """Interleaving experiments (book "type": "interleave") only: the two rankers, the first
+        (A, the control) then B, whose answers the request merges by team draft. variant_key is
+        then "interleaved" and params is empty; the gateway sends the arms to ranking.
+        """
 
     def __init__(
         self,
@@ -108,14 +116,60 @@ class Assignment(_message.Message):
         variant_index: _builtins.int = ...,
         params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hash_value: _builtins.float = ...,
+        arms: _abc.Iterable[Global___Arm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_key", b"experiment_key", "hash_value", b"hash_value", "params", b"params", "variant_index", b"variant_index", "variant_key", b"variant_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "experiment_key", b"experiment_key", "hash_value", b"hash_value", "params", b"params", "variant_index", b"variant_index", "variant_key", b"variant_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class Arm(_message.Message):
+    """One ranker of an interleaving experiment: the variant's key and its ranking knobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KEY_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Arm: _TypeAlias = Arm  # noqa: Y015
 
 @_typing.final
 class AssignResponse(_message.Message):
@@ -143,3 +197,510 @@ class AssignResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AssignResponse: _TypeAlias = AssignResponse  # noqa: Y015
+
+@_typing.final
+class GetReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
+    experiment_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        experiment_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_key", b"experiment_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReportRequest: _TypeAlias = GetReportRequest  # noqa: Y015
+
+@_typing.final
+class Interval(_message.Message):
+    """A two-sided interval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    high: _builtins.float
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interval: _TypeAlias = Interval  # noqa: Y015
+
+@_typing.final
+class Lift(_message.Message):
+    """A treatment against the control on one ratio metric (core.experiments.stats.Comparison)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTROL_MEAN_FIELD_NUMBER: _builtins.int
+    TREATMENT_MEAN_FIELD_NUMBER: _builtins.int
+    ABSOLUTE_LIFT_FIELD_NUMBER: _builtins.int
+    ABSOLUTE_CI_FIELD_NUMBER: _builtins.int
+    RELATIVE_LIFT_FIELD_NUMBER: _builtins.int
+    RELATIVE_CI_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    PROBABILITY_TO_BEAT_FIELD_NUMBER: _builtins.int
+    EXPECTED_LOSS_FIELD_NUMBER: _builtins.int
+    VARIANCE_REDUCTION_FIELD_NUMBER: _builtins.int
+    control_mean: _builtins.float
+    treatment_mean: _builtins.float
+    absolute_lift: _builtins.float
+    relative_lift: _builtins.float
+    p_value: _builtins.float
+    probability_to_beat: _builtins.float
+    """Bayesian view (normal posterior of the lift under a flat prior)."""
+    expected_loss: _builtins.float
+    variance_reduction: _builtins.float
+    """1 - adjusted / unadjusted variance of the lift (CUPED); 0 without a covariate."""
+    @_builtins.property
+    def absolute_ci(self) -> Global___Interval: ...
+    @_builtins.property
+    def relative_ci(self) -> Global___Interval: ...
+    def __init__(
+        self,
+        *,
+        control_mean: _builtins.float = ...,
+        treatment_mean: _builtins.float = ...,
+        absolute_lift: _builtins.float = ...,
+        absolute_ci: Global___Interval | None = ...,
+        relative_lift: _builtins.float = ...,
+        relative_ci: Global___Interval | None = ...,
+        p_value: _builtins.float = ...,
+        probability_to_beat: _builtins.float = ...,
+        expected_loss: _builtins.float = ...,
+        variance_reduction: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["absolute_ci", b"absolute_ci", "relative_ci", b"relative_ci"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absolute_ci", b"absolute_ci", "absolute_lift", b"absolute_lift", "control_mean", b"control_mean", "expected_loss", b"expected_loss", "p_value", b"p_value", "probability_to_beat", b"probability_to_beat", "relative_ci", b"relative_ci", "relative_lift", b"relative_lift", "treatment_mean", b"treatment_mean", "variance_reduction", b"variance_reduction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lift: _TypeAlias = Lift  # noqa: Y015
+
+@_typing.final
+class MetricComparison(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    LIFT_FIELD_NUMBER: _builtins.int
+    CUPED_FIELD_NUMBER: _builtins.int
+    NOT_COMPUTED_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """"ctr" (clicks per impression) or "conversion_rate" (conversions per impression)."""
+    not_computed: _builtins.str
+    """Why there is no comparison (e.g. fewer than 2 users, no click in either variant);
+    empty when `lift` is set.
+    """
+    @_builtins.property
+    def lift(self) -> Global___Lift:
+        """Delta method over the users' sums, no covariate."""
+
+    @_builtins.property
+    def cuped(self) -> Global___Lift:
+        """The same with the users' pre-experiment value of the metric as CUPED covariate; unset
+        when no user of the two variants has an impression before the experiment's first
+        exposure.
+        """
+
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        lift: Global___Lift | None = ...,
+        cuped: Global___Lift | None = ...,
+        not_computed: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cuped", b"cuped", "lift", b"lift"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuped", b"cuped", "lift", b"lift", "metric", b"metric", "not_computed", b"not_computed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricComparison: _TypeAlias = MetricComparison  # noqa: Y015
+
+@_typing.final
+class Guardrail(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BOUND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """degraded_share, p99_latency_ms or error_rate."""
+    bound: _builtins.float
+    """The book's bound: the variant passes while value <= bound."""
+    value: _builtins.float
+    requests: _builtins.int
+    """Requests the value is computed over (0: no data, then `passed` is true and `value` 0)."""
+    passed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        bound: _builtins.float = ...,
+        value: _builtins.float = ...,
+        requests: _builtins.int = ...,
+        passed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bound", b"bound", "name", b"name", "passed", b"passed", "requests", b"requests", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Guardrail: _TypeAlias = Guardrail  # noqa: Y015
+
+@_typing.final
+class Spread(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_SHOWN_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    GINI_FIELD_NUMBER: _builtins.int
+    items_shown: _builtins.int
+    """Distinct items the variant's impressions showed."""
+    coverage: _builtins.float
+    """items_shown / the report's catalogue_size."""
+    gini: _builtins.float
+    """Gini of impressions over the whole catalogue (items never shown count as 0)."""
+    def __init__(
+        self,
+        *,
+        items_shown: _builtins.int = ...,
+        coverage: _builtins.float = ...,
+        gini: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "gini", b"gini", "items_shown", b"items_shown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Spread: _TypeAlias = Spread  # noqa: Y015
+
+@_typing.final
+class DailyVariant(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    VARIANT_KEY_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    IMPRESSIONS_FIELD_NUMBER: _builtins.int
+    CLICKS_FIELD_NUMBER: _builtins.int
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
+    CTR_FIELD_NUMBER: _builtins.int
+    SPREAD_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """UTC day of the impressions' event time, YYYY-MM-DD."""
+    variant_key: _builtins.str
+    users: _builtins.int
+    impressions: _builtins.int
+    clicks: _builtins.int
+    conversions: _builtins.int
+    ctr: _builtins.float
+    @_builtins.property
+    def spread(self) -> Global___Spread: ...
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        variant_key: _builtins.str = ...,
+        users: _builtins.int = ...,
+        impressions: _builtins.int = ...,
+        clicks: _builtins.int = ...,
+        conversions: _builtins.int = ...,
+        ctr: _builtins.float = ...,
+        spread: Global___Spread | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spread", b"spread"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clicks", b"clicks", "conversions", b"conversions", "ctr", b"ctr", "day", b"day", "impressions", b"impressions", "spread", b"spread", "users", b"users", "variant_key", b"variant_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DailyVariant: _TypeAlias = DailyVariant  # noqa: Y015
+
+@_typing.final
+class VariantReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_KEY_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    USERS_FIELD_NUMBER: _builtins.int
+    EXPOSURES_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    IMPRESSIONS_FIELD_NUMBER: _builtins.int
+    CLICKS_FIELD_NUMBER: _builtins.int
+    CONVERSIONS_FIELD_NUMBER: _builtins.int
+    CTR_FIELD_NUMBER: _builtins.int
+    CONVERSION_RATE_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    COMPARISONS_FIELD_NUMBER: _builtins.int
+    GUARDRAILS_FIELD_NUMBER: _builtins.int
+    SPREAD_FIELD_NUMBER: _builtins.int
+    variant_key: _builtins.str
+    weight: _builtins.float
+    """The configured weight (normalised share of users)."""
+    users: _builtins.int
+    """Users exposed to this variant only."""
+    exposures: _builtins.int
+    """Exposure events of those users (one per user and UTC day)."""
+    requests: _builtins.int
+    """Requests answered with this variant (distinct request_id of its impressions)."""
+    impressions: _builtins.int
+    clicks: _builtins.int
+    """Impressions with at least one click (conversion) naming their request and item."""
+    conversions: _builtins.int
+    ctr: _builtins.float
+    conversion_rate: _builtins.float
+    errors: _builtins.int
+    """Requests the gateway failed (error events)."""
+    @_builtins.property
+    def comparisons(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricComparison]:
+        """Against the control (the first variant); empty for the control itself."""
+
+    @_builtins.property
+    def guardrails(self) -> _containers.RepeatedCompositeFieldContainer[Global___Guardrail]:
+        """The book's guardrails, in the order degraded_share, p99_latency_ms, error_rate."""
+
+    @_builtins.property
+    def spread(self) -> Global___Spread: ...
+    def __init__(
+        self,
+        *,
+        variant_key: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        users: _builtins.int = ...,
+        exposures: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        impressions: _builtins.int = ...,
+        clicks: _builtins.int = ...,
+        conversions: _builtins.int = ...,
+        ctr: _builtins.float = ...,
+        conversion_rate: _builtins.float = ...,
+        errors: _builtins.int = ...,
+        comparisons: _abc.Iterable[Global___MetricComparison] | None = ...,
+        guardrails: _abc.Iterable[Global___Guardrail] | None = ...,
+        spread: Global___Spread | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spread", b"spread"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clicks", b"clicks", "comparisons", b"comparisons", "conversion_rate", b"conversion_rate", "conversions", b"conversions", "ctr", b"ctr", "errors", b"errors", "exposures", b"exposures", "guardrails", b"guardrails", "impressions", b"impressions", "requests", b"requests", "spread", b"spread", "users", b"users", "variant_key", b"variant_key", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantReport: _TypeAlias = VariantReport  # noqa: Y015
+
+@_typing.final
+class SampleRatio(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    EXPECTED_SHARE_FIELD_NUMBER: _builtins.int
+    CHI2_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    MISMATCH_FIELD_NUMBER: _builtins.int
+    chi2: _builtins.float
+    p_value: _builtins.float
+    mismatch: _builtins.bool
+    """p_value < 0.001: the split is broken, the comparison is not to be trusted."""
+    @_builtins.property
+    def observed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Users per variant (book order) and the configured shares."""
+
+    @_builtins.property
+    def expected_share(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        observed: _abc.Iterable[_builtins.int] | None = ...,
+        expected_share: _abc.Iterable[_builtins.float] | None = ...,
+        chi2: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        mismatch: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chi2", b"chi2", "expected_share", b"expected_share", "mismatch", b"mismatch", "observed", b"observed", "p_value", b"p_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampleRatio: _TypeAlias = SampleRatio  # noqa: Y015
+
+@_typing.final
+class BookVersionCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOK_VERSION_FIELD_NUMBER: _builtins.int
+    EXPOSURES_FIELD_NUMBER: _builtins.int
+    book_version: _builtins.str
+    exposures: _builtins.int
+    def __init__(
+        self,
+        *,
+        book_version: _builtins.str = ...,
+        exposures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["book_version", b"book_version", "exposures", b"exposures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BookVersionCount: _TypeAlias = BookVersionCount  # noqa: Y015
+
+@_typing.final
+class DataQuality(_message.Message):
+    """What the report left out, and why: counted, never silent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_IN_SEVERAL_VARIANTS_FIELD_NUMBER: _builtins.int
+    EXPOSURES_OF_UNKNOWN_VARIANTS_FIELD_NUMBER: _builtins.int
+    IMPRESSIONS_OUTSIDE_EXPOSURE_FIELD_NUMBER: _builtins.int
+    FALLBACK_REQUESTS_FIELD_NUMBER: _builtins.int
+    UNMATCHED_OUTCOMES_FIELD_NUMBER: _builtins.int
+    INVALID_ENTRIES_FIELD_NUMBER: _builtins.int
+    BOOK_VERSIONS_FIELD_NUMBER: _builtins.int
+    users_in_several_variants: _builtins.int
+    """Users exposed to more than one variant (e.g. after a change of the book): left out of
+    every figure and of the SRM test.
+    """
+    exposures_of_unknown_variants: _builtins.int
+    """Exposures naming a variant the book does not have (renamed or removed), and their users."""
+    impressions_outside_exposure: _builtins.int
+    """Impressions of requests assigned to the experiment that are not counted: the user was
+    not exposed, or exposed to another variant, or to several.
+    """
+    fallback_requests: _builtins.int
+    """Requests answered with the gateway's control fallback (experiment service down, named
+    `experiment` in `degraded`): not bucketed, so left out.
+    """
+    unmatched_outcomes: _builtins.int
+    """Clicks and conversions of the tenant's log naming no logged impression (request, item)."""
+    invalid_entries: _builtins.int
+    """Entries of the log that do not decode as an Event."""
+    @_builtins.property
+    def book_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___BookVersionCount]:
+        """The book versions the experiment's exposures name, with their counts."""
+
+    def __init__(
+        self,
+        *,
+        users_in_several_variants: _builtins.int = ...,
+        exposures_of_unknown_variants: _builtins.int = ...,
+        impressions_outside_exposure: _builtins.int = ...,
+        fallback_requests: _builtins.int = ...,
+        unmatched_outcomes: _builtins.int = ...,
+        invalid_entries: _builtins.int = ...,
+        book_versions: _abc.Iterable[Global___BookVersionCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["book_versions", b"book_versions", "exposures_of_unknown_variants", b"exposures_of_unknown_variants", "fallback_requests", b"fallback_requests", "impressions_outside_exposure", b"impressions_outside_exposure", "invalid_entries", b"invalid_entries", "unmatched_outcomes", b"unmatched_outcomes", "users_in_several_variants", b"users_in_several_variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataQuality: _TypeAlias = DataQuality  # noqa: Y015
+
+@_typing.final
+class Report(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    BOOK_VERSION_FIELD_NUMBER: _builtins.int
+    LOG_POSITION_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    FIRST_EXPOSURE_MS_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    SRM_FIELD_NUMBER: _builtins.int
+    DATA_QUALITY_FIELD_NUMBER: _builtins.int
+    CATALOGUE_SIZE_FIELD_NUMBER: _builtins.int
+    DAILY_FIELD_NUMBER: _builtins.int
+    COVARIATE_USERS_FIELD_NUMBER: _builtins.int
+    ENTRIES_READ_FIELD_NUMBER: _builtins.int
+    REBUILT_FIELD_NUMBER: _builtins.int
+    COMPUTE_MS_FIELD_NUMBER: _builtins.int
+    experiment_key: _builtins.str
+    tenant: _builtins.str
+    book_version: _builtins.str
+    """The version of the book the report's configuration (weights, guardrails) comes from."""
+    log_position: _builtins.str
+    """The last log position the report has read ("" for an empty log), and how many entries
+    the log held up to it.
+    """
+    entries: _builtins.int
+    first_exposure_ms: _builtins.int
+    """Append time (ms) of the experiment's first exposure; 0 when there is none. The CUPED
+    covariate is each user's metric over the log before it.
+    """
+    alpha: _builtins.float
+    catalogue_size: _builtins.int
+    """Items the coverage is a share of: the feature store's catalogue of the tenant (its
+    materialised `items`), or the distinct items of the log when larger or unknown.
+    """
+    covariate_users: _builtins.int
+    """Users of the compared variants with pre-experiment impressions (CUPED covariate known)."""
+    entries_read: _builtins.int
+    """How the report was computed: entries read for it, whether the aggregate was rebuilt
+    from the start of the log, and the time it took (ms).
+    """
+    rebuilt: _builtins.bool
+    compute_ms: _builtins.float
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantReport]: ...
+    @_builtins.property
+    def srm(self) -> Global___SampleRatio: ...
+    @_builtins.property
+    def data_quality(self) -> Global___DataQuality: ...
+    @_builtins.property
+    def daily(self) -> _containers.RepeatedCompositeFieldContainer[Global___DailyVariant]:
+        """Per variant and UTC day."""
+
+    def __init__(
+        self,
+        *,
+        experiment_key: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        book_version: _builtins.str = ...,
+        log_position: _builtins.str = ...,
+        entries: _builtins.int = ...,
+        first_exposure_ms: _builtins.int = ...,
+        alpha: _builtins.float = ...,
+        variants: _abc.Iterable[Global___VariantReport] | None = ...,
+        srm: Global___SampleRatio | None = ...,
+        data_quality: Global___DataQuality | None = ...,
+        catalogue_size: _builtins.int = ...,
+        daily: _abc.Iterable[Global___DailyVariant] | None = ...,
+        covariate_users: _builtins.int = ...,
+        entries_read: _builtins.int = ...,
+        rebuilt: _builtins.bool = ...,
+        compute_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_quality", b"data_quality", "srm", b"srm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "book_version", b"book_version", "catalogue_size", b"catalogue_size", "compute_ms", b"compute_ms", "covariate_users", b"covariate_users", "daily", b"daily", "data_quality", b"data_quality", "entries", b"entries", "entries_read", b"entries_read", "experiment_key", b"experiment_key", "first_exposure_ms", b"first_exposure_ms", "log_position", b"log_position", "rebuilt", b"rebuilt", "srm", b"srm", "tenant", b"tenant", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Report: _TypeAlias = Report  # noqa: Y015

@@ -39,6 +39,11 @@ class ExperimentServiceStub:
                 request_serializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.AssignRequest.SerializeToString,
                 response_deserializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.AssignResponse.FromString,
                 _registered_method=True)
+        self.GetReport = channel.unary_unary(
+                '/recmesh.experiment.v1.ExperimentService/GetReport',
+                request_serializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.GetReportRequest.SerializeToString,
+                response_deserializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.Report.FromString,
+                _registered_method=True)
 
 
 class ExperimentServiceServicer:
@@ -50,6 +55,16 @@ class ExperimentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReport(self, request, context):
+        """The report of one experiment of the caller's tenant, computed from the tenant's event
+        log (exposures, impressions, clicks, conversions, errors) and the book's configuration
+        (weights, guardrails). NOT_FOUND when the book declares no such experiment for the
+        tenant; FAILED_PRECONDITION when the service has no Redis (REDIS_URL unset).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +72,11 @@ def add_ExperimentServiceServicer_to_server(servicer, server):
                     servicer.Assign,
                     request_deserializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.AssignRequest.FromString,
                     response_serializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.AssignResponse.SerializeToString,
+            ),
+            'GetReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReport,
+                    request_deserializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.GetReportRequest.FromString,
+                    response_serializer=recmesh_dot_experiment_dot_v1_dot_experiment__pb2.Report.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +106,33 @@ class ExperimentService:
             '/recmesh.experiment.v1.ExperimentService/Assign',
             recmesh_dot_experiment_dot_v1_dot_experiment__pb2.AssignRequest.SerializeToString,
             recmesh_dot_experiment_dot_v1_dot_experiment__pb2.AssignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.experiment.v1.ExperimentService/GetReport',
+            recmesh_dot_experiment_dot_v1_dot_experiment__pb2.GetReportRequest.SerializeToString,
+            recmesh_dot_experiment_dot_v1_dot_experiment__pb2.Report.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,11 +32,23 @@ class ExperimentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExperimentServiceAsyncStub: ...
     Assign: _grpc.UnaryUnaryMultiCallable[_experiment_pb2.AssignRequest, _experiment_pb2.AssignResponse]
+    GetReport: _grpc.UnaryUnaryMultiCallable[_experiment_pb2.GetReportRequest, _experiment_pb2.Report]
+    """The report of one experiment of the caller's tenant, computed from the tenant's event
+    log (exposures, impressions, clicks, conversions, errors) and the book's configuration
+    (weights, guardrails). NOT_FOUND when the book declares no such experiment for the
+    tenant; FAILED_PRECONDITION when the service has no Redis (REDIS_URL unset).
+    """
 
 @_typing.type_check_only
 class ExperimentServiceAsyncStub(ExperimentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Assign: _aio.UnaryUnaryMultiCallable[_experiment_pb2.AssignRequest, _experiment_pb2.AssignResponse]  # type: ignore[assignment]
+    GetReport: _aio.UnaryUnaryMultiCallable[_experiment_pb2.GetReportRequest, _experiment_pb2.Report]  # type: ignore[assignment]
+    """The report of one experiment of the caller's tenant, computed from the tenant's event
+    log (exposures, impressions, clicks, conversions, errors) and the book's configuration
+    (weights, guardrails). NOT_FOUND when the book declares no such experiment for the
+    tenant; FAILED_PRECONDITION when the service has no Redis (REDIS_URL unset).
+    """
 
 class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -45,5 +57,17 @@ class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experiment_pb2.AssignRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_pb2.AssignResponse, _abc.Awaitable[_experiment_pb2.AssignResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetReport(
+        self,
+        request: _experiment_pb2.GetReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiment_pb2.Report, _abc.Awaitable[_experiment_pb2.Report]]:
+        """The report of one experiment of the caller's tenant, computed from the tenant's event
+        log (exposures, impressions, clicks, conversions, errors) and the book's configuration
+        (weights, guardrails). NOT_FOUND when the book declares no such experiment for the
+        tenant; FAILED_PRECONDITION when the service has no Redis (REDIS_URL unset).
+        """
 
 def add_ExperimentServiceServicer_to_server(servicer: ExperimentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

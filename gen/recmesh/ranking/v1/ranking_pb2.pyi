@@ -109,6 +109,7 @@ class RankRequest(_message.Message):
     MMR_LAMBDA_FIELD_NUMBER: _builtins.int
     EXPLORE_SHARE_FIELD_NUMBER: _builtins.int
     STAGE_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    INTERLEAVE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     user_features: _builtins.bytes
     """float32 little-endian user features, as returned by retrieval."""
@@ -133,6 +134,12 @@ class RankRequest(_message.Message):
         request's deadline still caps each of them.
         """
 
+    @_builtins.property
+    def interleave(self) -> Global___Interleave:
+        """When set, the answer interleaves two rankings of the candidates by team draft (an
+        interleaving experiment); exploration is off for the request.
+        """
+
     def __init__(
         self,
         *,
@@ -148,10 +155,11 @@ class RankRequest(_message.Message):
         mmr_lambda: _builtins.float | None = ...,
         explore_share: _builtins.float | None = ...,
         stage_budget_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        interleave: Global___Interleave | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share", "_mmr_lambda", b"_mmr_lambda", "candidates", b"candidates", "explore_share", b"explore_share", "mmr_lambda", b"mmr_lambda"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share", "_mmr_lambda", b"_mmr_lambda", "candidates", b"candidates", "explore_share", b"explore_share", "interleave", b"interleave", "mmr_lambda", b"mmr_lambda"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share", "_mmr_lambda", b"_mmr_lambda", "candidates", b"candidates", "candidates_keep", b"candidates_keep", "diversity", b"diversity", "explore_share", b"explore_share", "heavy_keep", b"heavy_keep", "heavy_mode", b"heavy_mode", "mmr_lambda", b"mmr_lambda", "num_items", b"num_items", "prerank_keep", b"prerank_keep", "stage_budget_ms", b"stage_budget_ms", "user_features", b"user_features", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share", "_mmr_lambda", b"_mmr_lambda", "candidates", b"candidates", "candidates_keep", b"candidates_keep", "diversity", b"diversity", "explore_share", b"explore_share", "heavy_keep", b"heavy_keep", "heavy_mode", b"heavy_mode", "interleave", b"interleave", "mmr_lambda", b"mmr_lambda", "num_items", b"num_items", "prerank_keep", b"prerank_keep", "stage_budget_ms", b"stage_budget_ms", "user_features", b"user_features", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__explore_share: _TypeAlias = _typing.Literal["explore_share"]  # noqa: Y015
     _WhichOneofArgType__explore_share: _TypeAlias = _typing.Literal["_explore_share", b"_explore_share"]  # noqa: Y015
@@ -165,6 +173,89 @@ class RankRequest(_message.Message):
 Global___RankRequest: _TypeAlias = RankRequest  # noqa: Y015
 
 @_typing.final
+class RankerArm(_message.Message):
+    """One of the two rankers of an interleaved request: its knobs override the request's
+    (unset: the request's value).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    HEAVY_MODE_FIELD_NUMBER: _builtins.int
+    PRERANK_KEEP_FIELD_NUMBER: _builtins.int
+    HEAVY_KEEP_FIELD_NUMBER: _builtins.int
+    DIVERSITY_FIELD_NUMBER: _builtins.int
+    MMR_LAMBDA_FIELD_NUMBER: _builtins.int
+    CTR_WEIGHT_FIELD_NUMBER: _builtins.int
+    FRESHNESS_BOOST_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The arm's name (the experiment variant's key); what the items it picks are credited to."""
+    heavy_mode: Global___HeavyMode.ValueType
+    prerank_keep: _builtins.int
+    heavy_keep: _builtins.int
+    diversity: Global___Diversity.ValueType
+    mmr_lambda: _builtins.float
+    ctr_weight: _builtins.float
+    """Re-rank weights (otherwise the tenant's policy): recent CTR and freshness."""
+    freshness_boost: _builtins.float
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        heavy_mode: Global___HeavyMode.ValueType = ...,
+        prerank_keep: _builtins.int = ...,
+        heavy_keep: _builtins.int = ...,
+        diversity: Global___Diversity.ValueType = ...,
+        mmr_lambda: _builtins.float | None = ...,
+        ctr_weight: _builtins.float | None = ...,
+        freshness_boost: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ctr_weight", b"_ctr_weight", "_freshness_boost", b"_freshness_boost", "_mmr_lambda", b"_mmr_lambda", "ctr_weight", b"ctr_weight", "freshness_boost", b"freshness_boost", "mmr_lambda", b"mmr_lambda"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ctr_weight", b"_ctr_weight", "_freshness_boost", b"_freshness_boost", "_mmr_lambda", b"_mmr_lambda", "ctr_weight", b"ctr_weight", "diversity", b"diversity", "freshness_boost", b"freshness_boost", "heavy_keep", b"heavy_keep", "heavy_mode", b"heavy_mode", "key", b"key", "mmr_lambda", b"mmr_lambda", "prerank_keep", b"prerank_keep"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ctr_weight: _TypeAlias = _typing.Literal["ctr_weight"]  # noqa: Y015
+    _WhichOneofArgType__ctr_weight: _TypeAlias = _typing.Literal["_ctr_weight", b"_ctr_weight"]  # noqa: Y015
+    _WhichOneofReturnType__freshness_boost: _TypeAlias = _typing.Literal["freshness_boost"]  # noqa: Y015
+    _WhichOneofArgType__freshness_boost: _TypeAlias = _typing.Literal["_freshness_boost", b"_freshness_boost"]  # noqa: Y015
+    _WhichOneofReturnType__mmr_lambda: _TypeAlias = _typing.Literal["mmr_lambda"]  # noqa: Y015
+    _WhichOneofArgType__mmr_lambda: _TypeAlias = _typing.Literal["_mmr_lambda", b"_mmr_lambda"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ctr_weight) -> _WhichOneofReturnType__ctr_weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__freshness_boost) -> _WhichOneofReturnType__freshness_boost | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mmr_lambda) -> _WhichOneofReturnType__mmr_lambda | None: ...
+
+Global___RankerArm: _TypeAlias = RankerArm  # noqa: Y015
+
+@_typing.final
+class Interleave(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    A_FIELD_NUMBER: _builtins.int
+    B_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def a(self) -> Global___RankerArm:
+        """Team A (the experiment's control) and team B; their keys must differ."""
+
+    @_builtins.property
+    def b(self) -> Global___RankerArm: ...
+    def __init__(
+        self,
+        *,
+        a: Global___RankerArm | None = ...,
+        b: Global___RankerArm | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interleave: _TypeAlias = Interleave  # noqa: Y015
+
+@_typing.final
 class RankResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -172,6 +263,7 @@ class RankResponse(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    TEAMS_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     @_builtins.property
     def ranked(self) -> _common_pb2.Candidates:
@@ -183,6 +275,13 @@ class RankResponse(_message.Message):
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StageReport]: ...
     @_builtins.property
     def degraded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def teams(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Interleaved requests only: parallel to ranked.item_ids, the key of the arm whose pick
+        each item was; propensities are then each item's probability of being shown over the
+        draft's coins (0 when not computed).
+        """
+
     def __init__(
         self,
         *,
@@ -190,10 +289,11 @@ class RankResponse(_message.Message):
         stages: _abc.Iterable[_common_pb2.StageReport] | None = ...,
         degraded: _abc.Iterable[_builtins.str] | None = ...,
         model_version: _builtins.str = ...,
+        teams: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ranked", b"ranked"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "model_version", b"model_version", "ranked", b"ranked", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "model_version", b"model_version", "ranked", b"ranked", "stages", b"stages", "teams", b"teams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

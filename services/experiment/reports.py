@@ -1,0 +1,109 @@
+"""Reports computed in a worker process, so that assignment never waits on one.
+
+A report decodes and aggregates the tenant's whole log (seconds for a million events of
+CPU-bound Python and numpy). On the service's event loop, or in a thread holding the GIL,
+that would delay ``Assign``, which the gateway gives 5 ms before it falls back to the
+control variants. So :class:`Reports` hands each report to one worker process (spawned at
+the first report, kept after, at a lower CPU priority: ``WORKER_NICENESS``). The worker
+keeps each tenant's :class:`LogTable` between reports, so a later report reads only the
+entries appended since (the table is rebuilt when the tenant's audit stream grew or its log
+was trimmed: ``report.refresh``), and the last report of each experiment, answered again
+while the log gained nothing. Reports run one at a time; a worker that died is replaced at
+the next report.
+
+What it costs: the worker's memory holds every tenant's table it has reported on (about
+75 bytes per event of the log; a worker that read 1M events is about 280 MiB: see
+``docs/experiments.md``, "Report").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from recmesh.experiment.v1 import experiment_pb2
+
+from mesh import redis as mesh_redis
+from mesh.errors import FailedPrecondition, Unavailable
+from services.experiment.report import LogTable, ReportSpec, build_report
+
+_TABLES: dict[str, LogTable] = {}
+"""The worker process's tables, by tenant."""
+_LAST: dict[tuple[str, ReportSpec], experiment_pb2.Report] = {}
+"""The worker's last report of each tenant and spec (answered again while the log gained
+nothing; dropped with the tenant's table when that is rebuilt)."""
+
+
+WORKER_NICENESS = 10
+"""How much lower the worker's CPU priority is than the service's: on a busy machine the
+scheduler then runs the service's ``Assign`` calls before the report's decoding."""
+
+
+def _lower_priority() -> None:
+    os.nice(WORKER_NICENESS)
+
+
+def report_in_worker(redis_url: str, tenant: str, spec: ReportSpec, page: int) -> bytes:
+    """The serialized report of ``spec`` for ``tenant`` (runs in the worker process)."""
+
+    async def run() -> experiment_pb2.Report:
+        client = mesh_redis.connect(redis_url)
+        try:
+            report, _TABLES[tenant] = await build_report(
+                client, tenant, spec, _TABLES.pop(tenant, None), page, _LAST.get((tenant, spec))
+            )
+        finally:
+            await client.aclose()
+        if report.rebuilt:
+            for key in [key for key in _LAST if key[0] == tenant]:
+                del _LAST[key]
+        _LAST[(tenant, spec)] = report
+        return report
+
+    return asyncio.run(run()).SerializeToString()
+
+
+class Reports:
+    """Experiment reports from the log in Redis at ``redis_url``, computed by one worker
+    process (module docstring), reading ``page`` entries per ``XRANGE``."""
+
+    def __init__(self, redis_url: str, page: int = 5000) -> None:
+        self._redis_url = redis_url
+        self._page = page
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def report(self, tenant: str, spec: ReportSpec) -> experiment_pb2.Report:
+        """The report of ``spec``'s experiment for ``tenant``.
+
+        Raises:
+            FailedPrecondition: the service was started without ``REDIS_URL``.
+            Unavailable: the worker process died (it is replaced at the next report).
+            redis.ConnectionError / redis.TimeoutError: Redis could not be read.
+        """
+        if not self._redis_url:
+            raise FailedPrecondition("the experiment service has no REDIS_URL to read the log")
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_lower_priority,
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            raw = await loop.run_in_executor(
+                self._pool, report_in_worker, self._redis_url, tenant, spec, self._page
+            )
+        except BrokenProcessPool as exc:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            raise Unavailable("the report worker died; ask again") from exc
+        return experiment_pb2.Report.FromString(raw)
+
+    async def close(self) -> None:
+        """Stop the worker (a report it is computing is abandoned)."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)

@@ -1,0 +1,222 @@
+"""Off-policy evaluation on the tiny set's world, where every policy's true CTR is known.
+
+* the propensities the simulated serve logs are the frequencies with which it shows items
+  (one context replayed thousands of times);
+* over replicated logs of the tiny set's serve, the 95 % intervals of IPS, SNIPS and DR
+  cover a candidate policy's true CTR, and the naive (logged) CTR misses it;
+* ``python -m training ope`` reads a log through the real events service and Valkey and
+  reports the estimates of what was served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from recmesh.events.v1 import events_pb2
+
+from core.artifacts import ArtifactSet, load_artifact_set, resolve_current
+from mesh.testing import built_server, serving
+from services.events.server import build_service as build_events
+from services.events.settings import EventsSettings
+from training.__main__ import main
+from training.ope import Candidate, LoggedImpressions, evaluate, load_candidate, true_ctr
+from training.simulate import (
+    DEFAULT_CONTEXT,
+    Ranker,
+    ServeConfig,
+    ServePolicy,
+    append_events,
+    serve_slates,
+    simulate_serve,
+)
+from training.world import World
+
+LOGGER = ServeConfig()
+"""The logging policy: the serve's defaults (100 candidates, slate 10, 1 exploration slot)."""
+CANDIDATE = {"candidates": 300}
+"""A candidate that exploits harder: the ranker's best of 300 candidates instead of 100."""
+
+
+@pytest.fixture(scope="module")
+def base(tiny_root: Path) -> ArtifactSet:
+    return load_artifact_set(resolve_current(tiny_root))
+
+
+@pytest.fixture(scope="module")
+def world(base: ArtifactSet) -> World:
+    from training.pipeline import world_of
+
+    return world_of(base)[0]
+
+
+@pytest.fixture(scope="module")
+def candidate_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("policy") / "candidate.json"
+    path.write_text(json.dumps(CANDIDATE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def candidate(candidate_file: Path, tiny_root: Path) -> Candidate:
+    """The candidate policy, its tables cached for the module's tests."""
+    return load_candidate(str(candidate_file), tiny_root, cache=True)
+
+
+def test_logged_propensities_are_how_often_the_serve_shows_each_item(
+    base: ArtifactSet, world: World
+) -> None:
+    # Every request from an unknown user: one context (the default row), replayed.
+    config = ServeConfig(requests=4000, explore_slots=2, unknown_share=1.0, seed=5)
+    events = simulate_serve(base, world, config, int(time.time() * 1000))
+    impressions = [e for e in events if e.type == "impression"]
+    items = np.array([e.item_id for e in impressions])
+    logged = np.array([e.propensity for e in impressions])
+    table = ServePolicy(Ranker(base), config).table(DEFAULT_CONTEXT)
+    # What is logged is the policy's probability for the item, and they sum to the slate.
+    np.testing.assert_allclose(logged, table.inclusion[items], rtol=1e-12)
+    assert table.inclusion.sum() == pytest.approx(config.slate)
+    assert table.inclusion.min() > 0
+    # Calibration: per tenth of the items by propensity, shown as often as the propensities say.
+    shown = np.bincount(items, minlength=table.inclusion.size)
+    for b, members in enumerate(np.array_split(np.argsort(table.inclusion), 10)):
+        expected = config.requests * table.inclusion[members]
+        spread = np.sqrt((expected * (1 - table.inclusion[members])).sum())
+        z = (shown[members].sum() - expected.sum()) / spread
+        assert abs(z) < 4, (b, z)
+    # And item by item: the largest deviation is what 2000 binomial draws give.
+    p = table.inclusion
+    z_items = (shown - config.requests * p) / np.sqrt(config.requests * p * (1 - p))
+    assert np.abs(z_items).max() < 5
+
+
+def test_intervals_cover_the_candidates_true_ctr_over_replicated_logs(
+    base: ArtifactSet, world: World, candidate: Candidate
+) -> None:
+    logger = ServePolicy(Ranker(base), LOGGER, cache=True)
+    truth = true_ctr(candidate.policy, world, LOGGER.unknown_share)
+    logger_truth = true_ctr(logger, world, LOGGER.unknown_share)
+    rng = np.random.default_rng(21)
+    runs, answers = 100, 500
+    covered = {"naive": 0, "ips": 0, "snips": 0, "dr": 0}
+    naive = []
+    for _ in range(runs):
+        users = rng.integers(0, world.config.n_users, size=answers)
+        contexts = np.where(rng.random(answers) < LOGGER.unknown_share, DEFAULT_CONTEXT, users)
+        slates = serve_slates(logger, contexts, rng)
+        clicks, _ = world.simulate(
+            users.repeat(LOGGER.slate), slates.items.ravel(), seed=int(rng.integers(2**31))
+        )
+        log = LoggedImpressions(
+            contexts=contexts.repeat(LOGGER.slate),
+            items=slates.items.ravel(),
+            clicks=clicks.astype(np.float64),
+            propensities=slates.propensities.ravel(),
+            requests=np.arange(answers).repeat(LOGGER.slate),
+        )
+        result = evaluate(log, candidate.policy)
+        for name in covered:
+            covered[name] += getattr(result, name).covers(truth)
+        naive.append(result.naive.estimate)
+    for name in ("ips", "snips", "dr"):
+        assert covered[name] / runs >= 0.9, (name, covered)
+    # The logged CTR is the logger's, and it misses the candidate's most of the time.
+    assert truth - logger_truth > 0.01
+    assert np.mean(naive) == pytest.approx(logger_truth, abs=0.003)
+    assert covered["naive"] / runs < 0.5
+
+
+@pytest.fixture(scope="module")
+async def events_address(redis_url: str) -> AsyncIterator[str]:
+    server = await built_server(build_events, EventsSettings(port=0, redis_url=redis_url))
+    async with serving(server):
+        yield f"127.0.0.1:{server.port}"
+
+
+def impressions_of(events: list[events_pb2.Event], n_users: int) -> LoggedImpressions:
+    """The served impressions joined with their clicks, straight from the events."""
+    clicked = {(e.request_id, e.item_id) for e in events if e.type == "click"}
+    shown = [e for e in events if e.type == "impression"]
+    _, codes = np.unique([e.request_id for e in shown], return_inverse=True)
+    contexts = [
+        int(e.user_id[1:]) if e.user_id.startswith("u") and int(e.user_id[1:]) < n_users else -1
+        for e in shown
+    ]
+    return LoggedImpressions(
+        contexts=np.array(contexts, dtype=np.int64),
+        items=np.array([e.item_id for e in shown], dtype=np.int64),
+        clicks=np.array([(e.request_id, e.item_id) in clicked for e in shown], dtype=float),
+        propensities=np.array([e.propensity for e in shown], dtype=np.float64),
+        requests=codes.astype(np.int64),
+    )
+
+
+async def test_ope_command_estimates_the_candidate_from_the_log(
+    base: ArtifactSet,
+    world: World,
+    tiny_root: Path,
+    candidate_file: Path,
+    candidate: Candidate,
+    events_address: str,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tenant = "ope" + uuid.uuid4().hex[:8]
+    config = ServeConfig(requests=800, seed=9)
+    events = simulate_serve(base, world, config, int(time.time() * 1000) - 3_600_000)
+    await asyncio.to_thread(append_events, events_address, tenant, events)
+    argv = ["ope", "--policy", str(candidate_file), "--root", str(tiny_root)]
+    argv += ["--tenant", tenant, "--redis-url", redis_url]
+    assert await asyncio.to_thread(main, [*argv, "--json", "--truth"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    expected = evaluate(impressions_of(events, candidate.policy.ranker.n_users), candidate.policy)
+    assert report["policy"]["candidates"] == 300
+    assert report["policy"]["artifacts"] == base.version
+    assert (report["requests"], report["impressions"]) == (800, 8000)
+    assert report["clicks"] == expected.clicks
+    for name in ("naive", "ips", "snips", "dr"):
+        interval = getattr(expected, name)
+        assert report[name]["estimate"] == pytest.approx(interval.estimate, rel=1e-6)
+        assert report[name]["low"] == pytest.approx(interval.low, rel=1e-6)
+    assert report["true_ctr"] == pytest.approx(true_ctr(candidate.policy, world, 0.05))
+    assert report["ips"]["low"] <= report["true_ctr"] <= report["ips"]["high"]
+    assert report["log"]["skipped_requests"] == 0
+
+    assert await asyncio.to_thread(main, argv) == 0
+    text = capsys.readouterr().out
+    for label in ("naive", "IPS", "SNIPS", "DR", "effective sample size"):
+        assert label in text
+
+    # A log of the mesh's kind: ranked slots logged with propensity 1, given the candidates.
+    mesh_tenant = "mesh" + uuid.uuid4().hex[:6]
+    conditional = [
+        events_pb2.Event(
+            event_id=f"m{r}-{slot}",
+            type="impression",
+            user_id="u1",
+            item_id=10 * r + slot,
+            request_id=f"m{r}",
+            ts_ms=int(time.time() * 1000),
+            position=slot,
+            propensity=1.0 if slot < 9 else 0.1,
+        )
+        for r in range(3)
+        for slot in range(10)
+    ]
+    await asyncio.to_thread(append_events, events_address, mesh_tenant, conditional)
+    mesh_argv = ["ope", "--policy", str(candidate_file), "--root", str(tiny_root)]
+    mesh_argv += ["--tenant", mesh_tenant, "--redis-url", redis_url]
+    assert await asyncio.to_thread(main, mesh_argv) == 1
+    assert "27 impressions" in capsys.readouterr().err
+
+    empty = ["ope", "--policy", str(candidate_file), "--root", str(tiny_root)]
+    empty += ["--tenant", "nobody" + uuid.uuid4().hex[:6], "--redis-url", redis_url]
+    assert await asyncio.to_thread(main, empty) == 1
+    assert "cannot be evaluated" in capsys.readouterr().err
