@@ -6,10 +6,13 @@ the impressions.
 1. the experiment service bucketed the user into V (its answer, fresh or from the
    gateway's cache; the control variants the gateway applies while that service is down are
    not a bucketing and expose no one), and
-2. V's params were applied to the request: each of them is the value the merged params
-   of the request's assignments hold (a later experiment setting the same knob to another
-   value overrides it, and then V did not shape the answer). A variant without params
-   (a pure control) is applied trivially.
+2. V's params were applied to the request, judged over every knob that *any* variant of
+   E sets (from the book): each holds V's value in the merged params of the request's
+   assignments, and a knob V leaves at its default is set by no other experiment either.
+   A later experiment overriding one of E's knobs thus unexposes the request whichever
+   variant of E it is in, control included: judging only V's own params would keep E's
+   control users whose answer another experiment changed and drop its treatment users in
+   the same situation, and compare two different populations.
 
 Both are known once admission is over, before retrieval: exposure is decided before
 anything the variant can influence, the same way for every variant. Control users are
@@ -42,6 +45,8 @@ from datetime import UTC, datetime
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2
 
+from core.experiments.book import ExperimentBook
+
 
 def utc_day(ts_ms: int) -> str:
     """The UTC day of a time in ms since the epoch, ``YYYY-MM-DD``."""
@@ -56,12 +61,31 @@ def exposure_id(user_id: str, experiment_key: str, variant_key: str, ts_ms: int)
     return "x:" + hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
+def experiment_knobs(book: ExperimentBook) -> dict[str, frozenset[str]]:
+    """Experiment key -> every knob any of its variants sets."""
+    return {
+        experiment.key: frozenset(k for variant in experiment.variants for k in variant.params)
+        for experiment in book.experiments
+    }
+
+
 def applied(
-    assignments: Sequence[experiment_pb2.Assignment], merged: Mapping[str, str]
+    assignments: Sequence[experiment_pb2.Assignment],
+    merged: Mapping[str, str],
+    knobs: Mapping[str, frozenset[str]],
 ) -> list[experiment_pb2.Assignment]:
-    """The assignments whose every param is the one ``merged`` holds (see the module
-    docstring, point 2)."""
-    return [a for a in assignments if all(merged.get(k) == v for k, v in a.params.items())]
+    """The assignments whose experiment's every knob (``knobs``, by experiment key; only
+    the assignment's own params for an experiment the gateway's book does not know) holds
+    the assigned variant's value in ``merged``, or no value where the variant sets none
+    (see the module docstring, point 2)."""
+    return [
+        a
+        for a in assignments
+        if all(
+            merged.get(k) == a.params.get(k)
+            for k in knobs.get(a.experiment_key, frozenset()) | set(a.params)
+        )
+    ]
 
 
 class ExposureMemo:

@@ -122,6 +122,7 @@ class Funnel:
         self._fallback = fallback
         self._ds = downstreams
         self._book = book
+        self._knobs = exposures.experiment_knobs(book)
         self._assignments = assignments
         self._exposed = exposures.ExposureMemo(settings.exposure_memo_entries)
         self.impressions = ImpressionShipper(
@@ -208,7 +209,7 @@ class Funnel:
                     tenant,
                     user_id,
                     request_id,
-                    exposures.applied(experiments, params),
+                    exposures.applied(experiments, params, self._knobs),
                     book_version,
                     int(time.time() * 1000),
                 ),

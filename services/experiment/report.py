@@ -391,9 +391,12 @@ def compute(
     out = table.outcomes
     o_request, o_item = out.column("request"), out.column("item")
     o_conversion, o_index = out.column("conversion").astype(bool), out.column("index")
-    width = int(max(i_item.max(initial=0), o_item.max(initial=0))) + 1
-    i_key = i_request * width + i_item
-    o_key = np.where(o_request >= 0, o_request * width + o_item, -1)
+    # Items as dense codes first: a client may name any item id up to 2**63 - 1, and
+    # request * (max item + 1) + item would overflow int64 and join unrelated requests.
+    _, item_codes = np.unique(np.concatenate([i_item, o_item]), return_inverse=True)
+    width = int(item_codes.max(initial=0)) + 1
+    i_key = i_request * width + item_codes[: i_item.size]
+    o_key = np.where(o_request >= 0, o_request * width + item_codes[i_item.size :], -1)
     clicked = _joined(i_key, o_key[~o_conversion & (o_request >= 0)])
     converted = _joined(i_key, o_key[o_conversion & (o_request >= 0)])
     quality.unmatched_outcomes = int(((o_request < 0) | ~np.isin(o_key, i_key)).sum())

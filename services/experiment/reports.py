@@ -92,18 +92,25 @@ class Reports:
                 initializer=_lower_priority,
             )
         loop = asyncio.get_running_loop()
+        pool = self._pool
         try:
             raw = await loop.run_in_executor(
-                self._pool, report_in_worker, self._redis_url, tenant, spec, self._page
+                pool, report_in_worker, self._redis_url, tenant, spec, self._page
             )
         except BrokenProcessPool as exc:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+            # Every report waiting on the dead worker lands here; only the first replaces
+            # the pool, and none touches a new pool another report has started since.
+            if self._pool is pool:
+                self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
             raise Unavailable("the report worker died; ask again") from exc
         return experiment_pb2.Report.FromString(raw)
 
     async def close(self) -> None:
-        """Stop the worker (a report it is computing is abandoned)."""
+        """Stop the worker now: a report it is computing is abandoned (its caller gets
+        UNAVAILABLE), so a stopping service never waits for a cold report."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
+from core import keys
 from gateway.exposures import exposure_id
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
@@ -265,7 +266,7 @@ async def test_a_later_report_reads_only_what_was_appended(
 
     # An erasure (an audit record) makes the next report read the log again.
     client = aioredis.Redis.from_url(redis_url)
-    await client.xadd(f"rm:{{{log.tenant}}}:audit", {"action": "erase"})
+    await client.xadd(keys.audit(log.tenant), {"action": "erase"})
     await client.aclose()
     third = await report(experiment, log.tenant)
     assert third.rebuilt and third.entries_read == len(log.events) + len(more.events)
@@ -394,3 +395,19 @@ async def test_without_redis_a_report_is_refused_and_assignment_works(tmp_path: 
                 metadata=tenant_metadata("demo"),
             )
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_huge_item_id_does_not_join_a_click_to_another_request(
+    experiment: MeshServer, redis_url: str
+) -> None:
+    """Clicks join impressions by (request, item) whatever the ids: a client may name item
+    ids up to 2**63 - 1."""
+    log = Log()
+    for u in range(8):
+        variant = "control" if u < 4 else "treat"
+        log.expose(f"u{u}", variant)
+        log.answer(f"u{u}", variant, [1, 2], clicks=[1] if u == 0 else [])
+    log.answer("u9", None, [2**62 - 1], clicks=[2**62 - 1])  # another request, a huge id
+    await log.write(redis_url)
+    variants = by_key(await report(experiment, log.tenant))
+    assert (variants["control"].clicks, variants["treat"].clicks) == (1, 0)
