@@ -3,6 +3,7 @@ process) reading a real Valkey, the log written by the events service's own appe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -18,9 +19,12 @@ from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
 from core import keys
 from gateway.exposures import exposure_id
+from mesh.errors import ResourceExhausted
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.events.log import RedisStreamEventLog
+from services.experiment.report import ReportSpec
+from services.experiment.reports import Reports
 from services.experiment.server import build_service
 from services.experiment.settings import ExperimentSettings
 
@@ -411,3 +415,28 @@ async def test_a_huge_item_id_does_not_join_a_click_to_another_request(
     await log.write(redis_url)
     variants = by_key(await report(experiment, log.tenant))
     assert (variants["control"].clicks, variants["treat"].clicks) == (1, 0)
+
+
+async def test_identical_reports_share_one_computation_and_too_many_are_refused(
+    redis_url: str,
+) -> None:
+    log = Log()
+    for u in range(4):
+        log.expose(f"u{u}", "control" if u < 2 else "treat")
+        log.answer(f"u{u}", "control" if u < 2 else "treat", [1, 2], clicks=[1])
+    await log.write(redis_url)
+    spec = ReportSpec("exp", (("control", 0.5), ("treat", 0.5)), (), "book1")
+    other = ReportSpec("exp", (("control", 0.5), ("treat", 0.5)), (), "book2")
+    reports = Reports(redis_url, max_pending=1)
+    try:
+        first = asyncio.create_task(reports.report(log.tenant, spec))
+        same = asyncio.create_task(reports.report(log.tenant, spec))
+        await asyncio.sleep(0)  # both asked; the worker is still starting
+        with pytest.raises(ResourceExhausted) as refused:
+            await reports.report(log.tenant, other)
+        assert refused.value.retry_after_s > 0
+        one, two = await asyncio.gather(first, same)
+        assert one == two and sum(v.clicks for v in one.variants) == 4
+        assert (await reports.report(log.tenant, other)).book_version == "book2"  # free again
+    finally:
+        await reports.close()
