@@ -317,7 +317,7 @@ OPENAPI: dict[str, Any] = {
                             "application/json": {"schema": {"$ref": "#/components/schemas/Report"}}
                         },
                     },
-                    **_errors(400, 401, 404, 503),
+                    **_errors(400, 401, 404, 429, 503),
                 },
             }
         },

@@ -20,7 +20,7 @@ from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
 from core.experiments.book import ExperimentBook
 from mesh.client import Downstream, describe_failure
-from mesh.errors import InvalidArgument, NotFound, Unavailable
+from mesh.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 
 def report_json(report: experiment_pb2.Report) -> dict[str, Any]:
@@ -67,5 +67,9 @@ class ExperimentReports:
                 raise NotFound(f"no experiment {key!r} for tenant {tenant!r}", field="key") from exc
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument(exc.details() or "invalid", field="key") from exc
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise ResourceExhausted(
+                    exc.details() or "too many reports at once", retry_after_s=5.0
+                ) from exc
             raise Unavailable(f"the report failed: {describe_failure(exc)}") from exc
         return report_json(reply)
