@@ -62,6 +62,16 @@ def trending_score(value: float, at_ms: int, tau: float) -> float:
     return math.log(value) + (at_ms - EPOCH_MS) / tau
 
 
+def counter_fields(kinds: Mapping[str, tuple[float, int]]) -> list[str]:
+    """An item's counters (kind -> (value, at)) as the hash fields the projector's Lua
+    writes (``<kind>`` as ``%.17g``, ``<kind>_at`` in integer ms): every writer of
+    ``core.keys.item_counters`` in Python uses it, so a read gives back the same doubles."""
+    fields: list[str] = []
+    for kind, (value, at) in sorted(kinds.items()):
+        fields += [kind, f"{value:.17g}", f"{kind}_at", str(int(at))]
+    return fields
+
+
 def decayed(value: float, at_ms: int, now_ms: int, tau: float) -> float:
     """A counter stored as ``value`` as of ``at_ms``, decayed to ``now_ms`` (a counter is
     never read as of a time before its own, which would grow it)."""

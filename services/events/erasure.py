@@ -98,6 +98,7 @@ from core.replay import (
     Projected,
     Replay,
     appended_ms,
+    counter_fields,
     tau_ms,
     trending_score,
 )
@@ -512,10 +513,7 @@ class Eraser:
             kinds = state.counters.get(item, {})
             pipe.delete(key)
             if kinds:
-                fields: list[str] = []
-                for kind, (value, at) in sorted(kinds.items()):
-                    fields += [kind, f"{value:.17g}", f"{kind}_at", str(int(at))]
-                pipe.hset(key, items=fields)
+                pipe.hset(key, items=counter_fields(kinds))
             click = kinds.get(TRENDING_KIND)
             if click is not None:
                 pipe.zadd(trending, {str(item): trending_score(click[0], click[1], self._tau)})

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from core import keys
 from core.logread import Entry, as_text, position_order
-from core.replay import Projected, tau_ms
+from core.replay import Projected, counter_fields, tau_ms
 from services.projector import batch
 from services.projector.projections import Projections, decoded
 
@@ -83,10 +83,7 @@ async def write(
                     items=[str(x) for pair in shares.items() for x in pair],
                 )
         for item, kinds in projected.counters.items():
-            fields: list[str] = []
-            for kind, (value, at) in kinds.items():
-                fields += [kind, f"{value:.17g}", f"{kind}_at", str(at)]
-            pipe.hset(keys.item_counters(tenant, item, namespace), items=fields)
+            pipe.hset(keys.item_counters(tenant, item, namespace), items=counter_fields(kinds))
         trending = projected.trending(tau)
         if trending:
             pipe.zadd(keys.trending(tenant, namespace), {str(i): s for i, s in trending.items()})
