@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 DownstreamFailure = CALL_FAILURES
 """Failures of a downstream call that the funnel answers with a fallback."""
 
+OUTBOX_FULL = Counter(
+    "recmesh_gateway_events_refused_backlog_total",
+    "Events posted to /v1/events refused (429) because the outbox held too many undelivered",
+)
 DEGRADED = Counter(
     "recmesh_gateway_degraded_total",
     "Requests answered with a stage fallen back, by stage and tenant",
@@ -458,8 +462,19 @@ class Funnel:
         """Accept events of the current tenant: durably in the outbox, delivered later.
 
         Raises:
+            ResourceExhausted: the outbox already holds ``outbox_max_rows`` undelivered
+                events (the relay is behind): nothing of this batch is stored, the client
+                retries after ``Retry-After``. The gateway's own impressions are not held
+                to the limit (they are not retried by anyone).
             OSError / sqlite3.Error: the outbox could not store them (nothing was accepted).
         """
+        backlog = self._outbox.rows
+        if backlog + len(events) > self._settings.outbox_max_rows:
+            OUTBOX_FULL.inc(len(events))
+            raise ResourceExhausted(
+                f"{backlog} accepted events wait for delivery to the event log; post again shortly",
+                retry_after_s=1.0,
+            )
         await self._outbox.put(tenant_var.get(), events)
 
     async def deliver(self, events: list[events_pb2.Event]) -> events_pb2.AppendResponse:

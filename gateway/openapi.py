@@ -20,7 +20,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "invalid body, or a report of an interleaving experiment; `field` names it",
         401: "missing or unknown x-api-key",
         404: "no such experiment for the calling tenant",
-        429: "over quota; see the Retry-After header",
+        429: "over quota, or too many events waiting for delivery; see the Retry-After header",
         503: "no useful answer can be produced",
     }
     return {
@@ -294,7 +294,7 @@ OPENAPI: dict[str, Any] = {
                         }
                     },
                 },
-                "responses": {"202": {"description": "accepted"}, **_errors(400, 401, 503)},
+                "responses": {"202": {"description": "accepted"}, **_errors(400, 401, 429, 503)},
             }
         },
         "/v1/experiments/{key}/report": {

@@ -96,6 +96,11 @@ class Outbox:
             self._db.execute("COMMIT")
 
     @property
+    def rows(self) -> int:
+        """Rows stored and not yet acknowledged (counted in memory, no query)."""
+        return self._rows
+
+    @property
     def holds_rows(self) -> bool:
         """Whether rows are stored and not yet acknowledged (counted in memory, no query)."""
         return self._rows > 0

@@ -98,6 +98,12 @@ class GatewaySettings(ServerSettings):
     outbox: Path = env(
         "RECMESH_GATEWAY_OUTBOX", VAR_DIR / "outbox.db", doc="durable outbox of accepted events"
     )
+    outbox_max_rows: int = env(
+        "RECMESH_GATEWAY_OUTBOX_MAX_ROWS",
+        200_000,
+        doc="events accepted and not yet delivered beyond which POST /v1/events is refused "
+        "(429, Retry-After) until the relay catches up: about 30 s of its delivery rate",
+    )
     quota_fail_open: bool = env(
         "RECMESH_GATEWAY_QUOTA_FAIL_OPEN", True, doc="serve when the quota service is down"
     )

@@ -83,6 +83,7 @@ async def inprocess_mesh(
     faults_file: Path | None = None,
     assignments: AssignmentCache | None = None,
     experiments: Path | None = None,
+    gateway_overrides: dict[str, Any] | None = None,
 ) -> AsyncIterator[Mesh]:
     """Every service and the gateway, in this process, on port 0, features materialised.
 
@@ -178,6 +179,7 @@ async def inprocess_mesh(
             quota_lease_max=1,
             experiment_budget_s=0.5,
             **common,
+            **(gateway_overrides or {}),
         )
         gateway = await build_gateway(gateway_settings, assignments=assignments)
         await start("gateway", MeshServer(gateway_settings, gateway))
