@@ -31,23 +31,28 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+async def iter_entries(
+    client: aioredis.Redis, stream: str, after: str = "", until: str = "+", page: int = 1000
+) -> AsyncIterator[list[Entry]]:
+    """The raw entries of ``stream`` after position ``after`` ("" = from the start) up to
+    ``until`` (inclusive), a page of ``XRANGE`` at a time, in order."""
+    start = f"({after}" if after else "-"
+    while True:
+        chunk = cast(list[Entry], await client.xrange(stream, min=start, max=until, count=page))
+        if chunk:
+            yield chunk
+        if len(chunk) < page:
+            return
+        start = f"({as_text(chunk[-1][0])}"
+
+
 async def iter_log(
     client: aioredis.Redis, tenant: str, after: str = "", until: str = "+", page: int = 1000
 ) -> AsyncIterator[list[Stored]]:
     """``tenant``'s log after position ``after`` ("" = from the start) up to ``until``
-    (inclusive), a page at a time, in order."""
-    start = f"({after}" if after else "-"
-    while True:
-        chunk = cast(
-            list[tuple[bytes, dict[bytes, bytes]]],
-            await client.xrange(keys.events(tenant), min=start, max=until, count=page),
-        )
-        entries = [stored_entry(position, fields) for position, fields in chunk]
-        if entries:
-            yield entries
-        if len(chunk) < page:
-            return
-        start = f"({entries[-1][0]}"
+    (inclusive), a page at a time, in order, decoded (:func:`core.replay.stored_entry`)."""
+    async for chunk in iter_entries(client, keys.events(tenant), after, until, page):
+        yield [stored_entry(position, fields) for position, fields in chunk]
 
 
 async def read_log(client: aioredis.Redis, tenant: str) -> list[Stored]:

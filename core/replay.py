@@ -82,14 +82,22 @@ Stored = tuple[str, events_pb2.Event | None]
 """A log entry: its position and event (None when it is not a valid ``Event``)."""
 
 
+def decode_event(payload: bytes | None) -> events_pb2.Event | None:
+    """The ``Event`` serialized in ``payload`` (a log entry's ``e`` field), None when it
+    is missing or does not parse."""
+    if payload is None:
+        return None
+    try:
+        return events_pb2.Event.FromString(payload)
+    except DecodeError:
+        return None
+
+
 def stored_entry(position: bytes | str, fields: Mapping[bytes, bytes]) -> Stored:
     """A stream entry as Redis returns it (position, fields), decoded: the event is the
     ``e`` field (see ``core.keys.events``), None when it does not parse."""
-    try:
-        event: events_pb2.Event | None = events_pb2.Event.FromString(fields.get(b"e", b""))
-    except DecodeError:
-        event = None
-    return (position.decode() if isinstance(position, bytes) else position), event
+    position = position.decode() if isinstance(position, bytes) else position
+    return position, decode_event(fields.get(b"e", b""))
 
 
 def appended_ms(position: str) -> int:
@@ -159,7 +167,8 @@ class Replay:
     """Applies events to a :class:`Projected` by the rules of the module docstring.
 
     Args:
-        half_life_s: half-life of the item counters' decay.
+        half_life_s: half-life of the item counters' decay; None keeps no counters (for
+            a reader of users' outcomes and shares only: as-of reads, training sets).
         history_cap: outcomes kept per user.
         categories: item -> category, for the category shares (an item missing from it
             counts in no share).
@@ -169,13 +178,13 @@ class Replay:
 
     def __init__(
         self,
-        half_life_s: float,
+        half_life_s: float | None,
         history_cap: int,
         categories: Mapping[int, int],
         start: Projected | None = None,
     ) -> None:
         self.state = copy.deepcopy(start) if start is not None else Projected()
-        self.tau = tau_ms(half_life_s)
+        self.tau = tau_ms(half_life_s) if half_life_s is not None else None
         self._cap = history_cap
         self._categories = categories
         self._seen: set[str] = set()
@@ -201,7 +210,7 @@ class Replay:
             if category is not None:
                 shares = self.state.shares.setdefault(event.user_id, {})
                 shares[category] = shares.get(category, 0) + 1
-        if event.type in COUNTED:
+        if event.type in COUNTED and self.tau is not None:
             kinds = self.state.counters.setdefault(event.item_id, {})
             found = kinds.get(event.type)
             if found is None:

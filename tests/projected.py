@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
+from mesh.faults import write_flags
+from mesh.server import MeshServer
+from mesh.testing import built_server, serving
+from services.feature.server import build_service as build_feature
+from services.feature.settings import FeatureSettings
 from services.projector.consumer import StreamProjector
 from services.projector.projections import Projections
 
@@ -54,3 +62,22 @@ async def project(redis_url: str, tenant: str, events: list[events_pb2.Event]) -
             pass
     finally:
         await client.aclose()
+
+
+@asynccontextmanager
+async def feature_service(
+    redis_url: str, artifacts: Path, faults: Path
+) -> AsyncIterator[MeshServer]:
+    """A feature service on ``redis_url`` decaying counters with :data:`HALF_LIFE_S`,
+    watching ``faults`` (created empty) for fault flags."""
+    write_flags(faults, {})
+    settings = FeatureSettings(
+        port=0,
+        redis_url=redis_url,
+        artifacts=artifacts,
+        half_life_s=HALF_LIFE_S,
+        faults_file=str(faults),
+        drain_delay_s=0,
+    )
+    async with serving(await built_server(build_feature, settings)) as running:
+        yield running

@@ -49,8 +49,6 @@ from core.replay import OUTCOMES, Projected, Replay, Stored, appended_ms, stored
 LABELS = ("click", "conversion")
 """Label columns: clicked, and clicked and converted (the ranker's head order)."""
 
-COUNTER_HALF_LIFE_S = 3600.0
-"""Half-life handed to the replay; its item counters are not used here."""
 
 _USER_ROW = re.compile(r"u(0|[1-9][0-9]*)")
 _CLICK, _CONVERSION = 1, 2
@@ -230,7 +228,7 @@ def build_examples(
     snapshot), None for a log read from its first entry."""
     n_items = int(item_categories.shape[0])
     snapshot = start.position if start is not None else ""
-    replay = Replay(COUNTER_HALF_LIFE_S, history_cap, ItemCategories(item_categories), start)
+    replay = Replay(None, history_cap, ItemCategories(item_categories), start)
     outcomes: dict[tuple[str, int], int] = {}  # (request, item) -> label flags
     per_pair: dict[tuple[str, int], int] = {}  # (request, item) -> outcome events
     by_request: dict[str, list[int]] = {}  # request -> items of its outcomes applied so far

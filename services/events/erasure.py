@@ -80,18 +80,17 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
-from google.protobuf.message import DecodeError
 from recmesh.events.v1 import events_pb2
 
 from core import keys
 from core.events import validate_event
-from core.logread import Entry, as_text, position_order
+from core.logread import Entry, as_text, iter_entries, position_order
 from core.replay import (
     COUNTED,
     TRENDING_KIND,
@@ -99,6 +98,7 @@ from core.replay import (
     Replay,
     appended_ms,
     counter_fields,
+    decode_event,
     tau_ms,
     trending_score,
 )
@@ -243,7 +243,7 @@ class Eraser:
         """The user's log entries: by a scan of the whole log, then by the user index (for
         what was appended while the scan ran)."""
         found = _Found()
-        async for entries in self._pages(keys.events(tenant)):
+        async for entries in iter_entries(self._redis, keys.events(tenant), page=PAGE):
             for raw, fields in entries:
                 if (event := _event_of(fields.get(b"e"), user_id)) is not None:
                     found.events[raw.decode()] = event
@@ -318,7 +318,7 @@ class Eraser:
         """``XDEL`` the dead letters whose raw event decodes to one of the user's."""
         stream = keys.dead_letters(tenant)
         doomed: list[str] = []
-        async for entries in self._pages(stream):
+        async for entries in iter_entries(self._redis, stream, page=PAGE):
             doomed += [
                 raw.decode()
                 for raw, fields in entries
@@ -431,10 +431,12 @@ class Eraser:
                     if group is not None:
                         delivered, pending = group
                         oldest_pending = min(pending, key=position_order) if pending else None
-                        async for entries in self._pages(stream, folded, delivered):
+                        async for entries in iter_entries(
+                            self._redis, stream, folded, delivered, PAGE
+                        ):
                             for raw, fields in entries:
                                 position = raw.decode()
-                                event = _event(fields.get(b"e"))
+                                event = decode_event(fields.get(b"e"))
                                 mine = event is not None and event.item_id in items
                                 if oldest_pending is None or position_order(
                                     position
@@ -542,32 +544,6 @@ class Eraser:
         position = await self._redis.xadd(keys.audit(tenant), cast(Any, record))
         return as_text(cast(bytes, position))
 
-    async def _pages(
-        self, stream: str, after: str = "", until: str = "+"
-    ) -> AsyncIterator[list[Entry]]:
-        """``stream`` after position ``after`` ("" = from the start) up to ``until``, a page
-        at a time."""
-        start = f"({after}" if after else "-"
-        while True:
-            chunk = cast(
-                list[Entry], await self._redis.xrange(stream, min=start, max=until, count=PAGE)
-            )
-            if chunk:
-                yield chunk
-            if len(chunk) < PAGE:
-                return
-            start = f"({chunk[-1][0].decode()}"
-
-
-def _event(payload: bytes | None) -> events_pb2.Event | None:
-    """The ``Event`` of raw bytes, or None when they are not one."""
-    if payload is None:
-        return None
-    try:
-        return events_pb2.Event.FromString(payload)
-    except DecodeError:
-        return None
-
 
 def _event_of(payload: bytes | None, user_id: str) -> events_pb2.Event | None:
     """The ``Event`` of raw bytes when it is one of ``user_id``'s, else None. A serialized
@@ -575,7 +551,7 @@ def _event_of(payload: bytes | None, user_id: str) -> events_pb2.Event | None:
     decoding them."""
     if payload is None or user_id.encode() not in payload:
         return None
-    event = _event(payload)
+    event = decode_event(payload)
     return event if event is not None and event.user_id == user_id else None
 
 

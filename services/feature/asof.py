@@ -40,10 +40,6 @@ from services.feature.store import FeatureStore, UserFeatures
 EventsClient: TypeAlias = "Downstream[events_pb2_grpc.EventServiceAsyncStub]"
 """The guarded client of the events service that as-of reads page through."""
 
-HALF_LIFE_S = 3600.0
-"""Half-life given to the replay. Only the item counters depend on it, and an as-of answer
-carries none of them: the history and the category shares are the same for any value."""
-
 
 class AsOfReader:
     """Computes users' features as of a past time (see the module docstring).
@@ -106,7 +102,7 @@ class AsOfReader:
                     )
         categories: dict[int, int] = {}
         asked: set[int] = set()
-        replay = Replay(HALF_LIFE_S, self._history_cap, categories, start)
+        replay = Replay(None, self._history_cap, categories, start)
         while True:
             new = {s.event.item_id for s in page.events if s.event.type in OUTCOMES} - asked
             if new:

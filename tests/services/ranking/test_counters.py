@@ -18,11 +18,9 @@ from mesh.client import Downstream
 from mesh.context import tenant_var
 from mesh.faults import write_flags
 from mesh.server import MeshServer
-from mesh.testing import ManualClock, built_server, serving
-from services.feature.server import build_service as build_feature
-from services.feature.settings import FeatureSettings
+from mesh.testing import ManualClock
 from services.ranking.counters import CounterCache
-from tests.projected import HALF_LIFE_S, event, project
+from tests.projected import event, feature_service, project
 
 if TYPE_CHECKING:
     FeatureStub = feature_pb2_grpc.FeatureServiceAsyncStub
@@ -30,22 +28,12 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="module")
 async def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("counters") / "faults.json"
-    write_flags(path, {})
-    return path
+    return tmp_path_factory.mktemp("counters") / "faults.json"
 
 
 @pytest.fixture(scope="module")
 async def feature(redis_url: str, artifacts_root: Path, faults: Path) -> AsyncIterator[MeshServer]:
-    settings = FeatureSettings(
-        port=0,
-        redis_url=redis_url,
-        artifacts=artifacts_root,
-        half_life_s=HALF_LIFE_S,
-        faults_file=str(faults),
-        drain_delay_s=0,
-    )
-    async with serving(await built_server(build_feature, settings)) as running:
+    async with feature_service(redis_url, artifacts_root, faults) as running:
         yield running
 
 

@@ -20,12 +20,10 @@ from mesh.context import tenant_var
 from mesh.faults import write_flags
 from mesh.server import MeshServer
 from mesh.testing import ManualClock, built_server, channel_to, serving, tenant_metadata
-from services.feature.server import build_service as build_feature
-from services.feature.settings import FeatureSettings
 from services.retrieval.server import build_service as build_retrieval
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.trending import TrendingCache
-from tests.projected import HALF_LIFE_S, HOUR_MS, event, now_ms, project
+from tests.projected import HOUR_MS, event, feature_service, now_ms, project
 
 if TYPE_CHECKING:
     FeatureStub = feature_pb2_grpc.FeatureServiceAsyncStub
@@ -37,22 +35,12 @@ NEWCOMER = "newcomer"
 
 @pytest.fixture(scope="module")
 async def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("trending") / "faults.json"
-    write_flags(path, {})
-    return path
+    return tmp_path_factory.mktemp("trending") / "faults.json"
 
 
 @pytest.fixture(scope="module")
 async def feature(redis_url: str, artifacts_root: Path, faults: Path) -> AsyncIterator[MeshServer]:
-    settings = FeatureSettings(
-        port=0,
-        redis_url=redis_url,
-        artifacts=artifacts_root,
-        half_life_s=HALF_LIFE_S,
-        faults_file=str(faults),
-        drain_delay_s=0,
-    )
-    async with serving(await built_server(build_feature, settings)) as running:
+    async with feature_service(redis_url, artifacts_root, faults) as running:
         yield running
 
 
