@@ -118,10 +118,20 @@ async def test_the_least_recently_used_items_are_evicted(
 ) -> None:
     tenant = "cc" + uuid.uuid4().hex[:8]
     tenant_var.set(tenant)
-    cache = CounterCache(client, refresh_s=1.0, max_age_s=10.0, max_entries=3, batch=100)
+    clock = ManualClock(100.0)
+    cache = CounterCache(
+        client, refresh_s=1.0, max_age_s=10.0, max_entries=3, batch=100, clock=clock
+    )
     try:
-        cache.lookup(tenant, items(1, 2, 3, 4, 5))
+        cache.lookup(tenant, items(1, 2, 3))
+        await cache.idle()
+        clock.advance(0.5)
+        assert cache.lookup(tenant, items(2, 3, 1)).known.all()  # 2 is now the least recent
+        clock.advance(1.0)
+        cache.lookup(tenant, items(4))
         await cache.idle()
         assert len(cache) == 3
+        assert cache.lookup(tenant, items(1, 3, 4)).known.all()
+        assert not cache.lookup(tenant, items(2)).known.any()
     finally:
         await cache.close()
