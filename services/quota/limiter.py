@@ -6,7 +6,9 @@ server's clock. The bucket holds ``burst`` units and refills at ``rate`` per sec
 
 A call either takes exactly ``cost`` units or, as a lease, as many as the bucket has up
 to ``max_cost`` (at least ``cost``); the hourly usage counts units granted, so with leases
-it counts units handed out to callers, whether they used them or not.
+it counts units handed out to callers, whether they used them or not. A denied call takes
+nothing. A check (``check``) answers the same question without taking anything or
+counting usage.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+# Returns {allowed, retry_after_s, remaining, granted, refill_s}; floats as strings
+# because Redis truncates Lua numbers to integers. ARGV[5] = '1' checks without writing.
 _GCRA = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local max_cost = tonumber(ARGV[4])
+local check = ARGV[5] == '1'
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
 local interval = 1 / rate
@@ -29,35 +34,51 @@ local tolerance = interval * burst
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local available = math.floor((tolerance - (tat - now)) / interval + 1e-9)
+local retry_after = tostring(tat + cost * interval - tolerance - now)
+if check then
+  if available < cost then
+    return {0, retry_after, available, 0, tostring(tat - now)}
+  end
+  return {1, '0', available, 0, tostring(tat - now)}
+end
 local grant = math.min(max_cost, available)
 if grant < cost then
   redis.call('HINCRBY', KEYS[2], 'rejected', 1)
   redis.call('EXPIRE', KEYS[2], 7200)
-  return {0, tostring(tat + cost * interval - tolerance - now), available, 0}
+  return {0, retry_after, available, 0, tostring(tat - now)}
 end
 local new_tat = tat + grant * interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(tolerance * 1000) + 1000)
 redis.call('HINCRBY', KEYS[2], 'allowed', grant)
 redis.call('EXPIRE', KEYS[2], 7200)
-return {1, '0', available - grant, grant}
+return {1, '0', available - grant, grant, tostring(new_tat - now)}
 """
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Outcome of one acquire.
+    """Outcome of one acquire or check.
 
     Attributes:
-        allowed: at least ``cost`` units were taken.
+        allowed: at least ``cost`` units were taken (a check: were available).
         remaining: whole units left in the bucket after this call.
         retry_after_s: when denied, seconds until ``cost`` units are available; else 0.
-        granted: units taken (``cost`` up to ``max_cost`` when allowed, 0 when denied).
+        granted: units taken (``cost`` up to ``max_cost`` when allowed, 0 when denied
+            and on a check).
+        refill_s: seconds from this call until the bucket is full (``burst`` units)
+            again if nothing else takes from it; 0 when it is full now.
     """
 
     allowed: bool
     remaining: int
     retry_after_s: float
     granted: int
+    refill_s: float
+
+    def seconds_until(self, units: int, rate: float, burst: int) -> float:
+        """Seconds from this call until the bucket holds ``units`` (at most ``burst``)
+        whole units, if nothing else takes from it; 0 when it holds them now."""
+        return max(0.0, self.refill_s - (burst - min(units, burst)) / rate)
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,14 @@ class RedisRateLimiter:
         hour = int(self._clock() // 3600) if hour is None else hour
         return f"rm:{{{bucket}}}:usage:{hour}"
 
+    async def _run(self, bucket: str, args: list[float | int]) -> Decision:
+        allowed, retry_after, remaining, granted, refill = await self._script(
+            keys=[f"rm:{{{bucket}}}:gcra", self._usage_key(bucket)], args=args
+        )
+        return Decision(
+            bool(allowed), max(0, int(remaining)), float(retry_after), int(granted), float(refill)
+        )
+
     async def acquire(
         self, bucket: str, rate: float, burst: int, cost: int = 1, max_cost: int = 0
     ) -> Decision:
@@ -96,13 +125,20 @@ class RedisRateLimiter:
 
         With ``max_cost`` greater than ``cost`` the call is a lease: it takes as many units
         as the bucket has, at most ``max_cost``; otherwise exactly ``cost``. Either way it
-        is denied (nothing taken) when fewer than ``cost`` units are available.
+        is denied (nothing taken, one rejection counted) when fewer than ``cost`` units are
+        available. A ``cost`` of 0 is always allowed and takes nothing (unless a lease).
         """
-        allowed, retry_after, remaining, granted = await self._script(
-            keys=[f"rm:{{{bucket}}}:gcra", self._usage_key(bucket)],
-            args=[rate, burst, cost, max(cost, max_cost)],
-        )
-        return Decision(bool(allowed), max(0, int(remaining)), float(retry_after), int(granted))
+        return await self._run(bucket, [rate, burst, cost, max(cost, max_cost), 0])
+
+    async def check(self, bucket: str, rate: float, burst: int, cost: int = 1) -> Decision:
+        """Whether ``cost`` units are available in ``bucket`` now, taking none.
+
+        The answer is the one :meth:`acquire` would give for ``cost`` (``allowed``,
+        ``remaining``, ``retry_after_s``, ``refill_s``) except that ``granted`` is 0, the
+        bucket is unchanged and nothing is counted in the usage. A ``cost`` of 0 is
+        always allowed.
+        """
+        return await self._run(bucket, [rate, burst, cost, cost, 1])
 
     async def usage(self, bucket: str) -> Usage:
         """Units granted and calls denied for ``bucket`` in the current hour."""

@@ -30,12 +30,13 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Acquire(
         self, request: quota_pb2.AcquireRequest, context: Any
     ) -> quota_pb2.AcquireResponse:
-        """Take ``cost`` units, or as a lease up to ``max_cost`` (see ``AcquireRequest``).
+        """Take ``cost`` units, or as a lease up to ``max_cost``; with ``check_only``, say
+        whether ``cost`` units are there without taking any (see ``AcquireRequest``).
 
         Raises:
             NotFound: the tenant is not configured.
-            InvalidArgument: ``cost`` outside 0..MAX_COST, or ``max_cost`` neither 0 nor
-                in cost..MAX_COST.
+            InvalidArgument: ``cost`` outside 0..MAX_COST, ``max_cost`` neither 0 nor
+                in cost..MAX_COST, or ``max_cost`` set with ``check_only``.
         """
         tenant = self._tenant(request.tenant or current_tenant())
         if not 0 <= request.cost <= MAX_COST:
@@ -43,9 +44,15 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         cost = request.cost or 1
         if request.max_cost and not cost <= request.max_cost <= MAX_COST:
             raise InvalidArgument(f"max_cost must be 0 or in {cost}..{MAX_COST}", field="max_cost")
-        decision = await self._limiter.acquire(
-            f"tenant:{tenant.name}", tenant.rate, tenant.burst, cost, request.max_cost
-        )
+        bucket = f"tenant:{tenant.name}"
+        if request.check_only:
+            if request.max_cost:
+                raise InvalidArgument("max_cost must be 0 with check_only", field="max_cost")
+            decision = await self._limiter.check(bucket, tenant.rate, tenant.burst, cost)
+        else:
+            decision = await self._limiter.acquire(
+                bucket, tenant.rate, tenant.burst, cost, request.max_cost
+            )
         return quota_pb2.AcquireResponse(
             allowed=decision.allowed,
             rate=tenant.rate,

@@ -127,3 +127,64 @@ async def test_the_service_accepts_max_cost_equal_to_cost(
     await reset_quota(redis_url, "demo")
     reply = await quota.Acquire(quota_pb2.AcquireRequest(tenant="demo", cost=3, max_cost=3))
     assert (reply.allowed, reply.granted) == (True, 3)
+
+
+async def test_a_check_answers_like_a_take_but_takes_nothing(limiter: RedisRateLimiter) -> None:
+    name = bucket()
+    assert (await limiter.acquire(name, SLOW, 5, cost=4)).granted == 4
+    enough = await limiter.check(name, SLOW, 5, cost=1)
+    short = await limiter.check(name, SLOW, 5, cost=2)
+    assert (enough.allowed, enough.granted, enough.remaining, enough.retry_after_s) == (
+        True,
+        0,
+        1,
+        0.0,
+    )
+    assert (short.allowed, short.granted, short.remaining) == (False, 0, 1)
+    assert 0 < short.retry_after_s <= 1 / SLOW
+    # Neither check took the last unit nor was counted.
+    usage = await limiter.usage(name)
+    assert (usage.allowed, usage.rejected) == (4, 0)
+    last = await limiter.acquire(name, SLOW, 5, cost=1)
+    assert (last.allowed, last.granted, last.remaining) == (True, 1, 0)
+
+
+async def test_refill_s_is_the_time_until_the_bucket_is_full(limiter: RedisRateLimiter) -> None:
+    name = bucket()
+    assert (await limiter.check(name, SLOW, 5, cost=0)).refill_s == 0.0
+    taken = await limiter.acquire(name, SLOW, 5, cost=3)
+    assert taken.refill_s == pytest.approx(3 / SLOW, abs=0.1)
+    # Two units are left: four are there again once two come back, 4 s at 0.5/s.
+    assert taken.seconds_until(4, SLOW, 5) == pytest.approx(2 / SLOW, abs=0.1)
+    assert taken.seconds_until(2, SLOW, 5) == 0.0
+
+
+async def test_the_service_checks_without_consuming(
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub, redis_url: str
+) -> None:
+    await reset_quota(redis_url, "tiny")
+    before = (await quota.GetUsage(quota_pb2.GetUsageRequest(tenant="tiny"))).usage[0]
+    checks = [
+        await quota.Acquire(quota_pb2.AcquireRequest(tenant="tiny", check_only=True))
+        for _ in range(3)
+    ]
+    assert [(c.allowed, c.granted, c.remaining) for c in checks] == [(True, 0, 2)] * 3
+    too_many = await quota.Acquire(quota_pb2.AcquireRequest(tenant="tiny", cost=3, check_only=True))
+    assert (too_many.allowed, too_many.granted, too_many.remaining) == (False, 0, 2)
+    assert too_many.retry_after_s > 0
+    after = (await quota.GetUsage(quota_pb2.GetUsageRequest(tenant="tiny"))).usage[0]
+    assert (after.allowed, after.rejected) == (before.allowed, before.rejected)
+    # The bucket is still full: a take gets the first of its two units.
+    taken = await quota.Acquire(quota_pb2.AcquireRequest(tenant="tiny"))
+    assert (taken.allowed, taken.granted, taken.remaining) == (True, 1, 1)
+
+
+async def test_the_service_refuses_a_lease_with_check_only(
+    quota: quota_pb2_grpc.QuotaServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await quota.Acquire(
+            quota_pb2.AcquireRequest(tenant="demo", cost=1, max_cost=5, check_only=True)
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-recmesh-field", "max_cost") in tuple(error.value.trailing_metadata() or ())

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crecmesh/quota/v1/quota.proto\x12\x10recmesh.quota.v1\"@\n\x0e\x41\x63quireRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x05\x12\x10\n\x08max_cost\x18\x03 \x01(\x05\"z\n\x0f\x41\x63quireResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12\x15\n\rretry_after_s\x18\x05 \x01(\x01\x12\x0f\n\x07granted\x18\x06 \x01(\x05\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"@\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\"@\n\x10GetUsageResponse\x12,\n\x05usage\x18\x01 \x03(\x0b\x32\x1d.recmesh.quota.v1.TenantUsage2\xb1\x01\n\x0cQuotaService\x12N\n\x07\x41\x63quire\x12 .recmesh.quota.v1.AcquireRequest\x1a!.recmesh.quota.v1.AcquireResponse\x12Q\n\x08GetUsage\x12!.recmesh.quota.v1.GetUsageRequest\x1a\".recmesh.quota.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crecmesh/quota/v1/quota.proto\x12\x10recmesh.quota.v1\"T\n\x0e\x41\x63quireRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x05\x12\x10\n\x08max_cost\x18\x03 \x01(\x05\x12\x12\n\ncheck_only\x18\x04 \x01(\x08\"z\n\x0f\x41\x63quireResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12\x15\n\rretry_after_s\x18\x05 \x01(\x01\x12\x0f\n\x07granted\x18\x06 \x01(\x05\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"@\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\"@\n\x10GetUsageResponse\x12,\n\x05usage\x18\x01 \x03(\x0b\x32\x1d.recmesh.quota.v1.TenantUsage2\xb1\x01\n\x0cQuotaService\x12N\n\x07\x41\x63quire\x12 .recmesh.quota.v1.AcquireRequest\x1a!.recmesh.quota.v1.AcquireResponse\x12Q\n\x08GetUsage\x12!.recmesh.quota.v1.GetUsageRequest\x1a\".recmesh.quota.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recmesh.quota.v1.quota_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ACQUIREREQUEST']._serialized_start=50
-  _globals['_ACQUIREREQUEST']._serialized_end=114
-  _globals['_ACQUIRERESPONSE']._serialized_start=116
-  _globals['_ACQUIRERESPONSE']._serialized_end=238
-  _globals['_GETUSAGEREQUEST']._serialized_start=240
-  _globals['_GETUSAGEREQUEST']._serialized_end=273
-  _globals['_TENANTUSAGE']._serialized_start=275
-  _globals['_TENANTUSAGE']._serialized_end=339
-  _globals['_GETUSAGERESPONSE']._serialized_start=341
-  _globals['_GETUSAGERESPONSE']._serialized_end=405
-  _globals['_QUOTASERVICE']._serialized_start=408
-  _globals['_QUOTASERVICE']._serialized_end=585
+  _globals['_ACQUIREREQUEST']._serialized_end=134
+  _globals['_ACQUIRERESPONSE']._serialized_start=136
+  _globals['_ACQUIRERESPONSE']._serialized_end=258
+  _globals['_GETUSAGEREQUEST']._serialized_start=260
+  _globals['_GETUSAGEREQUEST']._serialized_end=293
+  _globals['_TENANTUSAGE']._serialized_start=295
+  _globals['_TENANTUSAGE']._serialized_end=359
+  _globals['_GETUSAGERESPONSE']._serialized_start=361
+  _globals['_GETUSAGERESPONSE']._serialized_end=425
+  _globals['_QUOTASERVICE']._serialized_start=428
+  _globals['_QUOTASERVICE']._serialized_end=605
 # @@protoc_insertion_point(module_scope)

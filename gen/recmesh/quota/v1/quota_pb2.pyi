@@ -27,6 +27,7 @@ class AcquireRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     MAX_COST_FIELD_NUMBER: _builtins.int
+    CHECK_ONLY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Defaults to the tenant in call metadata."""
     cost: _builtins.int
@@ -35,16 +36,23 @@ class AcquireRequest(_message.Message):
     """Lease: when greater than `cost`, take as many units as the bucket has, at most
     `max_cost` and at least `cost` (otherwise deny). 0 means exactly `cost`.
     """
+    check_only: _builtins.bool
+    """Check without consuming: answer whether `cost` units (0 means 1) are in the bucket now,
+    with `allowed`, `remaining` and `retry_after_s` as taking them would, but take nothing
+    (`granted` = 0) and count nothing in GetUsage. `max_cost` must be 0. A quota service
+    older than this field ignores it and takes `cost` units.
+    """
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         cost: _builtins.int = ...,
         max_cost: _builtins.int = ...,
+        check_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "max_cost", b"max_cost", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_only", b"check_only", "cost", b"cost", "max_cost", b"max_cost", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -69,7 +77,7 @@ class AcquireResponse(_message.Message):
     retry_after_s: _builtins.float
     """When allowed is false: seconds until `cost` units are available again."""
     granted: _builtins.int
-    """Units taken: `cost` up to `max_cost` when allowed, 0 when denied."""
+    """Units taken: `cost` up to `max_cost` when allowed, 0 when denied or `check_only`."""
     def __init__(
         self,
         *,

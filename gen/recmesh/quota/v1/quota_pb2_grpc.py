@@ -51,7 +51,8 @@ class QuotaServiceServicer:
 
     def Acquire(self, request, context):
         """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
-        `max_cost`. Being over the limit is an answer (allowed = false), not an error.
+        `max_cost`; with `check_only`, only say whether `cost` units are there. Being over the
+        limit is an answer (allowed = false), not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,7 +35,8 @@ class QuotaServiceStub:
     def __new__(cls, channel: _aio.Channel) -> QuotaServiceAsyncStub: ...
     Acquire: _grpc.UnaryUnaryMultiCallable[_quota_pb2.AcquireRequest, _quota_pb2.AcquireResponse]
     """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
-    `max_cost`. Being over the limit is an answer (allowed = false), not an error.
+    `max_cost`; with `check_only`, only say whether `cost` units are there. Being over the
+    limit is an answer (allowed = false), not an error.
     """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]
     """Units granted and calls denied per tenant in the current accounting window."""
@@ -45,7 +46,8 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Acquire: _aio.UnaryUnaryMultiCallable[_quota_pb2.AcquireRequest, _quota_pb2.AcquireResponse]  # type: ignore[assignment]
     """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
-    `max_cost`. Being over the limit is an answer (allowed = false), not an error.
+    `max_cost`; with `check_only`, only say whether `cost` units are there. Being over the
+    limit is an answer (allowed = false), not an error.
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Units granted and calls denied per tenant in the current accounting window."""
@@ -58,7 +60,8 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_quota_pb2.AcquireResponse, _abc.Awaitable[_quota_pb2.AcquireResponse]]:
         """Take `cost` units from the tenant's bucket, or, as a lease, as many as it has up to
-        `max_cost`. Being over the limit is an answer (allowed = false), not an error.
+        `max_cost`; with `check_only`, only say whether `cost` units are there. Being over the
+        limit is an answer (allowed = false), not an error.
         """
 
     @_abc_1.abstractmethod
