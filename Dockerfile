@@ -52,10 +52,13 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY --from=builder /app /app
+# The gateway's outbox lives on a volume mounted here (docker-compose.yml); a named volume
+# takes the owner of the image's directory, so the runtime user can write it.
+RUN mkdir -p /data/outbox && chown 10001:10001 /data/outbox
 
 USER 10001:10001
-# gRPC: gateway 50050, services 50051-50056; HTTP API: 8080.
-EXPOSE 8080 50050-50056
+# gRPC: gateway 50050, services 50051-50056, projector 50057; HTTP API: 8080.
+EXPOSE 8080 50050-50057
 # No HEALTHCHECK here: the port differs per process, so compose sets
 # `python -m ops.healthcheck <port>` on each service.
 CMD ["python", "-m", "gateway"]
