@@ -22,6 +22,9 @@ MAX_AGE_MS = 7 * 24 * 3600 * 1000
 service remembers an event id for at least ``MAX_AGE_MS + MAX_FUTURE_MS``
 (``RECMESH_EVENTS_DEDUPE_TTL_S``), so a client's retry of an event can never arrive after
 its id was forgotten and count twice."""
+MAX_SUPPORT = 4096
+"""Most items an impression's ``support`` may list (an answer's exploit items plus its
+exploration pool; the ranking service's pool is a few dozen)."""
 
 
 def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = None) -> None:
@@ -52,6 +55,14 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
         )
     if not 0.0 <= event.propensity <= 1.0:
         raise InvalidArgument("propensity must be in [0, 1]", field=f"{prefix}.propensity")
+    if event.support:
+        if event.type != "impression":
+            raise InvalidArgument("only an impression has a support", field=f"{prefix}.support")
+        if len(event.support) > MAX_SUPPORT or min(event.support) < 0:
+            raise InvalidArgument(
+                f"support must list at most {MAX_SUPPORT} item ids, each >= 0",
+                field=f"{prefix}.support",
+            )
 
 
 def check_fresh(events: list[events_pb2.Event], now_ms: int | None = None) -> None:

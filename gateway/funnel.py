@@ -105,6 +105,9 @@ class Recommendation:
     teams: list[str] = field(default_factory=list)
     """Interleaved answers: the arm whose team-draft pick each shown item was (parallel to
     ``item_ids``; empty otherwise, e.g. when ranking did not answer)."""
+    support: list[int] = field(default_factory=list)
+    """Every item ranking's answer could have shown (``RankResponse.support``), logged on
+    the first impression; empty when ranking did not answer or interleaved."""
 
 
 class Funnel:
@@ -301,6 +304,7 @@ class Funnel:
             retrieval_version=retrieved.model_version,
             ranking_version=ranked.model_version if ranked is not None else "",
             teams=list(ranked.teams) if ranked is not None else [],
+            support=list(ranked.support) if ranked is not None else [],
         )
         return result
 
@@ -450,6 +454,7 @@ class Funnel:
                 degraded=result.degraded,
                 latency_ms=result.latency_ms,
                 team=team,
+                support=result.support if position == 0 else (),
             )
             for position, (item_id, propensity, score, source, team) in enumerate(
                 zip(result.item_ids, propensities, scores, sources, teams, strict=True)

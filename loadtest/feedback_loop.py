@@ -19,7 +19,7 @@ the next batch reads. An answer is the mesh's funnel with the set's models:
   ranker's first 50 get rank relevance ``1 - rank / 50`` plus ``ctr_weight *``
   :func:`~services.ranking.rerank.ctr_lift` of their counters (prior 1 click in 20
   impressions), are re-sorted by it, :func:`~services.ranking.rerank.mmr` (λ 0.7, the item
-  categories) picks the slate, and :func:`~services.ranking.explore.build_slate` fills
+  categories) picks the slate, and :func:`~core.explore.build_slate` fills
   ``floor(slate * explore_share + 1/2)`` slots from the 100 candidates after them.
 
 Per setting and period: the catalogue coverage and the Gini coefficient of the period's
@@ -48,11 +48,11 @@ import onnxruntime as ort
 
 from core.artifacts import ArtifactSet, load_artifact_set, resolve_current
 from core.experiments.stats import coverage, gini
+from core.explore import build_slate
 from core.prerank import load_prerank
 from loadtest.harness import machine
 from loadtest.reporting import command_line, table, write_block
 from mesh.paths import PROJECT_ROOT
-from services.ranking.explore import build_slate
 from services.ranking.rerank import ctr_lift, mmr
 from training.pipeline import world_of
 from training.world import World

@@ -13,6 +13,14 @@ another training seed (the "another set" candidate). Then ``--replications`` tim
 3. each candidate policy's CTR is estimated from that log (:func:`training.ope.evaluate`:
    naive, IPS, SNIPS, DR, 95 % intervals, the default weight cap and ``--clips``).
 
+With ``--logger mesh`` the logging policy explores the mesh's way (the ranking service's
+:func:`core.explore.build_slate`: 2 of 10 slots drawn from the 20 candidates after the 8
+ranked ones, probabilities given them and each answer's support logged), and the candidates
+are final stages over the logged supports (:class:`training.ope.RerankPolicy`, estimated by
+:func:`training.ope.evaluate_rerank`); their truth is the mean over ``--truth-answers``
+answers of the logger (:func:`training.ope.true_rerank_ctr`), the distribution of (user,
+support) the estimates are about; the tables go to the block ``ope-validation-mesh``.
+
 Each candidate's true CTR is computed exactly (:func:`training.ope.true_ctr`). Per
 candidate and estimator the tables give the mean estimate, its bias, the RMSE, the mean
 interval width and the share of replications whose interval covers the truth, with that
@@ -46,11 +54,20 @@ from loadtest.harness import machine
 from loadtest.reporting import command_line, table, write_block
 from mesh.paths import PROJECT_ROOT
 from training.log_data import build_examples
-from training.ope import LoggedImpressions, evaluate, true_ctr
+from training.ope import (
+    LoggedImpressions,
+    RerankPolicy,
+    evaluate,
+    evaluate_rerank,
+    true_ctr,
+    true_rerank_ctr,
+)
 from training.pipeline import TrainConfig, train, world_of
 from training.simulate import Ranker, ServeConfig, ServePolicy, simulate_serve
 
 BLOCK = "ope-validation"
+MESH_LOGGER = ServeConfig(explore_slots=2, explore_pool=20)
+"""The mesh-way logger: the ranker's best 8 of 100 candidates, 2 slots from the next 20."""
 ESTIMATORS = ("naive", "ips", "snips", "dr")
 LABELS = {"naive": "naive", "ips": "IPS", "snips": "SNIPS", "dr": "DR"}
 START_MS = 1_700_000_000_000
@@ -69,6 +86,19 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--logger",
+        choices=("serve", "mesh"),
+        default="serve",
+        help="serve: marginal propensities over the catalogue; mesh: the ranking service's "
+        "way, supports logged, final-stage candidates",
+    )
+    parser.add_argument(
+        "--truth-answers",
+        type=int,
+        default=100_000,
+        help="--logger mesh: answers the candidates' true CTR is averaged over",
+    )
+    parser.add_argument(
         "--work",
         type=Path,
         help="where the two sets are trained, reused when there (default: a temporary directory)",
@@ -80,7 +110,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    policy: ServePolicy
+    policy: ServePolicy | RerankPolicy
 
 
 def candidates(logging_set: ArtifactSet, other_set: ArtifactSet) -> list[Candidate]:
@@ -105,7 +135,32 @@ def candidates(logging_set: ArtifactSet, other_set: ArtifactSet) -> list[Candida
     ]
 
 
-def read_back(events: Sequence[events_pb2.Event], artifact_set: ArtifactSet) -> LoggedImpressions:
+def mesh_candidates(logging_set: ArtifactSet, other_set: ArtifactSet) -> list[Candidate]:
+    """Final stages over the mesh-way logger's supports."""
+    ranker = Ranker(logging_set)
+    share = MESH_LOGGER.explore_slots / MESH_LOGGER.slate
+    support = MESH_LOGGER.ranked_slots + MESH_LOGGER.explore_pool
+
+    def stage(name: str, chosen: Ranker, share: float, pool: int, logged: bool) -> Candidate:
+        policy = RerankPolicy(
+            chosen, slate=10, explore_share=share, explore_pool=pool, keep_order=logged, cache=True
+        )
+        return Candidate(name, policy)
+
+    return [
+        stage("the logging policy itself", ranker, share, MESH_LOGGER.explore_pool, True),
+        stage("logged order, no exploration", ranker, 0.0, 0, True),
+        stage("click head only, no exploration", Ranker(logging_set, {"click": 1.0}), 0, 0, False),
+        stage(
+            "another set (train seed 1)", Ranker(other_set), share, MESH_LOGGER.explore_pool, False
+        ),
+        stage("uniform over the support", ranker, 1.0, support, True),
+    ]
+
+
+def read_back(
+    events: Sequence[events_pb2.Event], artifact_set: ArtifactSet, mesh: bool
+) -> LoggedImpressions:
     """The events as the log holds them, through the log reader's join."""
     entries: list[Stored] = [(f"{event.ts_ms}-{k}", event) for k, event in enumerate(events)]
     examples = build_examples(
@@ -115,7 +170,18 @@ def read_back(events: Sequence[events_pb2.Event], artifact_set: ArtifactSet) -> 
         item_categories=artifact_set.open_array("item_categories"),
         history_cap=1,
     )
+    if mesh:
+        n_items = int(artifact_set.open_array("item_categories").shape[0])
+        return LoggedImpressions.from_supported(examples, n_items, MESH_LOGGER.slate)
     return LoggedImpressions.from_examples(examples)
+
+
+def estimate(
+    log: LoggedImpressions, policy: ServePolicy | RerankPolicy, clip: float
+) -> OffPolicyEstimate:
+    if isinstance(policy, RerankPolicy):
+        return evaluate_rerank(log, policy, clip=clip)
+    return evaluate(log, policy, clip=clip)
 
 
 def sets(args: argparse.Namespace, scratch: Path) -> tuple[ArtifactSet, ArtifactSet]:
@@ -171,18 +237,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="ope-") as scratch:
         logging_set, other_set = sets(args, args.work or Path(scratch))
         world, _ = world_of(logging_set)
-        policies = candidates(logging_set, other_set)
-        logger = policies[0].policy  # the logging policy itself: its tables are shared
-        truths = [true_ctr(c.policy, world, ServeConfig().unknown_share) for c in policies]
+        mesh = args.logger == "mesh"
+        shape = MESH_LOGGER if mesh else ServeConfig()
+        logger = ServePolicy(Ranker(logging_set), shape, cache=True)
+        if mesh:
+            policies = mesh_candidates(logging_set, other_set)
+            # Seeds of the replications are seed * 100_000 + rep: this one is none of them.
+            sample = dataclasses.replace(shape, requests=args.truth_answers, seed=10**9 + args.seed)
+            big = read_back(
+                simulate_serve(logging_set, world, sample, START_MS, logger), logging_set, True
+            )
+        else:
+            policies = candidates(logging_set, other_set)
+
+        def truth(policy: ServePolicy | RerankPolicy) -> float:
+            if isinstance(policy, RerankPolicy):
+                return true_rerank_ctr(big, policy, world)
+            return true_ctr(policy, world, shape.unknown_share)
+
+        truths = [truth(c.policy) for c in policies]
         prepared = time.perf_counter() - began
         runs: dict[tuple[int, float], list[OffPolicyEstimate]] = {}
         for rep in range(args.replications):
-            config = ServeConfig(requests=args.answers, seed=args.seed * 100_000 + rep)
+            config = dataclasses.replace(
+                shape, requests=args.answers, seed=args.seed * 100_000 + rep
+            )
             events = simulate_serve(logging_set, world, config, START_MS, policy=logger)
-            log = read_back(events, logging_set)
+            log = read_back(events, logging_set, mesh)
             for k, candidate in enumerate(policies):
                 for clip in [DEFAULT_CLIP, *clips]:
-                    result = evaluate(log, candidate.policy, clip=clip)
+                    result = estimate(log, candidate.policy, clip)
                     runs.setdefault((k, clip), []).append(result)
     rows = []
     for k, candidate in enumerate(policies):
@@ -231,6 +315,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"- {args.replications} logged runs of {args.answers} answers (10 impressions each, 5 % "
         "of them to unknown users), each read back through the log reader's join; default "
         f"weight cap {DEFAULT_CLIP:g}",
+        *(
+            [
+                "- logged the mesh's way: 8 ranked of 100 candidates, 2 slots drawn from the "
+                "next 20 (probability 0.1), supports logged; candidates are final stages over "
+                f"the supports; true CTRs over {args.truth_answers} answers of the logger"
+            ]
+            if mesh
+            else []
+        ),
         "",
         "Coverage of the 95 % intervals, per candidate and estimator (coverage: share of runs "
         "whose interval holds the true CTR, with its 95 % Clopper-Pearson interval):",
@@ -267,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             clip_rows,
         ),
     ]
-    write_block(args.out, BLOCK, lines)
+    write_block(args.out, f"{BLOCK}-mesh" if mesh else BLOCK, lines)
     print("\n".join(lines))
 
 

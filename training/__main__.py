@@ -7,14 +7,15 @@ or ``--base``) with a ranker learnt from the tenant's event log; the world's opt
 (``--items`` ...) do not apply to it, and a log with too few impressions or no click is
 refused (status 1). ``simulate-serve`` appends a simulated serve of a set to a tenant's
 log through the events service (:mod:`training.simulate`). ``ope --policy P`` estimates a
-candidate policy's CTR off-policy from a tenant's log (:mod:`training.ope`; status 1 when
-the log cannot be read, has fewer than two answers, or logs propensities of 1, which are
-conditional on candidates the log does not hold). ``eval`` recomputes the
-metrics of an existing set (``current``, or ``--version V``) from its files, on the world
-regenerated from its manifest, and prints them next to the stored ones (``!`` marks a
-difference; ``--check`` exits 2 if any). ``rollback`` moves ``current`` to the previous
-version, or to ``--to VERSION``. Artifact problems exit with status 1 and the error on
-stderr.
+candidate policy's CTR off-policy from a tenant's log (:mod:`training.ope`: a final stage
+over the logged supports of the mesh's answers, or a simulated serve for a simulated log;
+status 1 when the log cannot be read, has fewer than two answers, or logs propensities of 1
+without supports, which are conditional on candidates the log does not hold). ``eval``
+recomputes the metrics of an existing set (``current``, or ``--version V``) from its
+files, on the world regenerated from its manifest, and prints them next to the stored
+ones (``!`` marks a difference; ``--check`` exits 2 if any). ``rollback`` moves
+``current`` to the previous version, or to ``--to VERSION``. Artifact problems exit with
+status 1 and the error on stderr.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     sim_cmd.add_argument("--requests", type=int, default=20000)
     sim_cmd.add_argument("--slate", type=int, default=10)
     sim_cmd.add_argument("--explore-slots", type=int, default=1)
+    sim_cmd.add_argument(
+        "--explore-pool",
+        type=int,
+        default=0,
+        help="0: explore the whole catalogue, log marginal propensities; N > 0: the mesh's "
+        "way, explore the N candidates after the ranked ones, log supports",
+    )
     sim_cmd.add_argument("--seed", type=int, default=0)
 
     ope_cmd = commands.add_parser(
@@ -95,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         metavar="SET|JSON",
         help="an artifact set (a version under --root or a directory), or a JSON file of "
-        "parameters: artifacts, candidates, slate, explore_slots, head_weights",
+        "parameters: for the mesh's logs artifacts, order, head_weights, slate, "
+        "explore_share, explore_pool; for a simulated log artifacts, candidates, slate, "
+        "explore_slots, head_weights",
     )
     ope_cmd.add_argument("--root", type=Path, default=Path("artifacts"))
     ope_cmd.add_argument("--tenant", default="demo", help="whose log (default: demo)")
@@ -237,7 +247,11 @@ def _simulate(args: argparse.Namespace) -> int:
     artifact_set = load_artifact_set(path, verify=False)
     address = args.events or f"127.0.0.1:{load(LogSettings).events_port}"
     config = ServeConfig(
-        requests=args.requests, slate=args.slate, explore_slots=args.explore_slots, seed=args.seed
+        requests=args.requests,
+        slate=args.slate,
+        explore_slots=args.explore_slots,
+        explore_pool=args.explore_pool,
+        seed=args.seed,
     )
     world, _ = world_of(artifact_set)
     span_ms = config.requests * config.gap_ms + config.click_delay_ms[1] * 2
@@ -263,60 +277,83 @@ def _ope(args: argparse.Namespace) -> int:
     from training.from_log import LogSettings
     from training.log_data import read_examples
     from training.ope import (
+        Candidate,
         LoggedImpressions,
+        RerankPolicy,
         evaluate,
+        evaluate_rerank,
         format_estimate,
         load_candidate,
+        load_rerank_candidate,
+        read_spec,
         to_json,
         true_ctr,
+        true_rerank_ctr,
     )
     from training.pipeline import world_of
-    from training.simulate import ServeConfig
+    from training.simulate import ServeConfig, ServePolicy
 
     settings = load(LogSettings)
     url = args.redis_url or settings.redis_url
     if not url:
         raise ConfigError("ope reads the log from Redis: give --redis-url or REDIS_URL")
     clip = DEFAULT_CLIP if args.clip is None else args.clip
-    candidate = load_candidate(args.policy, args.root, cache=args.truth)
-    categories = candidate.artifact_set.open_array("item_categories")
+    spec = read_spec(args.policy, args.root)
     client = redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=2.0)
     try:
         examples = read_examples(
             client,
             args.tenant,
-            n_users=candidate.policy.ranker.n_users,
-            item_categories=categories,
+            n_users=int(spec.artifact_set.open_array("user_features").shape[0]),
+            item_categories=spec.artifact_set.open_array("item_categories"),
             history_cap=settings.history_cap,
         )
     except redis.RedisError as exc:
         raise ConfigError(f"cannot read the log of {args.tenant!r} at {url}: {exc}") from exc
     finally:
         client.close()
-    log = LoggedImpressions.from_examples(examples)
-    certain = int((log.propensities >= 1.0).sum())
-    if certain:
-        raise ConfigError(
-            f"{certain} impressions of {args.tenant!r} log propensity 1: the log holds "
-            "probabilities conditional on what it does not record (the mesh's ranking logs 1 "
-            "for every ranked slot, given its candidates), not the probability of showing "
-            "the item to the user that off-policy estimates need (docs/experiments.md, "
-            "Off-policy evaluation)"
-        )
+    candidate: Candidate[RerankPolicy] | Candidate[ServePolicy]
+    if examples.supports:
+        candidate = load_rerank_candidate(spec, args.root, cache=False)
+        n_items = int(spec.artifact_set.open_array("item_categories").shape[0])
+        log = LoggedImpressions.from_supported(examples, n_items, candidate.policy.slate)
+    else:
+        candidate = load_candidate(spec, args.root, cache=args.truth)
+        log = LoggedImpressions.from_examples(examples)
+        certain = int((log.propensities >= 1.0).sum())
+        if certain:
+            raise ConfigError(
+                f"{certain} impressions of {args.tenant!r} log propensity 1 and no answer "
+                "logs its support: the log holds probabilities conditional on candidates "
+                "it does not record, not the probability of showing the item that "
+                "off-policy estimates need (docs/experiments.md, Off-policy evaluation)"
+            )
+    policy = candidate.policy
     try:
-        estimate = evaluate(log, candidate.policy, clip=clip)
+        if isinstance(policy, RerankPolicy):
+            estimate = evaluate_rerank(log, policy, clip=clip)
+        else:
+            estimate = evaluate(log, policy, clip=clip)
     except ValueError as exc:
         raise ConfigError(f"the log of {args.tenant!r} cannot be evaluated: {exc}") from exc
     truth = None
     if args.truth:
         world, _ = world_of(candidate.artifact_set)
-        truth = true_ctr(candidate.policy, world, ServeConfig().unknown_share)
+        try:
+            truth = (
+                true_rerank_ctr(log, policy, world)
+                if isinstance(policy, RerankPolicy)
+                else true_ctr(policy, world, ServeConfig().unknown_share)
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--truth: {exc}") from exc
     counts = examples.counts
     if args.json:
         print(
             json.dumps(
                 {
                     "tenant": args.tenant,
+                    "kind": "final stage" if isinstance(policy, RerankPolicy) else "serve",
                     "policy": candidate.description,
                     "log": {
                         "entries": counts.entries,
@@ -330,16 +367,27 @@ def _ope(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    policy = candidate.description
-    weights = ", ".join(f"{h} {w:g}" for h, w in policy["head_weights"].items())
-    print(
-        f"candidate {policy['artifacts']}: {policy['candidates']} candidates, slate "
-        f"{policy['slate']} with {policy['explore_slots']} exploration slot(s), heads {weights}"
-    )
+    described = candidate.description
+    weights = ", ".join(f"{h} {w:g}" for h, w in described["head_weights"].items())
+    if isinstance(policy, ServePolicy):
+        print(
+            f"candidate {described['artifacts']}: {described['candidates']} candidates, slate "
+            f"{described['slate']} with {described['explore_slots']} exploration slot(s), "
+            f"heads {weights}"
+        )
+        left_out = "answers without propensities"
+    else:
+        order = "the logged order" if policy.keep_order else f"the ranker's heads {weights}"
+        print(
+            f"candidate final stage over the logged supports: {described['artifacts']}, "
+            f"ordered by {order}; slate {policy.slate}, exploration share "
+            f"{policy.explore_share:g} of a pool of {policy.explore_pool}"
+        )
+        left_out = "answers without a support (or a shorter one than the slate)"
     print(
         f"log of {args.tenant!r}: {estimate.impressions} impressions in {estimate.requests} "
-        f"answers, {estimate.clicks} clicks; {log.skipped_requests} answers without "
-        f"propensities and {counts.unknown_items} impressions of unknown items left out"
+        f"answers, {estimate.clicks} clicks; {log.skipped_requests} {left_out} and "
+        f"{counts.unknown_items} impressions of unknown items left out"
     )
     print(format_estimate(estimate))
     if truth is not None:

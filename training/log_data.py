@@ -21,7 +21,8 @@ One example per logged impression, in log order (:func:`build_examples`):
   does not know, who is served the set's default row, the mean row); an impression of an
   item outside the set's items is skipped (``unknown_items``).
 * Each example keeps the logged ``propensity`` (for inverse-propensity weighting), its
-  ``source``, its slot in the answer, and its log position and append time (lineage).
+  ``source``, its slot in the answer, and its log position and append time (lineage); an
+  answer's ``support`` (on its first impression, ``core.explore``) is kept per request.
 
 Events are applied once per event id and only when valid as of their append time (the
 replay's rules): a duplicate impression or outcome is neither an example nor a label.
@@ -36,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -148,6 +149,9 @@ class LogExamples:
     history_items: NDArray[np.int64]
     """Example ``k``'s as-of history is ``history_items[indptr[k]:indptr[k + 1]]``."""
     counts: LogCounts
+    supports: dict[str, NDArray[np.int64]] = field(default_factory=dict)
+    """Request -> the answer's logged support (every item it could have shown), for the
+    answers whose impressions carry one."""
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
@@ -242,6 +246,7 @@ def build_examples(
     sources: list[int] = []
     slots: list[int] = []
     histories: list[list[int]] = []
+    supports: dict[str, NDArray[np.int64]] = {}
     entries_read = not_applied = impressions = unknown_items = n_outcomes = unnamed = 0
     early_outcomes = 0
     first = last = ""
@@ -266,6 +271,8 @@ def build_examples(
         if event.type != "impression":
             continue
         impressions += 1
+        if event.support and event.request_id:
+            supports[event.request_id] = np.array(event.support, dtype=np.int64)
         if not event.item_id < n_items:
             unknown_items += 1
             continue
@@ -319,6 +326,7 @@ def build_examples(
             last_position=last,
             snapshot_position=snapshot,
         ),
+        supports=supports,
     )
 
 

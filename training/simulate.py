@@ -36,10 +36,20 @@ it with probability ``e / (N - s)``:
 so ``sum_i p(i) = s + e``, the slate, and every item has a positive propensity when
 ``e > 0``. Computing it scores the whole catalogue once per distinct context
 (:class:`ServePolicy`; about 0.1 s per context on the 20k catalogue, 5 µs an item).
+
+**The mesh's way** (``explore_pool > 0``). The ranking service explores differently: the
+``e`` exploration items are drawn from the *pool* of the ``explore_pool`` candidates that
+follow the ranked ones, into random slots but the first (:func:`core.explore.build_slate`,
+the service's own code), and it logs probabilities conditional on the request's candidates
+(1 for a ranked item, ``e / pool`` for an explored one) with the answer's *support* (the
+ranked items, then the pool) on its first impression. The serve then does the same, so that
+off-policy evaluation of the mesh's logs (:mod:`training.ope`, re-rank candidates over the
+logged supports) is validated on a world whose truth is known.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,6 +63,7 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from scipy import stats as sps
 
 from core.artifacts import ArtifactSet
+from core.explore import build_slate
 from mesh.context import TENANT_KEY
 from training.world import World
 
@@ -62,6 +73,15 @@ I64 = NDArray[np.int64]
 
 DEFAULT_CONTEXT = -1
 """The context of a user the set does not know: its default row."""
+
+_WORLD_USER = re.compile(r"(?:u|guest)(0|[1-9][0-9]*)")
+
+
+def world_user(user_id: str) -> int | None:
+    """The world's user row behind a simulated serve's user id (``u<row>``, or
+    ``guest<row>`` for one served as unknown); None for another id."""
+    found = _WORLD_USER.fullmatch(user_id)
+    return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)
@@ -76,10 +96,18 @@ class ServeConfig:
     gap_ms: int = 100
     click_delay_ms: tuple[int, int] = (1000, 60000)
     seed: int = 0
+    explore_pool: int = 0
+    """0: exploration draws from the whole catalogue and the log holds marginal
+    propensities; ``> 0``: the mesh's way, from this many candidates after the ranked ones,
+    conditional propensities and supports logged (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.explore_slots < self.slate <= self.candidates:
             raise ValueError("need 0 <= explore_slots < slate <= candidates")
+        if self.explore_pool < 0 or (
+            self.explore_pool and self.ranked_slots + self.explore_pool > self.candidates
+        ):
+            raise ValueError("need 0 <= explore_pool <= candidates - (slate - explore_slots)")
         if not 0.0 <= self.unknown_share <= 1.0:
             raise ValueError("unknown_share must be in [0, 1]")
 
@@ -132,10 +160,12 @@ class Ranker:
         :data:`DEFAULT_CONTEXT` (and any row the set does not have)."""
         return self.users[context] if 0 <= context < self.n_users else self.default
 
-    def predict(self, context: int) -> F32:
-        """The ranker's heads ``[n_items, H]`` for every item shown to ``context``."""
-        user_x = np.repeat(self.row(context)[None, :], self.n_items, axis=0)
-        out = self._session.run(None, {"user_features": user_x, "item_features": self.items})
+    def predict(self, context: int, items: I64 | None = None) -> F32:
+        """The ranker's heads ``[len(items), H]`` for ``items`` (default: every item of the
+        catalogue) shown to ``context``."""
+        item_x = self.items if items is None else self.items[items]
+        user_x = np.repeat(self.row(context)[None, :], item_x.shape[0], axis=0)
+        out = self._session.run(None, {"user_features": user_x, "item_features": item_x})
         return np.asarray(out[0], dtype=np.float32)
 
     def score(self, heads: F32) -> F32:
@@ -225,6 +255,11 @@ class Slates:
     """``[R, slate]``: each shown item's probability of being shown (``inclusion``)."""
     scores: F32
     """``[R, slate]``: the ranker's score of the ranked slots; 0 for exploration slots."""
+    explored: NDArray[np.bool_]
+    """``[R, slate]``: the slots exploration filled."""
+    supports: I64 | None = None
+    """The mesh's way only: ``[R, ranked + explore_pool]``, each answer's support (its
+    ranked items, then its exploration pool)."""
 
 
 def serve_slates(policy: ServePolicy, contexts: I64, rng: np.random.Generator) -> Slates:
@@ -236,6 +271,11 @@ def serve_slates(policy: ServePolicy, contexts: I64, rng: np.random.Generator) -
     items = np.empty(shape, dtype=np.int64)
     propensities = np.empty(shape, dtype=np.float64)
     scores = np.zeros(shape, dtype=np.float32)
+    explored = np.zeros(shape, dtype=bool)
+    explored[:, ranked:] = True
+    pool = config.explore_pool
+    supports = np.empty((contexts.size, ranked + pool), dtype=np.int64) if pool else None
+    share = config.explore_slots / config.slate
     by_context = np.argsort(contexts, kind="stable")
     values, starts = np.unique(contexts[by_context], return_index=True)
     stops = [*starts[1:].tolist(), contexts.size]
@@ -243,6 +283,15 @@ def serve_slates(policy: ServePolicy, contexts: I64, rng: np.random.Generator) -
         table = policy.table(int(context))
         for request in by_context[start:stop].tolist():
             cands = rng.choice(n_items, size=config.candidates, replace=False)
+            if supports is not None:
+                order = cands[np.lexsort((cands, -table.score[cands]))]
+                slate = build_slate(order, config.slate, share, pool, rng)
+                items[request] = slate.positions
+                propensities[request] = slate.propensities
+                explored[request] = slate.explored
+                scores[request] = np.where(slate.explored, 0.0, table.score[slate.positions])
+                supports[request] = slate.support
+                continue
             best = cands[np.lexsort((cands, -table.score[cands]))[:ranked]]
             taken = set(best.tolist())
             extra: list[int] = []
@@ -255,11 +304,11 @@ def serve_slates(policy: ServePolicy, contexts: I64, rng: np.random.Generator) -
             items[request, ranked:] = extra
             scores[request, :ranked] = table.score[best]
             propensities[request] = table.inclusion[items[request]]
-    return Slates(items, propensities, scores)
+    return Slates(items, propensities, scores, explored, supports)
 
 
-def _shape(config: ServeConfig) -> tuple[int, int, int]:
-    return config.slate, config.candidates, config.explore_slots
+def _shape(config: ServeConfig) -> tuple[int, int, int, int]:
+    return config.slate, config.candidates, config.explore_slots, config.explore_pool
 
 
 def simulate_serve(
@@ -289,7 +338,6 @@ def simulate_serve(
     contexts = np.where(unknown, DEFAULT_CONTEXT, truth_rows).astype(np.int64)
     slates = serve_slates(policy, contexts, rng)
     shown, scores = slates.items, slates.scores
-    ranked = config.ranked_slots
 
     pair_users = truth_rows.repeat(config.slate)
     clicked, converted = world.simulate(pair_users, shown.ravel(), seed=config.seed + 1)
@@ -302,7 +350,7 @@ def simulate_serve(
         for slot in range(config.slate):
             flat = k * config.slate + slot
             item = int(shown[k, slot])
-            explored = slot >= ranked
+            explored = bool(slates.explored[k, slot])
             timed.append(
                 (
                     at,
@@ -320,6 +368,9 @@ def simulate_serve(
                         source=common_pb2.SOURCE_EXPLORE if explored else common_pb2.SOURCE_ANN,
                         retrieval_version=version,
                         ranking_version=version,
+                        support=(
+                            slates.supports[k] if slot == 0 and slates.supports is not None else ()
+                        ),
                     ),
                 )
             )

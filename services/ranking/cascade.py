@@ -50,12 +50,12 @@ from core.experiments.interleaving import (
     random_coins,
     team_draft,
 )
+from core.explore import Slate, build_slate, rng_for
 from core.validation import matrix_from_proto
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.stages import StageClock
 from services.ranking.budget import CostModel, StagePlanner, score_within
 from services.ranking.counters import CounterCache
-from services.ranking.explore import Slate, build_slate, rng_for
 from services.ranking.item_cache import ItemFeatureCache
 from services.ranking.models import RankingModels
 from services.ranking.policy import Arm, RankPolicy
@@ -102,6 +102,9 @@ class Outcome:
     """Stages that did work (their timing feeds the quality factor)."""
     teams: list[str] = field(default_factory=list)
     """Interleaved requests: the arm key of each shown item (empty otherwise)."""
+    support: I64 | None = None
+    """Every item the answer could have shown (:attr:`core.explore.Slate.support`); None
+    for interleaved requests."""
 
     def response(self, model_version: str) -> ranking_pb2.RankResponse:
         return ranking_pb2.RankResponse(
@@ -115,6 +118,7 @@ class Outcome:
             degraded=self.clock.degraded,
             model_version=model_version,
             teams=self.teams,
+            support=[] if self.support is None else self.support.tolist(),
         )
 
 
@@ -366,7 +370,9 @@ class Cascade:
         shown = slate.positions
         sources = in_sources[shown].copy()
         sources[slate.explored] = common_pb2.SOURCE_EXPLORE
-        return trace.outcome(ids[shown], scores[0][shown], sources, slate.propensities)
+        outcome = trace.outcome(ids[shown], scores[0][shown], sources, slate.propensities)
+        outcome.support = ids[slate.support]
+        return outcome
 
     def _prerank(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core import explore
 from mesh.errors import ConfigError
 from mesh.settings import env, metrics_port_of, port_of
 from services.runtime.model_service import ModelServingSettings
@@ -159,11 +160,13 @@ class RankingSettings(ModelServingSettings):
         "assumed to have: 5 %)",
     )
     explore_share: float = env(
-        "RECMESH_RANKING_EXPLORE_SHARE", 0.0, doc="share of slots filled by exploration"
+        "RECMESH_RANKING_EXPLORE_SHARE",
+        explore.DEFAULT_SHARE,
+        doc="share of slots filled by exploration",
     )
     explore_pool: int = env(
         "RECMESH_RANKING_EXPLORE_POOL",
-        100,
+        explore.DEFAULT_POOL,
         doc="candidates after the chosen ones that exploration draws from",
     )
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2
 
 from core.artifacts import ArtifactSet, load_artifact_set, resolve_current
@@ -26,12 +28,23 @@ from mesh.testing import built_server, serving
 from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
 from training.__main__ import main
-from training.ope import Candidate, LoggedImpressions, evaluate, load_candidate, true_ctr
+from training.log_data import build_examples
+from training.ope import (
+    Candidate,
+    LoggedImpressions,
+    RerankPolicy,
+    evaluate,
+    evaluate_rerank,
+    load_candidate,
+    true_ctr,
+    true_rerank_ctr,
+)
 from training.simulate import (
     DEFAULT_CONTEXT,
     Ranker,
     ServeConfig,
     ServePolicy,
+    Slates,
     append_events,
     serve_slates,
     simulate_serve,
@@ -64,7 +77,7 @@ def candidate_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def candidate(candidate_file: Path, tiny_root: Path) -> Candidate:
+def candidate(candidate_file: Path, tiny_root: Path) -> Candidate[ServePolicy]:
     """The candidate policy, its tables cached for the module's tests."""
     return load_candidate(str(candidate_file), tiny_root, cache=True)
 
@@ -97,7 +110,7 @@ def test_logged_propensities_are_how_often_the_serve_shows_each_item(
 
 
 def test_intervals_cover_the_candidates_true_ctr_over_replicated_logs(
-    base: ArtifactSet, world: World, candidate: Candidate
+    base: ArtifactSet, world: World, candidate: Candidate[ServePolicy]
 ) -> None:
     logger = ServePolicy(Ranker(base), LOGGER, cache=True)
     truth = true_ctr(candidate.policy, world, LOGGER.unknown_share)
@@ -162,7 +175,7 @@ async def test_ope_command_estimates_the_candidate_from_the_log(
     world: World,
     tiny_root: Path,
     candidate_file: Path,
-    candidate: Candidate,
+    candidate: Candidate[ServePolicy],
     events_address: str,
     redis_url: str,
     capsys: pytest.CaptureFixture[str],
@@ -220,3 +233,107 @@ async def test_ope_command_estimates_the_candidate_from_the_log(
     empty += ["--tenant", "nobody" + uuid.uuid4().hex[:6], "--redis-url", redis_url]
     assert await asyncio.to_thread(main, empty) == 1
     assert "cannot be evaluated" in capsys.readouterr().err
+
+
+# The mesh's logs: supports and probabilities given them (core.explore), as the ranking
+# service logs them; the simulated serve logs the same with ``explore_pool``.
+
+MESH_LOGGER = ServeConfig(explore_slots=2, explore_pool=20)
+"""A logger the mesh's way: the ranker's best 8 of 100 candidates, 2 slots explored from
+the 20 candidates after them."""
+
+
+def mesh_log(
+    slates: Slates, contexts: np.ndarray, users: np.ndarray, clicks: np.ndarray
+) -> LoggedImpressions:
+    """The impressions of ``slates`` (served the mesh's way) with their supports."""
+    assert slates.supports is not None
+    answers, slate = slates.items.shape
+    return LoggedImpressions(
+        contexts=contexts.repeat(slate),
+        items=slates.items.ravel(),
+        clicks=clicks.astype(np.float64),
+        propensities=slates.propensities.ravel(),
+        requests=np.arange(answers).repeat(slate),
+        supports=list(slates.supports),
+        world_users=users.repeat(slate),
+    )
+
+
+def test_the_mesh_way_logs_each_answers_support_and_probabilities_given_it(
+    base: ArtifactSet, world: World
+) -> None:
+    events = simulate_serve(
+        base, world, dataclasses.replace(MESH_LOGGER, requests=200, seed=3), int(time.time() * 1000)
+    )
+    impressions = [e for e in events if e.type == "impression"]
+    by_request: dict[str, list[events_pb2.Event]] = {}
+    for event in impressions:
+        by_request.setdefault(event.request_id, []).append(event)
+    assert len(by_request) == 200
+    for answer in by_request.values():
+        answer.sort(key=lambda e: e.position)
+        support = list(answer[0].support)
+        assert len(support) == 8 + 20 and len(set(support)) == 28
+        assert all(not e.support for e in answer[1:])
+        exploit = [e for e in answer if e.source != common_pb2.SOURCE_EXPLORE]
+        explored = [e for e in answer if e.source == common_pb2.SOURCE_EXPLORE]
+        # The ranked items are the support's head, in order; the explored come from its pool.
+        assert [e.item_id for e in exploit] == support[:8]
+        assert {e.item_id for e in explored} <= set(support[8:]) and len(explored) == 2
+        assert [e.propensity for e in exploit] == [1.0] * 8
+        assert [e.propensity for e in explored] == [pytest.approx(2 / 20)] * 2
+        assert answer[0].source != common_pb2.SOURCE_EXPLORE
+
+    # Read back through the log reader, the logger itself as the candidate weighs each
+    # impression exactly 1: the candidate's probabilities are the logged ones.
+    examples = build_examples(
+        ((f"{e.ts_ms}-{k}", e) for k, e in enumerate(events)),
+        tenant="t",
+        n_users=base.open_array("user_features").shape[0],
+        item_categories=base.open_array("item_categories"),
+        history_cap=50,
+    )
+    log = LoggedImpressions.from_supported(examples, n_items=world.config.n_items)
+    assert log.skipped_requests == 0 and len(log.supports or []) == 200
+    itself = RerankPolicy(
+        Ranker(base), slate=10, explore_share=0.2, explore_pool=20, keep_order=True
+    )
+    result = evaluate_rerank(log, itself)
+    assert result.max_weight == pytest.approx(1.0) and result.mean_weight == pytest.approx(1.0)
+    assert result.ips.estimate == pytest.approx(result.naive.estimate)
+    assert result.snips.estimate == pytest.approx(result.naive.estimate)
+
+
+def test_final_stage_intervals_cover_the_candidates_true_ctr_on_mesh_logs(
+    base: ArtifactSet, world: World
+) -> None:
+    logger = ServePolicy(Ranker(base), MESH_LOGGER, cache=True)
+    # The candidate: 10 of each support's 28 items drawn uniformly (all slots explore).
+    candidate = RerankPolicy(
+        Ranker(base), slate=10, explore_share=1.0, explore_pool=28, keep_order=True, cache=True
+    )
+    rng = np.random.default_rng(8)
+
+    def serve(answers: int) -> LoggedImpressions:
+        users = rng.integers(0, world.config.n_users, size=answers)
+        contexts = np.where(rng.random(answers) < 0.05, DEFAULT_CONTEXT, users)
+        slates = serve_slates(logger, contexts, rng)
+        clicks, _ = world.simulate(
+            users.repeat(10), slates.items.ravel(), seed=int(rng.integers(2**31))
+        )
+        return mesh_log(slates, contexts, users, clicks)
+
+    # The truth over the logger's distribution of (user, support): a large sample of it.
+    big = serve(20_000)
+    truth = true_rerank_ctr(big, candidate, world)
+    logged = float(big.clicks.mean())
+    runs, covered = 100, {"naive": 0, "ips": 0, "snips": 0, "dr": 0}
+    for _ in range(runs):
+        result = evaluate_rerank(serve(500), candidate)
+        for name in covered:
+            covered[name] += getattr(result, name).covers(truth)
+    for name in ("ips", "snips", "dr"):
+        assert covered[name] / runs >= 0.9, (name, covered)
+    assert logged - truth > 0.01  # the ranked head beats a uniform draw from the support
+    assert covered["naive"] / runs < 0.5

@@ -26,11 +26,11 @@ from core.experiments.interleaving import (
     sign_test,
     team_draft,
 )
+from core.explore import rng_for
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
-from services.ranking.explore import rng_for
 
 
 def _ranking_pairs(count: int, seed: int = 0) -> Iterator[tuple[list[int], list[int], int]]:

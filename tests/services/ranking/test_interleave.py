@@ -27,11 +27,11 @@ from core.experiments.interleaving import (
     random_coins,
     team_draft,
 )
+from core.explore import rng_for
 from gateway.knobs import interleave_arms
 from mesh.client import open_channel
 from mesh.context import REQUEST_ID_KEY
 from mesh.testing import tenant_metadata
-from services.ranking.explore import rng_for
 from services.ranking.policy import PolicyBook
 from services.ranking.servicer import RankingServicer
 from tests.inprocess import Mesh, inprocess_mesh, write_tenants

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +89,16 @@ async def test_impressions_carry_the_propensities_ranking_returned(mesh: Mesh) -
     assert len(logged) == 10
     assert {e.item_id: e.propensity for e in logged} == pytest.approx(shown)
     assert sum(e.propensity for e in logged) == pytest.approx(7 + 3 * 0.03)
+    # The first impression carries the answer's support: the 7 ranked items in their
+    # order, then the pool of 100 the 3 explored ones were drawn from (3 / 100 each).
+    logged.sort(key=lambda e: e.position)
+    support = list(logged[0].support)
+    assert all(not e.support for e in logged[1:])
+    assert len(support) == 7 + 100 and len(set(support)) == len(support)
+    ranked = [e.item_id for e in logged if e.propensity == 1.0]
+    explored = [e.item_id for e in logged if e.propensity < 1.0]
+    assert ranked == support[:7]
+    assert set(explored) <= set(support[7:])
 
 
 async def test_a_tenant_without_exploration_shows_no_explore_slots(mesh: Mesh) -> None:
@@ -142,3 +156,72 @@ def test_bad_variant_params_are_ignored_with_a_warning(caplog: pytest.LogCapture
         "stage_budget_ms": {},
     }
     assert len([r for r in caplog.records if "ignored" in r.getMessage()]) == 4
+
+
+async def test_ope_estimates_a_final_stage_from_the_mesh_log(
+    mesh: Mesh, artifacts_root: Path, redis_url: str, tmp_path: Path
+) -> None:
+    # Twenty answers of the demo tenant (30 % of the slots explored), the first item clicked.
+    bodies = [await recommend(mesh, {"user_id": f"u{k}", "num_items": 10}) for k in range(20)]
+    clicks = [
+        {
+            "event_id": f"ope-click-{b['request_id']}",
+            "type": "click",
+            "user_id": f"u{k}",
+            "item_id": b["items"][0]["item_id"],
+            "request_id": b["request_id"],
+            "ts": int(time.time() * 1000),
+        }
+        for k, b in enumerate(bodies)
+    ]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(mesh.http_url + "/v1/events", json={"events": clicks}, headers=DEMO) as r,
+    ):
+        assert r.status == 202
+    wanted = {b["request_id"] for b in bodies}
+    async with open_channel(mesh.addr("events")) as channel:
+        stub = events_pb2_grpc.EventServiceStub(channel)
+        for _ in range(200):
+            stored: list[events_pb2.StoredEvent] = []
+            while True:
+                after = stored[-1].position if stored else ""
+                reply = await stub.Read(
+                    events_pb2.ReadRequest(after=after, limit=1000),
+                    metadata=tenant_metadata("demo"),
+                )
+                stored += reply.events
+                if len(reply.events) < 1000:
+                    break
+            found = {e.event.request_id for e in stored if e.event.support}
+            clicked = {e.event.request_id for e in stored if e.event.type == "click"}
+            if wanted <= found and wanted <= clicked:
+                break
+            await asyncio.sleep(0.05)
+    assert wanted <= found
+
+    def ope(policy: dict[str, Any]) -> dict[str, Any]:
+        path = tmp_path / "policy.json"
+        path.write_text(json.dumps(policy))
+        argv = ["ope", "--policy", str(path), "--json", "--root", str(artifacts_root)]
+        run = subprocess.run(
+            [sys.executable, "-m", "training", *argv, "--tenant", "demo", "--redis-url", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        report: dict[str, Any] = json.loads(run.stdout)
+        return report
+
+    # The ranking service's own final stage as the candidate: every weight is exactly 1,
+    # so the off-policy estimates are the logged CTR.
+    itself = ope({"order": "logged", "explore_share": 0.3, "explore_pool": 100})
+    assert itself["kind"] == "final stage"
+    assert itself["requests"] >= 20 and itself["clicks"] >= 20
+    assert (itself["max_weight"], itself["mean_weight"]) == (pytest.approx(1.0),) * 2
+    assert itself["ips"]["estimate"] == pytest.approx(itself["naive"]["estimate"])
+    # Exploiting the ranker's order instead: a pool item it shows weighs 1 / 0.03.
+    exploit = ope({"explore_share": 0.0})
+    assert exploit["requests"] == itself["requests"]
+    assert exploit["max_weight"] == pytest.approx(100 / 3)

@@ -81,6 +81,7 @@ class Event(_message.Message):
     BOOK_VERSION_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     TEAM_FIELD_NUMBER: _builtins.int
+    SUPPORT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id; the idempotency key."""
     type: _builtins.str
@@ -129,6 +130,15 @@ class Event(_message.Message):
     def degraded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stages of the request that fell back (the answer's `degraded`)."""
 
+    @_builtins.property
+    def support(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """On the first impression (position 0) of an answer the ranking service explored in:
+        the answer's support, every item it could have shown, in the ranking's final order
+        (the shown exploit items, then the exploration pool; RankResponse.support). Off-policy
+        evaluation replays another final stage on these candidates (training/ope.py). Empty on
+        other events and on answers ranking did not produce (or interleaved).
+        """
+
     def __init__(
         self,
         *,
@@ -150,10 +160,11 @@ class Event(_message.Message):
         book_version: _builtins.str = ...,
         latency_ms: _builtins.float = ...,
         team: _builtins.str = ...,
+        support: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "book_version", b"book_version", "degraded", b"degraded", "event_id", b"event_id", "item_id", b"item_id", "latency_ms", b"latency_ms", "position", b"position", "propensity", b"propensity", "ranking_version", b"ranking_version", "request_id", b"request_id", "retrieval_version", b"retrieval_version", "score", b"score", "source", b"source", "team", b"team", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "book_version", b"book_version", "degraded", b"degraded", "event_id", b"event_id", "item_id", b"item_id", "latency_ms", b"latency_ms", "position", b"position", "propensity", b"propensity", "ranking_version", b"ranking_version", "request_id", b"request_id", "retrieval_version", b"retrieval_version", "score", b"score", "source", b"source", "support", b"support", "team", b"team", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -264,6 +264,7 @@ class RankResponse(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     TEAMS_FIELD_NUMBER: _builtins.int
+    SUPPORT_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     @_builtins.property
     def ranked(self) -> _common_pb2.Candidates:
@@ -282,6 +283,13 @@ class RankResponse(_message.Message):
         draft's coins (0 when not computed).
         """
 
+    @_builtins.property
+    def support(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Every item the answer could have shown, in the cascade's final order: the shown
+        exploit items (propensity 1), then the exploration pool the explored ones were drawn
+        from (core/explore.py). Empty for interleaved requests.
+        """
+
     def __init__(
         self,
         *,
@@ -290,10 +298,11 @@ class RankResponse(_message.Message):
         degraded: _abc.Iterable[_builtins.str] | None = ...,
         model_version: _builtins.str = ...,
         teams: _abc.Iterable[_builtins.str] | None = ...,
+        support: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ranked", b"ranked"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "model_version", b"model_version", "ranked", b"ranked", "stages", b"stages", "teams", b"teams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "model_version", b"model_version", "ranked", b"ranked", "stages", b"stages", "support", b"support", "teams", b"teams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

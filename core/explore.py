@@ -13,6 +13,12 @@ The policy, for ``n`` slots and an exploration share ``s``:
 
 So over every candidate the probabilities of being shown sum to ``n - k + M · k/M = n``.
 The generator is seeded from the request id, so a request's list can be reproduced.
+
+The candidates with a positive probability, the shown exploit items then the pool, are the
+answer's **support** (:attr:`Slate.support`). The ranking service returns it with the answer
+and the gateway logs it on the answer's first impression, so that off-policy evaluation
+(:mod:`training.ope`) can compute what another final stage would have shown from the same
+candidates. The rules live here, below both, so the serve and the estimate cannot differ.
 """
 
 from __future__ import annotations
@@ -26,14 +32,22 @@ import numpy.typing as npt
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
+DEFAULT_SHARE = 0.0
+"""Share of slots that explore when nothing configures it (``RECMESH_RANKING_EXPLORE_SHARE``)."""
+DEFAULT_POOL = 100
+"""Pool exploration draws from when nothing configures it (``RECMESH_RANKING_EXPLORE_POOL``)."""
+
 
 @dataclass(frozen=True)
 class Slate:
-    """The shown list: candidate positions, propensities, and which slots explore."""
+    """The shown list: candidate positions, propensities, and which slots explore; and
+    the support: every position the policy could have shown, in ``order``'s order (the
+    ``n - k`` shown exploit items, then the pool; ``n`` positions when nothing explores)."""
 
     positions: I64
     propensities: F64
     explored: npt.NDArray[np.bool_]
+    support: I64
 
 
 def explore_slots(n: int, share: float, pool_size: int) -> int:
@@ -66,7 +80,7 @@ def build_slate(
     n = min(n, order.size)
     k = explore_slots(n, share, pool_size) if order.size > n else 0
     if k == 0:
-        return Slate(order[:n].copy(), np.ones(n), np.zeros(n, dtype=bool))
+        return Slate(order[:n].copy(), np.ones(n), np.zeros(n, dtype=bool), order[:n].copy())
     shown_exploit = order[: n - k]
     pool = order[n - k : n - k + pool_size]
     drawn = rng.choice(pool.size, size=k, replace=False)
@@ -79,7 +93,7 @@ def build_slate(
     positions[~explored] = shown_exploit
     propensities = np.ones(n)
     propensities[explored] = k / pool.size
-    return Slate(positions, propensities, explored)
+    return Slate(positions, propensities, explored, order[: n - k + pool.size].copy())
 
 
 def inclusion_probabilities(order_size: int, n: int, share: float, pool_size: int) -> F64:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.ranking.explore import build_slate, explore_slots, inclusion_probabilities, rng_for
+from core.explore import build_slate, explore_slots, inclusion_probabilities, rng_for
 
 ORDER = np.arange(200, dtype=np.int64) + 1000  # cascade order, best first
 
