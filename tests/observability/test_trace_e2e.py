@@ -126,10 +126,14 @@ def traced(layout: supervisor.Layout, sink: OtlpSink) -> Traced:
     trace_id = body["trace_id"]
 
     def complete(spans: list[ReceivedSpan]) -> bool:
-        services = {s.service for s in spans if s.trace_id == trace_id}
+        # Every service, and the root: the gateway ends (and exports) its request span
+        # after the answer is written, possibly in a later batch than its children.
+        mine = [s for s in spans if s.trace_id == trace_id]
+        services = {s.service for s in mine}
+        rooted = any(not s.parent_id for s in mine)
         delivered = {s.trace_id for s in spans if any(t == trace_id for t, _ in s.links)}
         appended = [s for s in spans if s.trace_id in delivered and s.service == "events"]
-        return services >= SERVICES and bool(appended)
+        return services >= SERVICES and rooted and bool(appended)
 
     spans = sink.wait_for(complete, timeout_s=20)
     request_spans = [s for s in spans if s.trace_id == trace_id]
