@@ -24,7 +24,8 @@ service remembers an event id for at least ``MAX_AGE_MS + MAX_FUTURE_MS``
 its id was forgotten and count twice."""
 MAX_SUPPORT = 4096
 """Most items an impression's ``support`` may list (an answer's exploit items plus its
-exploration pool; the ranking service's pool is a few dozen)."""
+exploration pool: at most ``num_items`` plus ``explore_pool``, 10 + 100 with the ranking
+service's defaults)."""
 
 
 def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = None) -> None:

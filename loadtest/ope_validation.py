@@ -57,8 +57,7 @@ from training.log_data import build_examples
 from training.ope import (
     LoggedImpressions,
     RerankPolicy,
-    evaluate,
-    evaluate_rerank,
+    estimate,
     true_ctr,
     true_rerank_ctr,
 )
@@ -176,14 +175,6 @@ def read_back(
     return LoggedImpressions.from_examples(examples)
 
 
-def estimate(
-    log: LoggedImpressions, policy: ServePolicy | RerankPolicy, clip: float
-) -> OffPolicyEstimate:
-    if isinstance(policy, RerankPolicy):
-        return evaluate_rerank(log, policy, clip=clip)
-    return evaluate(log, policy, clip=clip)
-
-
 def sets(args: argparse.Namespace, scratch: Path) -> tuple[ArtifactSet, ArtifactSet]:
     """The logging set and the "another set" candidate's (same world, train seed 1)."""
     if args.artifacts is not None:
@@ -266,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log = read_back(events, logging_set, mesh)
             for k, candidate in enumerate(policies):
                 for clip in [DEFAULT_CLIP, *clips]:
-                    result = estimate(log, candidate.policy, clip)
+                    result = estimate(log, candidate.policy, clip=clip)
                     runs.setdefault((k, clip), []).append(result)
     rows = []
     for k, candidate in enumerate(policies):

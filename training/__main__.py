@@ -246,13 +246,16 @@ def _simulate(args: argparse.Namespace) -> int:
     path = args.root / args.version if args.version else resolve_current(args.root)
     artifact_set = load_artifact_set(path, verify=False)
     address = args.events or f"127.0.0.1:{load(LogSettings).events_port}"
-    config = ServeConfig(
-        requests=args.requests,
-        slate=args.slate,
-        explore_slots=args.explore_slots,
-        explore_pool=args.explore_pool,
-        seed=args.seed,
-    )
+    try:
+        config = ServeConfig(
+            requests=args.requests,
+            slate=args.slate,
+            explore_slots=args.explore_slots,
+            explore_pool=args.explore_pool,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"simulate-serve: {exc}") from exc
     world, _ = world_of(artifact_set)
     span_ms = config.requests * config.gap_ms + config.click_delay_ms[1] * 2
     events = simulate_serve(artifact_set, world, config, int(time.time() * 1000) - span_ms)
@@ -280,8 +283,7 @@ def _ope(args: argparse.Namespace) -> int:
         Candidate,
         LoggedImpressions,
         RerankPolicy,
-        evaluate,
-        evaluate_rerank,
+        estimate,
         format_estimate,
         load_candidate,
         load_rerank_candidate,
@@ -330,10 +332,7 @@ def _ope(args: argparse.Namespace) -> int:
             )
     policy = candidate.policy
     try:
-        if isinstance(policy, RerankPolicy):
-            estimate = evaluate_rerank(log, policy, clip=clip)
-        else:
-            estimate = evaluate(log, policy, clip=clip)
+        estimated = estimate(log, policy, clip=clip)
     except ValueError as exc:
         raise ConfigError(f"the log of {args.tenant!r} cannot be evaluated: {exc}") from exc
     truth = None
@@ -361,7 +360,7 @@ def _ope(args: argparse.Namespace) -> int:
                         "unknown_items": counts.unknown_items,
                         "skipped_requests": log.skipped_requests,
                     },
-                    **to_json(estimate),
+                    **to_json(estimated),
                     "true_ctr": truth,
                 }
             )
@@ -385,11 +384,11 @@ def _ope(args: argparse.Namespace) -> int:
         )
         left_out = "answers without a support (or a shorter one than the slate)"
     print(
-        f"log of {args.tenant!r}: {estimate.impressions} impressions in {estimate.requests} "
-        f"answers, {estimate.clicks} clicks; {log.skipped_requests} {left_out} and "
+        f"log of {args.tenant!r}: {estimated.impressions} impressions in {estimated.requests} "
+        f"answers, {estimated.clicks} clicks; {log.skipped_requests} {left_out} and "
         f"{counts.unknown_items} impressions of unknown items left out"
     )
-    print(format_estimate(estimate))
+    print(format_estimate(estimated))
     if truth is not None:
         print(f"true CTR (the world's ground truth, exact): {truth:.4f}")
     return 0

@@ -140,7 +140,7 @@ class LogExamples:
     items: NDArray[np.int64]
     labels: NDArray[np.float32]
     """``[M, 2]`` 0/1 in :data:`LABELS` order."""
-    propensities: NDArray[np.float32]
+    propensities: NDArray[np.float64]
     sources: NDArray[np.int32]
     """``recmesh.common.v1.Source`` values."""
     slots: NDArray[np.int32]
@@ -308,7 +308,7 @@ def build_examples(
         user_rows=user_rows,
         items=np.array(items, dtype=np.int64),
         labels=labels.reshape(-1, len(LABELS)),
-        propensities=np.array(propensities, dtype=np.float32),
+        propensities=np.array(propensities, dtype=np.float64),
         sources=np.array(sources, dtype=np.int32),
         slots=np.array(slots, dtype=np.int32),
         history_indptr=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),

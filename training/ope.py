@@ -40,6 +40,7 @@ estimates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +244,12 @@ def load_rerank_candidate(
         ArtifactError: the set is missing or broken.
     """
     spec = read_spec(spec, root) if isinstance(spec, str) else spec
-    _check_keys(spec, RERANK_KEYS, "a final stage over the mesh's logged supports")
+    _check_keys(
+        spec,
+        RERANK_KEYS,
+        "a final stage over logged supports (the log's answers carry supports: it is the "
+        "mesh's log, so the candidate is a final stage, not a simulated serve)",
+    )
     params, artifact_set = spec.params, spec.artifact_set
     order = params.get("order", "ranker")
     try:
@@ -319,48 +325,49 @@ class LoggedImpressions:
     @classmethod
     def from_examples(cls, examples: LogExamples) -> LoggedImpressions:
         """The impressions of ``examples`` (:mod:`training.log_data`), whose ``user_rows``
-        index the candidate's set."""
+        index the candidate's set; answers with a propensity of 0 are skipped."""
         names, codes = np.unique(np.asarray(examples.request_ids), return_inverse=True)
-        propensities = examples.propensities.astype(np.float64)
-        unknown = np.zeros(names.size, dtype=bool)
-        unknown[codes[propensities <= 0]] = True
-        keep = ~unknown[codes]
-        _, kept_codes = np.unique(codes[keep], return_inverse=True)
-        return cls(
-            contexts=np.where(examples.user_rows < 0, DEFAULT_CONTEXT, examples.user_rows)[keep],
-            items=examples.items[keep],
-            clicks=examples.labels[keep, 0].astype(np.float64),
-            propensities=propensities[keep],
-            requests=kept_codes.astype(np.int64),
-            skipped_requests=int(unknown.sum()),
-        )
+        return cls._kept(examples, codes, np.zeros(names.size, dtype=bool))
 
     @classmethod
-    def from_supported(
-        cls, examples: LogExamples, n_items: int, slate: int = 1
-    ) -> LoggedImpressions:
+    def from_supported(cls, examples: LogExamples, n_items: int, slate: int) -> LoggedImpressions:
         """The impressions of the answers of ``examples`` that carry a support (the mesh's
         logs) of at least ``slate`` items (the candidate's), every support item below
-        ``n_items`` (the candidate's catalogue) and every propensity positive; the other
-        answers are skipped."""
+        ``n_items`` (the candidate's catalogue), every propensity positive, and consistent
+        with their support (every shown item in it, those of propensity 1 at its head);
+        the other answers are skipped."""
         names, codes = np.unique(np.asarray(examples.request_ids), return_inverse=True)
-        propensities = examples.propensities.astype(np.float64)
-        skip = np.array(
-            [
-                (found := examples.supports.get(str(name))) is None
-                or found.size < max(1, slate)
-                or int(found.max()) >= n_items
-                for name in names.tolist()
-            ],
-            dtype=bool,
+        skip = np.zeros(names.size, dtype=bool)
+        for code, name in enumerate(names.tolist()):
+            found = examples.supports.get(str(name))
+            skip[code] = found is None or found.size < max(1, slate) or int(found.max()) >= n_items
+        certain = examples.propensities >= 1.0
+        heads = np.bincount(codes, weights=certain, minlength=names.size).astype(np.int64)
+        for row, code in enumerate(codes.tolist()):
+            if skip[code]:
+                continue
+            support = examples.supports[str(names[code])]
+            shown_from = support[: heads[code]] if certain[row] else support
+            if not np.any(shown_from == examples.items[row]):
+                skip[code] = True
+        kept = cls._kept(examples, codes, skip)
+        supports = [examples.supports[str(n)] for n, s in zip(names, skip, strict=True) if not s]
+        users = np.array(
+            [-1 if (world := world_user(u)) is None else world for u in examples.user_ids],
+            dtype=np.int64,
         )
+        keep = ~skip[codes] & (examples.propensities > 0)
+        return dataclasses.replace(kept, supports=supports, world_users=users[keep])
+
+    @classmethod
+    def _kept(cls, examples: LogExamples, codes: I64, skip: NDArray[np.bool_]) -> LoggedImpressions:
+        """The impressions of the answers not in ``skip`` (by answer code) nor holding an
+        impression of propensity 0, their answers numbered anew."""
+        propensities = examples.propensities.astype(np.float64)
+        skip = skip.copy()
         skip[codes[propensities <= 0]] = True
         keep = ~skip[codes]
         _, kept_codes = np.unique(codes[keep], return_inverse=True)
-        users = np.array(
-            [-1 if (row := world_user(u)) is None else row for u in examples.user_ids],
-            dtype=np.int64,
-        )
         return cls(
             contexts=np.where(examples.user_rows < 0, DEFAULT_CONTEXT, examples.user_rows)[keep],
             items=examples.items[keep],
@@ -368,9 +375,19 @@ class LoggedImpressions:
             propensities=propensities[keep],
             requests=kept_codes.astype(np.int64),
             skipped_requests=int(skip.sum()),
-            supports=[examples.supports[str(n)] for n in names[~skip].tolist()],
-            world_users=users[keep] if users.size else users,
         )
+
+
+def estimate(
+    log: LoggedImpressions,
+    policy: ServePolicy | RerankPolicy,
+    clip: float = DEFAULT_CLIP,
+    alpha: float = 0.05,
+) -> OffPolicyEstimate:
+    """:func:`evaluate_rerank` for a final stage, :func:`evaluate` for a simulated serve."""
+    if isinstance(policy, RerankPolicy):
+        return evaluate_rerank(log, policy, clip=clip, alpha=alpha)
+    return evaluate(log, policy, clip=clip, alpha=alpha)
 
 
 def evaluate(

@@ -105,9 +105,16 @@ class ServeConfig:
         if not 0 <= self.explore_slots < self.slate <= self.candidates:
             raise ValueError("need 0 <= explore_slots < slate <= candidates")
         if self.explore_pool < 0 or (
-            self.explore_pool and self.ranked_slots + self.explore_pool > self.candidates
+            self.explore_pool
+            and not (
+                1 <= self.explore_slots <= self.explore_pool
+                and self.ranked_slots + self.explore_pool <= self.candidates
+            )
         ):
-            raise ValueError("need 0 <= explore_pool <= candidates - (slate - explore_slots)")
+            raise ValueError(
+                "the mesh's way needs 1 <= explore_slots <= explore_pool <= "
+                "candidates - (slate - explore_slots)"
+            )
         if not 0.0 <= self.unknown_share <= 1.0:
             raise ValueError("unknown_share must be in [0, 1]")
 

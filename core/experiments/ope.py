@@ -24,7 +24,10 @@ can show was possible under the logging policy (``mu(i | x) > 0`` wherever
 candidate sees, the *marginal* probability given that context, not a probability
 conditional on something the log does not hold (such as a candidate list drawn per
 request). The simulated serve (:mod:`training.simulate`) logs exactly that, and its
-uniform exploration slot gives every item of the catalogue a positive propensity.
+uniform exploration slot gives every item of the catalogue a positive propensity. The
+mesh's logs hold probabilities given each answer's candidates *and* those candidates (its
+logged support, :mod:`core.explore`): with the support as part of the context they are
+``mu(i | x)``, for candidates that choose from the same support (:mod:`training.ope`).
 
 **Estimators.** With ``w = min(pi / mu, clip)`` per impression (the cap keeps a few
 impressions with a tiny logged propensity from dominating; clipping biases the estimates
@@ -36,9 +39,9 @@ answers (requests) as the independent units, ``c`` the click and ``R`` the answe
   delta method's over the answers (:func:`core.experiments.stats.ratio_estimate`);
 * **DR** (doubly robust): ``(1 / R) sum_r (D_r + sum_{k in r} w_k (c_k - qhat_k)) / n_pi``,
   with ``qhat`` a model's click probability of each logged impression and ``D_r`` the direct
-  method's value of the answer's context, ``sum_i pi(i | x_r) qhat(x_r, i)`` over the whole
-  catalogue: unbiased when either the weights or the model are right, and with less
-  variance than IPS when the model is close;
+  method's value of the answer's context, ``sum_i pi(i | x_r) qhat(x_r, i)`` over every
+  item ``pi`` may show (the catalogue, or the answer's support): unbiased when either the
+  weights or the model are right, and with less variance than IPS when the model is close;
 * **naive**: the logged CTR, clicks per impression (what the logging policy achieved), with
   the delta-method variance over the answers: biased for any other policy.
 

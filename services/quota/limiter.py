@@ -134,8 +134,9 @@ class RedisRateLimiter:
         """Whether ``cost`` units are available in ``bucket`` now, taking none.
 
         The answer is the one :meth:`acquire` would give for ``cost`` (``allowed``,
-        ``remaining``, ``retry_after_s``, ``refill_s``) except that ``granted`` is 0, the
-        bucket is unchanged and nothing is counted in the usage. A ``cost`` of 0 is
+        ``retry_after_s``, ``refill_s``) except that ``remaining`` is the whole units in the
+        bucket now (nothing was taken), ``granted`` is 0, the bucket is unchanged and
+        nothing is counted in the usage. A ``cost`` of 0 is
         always allowed.
         """
         return await self._run(bucket, [rate, burst, cost, cost, 1])

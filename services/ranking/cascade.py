@@ -277,9 +277,11 @@ class Cascade:
         )
         if rows.matrix is None or not rows.have.any():
             keep = np.arange(min(n, all_ids.size))
-            return trace.outcome(
+            outcome = trace.outcome(
                 all_ids[keep], in_scores[keep], in_sources[keep], np.ones(keep.size)
             )
+            outcome.support = all_ids[keep]  # nothing explored: the shown items, certain
+            return outcome
 
         # Business rule: blocked categories never reach the page (nor exploration).
         blocked = (

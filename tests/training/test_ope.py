@@ -294,7 +294,7 @@ def test_the_mesh_way_logs_each_answers_support_and_probabilities_given_it(
         item_categories=base.open_array("item_categories"),
         history_cap=50,
     )
-    log = LoggedImpressions.from_supported(examples, n_items=world.config.n_items)
+    log = LoggedImpressions.from_supported(examples, world.config.n_items, slate=10)
     assert log.skipped_requests == 0 and len(log.supports or []) == 200
     itself = RerankPolicy(
         Ranker(base), slate=10, explore_share=0.2, explore_pool=20, keep_order=True
@@ -337,3 +337,46 @@ def test_final_stage_intervals_cover_the_candidates_true_ctr_on_mesh_logs(
         assert covered[name] / runs >= 0.9, (name, covered)
     assert logged - truth > 0.01  # the ranked head beats a uniform draw from the support
     assert covered["naive"] / runs < 0.5
+
+
+def test_a_final_stage_shows_its_rankers_head_and_explores_the_next_pool(
+    base: ArtifactSet,
+) -> None:
+    ranker = Ranker(base)
+    support = np.random.default_rng(4).choice(ranker.n_items, size=30, replace=False)
+    stage = RerankPolicy(ranker, slate=10, explore_share=0.2, explore_pool=10)
+    table = stage.table(DEFAULT_CONTEXT, support)
+    by_score = np.argsort(-ranker.score(ranker.predict(DEFAULT_CONTEXT, support)), kind="stable")
+    expected = np.zeros(30)
+    expected[by_score[:8]] = 1.0  # the ranker's best 8 are shown
+    expected[by_score[8:18]] = 2 / 10  # 2 slots drawn from the next 10
+    np.testing.assert_allclose(table.inclusion, expected)
+    assert table.inclusion.sum() == pytest.approx(10)
+    # Keeping the logged order: the support's own head and pool.
+    logged = RerankPolicy(ranker, slate=10, explore_share=0.2, explore_pool=10, keep_order=True)
+    kept = logged.table(DEFAULT_CONTEXT, support).inclusion
+    np.testing.assert_allclose(kept, [1.0] * 8 + [0.2] * 10 + [0.0] * 12)
+
+
+def test_answers_inconsistent_with_their_support_are_left_out(
+    base: ArtifactSet, world: World
+) -> None:
+    config = dataclasses.replace(MESH_LOGGER, requests=50, seed=6)
+    events = simulate_serve(base, world, config, int(time.time() * 1000))
+    firsts = [e for e in events if e.type == "impression" and e.position == 0]
+    # One answer's support loses a shown item; another's ranked head is reordered.
+    del firsts[0].support[0]
+    firsts[1].support[:] = list(reversed(firsts[1].support))
+    examples = build_examples(
+        ((f"{e.ts_ms}-{k}", e) for k, e in enumerate(events)),
+        tenant="t",
+        n_users=base.open_array("user_features").shape[0],
+        item_categories=base.open_array("item_categories"),
+        history_cap=50,
+    )
+    log = LoggedImpressions.from_supported(examples, world.config.n_items, slate=10)
+    assert log.skipped_requests == 2 and len(log.supports or []) == 48
+    # A slate longer than the supports leaves every answer out.
+    assert (
+        LoggedImpressions.from_supported(examples, world.config.n_items, 29).skipped_requests == 50
+    )

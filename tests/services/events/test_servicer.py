@@ -92,6 +92,9 @@ async def test_tenants_never_see_each_others_events(
         (event("x", ts_ms=0), "events[0].ts"),
         (event("x", propensity=1.5), "events[0].propensity"),
         (event("x", request_id="r" * 129), "events[0].request_id"),
+        (event("x", support=[1, 2]), "events[0].support"),  # a click has no support
+        (event("x", type="impression", support=[1, -2]), "events[0].support"),
+        (event("x", type="impression", support=range(4097)), "events[0].support"),
     ],
 )
 async def test_invalid_event_rejects_the_batch(

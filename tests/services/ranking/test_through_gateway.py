@@ -161,8 +161,18 @@ def test_bad_variant_params_are_ignored_with_a_warning(caplog: pytest.LogCapture
 async def test_ope_estimates_a_final_stage_from_the_mesh_log(
     mesh: Mesh, artifacts_root: Path, redis_url: str, tmp_path: Path
 ) -> None:
-    # Twenty answers of the demo tenant (30 % of the slots explored), the first item clicked.
-    bodies = [await recommend(mesh, {"user_id": f"u{k}", "num_items": 10}) for k in range(20)]
+    # Twenty answers of the demo tenant (30 % of the slots explored), the first item clicked;
+    # fixed request ids, so exploration draws the same items on every run.
+    bodies = []
+    async with aiohttp.ClientSession() as session:
+        for k in range(20):
+            async with session.post(
+                mesh.http_url + "/v1/recommend",
+                json={"user_id": f"u{k}", "num_items": 10},
+                headers={**DEMO, "x-request-id": f"ope-test-{k}"},
+            ) as response:
+                assert response.status == 200
+                bodies.append(await response.json())
     clicks = [
         {
             "event_id": f"ope-click-{b['request_id']}",

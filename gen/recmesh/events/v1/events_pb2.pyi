@@ -132,11 +132,12 @@ class Event(_message.Message):
 
     @_builtins.property
     def support(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """On the first impression (position 0) of an answer the ranking service explored in:
-        the answer's support, every item it could have shown, in the ranking's final order
-        (the shown exploit items, then the exploration pool; RankResponse.support). Off-policy
-        evaluation replays another final stage on these candidates (training/ope.py). Empty on
-        other events and on answers ranking did not produce (or interleaved).
+        """On the first impression (position 0) of an answer the ranking service produced: the
+        answer's support, every item it could have shown, in the ranking's final order (the
+        shown exploit items, then the exploration pool; only the shown items when nothing
+        explored; RankResponse.support). Off-policy evaluation replays another final stage on
+        these candidates (training/ope.py). Empty on other events, on answers ranking did not
+        produce, and on interleaved answers.
         """
 
     def __init__(

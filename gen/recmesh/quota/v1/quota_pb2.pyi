@@ -38,7 +38,8 @@ class AcquireRequest(_message.Message):
     """
     check_only: _builtins.bool
     """Check without consuming: answer whether `cost` units (0 means 1) are in the bucket now,
-    with `allowed`, `remaining` and `retry_after_s` as taking them would, but take nothing
+    with `allowed` and `retry_after_s` as taking them would and `remaining` the whole units
+    in the bucket now (nothing taken), but take nothing
     (`granted` = 0) and count nothing in GetUsage. `max_cost` must be 0. A quota service
     older than this field ignores it and takes `cost` units.
     """

@@ -287,7 +287,8 @@ class RankResponse(_message.Message):
     def support(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every item the answer could have shown, in the cascade's final order: the shown
         exploit items (propensity 1), then the exploration pool the explored ones were drawn
-        from (core/explore.py). Empty for interleaved requests.
+        from (core/explore.py); the shown items alone when nothing explored (no exploration
+        share, or no item features: retrieval's order). Empty for interleaved requests.
         """
 
     def __init__(
