@@ -35,6 +35,7 @@ from core.experiments.assign import control_params
 from core.experiments.book import ExperimentBook
 from core.validation import check_user_id
 from gateway import exposures
+from gateway.admission import AdmissionControl
 from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
@@ -122,8 +123,10 @@ class Funnel:
         fallback: PopularFallback,
         assignments: AssignmentCache,
         quota: QuotaLeases,
+        admission: AdmissionControl,
     ) -> None:
         self._settings = settings
+        self._admission = admission
         self._quota_leases = quota
         self._outbox = outbox
         self._fallback = fallback
@@ -166,11 +169,21 @@ class Funnel:
 
         Raises:
             InvalidArgument: bad user_id or num_items.
+            Overloaded: refused at admission, before any other work (``gateway.admission``).
             ResourceExhausted: the tenant is over quota.
             Unavailable: neither retrieval nor the fallback cache can produce items.
         """
-        arrived = time.perf_counter()
         n = self.validate(user_id, num_items)
+        with self._admission.admit(tenant) as ticket:
+            result = await self._recommend(tenant, user_id, n, deadline_s, request_id)
+            ticket.served = True
+            return result
+
+    async def _recommend(
+        self, tenant: str, user_id: str, n: int, deadline_s: float | None, request_id: str
+    ) -> Recommendation:
+        """The funnel of an admitted request (see :meth:`recommend`)."""
+        arrived = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         tenant_var.set(tenant)
         request_id_var.set(request_id)

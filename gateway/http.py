@@ -22,7 +22,7 @@ from gateway.reports import ExperimentReports
 from gateway.schema import parse_events, parse_recommend
 from mesh import tracing
 from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
-from mesh.errors import RecMeshError, ResourceExhausted, Unavailable
+from mesh.errors import Overloaded, RecMeshError, ResourceExhausted, Unavailable
 from mesh.telemetry import metrics_response
 from mesh.tenants import Tenant, TenantRegistry
 
@@ -83,7 +83,7 @@ def render(result: Recommendation, debug: bool) -> dict[str, Any]:
 
 def _error_response(exc: RecMeshError) -> web.Response:
     headers = {}
-    if isinstance(exc, ResourceExhausted):
+    if isinstance(exc, ResourceExhausted | Overloaded):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return web.json_response(exc.to_dict(), status=exc.http_status, headers=headers)
 

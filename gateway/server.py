@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from core.experiments.book import load_experiments
+from gateway.admission import AdmissionControl
 from gateway.assignments import AssignmentCache
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
@@ -62,7 +63,8 @@ async def build_service(
         lease_ttl_s=settings.quota_lease_ttl_s,
         cap_s=settings.quota_budget_s,
     )
-    funnel = Funnel(settings, downstreams, book, outbox, fallback, assignments, quota)
+    admission = AdmissionControl(settings.admission())
+    funnel = Funnel(settings, downstreams, book, outbox, fallback, assignments, quota, admission)
     relay = OutboxRelay(outbox, funnel.deliver)
     reports = ExperimentReports(downstreams.experiment, book, settings.report_timeout_s)
     api = HttpApi(funnel, tenants, downstreams, reports)
@@ -83,6 +85,7 @@ async def build_service(
             )
         ],
         startups=[
+            admission.start,
             downstreams.connect,
             fallback.start,
             relay.start,
@@ -96,6 +99,7 @@ async def build_service(
             relay.stop,
             fallback.stop,
             downstreams.close,
+            admission.stop,
         ],
         http=http,
     )

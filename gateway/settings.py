@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.experiments.book import experiments_file
+from gateway.admission import AdmissionConfig
+from mesh.errors import ConfigError
 from mesh.paths import VAR_DIR
 from mesh.settings import (
     ServerSettings,
@@ -122,3 +124,44 @@ class GatewaySettings(ServerSettings):
         "RECMESH_GATEWAY_MAX_BODY_BYTES", 1024 * 1024, doc="largest HTTP body accepted"
     )
     max_items: int = env("RECMESH_GATEWAY_MAX_ITEMS", 500, doc="largest num_items accepted")
+    admission_limit: float = env(
+        "RECMESH_GATEWAY_ADMISSION_LIMIT",
+        32.0,
+        doc="recommendations in flight allowed before any answer was measured (the limit "
+        "then adapts; gateway/admission.py)",
+    )
+    admission_min_limit: float = env(
+        "RECMESH_GATEWAY_ADMISSION_MIN_LIMIT", 8.0, doc="lowest adaptive in-flight limit"
+    )
+    admission_max_limit: float = env(
+        "RECMESH_GATEWAY_ADMISSION_MAX_LIMIT",
+        256.0,
+        doc="highest adaptive in-flight limit (0: no in-flight limit)",
+    )
+    admission_target_s: float = env(
+        "RECMESH_GATEWAY_ADMISSION_TARGET_S",
+        0.050,
+        doc="answers within this raise the in-flight limit, slower ones lower it",
+    )
+    admission_max_lag_s: float = env(
+        "RECMESH_GATEWAY_ADMISSION_MAX_LAG_S",
+        0.025,
+        doc="event-loop lag above which new recommendations are refused (0: never)",
+    )
+
+    def admission(self) -> AdmissionConfig:
+        """The admission controller's configuration.
+
+        Raises:
+            ConfigError: the limits are out of order or a duration is not positive.
+        """
+        try:
+            return AdmissionConfig(
+                initial_limit=self.admission_limit,
+                min_limit=self.admission_min_limit,
+                max_limit=self.admission_max_limit,
+                target_s=self.admission_target_s,
+                max_lag_s=self.admission_max_lag_s,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"RECMESH_GATEWAY_ADMISSION_*: {exc}") from exc

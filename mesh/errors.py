@@ -89,6 +89,15 @@ class Unavailable(RecMeshError):
     http_status = 503
 
 
+class Overloaded(Unavailable):
+    """Refused at admission: the process is over capacity. ``retry_after_s`` tells the
+    caller when to come back (HTTP ``Retry-After``, gRPC trailer ``retry-after``)."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(RecMeshError):
     """The request's budget ran out before an answer was ready."""
 
