@@ -57,6 +57,12 @@ def item_row(tenant: str, item_id: int) -> str:
     return f"{tenant_prefix(tenant)}i:{item_id}"
 
 
+def item_changes(tenant: str) -> str:
+    """Sorted set: items whose rows were written one by one (``WriteItemFeatures``), scored
+    by the write's epoch ms (not the bulk load of a whole set)."""
+    return f"{tenant_prefix(tenant)}ichg"
+
+
 def events(tenant: str) -> str:
     """Stream: the tenant's event log (field ``e`` = a serialized ``Event``)."""
     return f"{tenant_prefix(tenant)}events"

@@ -21,7 +21,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "missing or unknown x-api-key",
         404: "no such experiment for the calling tenant",
         429: "over quota, or too many events waiting for delivery; see the Retry-After header",
-        503: "no useful answer can be produced",
+        503: "no useful answer can be produced, or (with a Retry-After header) the gateway "
+        "is over capacity and refused the request before any work",
     }
     return {
         str(code): {

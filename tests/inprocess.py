@@ -43,8 +43,9 @@ TENANTS = {
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def write_tenants(path: Path) -> Path:
-    """Write the test tenant registry to ``path``."""
+def write_tenants(path: Path, extra: dict[str, tuple[str, float, int]] | None = None) -> Path:
+    """Write the test tenant registry to ``path``: :data:`TENANTS` and ``extra`` (name ->
+    (API key, rate/s, burst)), e.g. a tenant whose log only one module writes."""
     path.write_text(
         json.dumps(
             {
@@ -54,7 +55,7 @@ def write_tenants(path: Path) -> Path:
                         "rate": rate,
                         "burst": burst,
                     }
-                    for name, (key, rate, burst) in TENANTS.items()
+                    for name, (key, rate, burst) in {**TENANTS, **(extra or {})}.items()
                 }
             }
         )

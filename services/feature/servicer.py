@@ -153,6 +153,19 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         )
         return feature_pb2.WriteFeaturesResponse(written=written)
 
+    async def GetItemChanges(
+        self, request: feature_pb2.GetItemChangesRequest, context: Context
+    ) -> feature_pb2.GetItemChangesResponse:
+        """Items written by ``WriteItemFeatures`` at or after ``since_ms``.
+
+        Raises:
+            InvalidArgument: ``since_ms`` is negative.
+        """
+        if request.since_ms < 0:
+            raise InvalidArgument("since_ms must be >= 0", field="since_ms")
+        ids, as_of = await self._store.item_changes(current_tenant(), request.since_ms)
+        return feature_pb2.GetItemChangesResponse(item_ids=ids, as_of_ms=as_of)
+
     async def Materialize(
         self, request: feature_pb2.MaterializeRequest, context: Context
     ) -> feature_pb2.MaterializeResponse:

@@ -145,9 +145,20 @@ class FeatureStore(abc.ABC):
 
     @abc.abstractmethod
     async def write_items(
-        self, tenant: str, item_ids: Sequence[int], rows: F32, categories: Sequence[int]
+        self,
+        tenant: str,
+        item_ids: Sequence[int],
+        rows: F32,
+        categories: Sequence[int],
+        record: bool = True,
     ) -> int:
-        """Upsert items. Returns rows written."""
+        """Upsert items, recorded in the tenant's item changes (:meth:`item_changes`) unless
+        ``record`` is False (the bulk load of a whole set). Returns rows written."""
+
+    @abc.abstractmethod
+    async def item_changes(self, tenant: str, since_ms: int) -> tuple[list[int], int]:
+        """Items :meth:`write_items` wrote at or after ``since_ms``, and the latest write's
+        ms among them (``since_ms`` when none)."""
 
     @abc.abstractmethod
     async def load_items(self, tenant: str, rows: F32, categories: I32) -> int:
@@ -337,7 +348,12 @@ class RedisFeatureStore(FeatureStore):
         return len(user_ids)
 
     async def write_items(
-        self, tenant: str, item_ids: Sequence[int], rows: F32, categories: Sequence[int]
+        self,
+        tenant: str,
+        item_ids: Sequence[int],
+        rows: F32,
+        categories: Sequence[int],
+        record: bool = True,
     ) -> int:
         _, item_dim = await self._dims(tenant)
         if rows.ndim != 2 or rows.shape != (len(item_ids), item_dim):
@@ -353,9 +369,28 @@ class RedisFeatureStore(FeatureStore):
         mapping = {
             keys.item_row(tenant, int(i)): packed[n].tobytes() for n, i in enumerate(item_ids)
         }
-        with redis_span("MSET", self._redis, keys=len(mapping)):
-            await self._redis.mset(mapping)
+        if not record:
+            with redis_span("MSET", self._redis, keys=len(mapping)):
+                await self._redis.mset(mapping)
+            return len(item_ids)
+        now_ms = int(time.time() * 1000)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.mset(mapping)
+        pipe.zadd(keys.item_changes(tenant), {str(int(i)): now_ms for i in item_ids})
+        with redis_span("MULTI MSET+ZADD", self._redis, keys=len(mapping)):
+            await pipe.execute()
         return len(item_ids)
+
+    async def item_changes(self, tenant: str, since_ms: int) -> tuple[list[int], int]:
+        with redis_span("ZRANGEBYSCORE", self._redis):
+            found = cast(
+                list[tuple[bytes, float]],
+                await self._redis.zrangebyscore(
+                    keys.item_changes(tenant), since_ms, "+inf", withscores=True
+                ),
+            )
+        ids = [int(member) for member, _ in found]
+        return ids, max([since_ms, *(int(score) for _, score in found)])
 
     async def load_items(self, tenant: str, rows: F32, categories: I32) -> int:
         _, item_dim = await self._dims(tenant)
@@ -372,6 +407,7 @@ class RedisFeatureStore(FeatureStore):
                     range(start, stop),
                     np.asarray(rows[start:stop], dtype=np.float32),
                     categories[start:stop].tolist(),
+                    record=False,
                 )
             return int(rows.shape[0])
         bulk = self._bulk

@@ -57,6 +57,7 @@ from mesh.stages import StageClock
 from services.ranking.budget import CostModel, StagePlanner, score_within
 from services.ranking.counters import CounterCache
 from services.ranking.item_cache import ItemFeatureCache
+from services.ranking.item_changes import ItemChanges
 from services.ranking.models import RankingModels
 from services.ranking.policy import Arm, RankPolicy
 from services.ranking.quality import QualityFactor
@@ -122,6 +123,10 @@ class Outcome:
         )
 
 
+ROW_FAILURES: tuple[type[Exception], ...] = (*CALL_FAILURES, ValueError)
+"""A failed read of item rows, or rows of another width than the served ranker's."""
+
+
 @dataclass
 class _Rows:
     matrix: F32 | None
@@ -130,6 +135,8 @@ class _Rows:
     hits: int
     fetched: int
     problem: Degradation | None
+    from_set: int
+    """Rows taken from the served set (no cache, no call)."""
 
 
 @dataclass
@@ -212,6 +219,9 @@ class Cascade:
     cache: ItemFeatureCache
     counters: CounterCache
     quality: dict[str, QualityFactor]
+    changes: ItemChanges | None = None
+    """The tenants' items written through the feature service; None: every row is read
+    through the feature service (``RECMESH_RANKING_ITEM_ROWS_FROM_SET=false``)."""
     clock: Callable[[], float] = time.perf_counter
     _costs: dict[str, CostModel] = field(default_factory=dict)
     _costs_version: str = ""
@@ -261,7 +271,7 @@ class Cascade:
         considered = min(all_ids.size, max(n, round(policy.candidates_keep * q_features)))
         ids = all_ids[:considered]
         budget_f = planner.budget("item_features")
-        rows = await self._item_rows(tenant, ids, budget_f)
+        rows = await self._item_rows(models, tenant, ids, budget_f)
         trace.lap(
             "item_features",
             rows.problem,
@@ -269,6 +279,7 @@ class Cascade:
             candidates_out=int(rows.have.sum()),
             budget_s=budget_f,
             details={
+                "from_set": rows.from_set,
                 "cache_hits": rows.hits,
                 "fetched": rows.fetched,
                 "quality_factor": q_features,
@@ -666,17 +677,38 @@ class Cascade:
         )
         return _Recent(clicks, impressions)
 
-    async def _item_rows(self, tenant: str, ids: I64, budget_s: float) -> _Rows:
-        cached = self.cache.lookup(tenant, ids.tolist())
-        have = cached.hit.copy()
+    async def _item_rows(
+        self, models: RankingModels, tenant: str, ids: I64, budget_s: float
+    ) -> _Rows:
+        """Rows of ``ids``: the served set's own rows for its items (unless the tenant
+        wrote an item's row through the feature service: :mod:`~services.ranking
+        .item_changes`), then the cache, then one call for the rest."""
+        started = self.clock()
+        from_set = np.zeros(ids.size, dtype=bool)
+        changed = await self.changes.changed(tenant, budget_s) if self.changes is not None else None
+        if changed is not None:
+            from_set = (ids >= 0) & (ids < models.n_items)
+            if changed.size:
+                from_set &= ~np.isin(ids, changed)
+        budget_s = max(0.0, budget_s - (self.clock() - started))
+        matrix = np.zeros((ids.size, models.item_dim), dtype=np.float32)
         categories = np.full(ids.size, -1, dtype=np.int32)
-        categories[have] = cached.categories
-        missing = np.flatnonzero(~have)
-        fetched: F32 | None = None
+        in_set = ids[from_set]
+        matrix[from_set] = models.item_features[in_set]
+        categories[from_set] = models.item_categories[in_set]
+        rest = np.flatnonzero(~from_set)
+        cached = self.cache.lookup(tenant, ids[rest].tolist())
+        have = from_set.copy()
+        have[rest[cached.hit]] = True
+        if cached.hit.any():
+            matrix[rest[cached.hit]] = cached.rows
+            categories[rest[cached.hit]] = cached.categories
+        missing = rest[~cached.hit]
+        fetched = 0
         problem: Degradation | None = None
         if missing.size and budget_s <= 0:
             # Planned, not a failure: counted and explained, not logged.
-            problem = _without_features(cached.hit, ids.size, "no budget left for the read")
+            problem = _without_features(have, ids.size, "no budget left for the read")
         elif missing.size:
             try:
                 reply = await self.features.call(
@@ -685,36 +717,33 @@ class Cascade:
                     cap_s=budget_s,
                     idempotent=True,
                 )
-                fetched = matrix_from_proto(reply.features, missing.size, "features")
-                fetched_categories = np.asarray(reply.categories, dtype=np.int32)
-                categories[missing] = fetched_categories
+                rows = matrix_from_proto(reply.features, missing.size, "features")
+                if rows.shape[1] != models.item_dim:
+                    raise ValueError(
+                        f"the feature service's item rows have {rows.shape[1]} values, the "
+                        f"served set's ranker takes {models.item_dim}"
+                    )
+                row_categories = np.asarray(reply.categories, dtype=np.int32)
+                matrix[missing] = rows
+                categories[missing] = row_categories
                 have[missing] = True
+                fetched = int(missing.size)
                 unknown = set(reply.missing_item_ids)
                 known = [i for i, item in enumerate(ids[missing].tolist()) if item not in unknown]
                 self.cache.put(
-                    tenant,
-                    ids[missing][known].tolist(),
-                    fetched[known],
-                    fetched_categories[known],
+                    tenant, ids[missing][known].tolist(), rows[known], row_categories[known]
                 )
-            except CALL_FAILURES as exc:
+            except ROW_FAILURES as exc:
                 log.warning("item features unavailable: %s", describe_failure(exc))
-                problem = _without_features(cached.hit, ids.size, describe_failure(exc))
-        dims = [m.shape[1] for m in (fetched, cached.rows) if m is not None and m.size]
-        matrix: F32 | None = None
-        if dims:
-            matrix = np.zeros((ids.size, dims[0]), dtype=np.float32)
-            if cached.hit.any():
-                matrix[cached.hit] = cached.rows
-            if fetched is not None:
-                matrix[missing] = fetched
+                problem = _without_features(have, ids.size, describe_failure(exc))
         return _Rows(
-            matrix,
+            matrix if have.any() else None,
             categories,
             have,
             int(cached.hit.sum()),
-            int(missing.size if fetched is not None else 0),
+            fetched,
             problem,
+            int(from_set.sum()),
         )
 
 
@@ -739,13 +768,13 @@ def _deadline(clock: Callable[[], float], planner: StagePlanner, budget: float) 
     return clock() + (budget if answer_within is None else answer_within)
 
 
-def _without_features(hit: npt.NDArray[np.bool_], total: int, why: str) -> Degradation:
-    hits = int(hit.sum())
-    if hits:
+def _without_features(have: npt.NDArray[np.bool_], total: int, why: str) -> Degradation:
+    held = int(have.sum())
+    if held:
         return Degradation(
             "cache_only",
-            f"item features unavailable ({why}); ranked the {hits} of {total} candidates "
-            "cached, the rest last",
+            f"item features unavailable ({why}); ranked the {held} of {total} candidates "
+            "whose rows were held (the set's or cached), the rest last",
         )
     return Degradation("unavailable", f"item features unavailable ({why}); retrieval order")
 

@@ -174,6 +174,14 @@ class ItemFeatureCache:
         CACHE_ENTRIES.set(len(index))
         CACHE_BYTES.set(self.reserved_bytes)
 
+    def forget(self, tenant: str, ids: Sequence[int]) -> None:
+        """Drop the rows of ``ids`` (their source changed: the next lookup misses them)."""
+        for item in ids:
+            slot = self._index.pop((tenant, int(item)), None)
+            if slot is not None:
+                self._free.append(slot)
+        CACHE_ENTRIES.set(len(self._index))
+
     def _slot(self) -> int:
         if self._free:
             return self._free.pop()

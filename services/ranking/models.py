@@ -1,4 +1,6 @@
-"""The ranking models of one artifact set: pre-ranker (numpy) and heavy ranker (ONNX)."""
+"""The ranking models of one artifact set: pre-ranker (numpy), heavy ranker (ONNX), and the
+set's item features they were trained with (memory-mapped), so a request reads the rows of
+the set's items without a call and a hot swap changes models and rows together."""
 
 from __future__ import annotations
 
@@ -64,6 +66,22 @@ class RankingModels:
             )
         self.heads: list[str] = list(artifacts.config["ranker_heads"])
         self.head_weights = parse_head_weights(head_weights, self.heads)
+        self.item_features: F32 = artifacts.open_array("item_features")
+        self.item_categories: npt.NDArray[np.int32] = artifacts.open_array("item_categories")
+        n_items = self.item_features.shape[0]
+        if self.item_features.shape != (n_items, self.item_dim) or self.item_categories.shape != (
+            n_items,
+        ):
+            raise ArtifactError(
+                f"{artifacts.file('item_features')}: shape {self.item_features.shape} with "
+                f"{self.item_categories.shape[0]} categories; the set's config says "
+                f"{self.item_dim} features per item"
+            )
+
+    @property
+    def n_items(self) -> int:
+        """Items of the set: ids ``0 .. n_items - 1`` have rows in :attr:`item_features`."""
+        return int(self.item_features.shape[0])
 
     @classmethod
     def replacing(

@@ -50,6 +50,8 @@ async def build_service(
 
     registration = Registration.of(servicer, ranking_pb2, ranking_pb2_grpc, "RankingService")
     service = model_service(settings, registration, models, load, features)
-    # The counter fetches in flight end before the feature client they call through closes.
+    # The reads in flight end before the feature client they call through closes.
     service.cleanups.insert(0, counters.close)
+    if servicer.cascade.changes is not None:
+        service.cleanups.insert(0, servicer.cascade.changes.close)
     return service

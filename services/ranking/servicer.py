@@ -24,6 +24,7 @@ from services.ranking.budget import STAGES, StagePlanner
 from services.ranking.cascade import Cascade, Outcome, warm_up_paths
 from services.ranking.counters import CounterCache
 from services.ranking.item_cache import ItemFeatureCache
+from services.ranking.item_changes import ItemChanges
 from services.ranking.models import RankingModels
 from services.ranking.policy import PolicyBook
 from services.ranking.quality import QualityFactor
@@ -96,12 +97,20 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.models = models
         self._settings = settings
         self.policies = policies if policies is not None else PolicyBook.load(settings)
+        cache = (
+            cache
+            if cache is not None
+            else ItemFeatureCache(int(settings.item_cache_mb * 2**20), settings.item_cache_ttl_s)
+        )
         self.cascade = Cascade(
             features=features,
             settings=settings,
-            cache=cache
-            if cache is not None
-            else ItemFeatureCache(int(settings.item_cache_mb * 2**20), settings.item_cache_ttl_s),
+            cache=cache,
+            changes=ItemChanges(
+                features, refresh_s=settings.item_changes_refresh_s, forget=cache.forget
+            )
+            if settings.item_rows_from_set
+            else None,
             counters=counters
             if counters is not None
             else CounterCache(

@@ -170,7 +170,21 @@ class RankingSettings(ModelServingSettings):
         doc="candidates after the chosen ones that exploration draws from",
     )
 
-    # Item feature cache.
+    # Item rows.
+    item_rows_from_set: bool = env(
+        "RECMESH_RANKING_ITEM_ROWS_FROM_SET",
+        True,
+        doc="score the served set's items with the set's own rows, held in the process (rows "
+        "written through the feature service are still read there); false: read every row "
+        "through the feature service and the cache",
+    )
+    item_changes_refresh_s: float = env(
+        "RECMESH_RANKING_ITEM_CHANGES_REFRESH_S",
+        1.0,
+        doc="how often the items written through the feature service are read again",
+    )
+
+    # Item feature cache (rows read through the feature service).
     item_cache_mb: float = env(
         "RECMESH_RANKING_ITEM_CACHE_MB", 64.0, doc="memory of the item feature cache (0: off)"
     )

@@ -233,7 +233,9 @@ async def test_one_request_is_one_tree(mesh: tuple[Mesh, Path], spans: SpanCaptu
     assert parent_of(mine, client).name == "stage.ranking"
     for stage in ("stage.prerank", "stage.heavy", "stage.rerank"):
         assert parent_of(mine, named(mine, stage)) is server
-    assert parent_of(mine, named(mine, "redis MGET+HGET")).name.endswith("GetItemFeatures")
+    user_read = named(mine, "redis GET+LRANGE+LRANGE+HGET+HGETALL")
+    assert parent_of(mine, user_read).name.endswith("GetUserFeatures")
+    assert not [s for s in mine if s.name.endswith("GetItemFeatures")]  # the set's own rows
     impressions = named(mine, "stage.impressions").get_span_context()
     assert impressions is not None
     linked = [

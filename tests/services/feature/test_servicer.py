@@ -134,6 +134,27 @@ async def test_writes_are_visible_only_to_their_tenant(
     assert list(mine.categories) == [3]
     assert np.frombuffer(theirs.features.values, "<f4").tolist() != [7.0] * dim
 
+    # The write is an item change of its tenant only; the bulk load (Materialize) is none.
+    changes = await stub.GetItemChanges(
+        feature_pb2.GetItemChangesRequest(), metadata=tenant_metadata(owner)
+    )
+    assert list(changes.item_ids) == [1] and changes.as_of_ms > 0
+    none = await stub.GetItemChanges(
+        feature_pb2.GetItemChangesRequest(), metadata=tenant_metadata(other)
+    )
+    assert (list(none.item_ids), none.as_of_ms) == ([], 0)
+    # Read again from the last one's time: the write of that ms comes again, nothing older.
+    again = await stub.GetItemChanges(
+        feature_pb2.GetItemChangesRequest(since_ms=changes.as_of_ms),
+        metadata=tenant_metadata(owner),
+    )
+    assert list(again.item_ids) == [1] and again.as_of_ms == changes.as_of_ms
+    later = await stub.GetItemChanges(
+        feature_pb2.GetItemChangesRequest(since_ms=changes.as_of_ms + 1),
+        metadata=tenant_metadata(owner),
+    )
+    assert (list(later.item_ids), later.as_of_ms) == ([], changes.as_of_ms + 1)
+
 
 @pytest.mark.parametrize(
     ("request_", "field"),

@@ -304,7 +304,8 @@ async def test_the_next_request_reads_item_features_from_the_cache(
     hits_before = REGISTRY.get_sample_value(
         "recmesh_ranking_item_cache_lookups_total", {"result": "hit"}
     )
-    async with ranking(artifacts_root, f"127.0.0.1:{feature.port}") as (servicer, stub):
+    addr = f"127.0.0.1:{feature.port}"
+    async with ranking(artifacts_root, addr, item_rows_from_set=False) as (servicer, stub):
         first = stages(
             await rank(
                 stub, tenant, user_row, deadline_s=1.0, stage_budget_ms={"item_features": 1000}
@@ -321,11 +322,63 @@ async def test_the_next_request_reads_item_features_from_the_cache(
     assert REGISTRY.get_sample_value("recmesh_ranking_item_cache_hit_ratio") is not None
 
 
+async def test_the_sets_items_are_ranked_with_its_own_rows_without_a_call(
+    artifacts_root: Path, feature: MeshServer, tenant: str, user_row: bytes
+) -> None:
+    addr = f"127.0.0.1:{feature.port}"
+    budget = {"item_features": 1000}
+    async with ranking(artifacts_root, addr) as (_, stub):
+        held = await rank(stub, tenant, user_row, deadline_s=1.0, stage_budget_ms=budget)
+    async with ranking(artifacts_root, addr, item_rows_from_set=False) as (_, stub):
+        read = await rank(stub, tenant, user_row, deadline_s=1.0, stage_budget_ms=budget)
+    report = stages(held)["item_features"]
+    assert (report.details["from_set"], report.details["fetched"]) == (600, 0)
+    assert stages(read)["item_features"].details["fetched"] == 600
+    # The materialised rows are the set's: the same answer either way.
+    assert list(held.ranked.item_ids) == list(read.ranked.item_ids)
+    assert held.ranked.scores == pytest.approx(read.ranked.scores)
+
+
+async def test_a_row_written_through_the_feature_service_is_read_there(
+    artifacts_root: Path, feature: MeshServer, features: FeatureStub, tenant: str, user_row: bytes
+) -> None:
+    addr = f"127.0.0.1:{feature.port}"
+    budget = {"item_features": 1000}
+    written = CANDIDATES[:3]
+    async with ranking(artifacts_root, addr, item_changes_refresh_s=0.05) as (servicer, stub):
+        before = stages(await rank(stub, tenant, user_row, deadline_s=1.0))["item_features"]
+        rows = await features.GetItemFeatures(
+            feature_pb2.GetItemFeaturesRequest(item_ids=written), metadata=tenant_metadata(tenant)
+        )
+        servicer.cascade.cache.put(  # a row cached before the write must not outlive it
+            tenant,
+            written,
+            np.frombuffer(rows.features.values, dtype="<f4").reshape(3, -1),
+            np.asarray(rows.categories, dtype=np.int32),
+        )
+        await features.WriteItemFeatures(  # the same rows: only the change is recorded
+            feature_pb2.WriteItemFeaturesRequest(
+                item_ids=written, features=rows.features, categories=rows.categories
+            ),
+            metadata=tenant_metadata(tenant),
+        )
+        for _ in range(100):
+            report = stages(
+                await rank(stub, tenant, user_row, deadline_s=1.0, stage_budget_ms=budget)
+            )["item_features"]
+            if report.details["from_set"] == 597:
+                break
+            await asyncio.sleep(0.02)
+    assert before.details["from_set"] == 600
+    assert (report.details["from_set"], report.details["cache_hits"]) == (597, 0)
+    assert report.details["fetched"] == 3
+
+
 async def test_without_the_feature_service_cached_items_are_ranked_first(
     artifacts_root: Path, features: FeatureStub, tenant: str, user_row: bytes
 ) -> None:
     nowhere = f"127.0.0.1:{free_port()}"
-    async with ranking(artifacts_root, nowhere) as (servicer, stub):
+    async with ranking(artifacts_root, nowhere, item_rows_from_set=False) as (servicer, stub):
         cold = await rank(stub, tenant, user_row)
         assert cold.degraded == ["item_features"]
         assert list(cold.ranked.item_ids) == CANDIDATES[:10]  # retrieval order
@@ -344,7 +397,7 @@ async def test_without_the_feature_service_cached_items_are_ranked_first(
         report = stages(warm)["item_features"]
         assert warm.degraded == ["item_features"]
         assert report.reason.startswith("item features unavailable")
-        assert "ranked the 100 of 600 candidates cached" in report.reason
+        assert "ranked the 100 of 600 candidates whose rows were held" in report.reason
         assert set(warm.ranked.item_ids) <= set(cached)
         assert len(warm.ranked.item_ids) == 10
 

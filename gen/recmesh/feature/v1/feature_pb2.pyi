@@ -349,6 +349,52 @@ class WriteItemFeaturesRequest(_message.Message):
 Global___WriteItemFeaturesRequest: _TypeAlias = WriteItemFeaturesRequest  # noqa: Y015
 
 @_typing.final
+class GetItemChangesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    since_ms: _builtins.int
+    """Epoch ms; 0 = every change recorded."""
+    def __init__(
+        self,
+        *,
+        since_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_ms", b"since_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetItemChangesRequest: _TypeAlias = GetItemChangesRequest  # noqa: Y015
+
+@_typing.final
+class GetItemChangesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    AS_OF_MS_FIELD_NUMBER: _builtins.int
+    as_of_ms: _builtins.int
+    """The latest change returned (since_ms when none): the next call's since_ms. Changes at
+    exactly this ms are returned again then, so none made in the same ms is missed.
+    """
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        item_ids: _abc.Iterable[_builtins.int] | None = ...,
+        as_of_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_ms", b"as_of_ms", "item_ids", b"item_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetItemChangesResponse: _TypeAlias = GetItemChangesResponse  # noqa: Y015
+
+@_typing.final
 class WriteFeaturesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -59,6 +59,11 @@ class FeatureServiceStub:
                 request_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.WriteItemFeaturesRequest.SerializeToString,
                 response_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.WriteFeaturesResponse.FromString,
                 _registered_method=True)
+        self.GetItemChanges = channel.unary_unary(
+                '/recmesh.feature.v1.FeatureService/GetItemChanges',
+                request_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemChangesRequest.SerializeToString,
+                response_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemChangesResponse.FromString,
+                _registered_method=True)
         self.Materialize = channel.unary_unary(
                 '/recmesh.feature.v1.FeatureService/Materialize',
                 request_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.MaterializeRequest.SerializeToString,
@@ -107,7 +112,16 @@ class FeatureServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WriteItemFeatures(self, request, context):
-        """Upsert items.
+        """Upsert items; each item written is recorded in the tenant's item changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetItemChanges(self, request, context):
+        """The items whose rows WriteItemFeatures wrote at or after since_ms (the bulk load of
+        Materialize is not a change): for callers that hold the artifact set's rows themselves
+        (ranking) and must read these items here instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +169,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.WriteItemFeatures,
                     request_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.WriteItemFeaturesRequest.FromString,
                     response_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.WriteFeaturesResponse.SerializeToString,
+            ),
+            'GetItemChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetItemChanges,
+                    request_deserializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemChangesRequest.FromString,
+                    response_serializer=recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemChangesResponse.SerializeToString,
             ),
             'Materialize': grpc.unary_unary_rpc_method_handler(
                     servicer.Materialize,
@@ -302,6 +321,33 @@ class FeatureService:
             '/recmesh.feature.v1.FeatureService/WriteItemFeatures',
             recmesh_dot_feature_dot_v1_dot_feature__pb2.WriteItemFeaturesRequest.SerializeToString,
             recmesh_dot_feature_dot_v1_dot_feature__pb2.WriteFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetItemChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.feature.v1.FeatureService/GetItemChanges',
+            recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemChangesRequest.SerializeToString,
+            recmesh_dot_feature_dot_v1_dot_feature__pb2.GetItemChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,7 +49,12 @@ class FeatureServiceStub:
     WriteUserFeatures: _grpc.UnaryUnaryMultiCallable[_feature_pb2.WriteUserFeaturesRequest, _feature_pb2.WriteFeaturesResponse]
     """Upsert users (batch materialisation or streaming updates)."""
     WriteItemFeatures: _grpc.UnaryUnaryMultiCallable[_feature_pb2.WriteItemFeaturesRequest, _feature_pb2.WriteFeaturesResponse]
-    """Upsert items."""
+    """Upsert items; each item written is recorded in the tenant's item changes."""
+    GetItemChanges: _grpc.UnaryUnaryMultiCallable[_feature_pb2.GetItemChangesRequest, _feature_pb2.GetItemChangesResponse]
+    """The items whose rows WriteItemFeatures wrote at or after since_ms (the bulk load of
+    Materialize is not a change): for callers that hold the artifact set's rows themselves
+    (ranking) and must read these items here instead.
+    """
     Materialize: _grpc.UnaryUnaryMultiCallable[_feature_pb2.MaterializeRequest, _feature_pb2.MaterializeResponse]
     """Bulk-load the caller's tenant from the artifact set the service has on disk
     (the batch materialisation job). Idempotent: loading the same version twice is a no-op.
@@ -76,7 +81,12 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     WriteUserFeatures: _aio.UnaryUnaryMultiCallable[_feature_pb2.WriteUserFeaturesRequest, _feature_pb2.WriteFeaturesResponse]  # type: ignore[assignment]
     """Upsert users (batch materialisation or streaming updates)."""
     WriteItemFeatures: _aio.UnaryUnaryMultiCallable[_feature_pb2.WriteItemFeaturesRequest, _feature_pb2.WriteFeaturesResponse]  # type: ignore[assignment]
-    """Upsert items."""
+    """Upsert items; each item written is recorded in the tenant's item changes."""
+    GetItemChanges: _aio.UnaryUnaryMultiCallable[_feature_pb2.GetItemChangesRequest, _feature_pb2.GetItemChangesResponse]  # type: ignore[assignment]
+    """The items whose rows WriteItemFeatures wrote at or after since_ms (the bulk load of
+    Materialize is not a change): for callers that hold the artifact set's rows themselves
+    (ranking) and must read these items here instead.
+    """
     Materialize: _aio.UnaryUnaryMultiCallable[_feature_pb2.MaterializeRequest, _feature_pb2.MaterializeResponse]  # type: ignore[assignment]
     """Bulk-load the caller's tenant from the artifact set the service has on disk
     (the batch materialisation job). Idempotent: loading the same version twice is a no-op.
@@ -130,7 +140,18 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _feature_pb2.WriteItemFeaturesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feature_pb2.WriteFeaturesResponse, _abc.Awaitable[_feature_pb2.WriteFeaturesResponse]]:
-        """Upsert items."""
+        """Upsert items; each item written is recorded in the tenant's item changes."""
+
+    @_abc_1.abstractmethod
+    def GetItemChanges(
+        self,
+        request: _feature_pb2.GetItemChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_pb2.GetItemChangesResponse, _abc.Awaitable[_feature_pb2.GetItemChangesResponse]]:
+        """The items whose rows WriteItemFeatures wrote at or after since_ms (the bulk load of
+        Materialize is not a change): for callers that hold the artifact set's rows themselves
+        (ranking) and must read these items here instead.
+        """
 
     @_abc_1.abstractmethod
     def Materialize(
