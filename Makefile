@@ -40,7 +40,7 @@ protos-check: $(STAMP)
 	$(BIN)/recmesh protos --check
 
 # Benchmark: the mesh and the monolith (a small seeded artifact set trained for the run) under
-# steps of offered load, 25..250 recommendations/s for 30 s each; p50/p95/p99, errors and CPU
+# steps of offered load, 25, 50, 100, 200 and 400 (overload) recommendations/s for 30 s each; p50/p95/p99, errors and CPU
 # per process; writes docs/benchmarks.md and docs/bench/steps.{json,md,png} (~10 minutes).
 # Override with BENCH_ARGS, e.g. make bench BENCH_ARGS="--target mesh --rates 10,20 --step-s 5".
 # The per-stage latency benchmark: .venv/bin/python -m loadtest.bench (docs/bench/stages.md).

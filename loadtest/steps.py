@@ -327,7 +327,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.steps", description=__doc__)
     parser.add_argument("--target", choices=["mesh", "monolith", "both"], default="both")
     parser.add_argument(
-        "--rates", default="25,50,100,150,200,250", help="offered recommendations/s per step"
+        "--rates",
+        default="25,50,100,200,400",
+        help="offered recommendations/s per step (400: the overload step, 4x the target rate)",
     )
     parser.add_argument("--step-s", type=float, default=30.0, help="measured seconds per step")
     parser.add_argument("--warmup-s", type=float, default=10.0, help="unrecorded warm-up")
