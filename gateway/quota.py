@@ -32,7 +32,6 @@ service's ``rejected`` usage.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import math
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from typing import Literal
 from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
 from mesh.client import Downstream
-from mesh.context import budget_var
+from mesh.context import detached
 
 Source = Literal["call", "lease", "denial"]
 """Where an admission came from: this request awaited a quota call (``call``), took a
@@ -131,9 +130,7 @@ class QuotaLeases:
                 if lease.call is None:
                     # The call belongs to every waiter, not to the request that starts it:
                     # it runs under the quota stage's cap alone, not this request's deadline.
-                    detached = contextvars.copy_context()
-                    detached.run(budget_var.set, None)
-                    lease.call = asyncio.create_task(self._refill(lease), context=detached)
+                    lease.call = asyncio.create_task(self._refill(lease), context=detached())
                     lease.call.add_done_callback(_retrieve_exception)
                 # Shielded: a request that gives up does not cancel the others' call.
                 await asyncio.shield(lease.call)

@@ -102,3 +102,14 @@ def outgoing_metadata() -> tuple[tuple[str, str], ...]:
     if request_id := request_id_var.get():
         entries.append((REQUEST_ID_KEY, request_id))
     return tuple(entries)
+
+
+def detached() -> contextvars.Context:
+    """A copy of the current context for background work that serves the current tenant
+    but no one request (a refresh, a shared fetch): the tenant stays (the work's calls name
+    it), the request's budget and id do not (its deadline must not cap the work, nor its
+    id label the work's logs)."""
+    context = contextvars.copy_context()
+    context.run(budget_var.set, None)
+    context.run(request_id_var.set, "")
+    return context

@@ -31,7 +31,6 @@ not under the deadline of the request that queued it, in a trace of its own.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -45,7 +44,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
-from mesh.context import budget_var, request_id_var
+from mesh.context import detached
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +139,7 @@ class CounterCache:
                 state.queued.add(item)
         if state.queued and state.task is None and now - state.started_at >= self._refresh_s:
             state.started_at = now
-            detached = contextvars.copy_context()
-            detached.run(budget_var.set, None)
-            detached.run(request_id_var.set, "")
-            state.task = asyncio.create_task(self._fetch(tenant, state), context=detached)
+            state.task = asyncio.create_task(self._fetch(tenant, state), context=detached())
         problem = state.error if state.error and not known.all() else ""
         return Held(clicks, impressions, known, problem)
 

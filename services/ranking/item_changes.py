@@ -24,7 +24,6 @@ through the feature service (and the item cache) as before. Per tenant:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
-from mesh.context import budget_var, request_id_var
+from mesh.context import detached
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +99,7 @@ class ItemChanges:
         now = self._clock()
         if state.task is None and now - state.started_at >= self._refresh_s:
             state.started_at = now
-            detached = contextvars.copy_context()
-            detached.run(budget_var.set, None)
-            detached.run(request_id_var.set, "")
-            state.task = asyncio.create_task(self._refresh(tenant, state), context=detached)
+            state.task = asyncio.create_task(self._refresh(tenant, state), context=detached())
         return state.changed
 
     async def _refresh(self, tenant: str, state: _Tenant) -> None:

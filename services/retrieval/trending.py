@@ -28,7 +28,6 @@ under its own cap (``refresh_s``) rather than that request's deadline, in a trac
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
-from mesh.context import budget_var, request_id_var
+from mesh.context import detached
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +141,8 @@ class TrendingCache:
         return TrendingList(np.zeros(0, np.int64), np.zeros(0, np.float32), age, why)
 
     def _start(self, tenant: str, entry: _Tenant, now: float) -> None:
-        detached = contextvars.copy_context()
-        detached.run(budget_var.set, None)
-        detached.run(request_id_var.set, "")
         entry.started_at = now
-        entry.task = asyncio.create_task(self._refresh(tenant, entry), context=detached)
+        entry.task = asyncio.create_task(self._refresh(tenant, entry), context=detached())
 
     async def _refresh(self, tenant: str, entry: _Tenant) -> None:
         """One ``GetTrendingItems`` call; its answer (or why it failed) goes to ``entry``."""

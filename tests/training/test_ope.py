@@ -28,7 +28,7 @@ from mesh.testing import built_server, serving
 from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
 from training.__main__ import main
-from training.log_data import build_examples
+from training.log_data import LogExamples, build_examples
 from training.ope import (
     Candidate,
     LoggedImpressions,
@@ -243,6 +243,17 @@ MESH_LOGGER = ServeConfig(explore_slots=2, explore_pool=20)
 the 20 candidates after them."""
 
 
+def read_back(events: list[events_pb2.Event], base: ArtifactSet) -> LogExamples:
+    """``events`` as the log reader joins them, appended in event-time order."""
+    return build_examples(
+        ((f"{e.ts_ms}-{k}", e) for k, e in enumerate(events)),
+        tenant="t",
+        n_users=base.open_array("user_features").shape[0],
+        item_categories=base.open_array("item_categories"),
+        history_cap=50,
+    )
+
+
 def mesh_log(
     slates: Slates, contexts: np.ndarray, users: np.ndarray, clicks: np.ndarray
 ) -> LoggedImpressions:
@@ -287,13 +298,7 @@ def test_the_mesh_way_logs_each_answers_support_and_probabilities_given_it(
 
     # Read back through the log reader, the logger itself as the candidate weighs each
     # impression exactly 1: the candidate's probabilities are the logged ones.
-    examples = build_examples(
-        ((f"{e.ts_ms}-{k}", e) for k, e in enumerate(events)),
-        tenant="t",
-        n_users=base.open_array("user_features").shape[0],
-        item_categories=base.open_array("item_categories"),
-        history_cap=50,
-    )
+    examples = read_back(events, base)
     log = LoggedImpressions.from_supported(examples, world.config.n_items, slate=10)
     assert log.skipped_requests == 0 and len(log.supports or []) == 200
     itself = RerankPolicy(
@@ -367,13 +372,7 @@ def test_answers_inconsistent_with_their_support_are_left_out(
     # One answer's support loses a shown item; another's ranked head is reordered.
     del firsts[0].support[0]
     firsts[1].support[:] = list(reversed(firsts[1].support))
-    examples = build_examples(
-        ((f"{e.ts_ms}-{k}", e) for k, e in enumerate(events)),
-        tenant="t",
-        n_users=base.open_array("user_features").shape[0],
-        item_categories=base.open_array("item_categories"),
-        history_cap=50,
-    )
+    examples = read_back(events, base)
     log = LoggedImpressions.from_supported(examples, world.config.n_items, slate=10)
     assert log.skipped_requests == 2 and len(log.supports or []) == 48
     # A slate longer than the supports leaves every answer out.
