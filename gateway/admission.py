@@ -9,8 +9,9 @@ and counts each refusal (``recmesh_gateway_shed_total{tenant,reason}``). Two sig
 
 * **In flight against an adaptive limit** (``reason="concurrency"``). The limit follows
   additive increase, multiplicative decrease on the answers' latency: an answer within
-  ``target_s`` (a share of the deadline) raises the limit by ``1 / limit`` (one per
-  "round" of the limit's answers); a slower one lowers it to ``limit * backoff``, at most
+  ``target_s`` raises the limit by ``1 / limit`` (one per "round" of the limit's answers)
+  when at least half the limit was in flight (an idle gateway's answers say nothing about
+  how much more it could take); a slower one lowers it to ``limit * backoff``, at most
   once per ``cooldown_s`` (one slow burst is one decrease, not one per answer in it). The
   limit stays in ``[min_limit, max_limit]``. By Little's law the work in flight the
   machine can finish in time is its throughput times the target latency, so the limit
@@ -50,7 +51,8 @@ LOOP_LAG = Gauge("recmesh_gateway_loop_lag_seconds", "Event loop lag (exponentia
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    """The admission controller's knobs (from ``GatewaySettings``, ``RECMESH_GATEWAY_ADMISSION_*``).
+    """The admission controller's knobs (the first five and ``max_lag_s`` from
+    ``GatewaySettings``, ``RECMESH_GATEWAY_ADMISSION_*``; the others fixed).
 
     Attributes:
         initial_limit: the limit before any answer was measured.
@@ -75,8 +77,10 @@ class AdmissionConfig:
     retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_limit <= self.initial_limit <= max(self.max_limit, self.initial_limit):
-            raise ValueError("need 0 < min_limit <= initial_limit <= max_limit")
+        if not 0 < self.min_limit <= self.initial_limit or (
+            self.max_limit > 0 and self.initial_limit > self.max_limit
+        ):
+            raise ValueError("need 0 < min_limit <= initial_limit <= max_limit (or max_limit 0)")
         if not 0.0 < self.backoff < 1.0:
             raise ValueError("backoff must be in (0, 1)")
         if self.target_s <= 0 or self.interval_s <= 0 or self.retry_after_s <= 0:
@@ -164,6 +168,8 @@ class AdmissionControl:
         decrease with a cool-down)."""
         config = self.config
         if latency_s <= config.target_s:
+            if self.in_flight + 1 < self.limit / 2:
+                return  # little in flight: an on-time answer says nothing about the limit
             self.limit = min(
                 config.max_limit if config.max_limit > 0 else float("inf"),
                 self.limit + 1.0 / self.limit,

@@ -8,15 +8,16 @@ feature service records each such write (``GetItemChanges``), and those items ar
 through the feature service (and the item cache) as before. Per tenant:
 
 * **First request.** Until the tenant's changes were read once, no set row is trusted: the
-  first request reads them, inline, within its item-features budget (one small call per
-  tenant per process); if that fails, the request reads every row through the feature
-  service, as before, and the next request tries again.
-* **Refresh.** Then a lookup starts a background read of the changes since the last one
-  when ``refresh_s`` has passed since the last started: a row written through the feature
-  service is scored by ranking within about ``refresh_s`` plus a call. Each changed item is
-  dropped from the item cache (:meth:`ItemFeatureCache.forget
-  <services.ranking.item_cache.ItemFeatureCache.forget>`) when it is learnt, so a row
-  cached before the write is not served after it.
+  first request starts the read and waits for it within its item-features budget
+  (concurrent first requests share the one read); if it fails or is late, the request reads
+  every row through the feature service, as before, and a later request tries again.
+* **Refresh.** Then a request starts a background read of the changes since the last
+  one when ``refresh_s`` has passed since the last started: under traffic a row written
+  through the feature service is scored by ranking within about ``refresh_s`` plus a call
+  (after an idle spell, one request may still use the row held before). Every item a read
+  returns is dropped from the item cache (:meth:`ItemFeatureCache.forget
+  <services.ranking.item_cache.ItemFeatureCache.forget>`), so a row cached before a write
+  (the first or a later one) is not served after it.
 * **Failures** of a refresh keep what is known (a write made meanwhile is not seen until a
   refresh succeeds; counted in ``recmesh_ranking_item_change_reads_total``).
 """
@@ -24,10 +25,11 @@ through the feature service (and the item cache) as before. Per tenant:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +50,11 @@ READS = Counter(
 
 I64 = npt.NDArray[np.int64]
 
+OVERLAP_MS = 5000
+"""How far before the latest change each read starts again: writes are scored by the
+writer's clock, so one may land after a later-scored write was read; items read again are
+not new, but their cached rows are dropped again (:meth:`ItemChanges._read`)."""
+
 
 @dataclass
 class _Tenant:
@@ -56,7 +63,6 @@ class _Tenant:
     since_ms: int = 0
     task: asyncio.Task[None] | None = None
     started_at: float = -np.inf
-    seen: set[int] = field(default_factory=set)
 
 
 class ItemChanges:
@@ -86,15 +92,21 @@ class ItemChanges:
     async def changed(self, tenant: str, cap_s: float) -> I64 | None:
         """The tenant's changed items (sorted), or None when they could not be read yet.
 
-        The tenant's first call reads them inline within ``cap_s``; later calls never wait
-        and start a background refresh every ``refresh_s``. ``tenant`` must be the tenant
-        of the current request context (the read names it through the call metadata).
+        Until the tenant's changes were read once, a call waits up to ``cap_s`` for the one
+        read in flight (the first caller starts it; concurrent first requests share it);
+        later calls never wait and start a background refresh every ``refresh_s``.
+        ``tenant`` must be the tenant of the current request context (the read names it
+        through the call metadata).
         """
         state = self._tenants.setdefault(tenant, _Tenant())
         if state.changed is None:
-            if cap_s > 0 and state.task is None:
+            if cap_s <= 0:
+                return None
+            if state.task is None:
                 state.started_at = self._clock()
-                await self._read(tenant, state, cap_s)
+                state.task = asyncio.create_task(self._refresh(tenant, state), context=detached())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(state.task), cap_s)
             return state.changed
         now = self._clock()
         if state.task is None and now - state.started_at >= self._refresh_s:
@@ -126,13 +138,16 @@ class ItemChanges:
             READS.labels(tenant, "failed").inc()
             log.warning("item changes of %s not read: %s", tenant, describe_failure(exc))
             return
-        new = [item for item in reply.item_ids if item not in state.seen]
-        if new:
-            state.seen.update(new)
-            self._forget(tenant, new)
-        if new or state.changed is None:
-            state.changed = np.array(sorted(state.seen), dtype=np.int64)
-        state.since_ms = reply.as_of_ms
+        written = list(reply.item_ids)
+        if written:
+            self._forget(tenant, written)  # rewritten items too: their cached rows are old
+        known = state.changed if state.changed is not None else np.zeros(0, dtype=np.int64)
+        new = np.setdiff1d(np.asarray(written, dtype=np.int64), known)
+        if new.size or state.changed is None:
+            state.changed = np.union1d(known, new).astype(np.int64)
+        # Read again from OVERLAP_MS before the latest change: a write scored by its writer's
+        # clock may land after a later-scored one was read (the window of the race).
+        state.since_ms = max(0, reply.as_of_ms - OVERLAP_MS)
         READS.labels(tenant, "ok").inc()
 
     async def close(self) -> None:

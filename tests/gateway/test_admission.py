@@ -38,8 +38,12 @@ def block_the_loop(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def test_on_time_answers_raise_the_limit_by_one_per_round() -> None:
+def test_on_time_answers_raise_the_limit_by_one_per_round_when_it_is_used() -> None:
     control = AdmissionControl(AdmissionConfig(initial_limit=10, max_limit=100), Clock())
+    control.in_flight = 1  # an idle gateway: its answers say nothing about the limit
+    control.observe(0.010)
+    assert control.limit == 10
+    control.in_flight = 5  # half the limit in flight (the answer's own place included)
     for _ in range(10):  # one round of the limit's answers
         control.observe(0.010)
     assert control.limit == pytest.approx(11, abs=0.05)
@@ -62,6 +66,7 @@ def test_slow_answers_lower_the_limit_once_per_cooldown_within_bounds() -> None:
 
 def test_the_limit_never_passes_its_maximum() -> None:
     control = AdmissionControl(AdmissionConfig(initial_limit=8, max_limit=8), Clock())
+    control.in_flight = 8
     control.observe(0.001)
     assert control.limit == 8
 
@@ -69,7 +74,7 @@ def test_the_limit_never_passes_its_maximum() -> None:
 def test_requests_past_the_limit_are_refused_and_counted() -> None:
     clock = Clock()
     control = AdmissionControl(
-        AdmissionConfig(initial_limit=2, min_limit=1, max_limit=2, retry_after_s=2.0), clock
+        AdmissionConfig(initial_limit=2, min_limit=1, max_limit=10, retry_after_s=2.0), clock
     )
     before = shed("t1", "concurrency")
     with control.admit("t1") as first, control.admit("t1"):
@@ -82,8 +87,9 @@ def test_requests_past_the_limit_are_refused_and_counted() -> None:
     assert refused.value.http_status == 503
     assert shed("t1", "concurrency") == before + 1
     assert control.in_flight == 0
-    # Only the answered request's latency moved the limit (it was on time: up, at max).
-    assert control.limit == 2
+    # Only the answered request's latency moved the limit (on time, two in flight: up by
+    # 1 / limit); the one that was not answered moved nothing.
+    assert control.limit == 2.5
 
 
 def test_a_failed_request_does_not_move_the_limit() -> None:
@@ -118,9 +124,15 @@ async def test_a_lagging_loop_refuses_new_requests_until_it_catches_up() -> None
         await control.stop()
 
 
-def test_settings_out_of_order_fail_at_start_up() -> None:
+@pytest.mark.parametrize(
+    ("initial", "low", "high"), [(2.0, 5.0, 256.0), (300.0, 280.0, 256.0), (8.0, 0.0, 256.0)]
+)
+def test_settings_out_of_order_fail_at_start_up(initial: float, low: float, high: float) -> None:
+    settings = GatewaySettings(
+        admission_limit=initial, admission_min_limit=low, admission_max_limit=high
+    )
     with pytest.raises(ConfigError):
-        GatewaySettings(admission_limit=2.0, admission_min_limit=5.0).admission()
+        settings.admission()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +141,12 @@ async def mesh(
 ) -> AsyncIterator[Mesh]:
     """The mesh with a gateway that lets one recommendation in flight at a time."""
     tenants = write_tenants(tmp_path_factory.mktemp("admission") / "tenants.json")
-    overrides = {"admission_limit": 1.0, "admission_min_limit": 1.0, "admission_max_limit": 1.0}
+    overrides = {
+        "admission_limit": 1.0,
+        "admission_min_limit": 1.0,
+        "admission_max_limit": 1.0,
+        "admission_max_lag_s": 0.0,  # the in-process mesh shares one loop: limit only
+    }
     async with inprocess_mesh(
         redis_url, artifacts_root, tenants, gateway_overrides=overrides
     ) as running:

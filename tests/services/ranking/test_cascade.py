@@ -340,13 +340,17 @@ async def test_the_sets_items_are_ranked_with_its_own_rows_without_a_call(
 
 
 async def test_a_row_written_through_the_feature_service_is_read_there(
-    artifacts_root: Path, feature: MeshServer, features: FeatureStub, tenant: str, user_row: bytes
+    artifacts_root: Path, feature: MeshServer, features: FeatureStub, user_row: bytes
 ) -> None:
     addr = f"127.0.0.1:{feature.port}"
     budget = {"item_features": 1000}
     written = CANDIDATES[:3]
+    tenant = "rows" + uuid.uuid4().hex[:8]  # its own: the writes below are its changes
+    await features.Materialize(feature_pb2.MaterializeRequest(), metadata=tenant_metadata(tenant))
     async with ranking(artifacts_root, addr, item_changes_refresh_s=0.05) as (servicer, stub):
-        before = stages(await rank(stub, tenant, user_row, deadline_s=1.0))["item_features"]
+        before = stages(await rank(stub, tenant, user_row, deadline_s=1.0, stage_budget_ms=budget))[
+            "item_features"
+        ]
         rows = await features.GetItemFeatures(
             feature_pb2.GetItemFeaturesRequest(item_ids=written), metadata=tenant_metadata(tenant)
         )
