@@ -375,8 +375,9 @@ class GetItemChangesResponse(_message.Message):
     ITEM_IDS_FIELD_NUMBER: _builtins.int
     AS_OF_MS_FIELD_NUMBER: _builtins.int
     as_of_ms: _builtins.int
-    """The latest change returned (since_ms when none): the next call's since_ms. Changes at
-    exactly this ms are returned again then, so none made in the same ms is missed.
+    """The latest change returned (since_ms when none). A change is scored by its writer's
+    clock, so one may land after a later-scored change was read: a caller that must not
+    miss any reads again from a little before this (ranking: 5 s before).
     """
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
