@@ -153,9 +153,10 @@ async def inprocess_mesh(
             ),
         )
         from mesh.client import open_channel
+        from mesh.tenants import load_tenants
 
         channel = open_channel(feature)
-        for tenant in TENANTS:
+        for tenant in load_tenants(tenants_file).tenants:
             await feature_pb2_grpc.FeatureServiceStub(channel).Materialize(
                 feature_pb2.MaterializeRequest(), metadata=[(TENANT_KEY, tenant)], timeout=120
             )
@@ -172,6 +173,8 @@ async def inprocess_mesh(
             events_addr=events,
             quota_addr=quota,
             deadline_s=2.0,
+            # Every service shares this one loop: its lag is all of theirs, not the gateway's.
+            admission_max_lag_s=0.0,
             retrieval_budget_s=1.0,
             ranking_budget_s=1.0,
             quota_budget_s=0.5,

@@ -145,7 +145,6 @@ async def mesh(
         "admission_limit": 1.0,
         "admission_min_limit": 1.0,
         "admission_max_limit": 1.0,
-        "admission_max_lag_s": 0.0,  # the in-process mesh shares one loop: limit only
     }
     async with inprocess_mesh(
         redis_url, artifacts_root, tenants, gateway_overrides=overrides
