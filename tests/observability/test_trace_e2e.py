@@ -131,7 +131,10 @@ def traced(layout: supervisor.Layout, sink: OtlpSink) -> Traced:
         mine = [s for s in spans if s.trace_id == trace_id]
         services = {s.service for s in mine}
         rooted = any(not s.parent_id for s in mine)
-        delivered = {s.trace_id for s in spans if any(t == trace_id for t, _ in s.links)}
+        # The delivery of this answer's impressions (not only of its exposures, which the
+        # gateway queues earlier and may deliver in another batch) reached the events service.
+        stage = {s.span_id for s in mine if s.name == "stage.impressions"}
+        delivered = {s.trace_id for s in spans if any(link in stage for _, link in s.links)}
         appended = [s for s in spans if s.trace_id in delivered and s.service == "events"]
         return services >= SERVICES and rooted and bool(appended)
 
