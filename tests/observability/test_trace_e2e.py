@@ -128,8 +128,10 @@ def traced(layout: supervisor.Layout, sink: OtlpSink) -> Traced:
     def complete(spans: list[ReceivedSpan]) -> bool:
         # Every service, and the root: the gateway ends (and exports) its request span
         # after the answer is written, possibly in a later batch than its children.
+        # A process exports its spans in the order they end, and a service's SERVER span
+        # ends after its stage spans: once it arrived, so did that service's children.
         mine = [s for s in spans if s.trace_id == trace_id]
-        services = {s.service for s in mine}
+        services = {s.service for s in mine if s.kind == "SERVER"}
         rooted = any(not s.parent_id for s in mine)
         # The delivery of this answer's impressions (not only of its exposures, which the
         # gateway queues earlier and may deliver in another batch) reached the events service.
@@ -138,7 +140,8 @@ def traced(layout: supervisor.Layout, sink: OtlpSink) -> Traced:
         appended = [s for s in spans if s.trace_id in delivered and s.service == "events"]
         return services >= SERVICES and rooted and bool(appended)
 
-    spans = sink.wait_for(complete, timeout_s=20)
+    assert not set(body["degraded"]) & {"quota", "experiment", "retrieval", "ranking"}, body
+    spans = sink.wait_for(complete, timeout_s=30)
     request_spans = [s for s in spans if s.trace_id == trace_id]
     delivery_traces = {s.trace_id for s in spans if any(t == trace_id for t, _ in s.links)}
     delivery_spans = [s for s in spans if s.trace_id in delivery_traces]
