@@ -52,9 +52,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY --from=builder /app /app
-# The gateway's outbox lives on a volume mounted here (docker-compose.yml); a named volume
-# takes the owner of the image's directory, so the runtime user can write it.
-RUN mkdir -p /data/outbox && chown 10001:10001 /data/outbox
+# The gateway's outbox and the mesh's certificates (the compose file's `certs` job writes
+# them) live on volumes mounted here (docker-compose.yml); a named volume takes the owner
+# of the image's directory, so the runtime user can write it.
+RUN mkdir -p /data/outbox /data/tls && chown 10001:10001 /data/outbox /data/tls
 
 USER 10001:10001
 # gRPC: gateway 50050, services 50051-50056, projector 50057; HTTP API: 8080.

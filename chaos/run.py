@@ -250,7 +250,7 @@ def execute(opts: Options, scenarios: list[Scenario], base: Path) -> None:
         _wait_outbox_drained(observer)
         clicks: collections.Counter[str] = collections.Counter()
         impressions: collections.Counter[str] = collections.Counter()
-        for event in read_events(layout.ports["events"], TENANT):
+        for event in read_events(layout.ports["events"], TENANT, layout.transport()):
             (clicks if event.type == "click" else impressions)[event.event_id] += 1
         print("waiting for the projector to catch up, then checking its projections ...")
         check = check_projections(layout.effective_redis_url(), TENANT, projector, CATCH_UP_S)

@@ -44,6 +44,7 @@ CURRENT = "current"
 
 REQUIRED_FILES: dict[str, str] = {
     "user_tower": "user_tower.onnx",
+    "item_tower": "item_tower.onnx",
     "item_embeddings": "item_embeddings.npy",
     "ann_index": "ann.faiss",
     "ranker": "ranker.onnx",

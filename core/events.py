@@ -6,13 +6,19 @@ import time
 
 from recmesh.events.v1 import events_pb2
 
+from core.catalog import CATALOG_TYPES, ITEM_UPSERT, MAX_ID_BYTES, check_attributes
 from core.validation import check_user_id
 from mesh.errors import InvalidArgument
 
-EVENT_TYPES = frozenset({"impression", "click", "conversion", "exposure", "dismiss", "error"})
+EVENT_TYPES = frozenset(
+    {"impression", "click", "conversion", "exposure", "dismiss", "error", *CATALOG_TYPES}
+)
 """``exposure`` and ``error`` are the gateway's own, like ``impression``: a user's exposure to
 an experiment's variant, and a request of an assigned user the gateway failed
-(``gateway.exposures``); experiment reports read them."""
+(``gateway.exposures``); experiment reports read them. The catalog's ``item_upsert`` and
+``item_delete`` (:mod:`core.catalog`) name no user."""
+CLIENT_TYPES = frozenset({"impression", "click", "conversion", "dismiss"})
+"""What a client may post to ``/v1/events``; the other types are written by the mesh."""
 MAX_EVENT_ID = 128
 MAX_REQUEST_ID_BYTES = 128
 MAX_BATCH = 1000
@@ -41,9 +47,17 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
         )
     if event.type not in EVENT_TYPES:
         raise InvalidArgument(f"type must be one of {sorted(EVENT_TYPES)}", field=f"{prefix}.type")
-    check_user_id(event.user_id, field=f"{prefix}.user_id")
+    catalog = event.type in CATALOG_TYPES
+    if not catalog:
+        check_user_id(event.user_id, field=f"{prefix}.user_id")
     if event.item_id < 0:
         raise InvalidArgument("item_id must be >= 0", field=f"{prefix}.item_id")
+    if len(event.item_ref.encode()) > MAX_ID_BYTES:
+        raise InvalidArgument(
+            f"item_id is longer than {MAX_ID_BYTES} bytes", field=f"{prefix}.item_id"
+        )
+    if catalog:
+        _validate_catalog(event, prefix)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if len(event.request_id.encode()) > MAX_REQUEST_ID_BYTES:
         raise InvalidArgument(
@@ -64,6 +78,18 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
                 f"support must list at most {MAX_SUPPORT} item ids, each >= 0",
                 field=f"{prefix}.support",
             )
+
+
+def _validate_catalog(event: events_pb2.Event, prefix: str) -> None:
+    if not event.item_ref:
+        raise InvalidArgument("a catalog event names its item", field=f"{prefix}.item_id")
+    if event.type != ITEM_UPSERT:
+        return
+    if event.category < 0:
+        raise InvalidArgument("category must be >= 0", field=f"{prefix}.category")
+    if not event.features or len(event.features) % 4:
+        raise InvalidArgument("features must be packed float32 values", field=f"{prefix}.features")
+    check_attributes(event.attributes, f"{prefix}.attributes")
 
 
 def check_fresh(events: list[events_pb2.Event], now_ms: int | None = None) -> None:

@@ -96,6 +96,37 @@ def build_slate(
     return Slate(positions, propensities, explored, order[: n - k + pool.size].copy())
 
 
+def reserve_pool(
+    order: I64,
+    n: int,
+    share: float,
+    pool_size: int,
+    favoured: npt.NDArray[np.bool_],
+    favoured_share: float,
+) -> I64:
+    """``order`` with up to ``round(favoured_share · M)`` favoured candidates (``M`` the
+    pool's size) moved, in their order, to the head of the exploration pool: cold start,
+    new items given a share of the exploration draws. The exploit head is unchanged and
+    every pool item keeps the propensity ``k / M``, so :func:`build_slate` on the result
+    logs exact propensities and its support says what the pool held.
+
+    Args:
+        order: candidate positions in the cascade's final order.
+        favoured: by candidate position, whether it is favoured (a fresh item).
+        favoured_share: share of the pool reserved for favoured candidates, in [0, 1].
+    """
+    n = min(n, order.size)
+    k = explore_slots(n, share, pool_size) if order.size > n else 0
+    if k == 0 or favoured_share <= 0:
+        return order
+    head, tail = order[: n - k], order[n - k :]
+    wanted = int(np.floor(favoured_share * min(pool_size, tail.size) + 0.5))
+    chosen = tail[favoured[tail]][:wanted]
+    if chosen.size == 0:
+        return order
+    return np.concatenate([head, chosen, tail[~np.isin(tail, chosen)]])
+
+
 def inclusion_probabilities(order_size: int, n: int, share: float, pool_size: int) -> F64:
     """Probability of each position of ``order`` (by index) of being shown by the policy."""
     n = min(n, order_size)

@@ -58,9 +58,31 @@ def item_row(tenant: str, item_id: int) -> str:
 
 
 def item_changes(tenant: str) -> str:
-    """Sorted set: items whose rows were written one by one (``WriteItemFeatures``), scored
-    by the write's epoch ms (not the bulk load of a whole set)."""
+    """Sorted set: items whose rows were written one by one (``WriteItemFeatures``, the
+    catalog's upserts) or that were withdrawn (the catalog's deletes), scored by the
+    change's epoch ms (not the bulk load of a whole set)."""
     return f"{tenant_prefix(tenant)}ichg"
+
+
+def item_ids(tenant: str) -> str:
+    """Hash: the tenant's own item ids (``core.catalog``) to their internal ids (decimal)."""
+    return f"{tenant_prefix(tenant)}cat:ids"
+
+
+def item_names(tenant: str) -> str:
+    """Hash: internal ids (decimal) of the tenant's own items to their external ids."""
+    return f"{tenant_prefix(tenant)}cat:names"
+
+
+def item_next(tenant: str) -> str:
+    """Counter: internal ids handed out in the tenant's own range (``LIVE_BASE`` + it)."""
+    return f"{tenant_prefix(tenant)}cat:next"
+
+
+def withdrawn(tenant: str) -> str:
+    """Set: internal ids (decimal) of items never to be served: deleted, or upserted as
+    not available."""
+    return f"{tenant_prefix(tenant)}cat:off"
 
 
 def events(tenant: str) -> str:

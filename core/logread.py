@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import cast
 
-import redis.asyncio as aioredis
-
 from core import keys
 from core.replay import Stored, stored_entry
+from mesh.redis import AsyncRedis
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 """A stream entry as Redis returns it: its position and fields."""
@@ -32,7 +31,7 @@ def as_text(value: bytes | str) -> str:
 
 
 async def iter_entries(
-    client: aioredis.Redis, stream: str, after: str = "", until: str = "+", page: int = 1000
+    client: AsyncRedis, stream: str, after: str = "", until: str = "+", page: int = 1000
 ) -> AsyncIterator[list[Entry]]:
     """The raw entries of ``stream`` after position ``after`` ("" = from the start) up to
     ``until`` (inclusive), a page of ``XRANGE`` at a time, in order."""
@@ -47,7 +46,7 @@ async def iter_entries(
 
 
 async def iter_log(
-    client: aioredis.Redis, tenant: str, after: str = "", until: str = "+", page: int = 1000
+    client: AsyncRedis, tenant: str, after: str = "", until: str = "+", page: int = 1000
 ) -> AsyncIterator[list[Stored]]:
     """``tenant``'s log after position ``after`` ("" = from the start) up to ``until``
     (inclusive), a page at a time, in order, decoded (:func:`core.replay.stored_entry`)."""
@@ -55,12 +54,12 @@ async def iter_log(
         yield [stored_entry(position, fields) for position, fields in chunk]
 
 
-async def read_log(client: aioredis.Redis, tenant: str) -> list[Stored]:
+async def read_log(client: AsyncRedis, tenant: str) -> list[Stored]:
     """Every entry of ``tenant``'s log, in order."""
     return [entry async for entries in iter_log(client, tenant) for entry in entries]
 
 
-async def dead_lettered(client: aioredis.Redis, tenant: str) -> set[str]:
+async def dead_lettered(client: AsyncRedis, tenant: str) -> set[str]:
     """Log positions of the tenant's dead letters: entries the projector never applied
     (invalid ones, and valid ones it gave up on after its delivery cap), which a recompute
     therefore leaves out too."""

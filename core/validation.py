@@ -6,13 +6,14 @@ import numpy as np
 import numpy.typing as npt
 from recmesh.common.v1 import common_pb2
 
+from core.catalog import MAX_ID_BYTES
 from mesh.errors import InvalidArgument
 
-MAX_USER_ID_BYTES = 256
+MAX_USER_ID_BYTES = MAX_ID_BYTES
 
 
 def check_user_id(user_id: str, field: str = "user_id") -> str:
-    """``user_id`` if it is 1..256 bytes of UTF-8.
+    """``user_id`` if it is 1..128 bytes of UTF-8 (a tenant's own id, ``core.catalog``).
 
     Raises:
         InvalidArgument: empty or too long.
@@ -50,3 +51,10 @@ def matrix_from_proto(
             f"{field}.values must hold rows*dim float32 values", field=f"{field}.values"
         )
     return np.frombuffer(matrix.values, dtype="<f4").reshape(matrix.rows, matrix.dim)
+
+
+def matrix_to_proto(rows: npt.NDArray[np.float32]) -> common_pb2.FeatureMatrix:
+    """``rows`` (``[n, dim]``) as a :class:`FeatureMatrix` (float32 little-endian)."""
+    return common_pb2.FeatureMatrix(
+        rows=rows.shape[0], dim=rows.shape[1], values=rows.astype("<f4").tobytes()
+    )

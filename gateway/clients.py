@@ -9,20 +9,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recmesh.events.v1 import events_pb2_grpc
 from recmesh.experiment.v1 import experiment_pb2_grpc
+from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.quota.v1 import quota_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2_grpc
 
 from gateway.settings import GatewaySettings
-from mesh.client import Downstream, connect_eagerly, open_channel
+from mesh.client import Downstream, connect_eagerly
+from mesh.tls import Transport
 
 
 @dataclass
 class Downstreams:
     """Every service the gateway calls, each behind its breaker, retry budget and bulkhead.
 
-    The feature service is not called by the gateway; its channel is kept for ``/healthz``.
-    In-process downstreams (the monolith baseline) have no channel and no health entry.
+    The gateway calls the feature service only off the request path (the catalog's item
+    width, ``gateway.catalog``). In-process downstreams (the monolith baseline) have no
+    channel and no health entry.
     """
 
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]
@@ -30,34 +33,52 @@ class Downstreams:
     retrieval: Downstream[retrieval_pb2_grpc.RetrievalServiceAsyncStub]
     ranking: Downstream[ranking_pb2_grpc.RankingServiceAsyncStub]
     events: Downstream[events_pb2_grpc.EventServiceAsyncStub]
-    feature_channel: grpc.aio.Channel | None
+    feature: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub]
 
     @classmethod
     def open(cls, settings: GatewaySettings) -> Downstreams:
-        """Open channels to every address in ``settings`` (inside the running loop)."""
+        """Open channels to every address in ``settings`` (inside the running loop), over
+        the gateway's transport (mTLS as ``gateway`` unless ``RECMESH_TLS=off``)."""
+        tls = Transport.of(settings)
         return cls(
-            quota=Downstream.open("quota", settings.quota_addr, quota_pb2_grpc.QuotaServiceStub),
+            quota=Downstream.open(
+                "quota", settings.quota_addr, quota_pb2_grpc.QuotaServiceStub, transport=tls
+            ),
             experiment=Downstream.open(
-                "experiment", settings.experiment_addr, experiment_pb2_grpc.ExperimentServiceStub
+                "experiment",
+                settings.experiment_addr,
+                experiment_pb2_grpc.ExperimentServiceStub,
+                transport=tls,
             ),
             retrieval=Downstream.open(
-                "retrieval", settings.retrieval_addr, retrieval_pb2_grpc.RetrievalServiceStub
+                "retrieval",
+                settings.retrieval_addr,
+                retrieval_pb2_grpc.RetrievalServiceStub,
+                transport=tls,
             ),
             ranking=Downstream.open(
-                "ranking", settings.ranking_addr, ranking_pb2_grpc.RankingServiceStub
+                "ranking", settings.ranking_addr, ranking_pb2_grpc.RankingServiceStub, transport=tls
             ),
             events=Downstream.open(
-                "events", settings.events_addr, events_pb2_grpc.EventServiceStub
+                "events", settings.events_addr, events_pb2_grpc.EventServiceStub, transport=tls
             ),
-            feature_channel=open_channel(settings.feature_addr),
+            feature=Downstream.open(
+                "feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub, transport=tls
+            ),
         )
 
     @property
     def channels(self) -> dict[str, grpc.aio.Channel]:
         """Every downstream's channel by service name (in-process ones have none)."""
-        guarded = (self.quota, self.experiment, self.retrieval, self.ranking, self.events)
-        channels = {d.name: d.channel for d in guarded} | {"feature": self.feature_channel}
-        return {name: channel for name, channel in channels.items() if channel is not None}
+        guarded = (
+            self.quota,
+            self.experiment,
+            self.retrieval,
+            self.ranking,
+            self.events,
+            self.feature,
+        )
+        return {d.name: d.channel for d in guarded if d.channel is not None}
 
     async def connect(self) -> None:
         """Open every channel now (start-up), so first requests do not pay for connecting."""

@@ -31,6 +31,7 @@ from recmesh.experiment.v1 import experiment_pb2
 from recmesh.ranking.v1 import ranking_pb2
 from recmesh.retrieval.v1 import retrieval_pb2
 
+from core.catalog import name_of
 from core.experiments.assign import control_params
 from core.experiments.book import ExperimentBook
 from core.validation import check_user_id
@@ -89,6 +90,8 @@ class Recommendation:
 
     request_id: str
     item_ids: list[int]
+    item_names: list[str]
+    """The tenant's own id of each item (``core.catalog``), parallel to ``item_ids``."""
     scores: list[float]
     sources: list[int]
     experiments: list[tuple[str, str]]
@@ -307,6 +310,7 @@ class Funnel:
         result = Recommendation(
             request_id=request_id,
             item_ids=list(candidates.item_ids),
+            item_names=[name_of(i, retrieved.names) for i in candidates.item_ids],
             scores=list(candidates.scores),
             sources=list(candidates.sources),
             experiments=[(a.experiment_key, a.variant_key) for a in experiments],

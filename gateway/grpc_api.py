@@ -6,12 +6,12 @@ import sqlite3
 import time
 from typing import Any
 
-from recmesh.common.v1 import common_pb2
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from core.events import check_fresh, validate_batch
+from gateway.catalog import CatalogWriter, ItemInput
 from gateway.funnel import Funnel
 from gateway.metrics import LATENCY, REQUESTS
+from gateway.schema import client_events
 from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
 from mesh.errors import RecMeshError, Unavailable
 from mesh.tenants import Tenant, TenantRegistry
@@ -23,8 +23,15 @@ DEFAULT_NUM_ITEMS = 10
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Authenticates by the ``x-api-key`` metadata entry, then runs the funnel."""
 
-    def __init__(self, funnel: Funnel, tenants: TenantRegistry, deadline_s: float) -> None:
+    def __init__(
+        self,
+        funnel: Funnel,
+        tenants: TenantRegistry,
+        catalog: CatalogWriter,
+        deadline_s: float,
+    ) -> None:
         self._funnel = funnel
+        self._catalog = catalog
         self._tenants = tenants
         self._deadline_s = deadline_s
 
@@ -57,11 +64,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             LATENCY.labels("grpc", "Recommend").observe(time.perf_counter() - started)
         return gateway_pb2.RecommendResponse(
             request_id=result.request_id,
-            items=common_pb2.Candidates(
-                item_ids=result.item_ids,
-                scores=result.scores,
-                sources=result.sources,  # type: ignore[arg-type]
-            ),
+            items=[
+                gateway_pb2.RecommendedItem(
+                    item_id=name,
+                    score=score,
+                    rank=rank + 1,
+                    source=source,  # type: ignore[arg-type]
+                    propensity=propensity if request.debug else 0.0,
+                )
+                for rank, (name, score, source, propensity) in enumerate(
+                    zip(
+                        result.item_names,
+                        result.scores or [0.0] * len(result.item_names),
+                        result.sources,
+                        result.propensities or [0.0] * len(result.item_names),
+                        strict=True,
+                    )
+                )
+            ],
             experiments=[
                 gateway_pb2.ExperimentVariant(key=k, variant=v) for k, v in result.experiments
             ],
@@ -74,11 +94,39 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.LogEventsRequest, context: Any
     ) -> gateway_pb2.LogEventsResponse:
         self._tenant(context)
-        events = list(request.events)
-        validate_batch(events)
-        check_fresh(events)
+        events = client_events(list(request.events))
         try:
             await self._funnel.append_events(events)
         except (OSError, sqlite3.Error) as exc:
             raise Unavailable("events could not be stored; retry later") from exc
         return gateway_pb2.LogEventsResponse(accepted=len(events))
+
+    async def UpsertItems(
+        self, request: gateway_pb2.UpsertItemsRequest, context: Any
+    ) -> gateway_pb2.CatalogResponse:
+        tenant = self._tenant(context)
+        items = [
+            ItemInput(
+                ref=item.item_id,
+                category=item.category,
+                features=list(item.features),
+                attributes=dict(item.attributes),
+                available=item.available if item.HasField("available") else True,
+            )
+            for item in request.items
+        ]
+        try:
+            accepted = await self._catalog.upsert(tenant.name, items)
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable("items could not be stored; retry later") from exc
+        return gateway_pb2.CatalogResponse(accepted=accepted)
+
+    async def DeleteItems(
+        self, request: gateway_pb2.DeleteItemsRequest, context: Any
+    ) -> gateway_pb2.CatalogResponse:
+        self._tenant(context)
+        try:
+            accepted = await self._catalog.delete(list(request.item_ids))
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable("the deletes could not be stored; retry later") from exc
+        return gateway_pb2.CatalogResponse(accepted=accepted)

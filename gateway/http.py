@@ -13,13 +13,13 @@ from typing import Any
 from aiohttp import hdrs, web
 from recmesh.common.v1 import common_pb2
 
-from core.events import check_fresh, validate_batch
+from gateway.catalog import CatalogWriter
 from gateway.clients import Downstreams
 from gateway.funnel import Funnel, Recommendation
 from gateway.metrics import LATENCY, REQUESTS
 from gateway.openapi import OPENAPI
 from gateway.reports import ExperimentReports
-from gateway.schema import parse_events, parse_recommend
+from gateway.schema import client_events, parse_events, parse_items, parse_recommend
 from mesh import tracing
 from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
 from mesh.errors import Overloaded, RecMeshError, ResourceExhausted, Unavailable
@@ -44,14 +44,14 @@ def render(result: Recommendation, debug: bool) -> dict[str, Any]:
         "request_id": result.request_id,
         "items": [
             {
-                "item_id": item,
+                "item_id": name,
                 "score": round(score, 6),
                 "rank": rank + 1,
                 "source": _source_name(src),
             }
-            for rank, (item, score, src) in enumerate(
+            for rank, (name, score, src) in enumerate(
                 zip(
-                    result.item_ids,
+                    result.item_names,
                     result.scores or [0.0] * len(result.item_ids),
                     result.sources,
                     strict=True,
@@ -101,8 +101,10 @@ class HttpApi:
         tenants: TenantRegistry,
         downstreams: Downstreams,
         reports: ExperimentReports,
+        catalog: CatalogWriter,
     ) -> None:
         self._funnel = funnel
+        self._catalog = catalog
         self._tenants = tenants
         self._downstreams = downstreams
         self._reports = reports
@@ -127,6 +129,8 @@ class HttpApi:
             [
                 web.post("/v1/recommend", self.recommend),
                 web.post("/v1/events", self.events),
+                web.put("/v1/items", self.upsert_items),
+                web.delete("/v1/items/{id}", self.delete_item),
                 web.get("/v1/experiments/{key}/report", self.report),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.metrics),
@@ -189,14 +193,31 @@ class HttpApi:
 
     async def events(self, request: web.Request) -> web.Response:
         self._tenant(request)
-        events = parse_events(await request.read())
-        validate_batch(events)
-        check_fresh(events)
+        events = client_events(parse_events(await request.read()))
         try:
             await self._funnel.append_events(events)
         except (OSError, sqlite3.Error) as exc:
             raise Unavailable("events could not be stored; retry later") from exc
         return web.json_response({"accepted": len(events)}, status=202)
+
+    async def upsert_items(self, request: web.Request) -> web.Response:
+        """``PUT /v1/items``: a batch of catalog items (``gateway.catalog``) → 202."""
+        tenant = self._tenant(request)
+        items = parse_items(await request.read())
+        try:
+            accepted = await self._catalog.upsert(tenant.name, items)
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable("items could not be stored; retry later") from exc
+        return web.json_response({"accepted": accepted}, status=202)
+
+    async def delete_item(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/items/{id}``: withdraw one item → 202."""
+        self._tenant(request)
+        try:
+            accepted = await self._catalog.delete([request.match_info["id"]])
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable("the delete could not be stored; retry later") from exc
+        return web.json_response({"accepted": accepted}, status=202)
 
     async def report(self, request: web.Request) -> web.Response:
         """The calling tenant's report of one of its experiments (``gateway.reports``)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.catalog import MAX_ATTRIBUTES, MAX_ID_BYTES, MAX_ITEMS_PER_CALL
+
 _ERROR = {
     "type": "object",
     "required": ["error", "message"],
@@ -20,6 +22,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "invalid body, or a report of an interleaving experiment; `field` names it",
         401: "missing or unknown x-api-key",
         404: "no such experiment for the calling tenant",
+        413: "body larger than the gateway's limit (RECMESH_GATEWAY_MAX_BODY_BYTES)",
         429: "over quota, or too many events waiting for delivery; see the Retry-After header",
         503: "no useful answer can be produced, or (with a Retry-After header) the gateway "
         "is over capacity and refused the request before any work",
@@ -34,6 +37,11 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 _NUMBER = {"type": "number"}
+_ID = {
+    "type": "string",
+    "minLength": 1,
+    "description": f"the tenant's own id, 1..{MAX_ID_BYTES} bytes of UTF-8",
+}
 _COUNT = {"type": "integer", "minimum": 0}
 _INTERVAL = {"type": "object", "properties": {"low": _NUMBER, "high": _NUMBER}}
 _LIFT = {
@@ -196,12 +204,19 @@ OPENAPI: dict[str, Any] = {
                         "items": {
                             "type": "object",
                             "properties": {
-                                "item_id": {"type": "integer"},
+                                "item_id": _ID,
                                 "score": {"type": "number"},
                                 "rank": {"type": "integer"},
                                 "source": {
                                     "type": "string",
-                                    "enum": ["ann", "trending", "popular", "fallback", "explore"],
+                                    "enum": [
+                                        "ann",
+                                        "trending",
+                                        "popular",
+                                        "fallback",
+                                        "explore",
+                                        "fresh",
+                                    ],
                                 },
                             },
                         },
@@ -244,8 +259,8 @@ OPENAPI: dict[str, Any] = {
                                         "error",
                                     ],
                                 },
-                                "user_id": {"type": "string"},
-                                "item_id": {"type": "integer", "minimum": 0},
+                                "user_id": _ID,
+                                "item_id": _ID,
                                 "request_id": {"type": "string", "maxLength": 128},
                                 "ts": {"type": "integer", "description": "ms since the epoch"},
                                 "position": {"type": "integer"},
@@ -255,6 +270,42 @@ OPENAPI: dict[str, Any] = {
                         },
                     }
                 },
+            },
+            "ItemsRequest": {
+                "type": "object",
+                "required": ["items"],
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": MAX_ITEMS_PER_CALL,
+                        "items": {
+                            "type": "object",
+                            "required": ["item_id", "features"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "item_id": _ID,
+                                "category": {"type": "integer", "minimum": 0, "default": 0},
+                                "features": {
+                                    "type": "array",
+                                    "items": {"type": "number"},
+                                    "description": "exactly the tenant's item feature width",
+                                },
+                                "attributes": {
+                                    "type": "object",
+                                    "maxProperties": MAX_ATTRIBUTES,
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "available": {"type": "boolean", "default": True},
+                            },
+                        },
+                    }
+                },
+            },
+            "Accepted": {
+                "type": "object",
+                "required": ["accepted"],
+                "properties": {"accepted": {"type": "integer", "minimum": 0}},
             },
         },
     },
@@ -296,6 +347,49 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
                 "responses": {"202": {"description": "accepted"}, **_errors(400, 401, 429, 503)},
+            }
+        },
+        "/v1/items": {
+            "put": {
+                "summary": "Insert or replace catalog items (served within a second)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/ItemsRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "202": {
+                        "description": "written to the log",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/Accepted"}
+                            }
+                        },
+                    },
+                    **_errors(400, 401, 413, 429, 503),
+                },
+            }
+        },
+        "/v1/items/{id}": {
+            "delete": {
+                "summary": "Withdraw a catalog item (never served again within a second)",
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": _ID},
+                ],
+                "responses": {
+                    "202": {
+                        "description": "written to the log",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/Accepted"}
+                            }
+                        },
+                    },
+                    **_errors(400, 401, 429, 503),
+                },
             }
         },
         "/v1/experiments/{key}/report": {

@@ -9,6 +9,7 @@ from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from core.experiments.book import load_experiments
 from gateway.admission import AdmissionControl
 from gateway.assignments import AssignmentCache
+from gateway.catalog import CatalogWriter
 from gateway.clients import Downstreams
 from gateway.fallback import PopularFallback
 from gateway.funnel import Funnel
@@ -67,7 +68,8 @@ async def build_service(
     funnel = Funnel(settings, downstreams, book, outbox, fallback, assignments, quota, admission)
     relay = OutboxRelay(outbox, funnel.deliver)
     reports = ExperimentReports(downstreams.experiment, book, settings.report_timeout_s)
-    api = HttpApi(funnel, tenants, downstreams, reports)
+    catalog = CatalogWriter(downstreams.feature, funnel.append_events)
+    api = HttpApi(funnel, tenants, downstreams, reports, catalog)
     http = HttpListener(
         api.app(settings.max_body_bytes),
         settings.host,
@@ -78,7 +80,7 @@ async def build_service(
     return GatewayService(
         registrations=[
             Registration.of(
-                GatewayServicer(funnel, tenants, settings.deadline_s),
+                GatewayServicer(funnel, tenants, catalog, settings.deadline_s),
                 gateway_pb2,
                 gateway_pb2_grpc,
                 "GatewayService",

@@ -59,6 +59,7 @@ from loadtest.stage_report import (
 )
 from loadtest.traffic import n_users_of
 from mesh.paths import PROJECT_ROOT
+from mesh.tls import Transport
 from ops import supervisor
 
 TENANT = "bench"
@@ -129,13 +130,16 @@ def http_sender(url: str, api_key: str, n_users: int, seed: int) -> Any:
     return send, session
 
 
-def grpc_sender(port: int, api_key: str, n_users: int, seed: int, deadline_ms: float) -> Any:
-    """A ``send(i)`` for gRPC ``Recommend`` with a deadline, and its channel (close it)."""
+def grpc_sender(
+    port: int, api_key: str, n_users: int, seed: int, deadline_ms: float, transport: Transport
+) -> Any:
+    """A ``send(i)`` for gRPC ``Recommend`` with a deadline, and its channel (close it),
+    over ``transport`` (the tools' identity, as the mesh requires)."""
     import grpc
     from google.protobuf.json_format import MessageToDict
     from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = transport.channel(f"127.0.0.1:{port}", server="gateway")
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
     rng = np.random.default_rng(seed)
     users = rng.integers(0, n_users, size=1_000_000)
@@ -158,7 +162,7 @@ def grpc_sender(port: int, api_key: str, n_users: int, seed: int, deadline_ms: f
         ]
         sample = stage_figures(stages, dict(reply.stage_ms))
         sample.e2e_ms = e2e
-        sample.items = len(reply.items.item_ids)
+        sample.items = len(reply.items)
         sample.degraded = list(reply.degraded)
         return sample
 
@@ -184,7 +188,12 @@ async def run_phases(
             )
         else:
             send, closer = grpc_sender(
-                layout.ports["gateway"], api_key, n_users, seed + number, phase.deadline_ms or 100
+                layout.ports["gateway"],
+                api_key,
+                n_users,
+                seed + number,
+                phase.deadline_ms or 100,
+                layout.transport(),
             )
         try:
             if warmup_s > 0:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from core import keys
 from loadtest.harness import mesh_layout, prepare_artifacts, running_mesh, write_tenants
 from loadtest.reporting import percentile, table
 from loadtest.runs import add_run_options, run_directory
+from mesh import redis as mesh_redis
 
 TENANT = "bench"
 POSTS_PER_S = 100
@@ -62,7 +62,7 @@ async def send(
                         "event_id": uuid.uuid4().hex,
                         "type": "click" if click else "impression",
                         "user_id": user,
-                        "item_id": rng.randrange(1000),
+                        "item_id": str(rng.randrange(1000)),  # a set item, by its number
                         "ts": int(time.time() * 1000),
                     }
                 )
@@ -73,13 +73,14 @@ async def send(
             accepted += len(batch)
             for event in batch:
                 if event["type"] == "click":
-                    clicks.pending[event["user_id"]] = (event["item_id"], now)
+                    # The outcomes hold internal ids: a set item's is its number.
+                    clicks.pending[event["user_id"]] = (int(event["item_id"]), now)
     return accepted
 
 
 async def watch(redis_url: str, clicks: Clicks, stop: asyncio.Event) -> None:
     """Every 5 ms, look whether pending clicks reached their user's history."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         while not stop.is_set() or clicks.pending:
             users = list(clicks.pending)

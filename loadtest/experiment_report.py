@@ -39,7 +39,6 @@ from typing import Any
 
 # psutil (installed with locust) ships no annotations; types-psutil is not a dependency.
 import psutil  # type: ignore[import-untyped]
-import redis.asyncio as aioredis
 from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
@@ -48,6 +47,7 @@ from core.experiments.assign import assign
 from core.experiments.book import ExperimentBook, load_experiments
 from loadtest.reporting import command_line, percentile, table, write_block
 from loadtest.traffic import ZipfUsers
+from mesh import redis as mesh_redis
 from mesh.paths import CONFIG_DIR, PROJECT_ROOT
 from mesh.ports import free_port
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
@@ -197,7 +197,7 @@ async def assign_latency(
 async def run(args: argparse.Namespace, redis_url: str) -> list[list[object]]:
     book = load_experiments(args.book)
     spec = ReportSpec.of(next(e for e in book.experiments if e.key == KEY), book.version)
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     log = RedisStreamEventLog(client, 7 * 24 * 3600)
     await log.prepare()
     world = World(book, args.users, args.items, args.seed)

@@ -26,7 +26,7 @@ from pathlib import Path
 from mesh.errors import ArtifactError
 from mesh.paths import PROJECT_ROOT
 from mesh.ports import DEFAULT_PORTS, SERVICES, free_port
-from ops import processes, supervisor
+from ops import certs, processes, supervisor
 from ops.otlp_sink import OtlpSink
 from training.find import find_or_train, usable_set
 
@@ -158,6 +158,8 @@ def running_monolith(layout: supervisor.Layout, timeout_s: float = 1800.0) -> It
     """
     from ops.redis_server import start_embedded_redis
 
+    if layout.tls:  # the monolith's gRPC port is mTLS too, as `recmesh up` makes the mesh's
+        certs.ensure(layout.certs_dir)
     layout.log_dir.mkdir(parents=True, exist_ok=True)
     redis = start_embedded_redis(
         layout.var_dir / "redis", layout.redis_port, layout.log_dir / "redis.log"
@@ -177,7 +179,8 @@ def running_monolith(layout: supervisor.Layout, timeout_s: float = 1800.0) -> It
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
-        while supervisor.health_status(layout.ports["gateway"]) != "SERVING":
+        transport = layout.transport()
+        while supervisor.health_status(layout.ports["gateway"], transport) != "SERVING":
             if process.poll() is not None:
                 tail = log_path.read_text()[-3000:]
                 raise RuntimeError(f"the monolith exited during start-up; its log ends:\n{tail}")

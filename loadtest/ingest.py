@@ -6,7 +6,8 @@ Open loop: post ``k`` starts ``k * batch / rate`` seconds after the first, whate
 earlier ones take (each post is its own task, bounded by ``REQUEST_TIMEOUT_S``), so the
 offered rate stays fixed while the gateway is slow or down. Each post carries ``batch``
 events of one tenant: a ``click_share`` of clicks, the rest impressions, each with a fresh
-(seeded) event id, a user of ``users`` and an item drawn uniformly from ``n_items``, and
+(seeded) event id, a user of ``users`` and an item drawn uniformly from ``n_items`` (named,
+as clients do, by its id string: the artifact set's item ``17`` is ``"17"``), and
 the wall-clock time as ``ts``. The post's outcome is handed to ``on_post`` as a
 :class:`Post`; its JSON form (:meth:`Post.record`) is the line ``chaos.ingest`` writes::
 
@@ -78,7 +79,7 @@ def event_batch(
             "event_id": uuid.UUID(int=rng.getrandbits(128), version=4).hex,
             "type": "click" if rng.random() < click_share else "impression",
             "user_id": users.draw(rng),
-            "item_id": rng.randrange(n_items),
+            "item_id": str(rng.randrange(n_items)),  # a set item, named by its number
             "ts": ts_ms,
         }
         for _ in range(size)

@@ -29,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from core import keys
 from core.replay import decayed, tau_ms
+from mesh import redis as mesh_redis
 from mesh.client import Downstream
 from mesh.context import tenant_var
 from mesh.ports import free_port
+from mesh.redis import AsyncRedis
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from ops.redis_server import start_embedded_redis
 from services.feature.counters import FIELDS
@@ -58,7 +59,7 @@ async def mean_ms(call: Callable[[], Awaitable[object]], calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1000
 
 
-async def fill(client: aioredis.Redis, items: int) -> None:
+async def fill(client: AsyncRedis, items: int) -> None:
     now = int(time.time() * 1000)
     async with client.pipeline(transaction=False) as pipe:
         for item in range(0, items, 3):
@@ -75,7 +76,7 @@ async def fill(client: aioredis.Redis, items: int) -> None:
 
 
 async def measure(url: str, items: int, sizes: Sequence[int], calls: int) -> list[str]:
-    client = aioredis.Redis.from_url(url)
+    client = mesh_redis.client(url)
     await fill(client, items)
     store = RedisFeatureStore(client, half_life_s=HALF_LIFE_S)
     tau = tau_ms(HALF_LIFE_S)

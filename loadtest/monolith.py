@@ -75,7 +75,7 @@ async def build_monolith(settings: GatewaySettings) -> Service:
         retrieval=_local("retrieval", retrieval, "RetrievalService"),
         ranking=_local("ranking", ranking, "RankingService"),
         events=_local("events", events, "EventService"),
-        feature_channel=None,
+        feature=features,
     )
     gateway = await build_gateway(settings, downstreams)
     tenants = list(load_tenants(settings.tenants).tenants)

@@ -60,7 +60,6 @@ import aiohttp
 
 # psutil (installed with locust) ships no annotations; types-psutil is not a dependency.
 import psutil  # type: ignore[import-untyped]
-import redis.asyncio as aioredis
 from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2
 
@@ -73,6 +72,8 @@ from loadtest.ingest import Post, event_batch, post, post_steadily, session
 from loadtest.reporting import percentile, table
 from loadtest.runs import add_run_options, run_directory
 from loadtest.traffic import ZipfUsers, n_users_of
+from mesh import redis as mesh_redis
+from mesh.redis import AsyncRedis
 from mesh.settings import load
 from ops import processes
 from services.events.log import RedisStreamEventLog
@@ -102,7 +103,7 @@ class Context:
     target: Target
     url: str
     api_key: str
-    redis: aioredis.Redis
+    redis: AsyncRedis
     projector: ProjectorSettings
     users: ZipfUsers
     n_items: int
@@ -688,7 +689,7 @@ async def run_parts(
 ) -> None:
     """Run the parts of ``args.parts`` against ``target`` in order, printing each table."""
     layout = target.layout
-    client = aioredis.Redis.from_url(layout.effective_redis_url(), socket_timeout=30)
+    client = mesh_redis.client(layout.effective_redis_url(), socket_timeout=30)
     try:
         context = Context(
             target,

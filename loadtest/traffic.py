@@ -169,13 +169,14 @@ class TrafficModel:
         tenant = rng.choices(self.tenants, weights=[t.weight for t in self.tenants])[0]
         return Visit(tenant, self.users.draw(rng), self.num_items)
 
-    def clicked(self, rng: random.Random, items: Sequence[int]) -> tuple[int, int] | None:
-        """``(position, item_id)`` the user clicks among ``items`` (ranked), or None."""
+    def clicked(self, rng: random.Random, items: Sequence[str]) -> tuple[int, str] | None:
+        """``(position, item_id)`` the user clicks among ``items`` (ranked, by the tenant's
+        own ids), or None."""
         if not items or rng.random() >= self.click_share:
             return None
         weights = [1.0 / (position + 1) for position in range(len(items))]
         position = rng.choices(range(len(items)), weights=weights)[0]
-        return position, int(items[position])
+        return position, items[position]
 
     def think(self, rng: random.Random) -> float:
         """Seconds between seeing the recommendations and clicking."""
@@ -183,9 +184,10 @@ class TrafficModel:
 
 
 def click_event(
-    rng: random.Random, user_id: str, item_id: int, request_id: str, position: int, ts_ms: int
+    rng: random.Random, user_id: str, item_id: str, request_id: str, position: int, ts_ms: int
 ) -> dict[str, Any]:
-    """A click as ``POST /v1/events`` takes it, with a fresh (seeded) event id."""
+    """A click as ``POST /v1/events`` takes it (``item_id``: the tenant's own id, as the
+    answer named it), with a fresh (seeded) event id."""
     return {
         "event_id": uuid.UUID(int=rng.getrandbits(128), version=4).hex,
         "type": "click",

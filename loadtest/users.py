@@ -29,7 +29,6 @@ from typing import Any, ClassVar
 
 import grpc
 from locust.env import Environment
-from recmesh.events.v1 import events_pb2
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from loadtest.traffic import (
@@ -52,6 +51,8 @@ from loadtest.traffic import (
     read_tenant_keys,
 )
 from mesh.paths import ARTIFACTS_DIR
+from mesh.settings import ToolTlsSettings, load
+from mesh.tls import Transport
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class Answer:
     error: str
     ms: float
     request_id: str = ""
-    items: tuple[int, ...] = ()
+    items: tuple[str, ...] = ()
+    """The answer's items, by the tenant's own ids."""
     degraded: tuple[str, ...] = ()
 
 
@@ -181,7 +183,7 @@ class HttpShopper(Shopper, FastHttpUser):
             answer.error,
             answer.ms,
             str(document.get("request_id", "")),
-            tuple(int(item["item_id"]) for item in document.get("items", [])),
+            tuple(str(item["item_id"]) for item in document.get("items", [])),
             tuple(document.get("degraded", [])),
         )
 
@@ -210,7 +212,10 @@ class GrpcShopper(Shopper, User):
     def on_start(self) -> None:
         target = str(self.host)
         if target not in GrpcShopper._stubs:
-            channel = grpc.insecure_channel(target)
+            # mTLS as the tools' identity (RECMESH_TLS_IDENTITY, RECMESH_TLS_DIR), or
+            # plaintext with RECMESH_TLS=off, as the mesh it drives.
+            transport = Transport.for_tool(load(ToolTlsSettings))
+            channel = transport.sync_channel(target, server="gateway")
             GrpcShopper._stubs[target] = gateway_pb2_grpc.GatewayServiceStub(channel)
         self.stub = GrpcShopper._stubs[target]
         self.start_pace()
@@ -250,14 +255,14 @@ class GrpcShopper(Shopper, User):
             "",
             answer.ms,
             reply.request_id,
-            tuple(reply.items.item_ids),
+            tuple(item.item_id for item in reply.items),
             tuple(reply.degraded),
         )
 
     def click(self, tenant: TenantKey, event: dict[str, Any]) -> Answer:
         request = gateway_pb2.LogEventsRequest(
             events=[
-                events_pb2.Event(
+                gateway_pb2.ClientEvent(
                     event_id=event["event_id"],
                     type=event["type"],
                     user_id=event["user_id"],

@@ -1,6 +1,7 @@
 """The client factory: channels whose every call carries context and a clamped deadline.
 
-``open_channel(target)`` returns a ``grpc.aio`` channel with keepalive settings that
+``open_channel(target, transport)`` returns a ``grpc.aio`` channel (mTLS with the process's
+certificate, or plaintext: :class:`mesh.tls.Transport`) with keepalive settings that
 match the servers', and a client interceptor that, for every unary call:
 
 * adds the current tenant and request id to the metadata;
@@ -46,6 +47,7 @@ from mesh.resilience import (
     backoff_s,
     is_retryable,
 )
+from mesh.tls import PLAINTEXT, Transport
 
 StubT = TypeVar("StubT")
 R = TypeVar("R")
@@ -151,10 +153,21 @@ def describe_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """An insecure channel to ``target`` (``host:port``) with the mesh interceptor."""
-    return grpc.aio.insecure_channel(
-        target, options=CHANNEL_OPTIONS, interceptors=[_ContextInterceptor(target)]
+def open_channel(
+    target: str, transport: Transport = PLAINTEXT, *, server: str | None = None
+) -> grpc.aio.Channel:
+    """A channel to ``target`` (``host:port``) with the mesh interceptor, over ``transport``.
+
+    Processes pass their own transport (``Transport.of(settings)``); the plaintext default
+    serves in-process tests, and a server with TLS on refuses it at the handshake. With
+    TLS, the server's certificate must name ``server`` (a service name), or the target's
+    host when None.
+    """
+    return transport.channel(
+        target,
+        server=server,
+        options=CHANNEL_OPTIONS,
+        interceptors=[_ContextInterceptor(target)],
     )
 
 
@@ -260,12 +273,15 @@ class Downstream(Generic[StubT]):
         target: str,
         stub_factory: Callable[[grpc.aio.Channel], StubT],
         *,
+        transport: Transport = PLAINTEXT,
+        server: str | None = None,
         policy: CallPolicy = CallPolicy(),
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> Downstream[StubT]:
-        """The downstream at ``target`` (``host:port``) over a new :func:`open_channel`."""
-        channel = open_channel(target)
+        """The downstream at ``target`` (``host:port``) over a new :func:`open_channel` of
+        ``transport``; with TLS its certificate must name ``server`` (default ``name``)."""
+        channel = open_channel(target, transport, server=server or name)
         return cls(
             name, stub_factory(channel), channel=channel, policy=policy, clock=clock, rng=rng
         )

@@ -44,14 +44,17 @@ class InvalidArgument(RecMeshError):
 
 
 class Unauthenticated(RecMeshError):
-    """No credentials, or credentials that match no tenant."""
+    """No credentials, or credentials that match no tenant (an API key); or a call naming a
+    tenant over a connection whose certificate names no identity (``mesh.identity``)."""
 
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
     http_status = 401
 
 
 class PermissionDenied(RecMeshError):
-    """Valid credentials asking for something their tenant may not touch."""
+    """Valid credentials asking for something they may not do: their tenant may not touch
+    it, or their certificate's identity may not name a tenant to this service
+    (``mesh.identity``)."""
 
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
     http_status = 403

@@ -6,6 +6,9 @@ health on ``grpc.health.v1``, reflection, and graceful drain: on SIGTERM health 
 NOT_SERVING and the drain hooks run (e.g. the gateway's HTTP API starts closing
 keep-alive connections), callers get ``drain_delay_s`` to notice, in-flight calls get
 ``drain_grace_s`` to finish, then the server stops and its clean-ups run.
+With TLS on (:mod:`mesh.tls`) the port requires a client certificate the mesh's CA signed,
+and the interceptor holds every call to :mod:`mesh.identity`'s rule on who may act for a
+tenant; ``health_port`` adds a plaintext port that serves only ``grpc.health.v1``.
 Tests call ``await server.start()`` on port 0 and read the bound port from it.
 """
 
@@ -38,9 +41,11 @@ from mesh.context import (
 from mesh.errors import InvalidArgument, RecMeshError
 from mesh.faults import FaultInjector, InjectedFault
 from mesh.health import HealthMonitor
+from mesh.identity import rule_for
 from mesh.metrics import RPC_SERVER_HANDLED, RPC_SERVER_SECONDS
 from mesh.service import Service
 from mesh.settings import ServerSettings
+from mesh.tls import Transport, peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +77,18 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes, method: str)
 
 class _MeshInterceptor(grpc.aio.ServerInterceptor):
     """Sets request context, budget, error mapping, a SERVER span and RED metrics around
-    every unary call (the span continues the caller's trace from the call metadata)."""
+    every unary call (the span continues the caller's trace from the call metadata).
 
-    def __init__(self, settings: ServerSettings, faults: FaultInjector) -> None:
+    With ``secure`` (mTLS), a call is first held to :mod:`mesh.identity`'s rule: a tenant
+    named by a caller whose certificate may not name one is refused.
+    """
+
+    def __init__(
+        self, settings: ServerSettings, faults: FaultInjector, *, secure: bool = False
+    ) -> None:
         self._settings = settings
         self._faults = faults
+        self._secure = secure
 
     async def intercept_service(
         self,
@@ -96,6 +108,7 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
         short_name = method.rsplit("/", 1)[-1]
         grpc_service = method.lstrip("/").rsplit("/", 1)[0]
         seconds_metric = RPC_SERVER_SECONDS.labels(grpc_service, short_name)
+        rule = rule_for(settings.service_name) if self._secure else None
 
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = dict(context.invocation_metadata() or ())
@@ -117,6 +130,8 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
                 deadline_ms=round(seconds * 1000, 3),
             ) as span:
                 try:
+                    if rule is not None and (tenant or rule.every_call):
+                        rule.check(settings.service_name, peer_identity(context), tenant)
                     request = _decode(deserialize, raw, method)
                     if (flag := faults.active(short_name)) is not None:
                         tracing.annotate(span, fault_flag=f"{settings.service_name}.{flag[0]}")
@@ -177,12 +192,18 @@ class MeshServer:
         service: the servicers to mount and the lifecycle: checks (SERVING only while all
             pass), start-ups (after the gRPC port serves), drain hooks (as soon as the drain
             begins, before ``drain_delay_s``), clean-ups (after the server stopped).
+        transport: how the port is served; default :meth:`mesh.tls.Transport.of` the
+            settings (mTLS as ``service_name`` unless ``settings.tls`` is off).
     """
 
-    def __init__(self, settings: ServerSettings, service: Service) -> None:
+    def __init__(
+        self, settings: ServerSettings, service: Service, transport: Transport | None = None
+    ) -> None:
         self.settings = settings
         self.service = service
+        self.transport = Transport.of(settings) if transport is None else transport
         self.port = 0
+        self.health_port = 0
         self.health = HealthMonitor(
             service.checks,
             [r.full_name for r in service.registrations],
@@ -192,7 +213,9 @@ class MeshServer:
         self.faults = FaultInjector(self.settings.service_name, faults_file)
         self._faults_task: asyncio.Task[None] | None = None
         self._server = grpc.aio.server(
-            interceptors=[_MeshInterceptor(self.settings, self.faults)],
+            interceptors=[
+                _MeshInterceptor(self.settings, self.faults, secure=self.transport.secure)
+            ],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", self.settings.max_receive_bytes),
@@ -203,6 +226,7 @@ class MeshServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        self._health_server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -215,18 +239,35 @@ class MeshServer:
         names = [r.full_name for r in self.service.registrations]
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
-        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        self.port = self.transport.add_port(
+            self._server, f"{self.settings.host}:{self.settings.port}"
+        )
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.settings.host}:{self.settings.port}")
+        if self.settings.health_port >= 0:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
+            address = f"{self.settings.host}:{self.settings.health_port}"
+            self.health_port = self._health_server.add_insecure_port(address)
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind the health port {address}")
         await self.health.starting()
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         self._faults_task = asyncio.create_task(self.faults.watch())
         for startup in self.service.startups:
             await startup()
         await self.health.start()
         log.info(
             "serving",
-            extra={"fields": {"port": self.port, "services": names[:-1]}},
+            extra={
+                "fields": {
+                    "port": self.port,
+                    "services": names[:-1],
+                    "tls": self.transport.secure,
+                }
+            },
         )
         return self.port
 
@@ -244,6 +285,8 @@ class MeshServer:
         await asyncio.sleep(self.settings.drain_delay_s if grace_s is None else 0)
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._faults_task is not None:
             self._faults_task.cancel()
         for cleanup in self.service.cleanups:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mesh.errors import ConfigError
-from mesh.paths import ARTIFACTS_DIR, PROJECT_ROOT
+from mesh.paths import ARTIFACTS_DIR, PROJECT_ROOT, VAR_DIR
 from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GATEWAY_HTTP_PORT
 
 S = TypeVar("S")
@@ -87,6 +87,44 @@ def describe(cls: type[Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def tls_enabled() -> Any:
+    """The mTLS switch, env ``RECMESH_TLS`` (default on; ``off`` is for local debugging)."""
+    return env(
+        "RECMESH_TLS",
+        True,
+        doc="mutual TLS on every gRPC connection; `off` (plaintext) only for local debugging",
+    )
+
+
+def tls_dir() -> Any:
+    """The directory of the CA and identity certificates, env ``RECMESH_TLS_DIR``."""
+    return env(
+        "RECMESH_TLS_DIR",
+        VAR_DIR / "tls",
+        doc="directory with ca.crt and <identity>.crt/.key (`recmesh up` issues them here)",
+    )
+
+
+def tls_identity() -> Any:
+    """The identity a tool presents, env ``RECMESH_TLS_IDENTITY`` (a service presents its
+    own name)."""
+    return env(
+        "RECMESH_TLS_IDENTITY",
+        "ops",
+        doc="identity whose certificate a tool (recmesh, load tests, chaos) presents",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolTlsSettings:
+    """How a process that serves nothing (a tool: ``recmesh``, the load tests, the chaos
+    suite, ``training simulate``) speaks to the mesh."""
+
+    tls: bool = tls_enabled()
+    tls_dir: Path = tls_dir()
+    tls_identity: str = tls_identity()
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     """What every gRPC service process has: where it listens and how it drains."""
@@ -128,6 +166,16 @@ class ServerSettings:
         "uvloop",
         doc="event loop of the process: uvloop (libuv: cheaper socket I/O, timers and "
         "callbacks) or asyncio (the standard library's)",
+    )
+    tls: bool = tls_enabled()
+    tls_dir: Path = tls_dir()
+    """Holds ``ca.crt`` and this process's ``<service_name>.crt``/``.key``
+    (:mod:`mesh.tls`)."""
+    health_port: int = env(
+        "RECMESH_HEALTH_PORT",
+        -1,
+        doc="a plaintext port serving only grpc.health.v1, for probes that cannot present "
+        "a certificate (the kubelet's gRPC probes); below 0 none",
     )
 
 

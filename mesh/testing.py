@@ -1,7 +1,14 @@
-"""Helpers for tests that run real servers in-process (public, so no test mocks them)."""
+"""Helpers for tests that run real servers in-process (public, so no test mocks them).
+
+In-process servers are plaintext unless a test asks for TLS (``built_server(...,
+plaintext=False)``): every service of the in-process mesh shares one process, and mTLS and
+the identity rule are tested with real certificates by ``tests/mesh/test_tls.py`` and by
+the end-to-end tests, which run the processes as ``recmesh up`` does, TLS on.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -56,7 +63,15 @@ class ManualClock:
         self.now += seconds
 
 
-async def built_server(build: Callable[[S], Awaitable[Service]], settings: S) -> MeshServer:
+async def built_server(
+    build: Callable[[S], Awaitable[Service]], settings: S, *, plaintext: bool = True
+) -> MeshServer:
     """The server a service's process would run: its one builder, ``build(settings)``,
-    wrapped in a :class:`~mesh.server.MeshServer` (not started; see :func:`serving`)."""
+    wrapped in a :class:`~mesh.server.MeshServer` (not started; see :func:`serving`).
+
+    With ``plaintext`` (the default) the settings' TLS is turned off, for the server and
+    the channels its builder opens; otherwise ``settings.tls`` and ``tls_dir`` apply.
+    """
+    if plaintext:
+        settings = dataclasses.replace(settings, tls=False)
     return MeshServer(settings, await build(settings))

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from core.artifacts import list_versions, load_artifact_set, resolve_current, rollback
-from mesh.errors import ArtifactError
+from mesh.errors import ArtifactError, ConfigError
 from mesh.paths import PROJECT_ROOT
 from mesh.settings import load
+from mesh.tls import Transport
 from ops import (
     experiments_interleaving,
     experiments_report,
@@ -140,12 +141,17 @@ def cmd_versions(args: argparse.Namespace, settings: OpsSettings) -> int:
     if args.root is None:
         ports = settings.ports()
         print("served now:")
+        try:
+            transport = settings.transport()
+        except ConfigError:  # TLS on and no certificates: no mesh of ours can be running
+            print("  unknown (no certificates issued: `recmesh up` or `recmesh certs`)")
+            return 0
         for name in ("retrieval", "ranking"):
-            print(f"  {name:<10}{_served_version(name, ports[name])}")
+            print(f"  {name:<10}{_served_version(name, ports[name], transport)}")
     return 0
 
 
-def _served_version(service: str, port: int, timeout_s: float = 1.0) -> str:
+def _served_version(service: str, port: int, transport: Transport, timeout_s: float = 1.0) -> str:
     """The ``model_version`` a running retrieval or ranking answers with (one cheap request)."""
     import grpc
     from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
@@ -154,7 +160,7 @@ def _served_version(service: str, port: int, timeout_s: float = 1.0) -> str:
     from mesh.context import TENANT_KEY
 
     metadata = ((TENANT_KEY, "demo"),)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with transport.sync_channel(f"127.0.0.1:{port}", server=service) as channel:
         try:
             if service == "retrieval":
                 reply: Any = retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(
@@ -195,6 +201,12 @@ def cmd_eval(args: argparse.Namespace, settings: OpsSettings) -> int:
     return subprocess.run(command).returncode
 
 
+def cmd_certs(args: argparse.Namespace, settings: OpsSettings) -> int:
+    from ops import certs
+
+    return certs.main(["--dir", str(settings.tls_dir), *(["--force"] if args.force else [])])
+
+
 def cmd_protos(args: argparse.Namespace, settings: OpsSettings) -> int:
     return protos.main(check=args.check)
 
@@ -230,7 +242,9 @@ def cmd_explain(args: argparse.Namespace, settings: OpsSettings) -> int:
 
     tenants = [args.tenant] if args.tenant else list(load_tenants(settings.tenants).tenants)
     address = f"127.0.0.1:{settings.ports()['events']}"
-    code, text = explain.show(args.request_id, address, tenants, args.json)
+    code, text = explain.show(
+        args.request_id, address, tenants, args.json, transport=settings.transport()
+    )
     print(text)
     return code
 
@@ -243,7 +257,10 @@ def cmd_events_tail(args: argparse.Namespace, settings: OpsSettings) -> int:
     address = f"127.0.0.1:{settings.ports()['events']}"
     try:
         rows = events_tail.tail(
-            events_tail.stored_events(address, args.tenant), args.limit, args.user, args.type
+            events_tail.stored_events(address, args.tenant, transport=settings.transport()),
+            args.limit,
+            args.user,
+            args.type,
         )
     except grpc.RpcError as exc:
         print(f"error: the events service at {address} answered {exc.code().name}")
@@ -263,7 +280,9 @@ def cmd_features_asof(args: argparse.Namespace, settings: OpsSettings) -> int:
     from ops import features_asof
 
     address = f"127.0.0.1:{settings.ports()['feature']}"
-    code, text = features_asof.show(address, args.tenant, args.user, args.at, args.json)
+    code, text = features_asof.show(
+        address, args.tenant, args.user, args.at, args.json, transport=settings.transport()
+    )
     print(text)
     return code
 
@@ -368,9 +387,18 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("request_id", help="the request_id of a response (or x-request-id sent)")
     trace.add_argument("--jaeger", help="Jaeger URL (default: RECMESH_JAEGER_URL or :16686)")
     trace.set_defaults(run=cmd_trace)
+    certificates = commands.add_parser(
+        "certs", help="issue the mesh's CA and identity certificates (keeps the good ones)"
+    )
+    certificates.add_argument("--force", action="store_true", help="issue all anew, CA too")
+    certificates.set_defaults(run=cmd_certs)
     args = parser.parse_args(argv)
     run: Command = args.run
-    return run(args, load(OpsSettings))
+    try:
+        return run(args, load(OpsSettings))
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from mesh.context import TENANT_KEY
+from mesh.tls import PLAINTEXT, Transport
 
 PAGE = 100
 """Entries asked for per ``Read`` (the service refuses more than its ``max_read``, 1000 by
@@ -24,7 +24,12 @@ default)."""
 
 
 def stored_events(
-    address: str, tenant: str, page: int = PAGE, timeout_s: float = 5.0
+    address: str,
+    tenant: str,
+    page: int = PAGE,
+    timeout_s: float = 5.0,
+    *,
+    transport: Transport = PLAINTEXT,
 ) -> Iterator[events_pb2.StoredEvent]:
     """Every stored event of ``tenant``, oldest first, read ``page`` entries at a time.
 
@@ -32,7 +37,7 @@ def stored_events(
         grpc.RpcError: the events service refused or could not be reached.
     """
     after = ""
-    with grpc.insecure_channel(address) as channel:
+    with transport.sync_channel(address, server="events") as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         while True:
             reply = stub.Read(

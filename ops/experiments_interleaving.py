@@ -18,11 +18,11 @@ import argparse
 import asyncio
 import json
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from core.experiments.book import load_experiments
 from core.experiments.interleaving import Preference, preference_from_log
+from mesh import redis as mesh_redis
 from ops import supervisor
 from ops.experiments_report import default_tenant
 from ops.settings import OpsSettings
@@ -48,7 +48,7 @@ async def compute(redis_url: str, tenant: str, key: str, pair: tuple[str, str]) 
     Raises:
         RedisError: Redis cannot be read.
     """
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         return await preference_from_log(client, tenant, key, pair)
     finally:

@@ -26,10 +26,18 @@ from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 from core.experiments.book import load_experiments
 from mesh.context import TENANT_KEY
 from mesh.tenants import load_tenants
+from mesh.tls import PLAINTEXT, Transport
 from ops.settings import OpsSettings
 
 
-def fetch(address: str, tenant: str, key: str, timeout_s: float = 300.0) -> dict[str, Any]:
+def fetch(
+    address: str,
+    tenant: str,
+    key: str,
+    timeout_s: float = 300.0,
+    *,
+    transport: Transport = PLAINTEXT,
+) -> dict[str, Any]:
     """The report of experiment ``key`` of ``tenant`` from the experiment service at
     ``address``, as JSON.
 
@@ -37,7 +45,7 @@ def fetch(address: str, tenant: str, key: str, timeout_s: float = 300.0) -> dict
         grpc.RpcError: the service refused (NOT_FOUND: no such experiment for the tenant)
             or could not be reached.
     """
-    with grpc.insecure_channel(address) as channel:
+    with transport.sync_channel(address, server="experiment") as channel:
         reply = experiment_pb2_grpc.ExperimentServiceStub(channel).GetReport(
             experiment_pb2.GetReportRequest(experiment_key=key),
             metadata=((TENANT_KEY, tenant),),
@@ -202,11 +210,17 @@ def default_tenant(settings: OpsSettings, key: str) -> tuple[str, str]:
 
 
 def show(
-    address: str, tenant: str, key: str, as_json: bool, plot_path: Path | None = None
+    address: str,
+    tenant: str,
+    key: str,
+    as_json: bool,
+    plot_path: Path | None = None,
+    *,
+    transport: Transport = PLAINTEXT,
 ) -> tuple[int, str]:
     """Exit code and output of ``recmesh experiments report``."""
     try:
-        report = fetch(address, tenant, key)
+        report = fetch(address, tenant, key, transport=transport)
     except grpc.RpcError as exc:
         return 1, (
             f"error: the experiment service at {address} answered {exc.code().name}: "
@@ -225,7 +239,9 @@ def cmd_report(args: argparse.Namespace, settings: OpsSettings) -> int:
             print(f"error: {why}")
             return 1
     address = f"127.0.0.1:{settings.ports()['experiment']}"
-    code, text = show(address, tenant, args.key, args.json, args.plot)
+    code, text = show(
+        address, tenant, args.key, args.json, args.plot, transport=settings.transport()
+    )
     print(text)
     return code
 

@@ -23,6 +23,7 @@ from recmesh.common.v1 import common_pb2
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from mesh.context import TENANT_KEY
+from mesh.tls import PLAINTEXT, Transport
 
 OUTCOMES = ("click", "conversion", "dismiss")
 """Event types that report what the user did with a shown item."""
@@ -103,7 +104,12 @@ def render(explained: dict[str, Any]) -> list[str]:
 
 
 def request_events(
-    address: str, tenant: str, request_id: str, timeout_s: float = 5.0
+    address: str,
+    tenant: str,
+    request_id: str,
+    timeout_s: float = 5.0,
+    *,
+    transport: Transport = PLAINTEXT,
 ) -> list[events_pb2.StoredEvent]:
     """The stored events of ``request_id`` in ``tenant``'s log (the events service at
     ``address``).
@@ -111,7 +117,7 @@ def request_events(
     Raises:
         grpc.RpcError: the events service refused or could not be reached.
     """
-    with grpc.insecure_channel(address) as channel:
+    with transport.sync_channel(address, server="events") as channel:
         reply = events_pb2_grpc.EventServiceStub(channel).ReadRequestEvents(
             events_pb2.ReadRequestEventsRequest(request_id=request_id),
             metadata=((TENANT_KEY, tenant),),
@@ -120,12 +126,19 @@ def request_events(
     return list(reply.events)
 
 
-def show(request_id: str, address: str, tenants: Sequence[str], as_json: bool) -> tuple[int, str]:
+def show(
+    request_id: str,
+    address: str,
+    tenants: Sequence[str],
+    as_json: bool,
+    *,
+    transport: Transport = PLAINTEXT,
+) -> tuple[int, str]:
     """Exit code and output of ``recmesh explain``: the first of ``tenants`` whose log has
     the request; 1 when none has it or the events service cannot be asked."""
     for tenant in tenants:
         try:
-            stored = request_events(address, tenant, request_id)
+            stored = request_events(address, tenant, request_id, transport=transport)
         except grpc.RpcError as exc:
             return 1, f"error: the events service at {address} answered {exc.code().name}"
         if stored:

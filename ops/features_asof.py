@@ -20,6 +20,7 @@ import grpc
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh.context import TENANT_KEY
+from mesh.tls import PLAINTEXT, Transport
 
 
 def parse_time(text: str) -> int:
@@ -39,7 +40,13 @@ def parse_time(text: str) -> int:
 
 
 def user_features(
-    address: str, tenant: str, user_id: str, as_of_ms: int, timeout_s: float = 10.0
+    address: str,
+    tenant: str,
+    user_id: str,
+    as_of_ms: int,
+    timeout_s: float = 10.0,
+    *,
+    transport: Transport = PLAINTEXT,
 ) -> feature_pb2.GetUserFeaturesResponse:
     """``user_id``'s features in ``tenant`` as of ``as_of_ms``, from the feature service at
     ``address``.
@@ -48,7 +55,7 @@ def user_features(
         grpc.RpcError: the feature service refused (a time in the future, before the log's
             horizon...) or could not be reached.
     """
-    with grpc.insecure_channel(address) as channel:
+    with transport.sync_channel(address, server="feature") as channel:
         reply: feature_pb2.GetUserFeaturesResponse = feature_pb2_grpc.FeatureServiceStub(
             channel
         ).GetUserFeatures(
@@ -88,11 +95,19 @@ def render(answer: dict[str, Any]) -> list[str]:
     ]
 
 
-def show(address: str, tenant: str, user_id: str, as_of_ms: int, as_json: bool) -> tuple[int, str]:
+def show(
+    address: str,
+    tenant: str,
+    user_id: str,
+    as_of_ms: int,
+    as_json: bool,
+    *,
+    transport: Transport = PLAINTEXT,
+) -> tuple[int, str]:
     """Exit code and output of ``recmesh features asof``: 1 when the feature service
     refused or could not be asked."""
     try:
-        reply = user_features(address, tenant, user_id, as_of_ms)
+        reply = user_features(address, tenant, user_id, as_of_ms, transport=transport)
     except grpc.RpcError as exc:
         return (
             1,

@@ -22,8 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import redis.asyncio as aioredis
-
+from mesh import redis as mesh_redis
+from mesh.redis import AsyncRedis
 from mesh.tenants import TenantRegistry, load_tenants
 from ops import supervisor
 from ops.settings import OpsSettings
@@ -37,11 +37,11 @@ drops them with the namespace (``--keep`` leaves them to expire)."""
 DAY_MS = 86_400_000
 
 
-def _run(settings: OpsSettings, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+def _run(settings: OpsSettings, work: Callable[[AsyncRedis], Awaitable[T]]) -> T:
     url = supervisor.Layout.from_settings(settings).effective_redis_url()
 
     async def run() -> T:
-        client = aioredis.Redis.from_url(url)
+        client = mesh_redis.client(url)
         try:
             return await work(client)
         finally:
@@ -76,7 +76,7 @@ def cmd_rebuild(args: argparse.Namespace, settings: OpsSettings) -> int:
     tenants, _ = _tenants(args, settings)
     namespace = args.namespace or f"rebuild-{int(time.time())}"
 
-    async def work(client: aioredis.Redis) -> dict[str, list[str]]:
+    async def work(client: AsyncRedis) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
         into = Projections(
             client,
@@ -116,7 +116,7 @@ def cmd_trim(args: argparse.Namespace, settings: OpsSettings) -> int:
     tenants, registry = _tenants(args, settings)
     now_ms = int(time.time() * 1000)
 
-    async def work(client: aioredis.Redis) -> dict[str, dict[str, object]]:
+    async def work(client: AsyncRedis) -> dict[str, dict[str, object]]:
         done: dict[str, dict[str, object]] = {}
         for tenant in tenants:
             spec = registry.get(tenant)

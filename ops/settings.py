@@ -25,8 +25,12 @@ from mesh.settings import (
     projector_group,
     redis_url,
     tenants_file,
+    tls_dir,
+    tls_enabled,
+    tls_identity,
 )
 from mesh.settings import history_cap as history_cap_field
+from mesh.tls import Transport
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,23 @@ class OpsSettings:
     """The projector's counter half-life (``recmesh projections`` recomputes with it)."""
     history_cap: int = history_cap_field()
     projector_group: str = projector_group()
+    tls: bool = tls_enabled()
+    tls_dir: Path = tls_dir()
+    tls_identity: str = tls_identity()
+    """The identity ``recmesh`` presents to the mesh (``ops``: the tools' own)."""
     jaeger_url: str = env(
         "RECMESH_JAEGER_URL",
         "http://127.0.0.1:16686",
         doc="Jaeger's query service (UI and API) that `recmesh trace` asks",
     )
+
+    def transport(self) -> Transport:
+        """How ``recmesh`` reaches the mesh: mTLS as ``tls_identity``, or plaintext.
+
+        Raises:
+            ConfigError: TLS is on and the certificates are not issued (``recmesh certs``).
+        """
+        return Transport.load(self.tls, self.tls_dir, self.tls_identity)
 
     def ports(self) -> dict[str, int]:
         """gRPC port of every process, by name (the keys of ``DEFAULT_PORTS``)."""

@@ -3,7 +3,9 @@
 Every process ``up`` starts (the embedded Redis, six services, the gateway) gets a pid
 file under ``<var>/run`` (:mod:`ops.processes` finds and signals them by name) and a log
 under ``<var>/log``; ``down`` stops exactly those processes (SIGTERM, then SIGKILL after a
-grace period) and nothing else.
+grace period) and nothing else. Before starting anything ``up`` makes sure the mesh's CA
+and every identity's certificate are in ``<var>/tls`` (:mod:`ops.certs`), unless TLS is
+off; the supervisor's own calls (health, materialisation) present the ``ops`` identity.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from mesh.context import TENANT_KEY
+from mesh.errors import ConfigError
 from mesh.paths import ARTIFACTS_DIR, VAR_DIR
 from mesh.ports import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GATEWAY_HTTP_PORT, SERVICES
 from mesh.settings import load
 from mesh.tenants import load_tenants
-from ops import processes
+from mesh.tls import Transport
+from ops import certs, processes
 from ops.processes import MODULES, REDIS
 from ops.redis_server import start_embedded_redis, wait_for_redis
 from ops.settings import OpsSettings
@@ -38,7 +42,8 @@ class Layout:
     """Where one mesh lives: ports, state directory, artifacts, Redis.
 
     ``redis_url`` empty means start the embedded server on ``redis_port``. A service
-    missing from ``metrics_ports`` serves ``/metrics`` on a free port.
+    missing from ``metrics_ports`` serves ``/metrics`` on a free port. ``tls`` off makes
+    every process plaintext (local debugging only); ``tls_dir`` None means ``<var>/tls``.
     """
 
     var_dir: Path = VAR_DIR
@@ -50,6 +55,9 @@ class Layout:
     tenants: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     metrics_ports: Mapping[str, int] = field(default_factory=dict)
+    tls: bool = True
+    tls_dir: Path | None = None
+    tls_identity: str = "ops"
 
     @classmethod
     def from_settings(cls, settings: OpsSettings) -> Layout:
@@ -61,6 +69,9 @@ class Layout:
             redis_url=settings.redis_url,
             artifacts=settings.artifacts,
             tenants=settings.tenants,
+            tls=settings.tls,
+            tls_dir=settings.tls_dir,
+            tls_identity=settings.tls_identity,
         )
 
     @property
@@ -70,6 +81,19 @@ class Layout:
     @property
     def log_dir(self) -> Path:
         return self.var_dir / "log"
+
+    @property
+    def certs_dir(self) -> Path:
+        """The CA and identity certificates of this mesh's processes."""
+        return self.tls_dir if self.tls_dir is not None else self.var_dir / "tls"
+
+    def transport(self) -> Transport:
+        """How the tools reach this mesh: mTLS as ``tls_identity`` (``ops``), or plaintext.
+
+        Raises:
+            ConfigError: TLS is on and the certificates are not issued yet.
+        """
+        return Transport.load(self.tls, self.certs_dir, self.tls_identity)
 
     @property
     def faults_file(self) -> Path:
@@ -88,6 +112,8 @@ class Layout:
         environment["RECMESH_GATEWAY_HTTP_PORT"] = str(self.http_port)
         environment["RECMESH_GATEWAY_OUTBOX"] = str(self.var_dir / "outbox.db")
         environment["RECMESH_FAULTS_FILE"] = str(self.faults_file)
+        environment["RECMESH_TLS"] = "on" if self.tls else "off"
+        environment["RECMESH_TLS_DIR"] = str(self.certs_dir)
         if self.tenants is not None:
             environment["RECMESH_TENANTS"] = str(self.tenants)
         for name, port in self.ports.items():
@@ -123,9 +149,10 @@ def _start_redis(layout: Layout) -> None:
     processes.record(layout.run_dir, REDIS, process.pid)
 
 
-def health_status(port: int, timeout_s: float = 0.5) -> str:
-    """``grpc.health.v1`` status of the server on ``port`` ("UNREACHABLE" when none)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def health_status(port: int, transport: Transport, timeout_s: float = 0.5) -> str:
+    """``grpc.health.v1`` status of the server on ``port`` ("UNREACHABLE" when none, or
+    when it refused ``transport``: a plaintext call to a TLS port, or the other way)."""
+    with transport.sync_channel(f"127.0.0.1:{port}") as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
@@ -144,12 +171,13 @@ def _wait_serving(
     """Wait until each of ``names`` is SERVING; fail early when one ``up`` started exits."""
     deadline = time.monotonic() + timeout_s
     pending = list(names)
+    transport = layout.transport()
     while pending and time.monotonic() < deadline:
         for name in list(pending):
             if name in started and started[name].poll() is not None:
                 tail = (layout.log_dir / f"{name}.log").read_text()[-3000:]
                 raise RuntimeError(f"{name} exited during start-up; its log ends:\n{tail}")
-            if health_status(layout.ports[name]) == "SERVING":
+            if health_status(layout.ports[name], transport) == "SERVING":
                 pending.remove(name)
         time.sleep(0.1)
     if pending:
@@ -158,7 +186,8 @@ def _wait_serving(
 
 def materialize(layout: Layout, tenants: list[str]) -> None:
     """Ask the feature service to load the current artifact set for each tenant."""
-    with grpc.insecure_channel(f"127.0.0.1:{layout.ports['feature']}") as channel:
+    address = f"127.0.0.1:{layout.ports['feature']}"
+    with layout.transport().sync_channel(address, server="feature") as channel:
         stub = feature_pb2_grpc.FeatureServiceStub(channel)
         for tenant in tenants:
             reply = stub.Materialize(
@@ -171,11 +200,14 @@ def materialize(layout: Layout, tenants: list[str]) -> None:
 def up(layout: Layout, timeout_s: float = 120.0) -> None:
     """Start Redis (unless external), every service, materialise features, then the gateway.
 
-    Processes already running from an earlier ``up`` are kept.
+    Processes already running from an earlier ``up`` are kept. With TLS on, the
+    certificates are issued first where missing or expiring (:func:`ops.certs.ensure`).
 
     Raises:
         RuntimeError: a process exited or did not become SERVING in time.
     """
+    if layout.tls:
+        certs.ensure(layout.certs_dir)
     if not layout.redis_url and processes.running_pid(layout.run_dir, REDIS) is None:
         _start_redis(layout)
     wait_for_redis(layout.effective_redis_url())
@@ -223,7 +255,14 @@ def status(layout: Layout) -> list[tuple[str, str, str]]:
     redis_pid = processes.running_pid(layout.run_dir, REDIS)
     redis_state = "external" if layout.redis_url else ("running" if redis_pid else "stopped")
     rows.append(("redis", str(redis_pid or "-"), redis_state))
+    try:
+        transport: Transport | None = layout.transport()
+    except ConfigError:  # TLS on and nothing issued yet: nothing of this mesh can run
+        transport = None
     for name in [*SERVICES, "gateway"]:
         pid = processes.running_pid(layout.run_dir, name)
-        rows.append((name, str(pid or "-"), health_status(layout.ports[name])))
+        health = (
+            "NO-CERTIFICATES" if transport is None else health_status(layout.ports[name], transport)
+        )
+        rows.append((name, str(pid or "-"), health))
     return rows

@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from mesh.context import TENANT_KEY
+from mesh.tls import PLAINTEXT, Transport
 from ops.settings import OpsSettings
 
 COUNTS = (
@@ -33,7 +34,13 @@ COUNTS = (
 
 
 def erase(
-    address: str, tenant: str, user_id: str, requested_by: str, timeout_s: float = 600.0
+    address: str,
+    tenant: str,
+    user_id: str,
+    requested_by: str,
+    timeout_s: float = 600.0,
+    *,
+    transport: Transport = PLAINTEXT,
 ) -> dict[str, Any]:
     """Erase ``user_id`` from ``tenant`` through the events service at ``address``; returns
     the answer as a dict (every count, zeros included).
@@ -42,7 +49,7 @@ def erase(
         grpc.RpcError: the events service refused (INVALID_ARGUMENT: a bad user id) or
             could not be reached.
     """
-    with grpc.insecure_channel(address) as channel:
+    with transport.sync_channel(address, server="events") as channel:
         reply = events_pb2_grpc.EventServiceStub(channel).EraseUser(
             events_pb2.EraseUserRequest(user_id=user_id, requested_by=requested_by),
             metadata=((TENANT_KEY, tenant),),
@@ -67,7 +74,14 @@ def render(tenant: str, erased: dict[str, Any], as_json: bool) -> str:
 def cmd_erase(args: argparse.Namespace, settings: OpsSettings) -> int:
     address = f"127.0.0.1:{settings.ports()['events']}"
     try:
-        erased = erase(address, args.tenant, args.user, args.by or getpass.getuser(), args.timeout)
+        erased = erase(
+            address,
+            args.tenant,
+            args.user,
+            args.by or getpass.getuser(),
+            args.timeout,
+            transport=settings.transport(),
+        )
     except grpc.RpcError as exc:
         print(f"error: the events service at {address} answered {exc.code().name}: {exc.details()}")
         return 1

@@ -1,8 +1,13 @@
-"""Session fixtures: a real Redis-protocol server and a real (tiny) artifact set."""
+"""Session fixtures: a real Redis-protocol server and a real (tiny) artifact set.
+
+Every test that uses ``redis_url`` (itself or through another fixture, such as ``mesh``)
+is marked ``redis``. With ``RECMESH_TEST_REDIS=cluster`` that URL names a Valkey Cluster of
+three masters instead of one server (``make test-cluster`` runs ``-m redis`` that way).
+"""
 
 from __future__ import annotations
 
-import subprocess
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,25 +15,41 @@ from typing import TYPE_CHECKING
 import pytest
 
 from mesh.ports import free_port
-from ops.redis_server import start_embedded_redis
+from ops.redis_server import start_embedded_cluster, start_embedded_redis, stop_processes
 
 if TYPE_CHECKING:
     from tests.inprocess import Mesh
 
+REDIS_MODE_ENV = "RECMESH_TEST_REDIS"
+"""``single`` (the default: one server) or ``cluster`` (three masters): what ``redis_url``
+names."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``redis`` every test that talks to Redis (it uses ``redis_url``)."""
+    for item in items:
+        if "redis_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of an embedded Valkey server started for this test session."""
+    """URL of an embedded Valkey started for this test session: one server, or a cluster
+    of three masters (``redis+cluster://...``) when ``RECMESH_TEST_REDIS=cluster``."""
+    mode = os.environ.get(REDIS_MODE_ENV, "single")
+    if mode not in ("single", "cluster"):
+        raise pytest.UsageError(f"{REDIS_MODE_ENV} is single or cluster, not {mode!r}")
     base = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    process = start_embedded_redis(base / "data", port, base / "redis.log")
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
+    if mode == "cluster":
+        url, processes = start_embedded_cluster(base, masters=3)
+    else:
+        port = free_port()
+        processes = [start_embedded_redis(base / "data", port, base / "redis.log")]
+        url = f"redis://127.0.0.1:{port}/0"
     try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        yield url
+    finally:
+        stop_processes(processes)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from gateway.assignments import AssignmentCache
 from gateway.server import build_service as build_gateway
 from gateway.settings import GatewaySettings
+from mesh import redis as mesh_redis
 from mesh.context import TENANT_KEY
 from mesh.faults import write_flags
 from mesh.http import HttpListener
@@ -103,10 +104,13 @@ async def inprocess_mesh(
             servers[name] = await stack.enter_async_context(serving(server))
             return f"127.0.0.1:{servers[name].port}"
 
+        # Plaintext: every service shares this one process (mesh.testing says where mTLS
+        # and the identity rule are tested).
         common: dict[str, Any] = {
             "port": 0,
             "drain_delay_s": 0.0,
             "faults_file": str(faults_file or ""),
+            "tls": False,
         }
         events = await start(
             "events",
@@ -208,9 +212,8 @@ async def accepted(
 
 async def reset_quota(redis_url: str, tenant: str) -> None:
     """Refill ``tenant``'s bucket, so a quota test starts from a full burst."""
-    import redis.asyncio as aioredis
 
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     await client.delete(f"rm:{{tenant:{tenant}}}:gcra")
     await client.aclose()
 

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
+from mesh import redis as mesh_redis
 from mesh.faults import write_flags
 from mesh.server import MeshServer
 from mesh.testing import built_server, serving
@@ -46,7 +46,7 @@ def event(kind: str, user: str, item: int, ts_ms: int | None = None) -> events_p
 
 async def project(redis_url: str, tenant: str, events: list[events_pb2.Event]) -> None:
     """Append ``events`` to ``tenant``'s log and project the log to its end."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         reader = StreamProjector(
             client,

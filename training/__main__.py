@@ -29,8 +29,10 @@ import grpc
 import redis
 
 from core.artifacts import load_artifact_set, resolve_current, rollback
+from mesh import redis as mesh_redis
 from mesh.errors import ArtifactError, ConfigError, FailedPrecondition
-from mesh.settings import load
+from mesh.settings import ToolTlsSettings, load
+from mesh.tls import Transport
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +210,7 @@ def _train_from_log(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         promote_if_worse=args.promote_if_worse,
     )
-    client = redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=2.0)
+    client = mesh_redis.blocking_client(url, socket_timeout=30.0, socket_connect_timeout=2.0)
     try:
         path = train_from_log(args.root, base, client, config)
     except redis.RedisError as exc:
@@ -260,7 +262,8 @@ def _simulate(args: argparse.Namespace) -> int:
     span_ms = config.requests * config.gap_ms + config.click_delay_ms[1] * 2
     events = simulate_serve(artifact_set, world, config, int(time.time() * 1000) - span_ms)
     try:
-        appended, duplicates = append_events(address, args.tenant, events)
+        transport = Transport.for_tool(load(ToolTlsSettings))
+        appended, duplicates = append_events(address, args.tenant, events, transport=transport)
     except grpc.RpcError as exc:
         print(f"error: the events service at {address}: {exc}", file=sys.stderr)
         return 1
@@ -301,7 +304,7 @@ def _ope(args: argparse.Namespace) -> int:
         raise ConfigError("ope reads the log from Redis: give --redis-url or REDIS_URL")
     clip = DEFAULT_CLIP if args.clip is None else args.clip
     spec = read_spec(args.policy, args.root)
-    client = redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=2.0)
+    client = mesh_redis.blocking_client(url, socket_timeout=30.0, socket_connect_timeout=2.0)
     try:
         examples = read_examples(
             client,

@@ -16,10 +16,16 @@ from mesh.errors import ArtifactError
 def usable_set(root: Path) -> ArtifactSet | None:
     """The set ``root/current`` points at, when it loads: a well-formed manifest listing
     every required file, each present (hashes are not checked). None otherwise."""
+    return _current_set(root)[0]
+
+
+def _current_set(root: Path) -> tuple[ArtifactSet | None, str]:
+    """:func:`usable_set` and, when it is None, why (a set built before a file joined the
+    contract, such as ``item_tower.onnx``, says which file it lacks)."""
     try:
-        return load_artifact_set(resolve_current(root), verify=False)
-    except (ArtifactError, OSError):
-        return None
+        return load_artifact_set(resolve_current(root), verify=False), ""
+    except (ArtifactError, OSError) as exc:
+        return None, str(exc)
 
 
 def find_or_train(found: Path | None, train_root: Path, **config: Any) -> ArtifactSet:
@@ -41,10 +47,10 @@ def find_or_train(found: Path | None, train_root: Path, **config: Any) -> Artifa
             when training).
     """
     if found is not None:
-        existing = usable_set(found)
+        existing, why = _current_set(found)
         if existing is not None:
             return existing
-        print(f"no usable artifact set under {found}", flush=True)
+        print(f"no usable artifact set under {found} ({why})", flush=True)
     from training.pipeline import TrainConfig, train
 
     settings = TrainConfig(**config)

@@ -45,12 +45,12 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import redis
 from numpy.typing import NDArray
 from recmesh.common.v1 import common_pb2
 
 from core.artifacts import REQUIRED_FILES, ArtifactSet, set_current, write_artifact_set
 from mesh.errors import FailedPrecondition
+from mesh.redis import BlockingRedis
 from mesh.settings import history_cap, port_of, redis_url
 from training.evaluate import evaluate
 from training.export import export_ranker
@@ -111,7 +111,7 @@ def ranker_config(n_examples: int, config: FromLogConfig) -> RankerConfig:
 
 
 def train_from_log(
-    root: Path, base: ArtifactSet, client: redis.Redis, config: FromLogConfig
+    root: Path, base: ArtifactSet, client: BlockingRedis, config: FromLogConfig
 ) -> Path:
     """Read ``config.tenant``'s log through ``client`` and :func:`train_on_examples`."""
     started = time.perf_counter()

@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
-import redis
 from numpy.typing import NDArray
 
 from core import keys
 from core.replay import OUTCOMES, Projected, Replay, Stored, appended_ms, stored_entry
+from mesh.redis import BlockingRedis
 
 LABELS = ("click", "conversion")
 """Label columns: clicked, and clicked and converted (the ranker's head order)."""
@@ -56,7 +56,7 @@ _CLICK, _CONVERSION = 1, 2
 
 
 def read_log(
-    client: redis.Redis, tenant: str, after: str = "", page: int = 1000
+    client: BlockingRedis, tenant: str, after: str = "", page: int = 1000
 ) -> Iterator[Stored]:
     """The entries of ``tenant``'s log (``core.keys.events``) after position ``after``
     ("": all), in order, read with ``XRANGE`` ``page`` entries at a time; an entry whose
@@ -181,7 +181,7 @@ class LogExamples:
         return digest.hexdigest()
 
 
-def trimmed_start(client: redis.Redis, tenant: str) -> Projected | None:
+def trimmed_start(client: BlockingRedis, tenant: str) -> Projected | None:
     """Where a pass over ``tenant``'s log must start: None (from its first entry) unless
     retention trimmed it (the snapshot, ``core.keys.snapshot``, says ``trimmed_to``); then
     the snapshot's projections, to continue after its position, so the users' histories
@@ -195,7 +195,7 @@ def trimmed_start(client: redis.Redis, tenant: str) -> Projected | None:
 
 
 def read_examples(
-    client: redis.Redis,
+    client: BlockingRedis,
     tenant: str,
     *,
     n_users: int,

@@ -30,7 +30,13 @@ from core.artifacts import REQUIRED_FILES, ArtifactSet, set_current, write_artif
 from core.prerank import save_prerank
 from mesh.errors import ArtifactError
 from training.evaluate import EvalConfig, evaluate
-from training.export import export_ranker, export_user_tower
+from training.export import (
+    ItemTowerGraph,
+    export_item_tower,
+    export_ranker,
+    export_user_tower,
+    verify_item_embeddings,
+)
 from training.features import category_codes, item_tower_inputs, user_feature_matrix
 from training.index import build_index, write_index
 from training.prerank import PrerankConfig, train_prerank
@@ -151,6 +157,19 @@ def train(root: Path, config: TrainConfig) -> Path:
             sample_items = world.item_features[examples.items[sample]]
             export_user_tower(two_tower.user_tower, files["user_tower"], sample_users)
             export_ranker(ranker, files["ranker"], sample_users, sample_items)
+            sample_ids = examples.items[sample]
+            sample_categories = world.item_categories[sample_ids].astype(np.int64)
+            served_item_tower = ItemTowerGraph(
+                two_tower.item_tower,
+                int(codes.codes.shape[0]),
+                one_hot=two_tower_cfg.category_one_hot,
+            )
+            export_item_tower(
+                served_item_tower, files["item_tower"], sample_items, sample_categories
+            )
+            verify_item_embeddings(
+                files["item_tower"], sample_items, sample_categories, item_embeddings[sample_ids]
+            )
             save_prerank(files["prerank"], prerank)
             _save_data(world, user_x, item_embeddings, files)
         with _phase("index", timings, bar):

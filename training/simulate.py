@@ -54,7 +54,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
@@ -65,6 +64,7 @@ from scipy import stats as sps
 from core.artifacts import ArtifactSet
 from core.explore import build_slate
 from mesh.context import TENANT_KEY
+from mesh.tls import PLAINTEXT, Transport
 from training.world import World
 
 F32 = NDArray[np.float32]
@@ -412,15 +412,18 @@ def append_events(
     events: Sequence[events_pb2.Event],
     batch: int = 500,
     timeout_s: float = 10.0,
+    *,
+    transport: Transport = PLAINTEXT,
 ) -> tuple[int, int]:
     """Append ``events`` in order to ``tenant``'s log through the events service at
-    ``address``, ``batch`` per ``Append``; returns (appended, duplicates).
+    ``address`` (over ``transport``: a tool's, ``ops``, names tenants to the events
+    service), ``batch`` per ``Append``; returns (appended, duplicates).
 
     Raises:
         grpc.RpcError: the service refused a batch or could not be reached.
     """
     appended = duplicates = 0
-    with grpc.insecure_channel(address) as channel:
+    with transport.sync_channel(address, server="events") as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         for start in range(0, len(events), batch):
             reply = stub.Append(

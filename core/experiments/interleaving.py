@@ -52,7 +52,7 @@ import numpy.typing as npt
 from core.logread import iter_log
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
+    from mesh.redis import AsyncRedis
 
 INTERLEAVED = "interleaved"
 """The variant key of every assignment to an interleaving experiment (every user in one
@@ -413,7 +413,7 @@ def _bootstrap(
 
 
 async def preference_from_log(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     tenant: str,
     experiment_key: str,
     arms: tuple[str, str],

@@ -85,7 +85,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
@@ -104,6 +103,7 @@ from core.replay import (
 )
 from core.validation import check_user_id
 from mesh.errors import InvalidArgument
+from mesh.redis import AsyncRedis
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Eraser:
     """
 
     def __init__(
-        self, client: aioredis.Redis, half_life_s: float, group: str, race_s: float = 10.0
+        self, client: AsyncRedis, half_life_s: float, group: str, race_s: float = 10.0
     ) -> None:
         self._redis = client
         self._half_life_s = half_life_s

@@ -32,23 +32,27 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
+from core.catalog import LIVE_BASE, set_item
 from core.logread import as_text, position_order
+from mesh.redis import AsyncRedis
 
 # KEYS: the stream, then per event its dedupe claim, then per event its request index,
 # then per event its user's index.
 # ARGV: the dedupe TTL, the request index's cap, then per event its serialized form, then
-# per event "1" when it names a request.
+# per event "1" when it names a request, then per event "1" when it names a user (the
+# catalog's events do not).
 _APPEND = """
 local n = (#KEYS - 1) / 3
 local appended = 0
 for i = 1, n do
   if redis.call('SET', KEYS[1 + i], '1', 'NX', 'EX', ARGV[1]) then
     local position = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2 + i])
-    redis.call('ZADD', KEYS[1 + 2 * n + i], string.match(position, '^%d+'), position)
+    if ARGV[2 + 2 * n + i] == '1' then
+      redis.call('ZADD', KEYS[1 + 2 * n + i], string.match(position, '^%d+'), position)
+    end
     local index = KEYS[1 + n + i]
     if ARGV[2 + n + i] == '1' and redis.call('LLEN', index) < tonumber(ARGV[2]) then
       redis.call('RPUSH', index, position)
@@ -58,6 +62,23 @@ for i = 1, n do
   end
 end
 return appended
+"""
+
+# KEYS: the tenant's id map (external -> internal), its reverse, its counter.
+# ARGV: the first internal id of the tenant's range, then the external ids to resolve.
+# Returns each one's internal id (decimal), handing out the next of the range to a new one.
+_RESOLVE = """
+local ids = {}
+for i = 2, #ARGV do
+  local id = redis.call('HGET', KEYS[1], ARGV[i])
+  if not id then
+    id = string.format('%d', tonumber(ARGV[1]) + redis.call('INCR', KEYS[3]) - 1)
+    redis.call('HSET', KEYS[1], ARGV[i], id)
+    redis.call('HSET', KEYS[2], id, ARGV[i])
+  end
+  ids[#ids + 1] = id
+end
+return ids
 """
 
 
@@ -87,6 +108,11 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def append(self, tenant: str, events: Sequence[events_pb2.Event]) -> AppendResult:
         """Store events whose id was not seen before, in order."""
+
+    @abc.abstractmethod
+    async def resolve_items(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:
+        """Set the internal ``item_id`` of every event that names an item by its external id
+        (``item_ref``; :mod:`core.catalog`), handing out new ids to ids never seen."""
 
     @abc.abstractmethod
     async def read(self, tenant: str, after: str, limit: int) -> list[tuple[str, events_pb2.Event]]:
@@ -119,15 +145,41 @@ class RedisStreamEventLog(EventLog):
             on every event cannot grow its index without bound).
     """
 
-    def __init__(self, client: aioredis.Redis, dedupe_ttl_s: int, request_cap: int = 1000) -> None:
+    def __init__(self, client: AsyncRedis, dedupe_ttl_s: int, request_cap: int = 1000) -> None:
         self._redis = client
         self._append = client.register_script(_APPEND)
+        self._resolve = client.register_script(_RESOLVE)
         self._ttl = dedupe_ttl_s
         self._request_cap = request_cap
 
     async def prepare(self) -> None:
         """Load the append script into Redis now, so the first append is one round trip."""
         await self._redis.script_load(_APPEND)
+        await self._redis.script_load(_RESOLVE)
+
+    async def resolve_items(self, tenant: str, events: Sequence[events_pb2.Event]) -> None:
+        live: dict[str, list[events_pb2.Event]] = {}
+        for event in events:
+            if not event.item_ref:
+                continue
+            number = set_item(event.item_ref)
+            if number is None:
+                live.setdefault(event.item_ref, []).append(event)
+            else:
+                event.item_id = number
+        if not live:
+            return
+        refs = list(live)
+        ids = cast(
+            list[bytes],
+            await self._resolve(
+                keys=[keys.item_ids(tenant), keys.item_names(tenant), keys.item_next(tenant)],
+                args=[LIVE_BASE, *refs],
+            ),
+        )
+        for ref, raw in zip(refs, ids, strict=True):
+            for event in live[ref]:
+                event.item_id = int(raw)
 
     async def append(self, tenant: str, events: Sequence[events_pb2.Event]) -> AppendResult:
         if not events:
@@ -145,6 +197,7 @@ class RedisStreamEventLog(EventLog):
                     self._request_cap,
                     *(event.SerializeToString() for event in events),
                     *("1" if event.request_id else "0" for event in events),
+                    *("1" if event.user_id else "0" for event in events),
                 ],
             )
         )

@@ -52,6 +52,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         except InvalidArgument as exc:
             APPENDS.labels(tenant, "refused", (exc.field or "").rsplit(".", 1)[-1]).inc(len(events))
             raise
+        await self._log.resolve_items(tenant, events)
         result = await self._log.append(tenant, events)
         APPENDS.labels(tenant, "appended", "").inc(result.appended)
         APPENDS.labels(tenant, "duplicate", "").inc(result.duplicates)

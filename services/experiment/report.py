@@ -51,7 +51,6 @@ from typing import cast
 
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
 from recmesh.experiment.v1 import experiment_pb2
 
 from core import keys
@@ -59,6 +58,7 @@ from core.experiments import stats
 from core.experiments.book import Experiment
 from core.logread import iter_log
 from core.replay import Stored, appended_ms
+from mesh.redis import AsyncRedis
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -239,7 +239,7 @@ class LogTable:
 
 
 async def refresh(
-    client: aioredis.Redis, tenant: str, table: LogTable | None, page: int = 5000
+    client: AsyncRedis, tenant: str, table: LogTable | None, page: int = 5000
 ) -> tuple[LogTable, int, bool]:
     """``table`` (or a new one) brought up to the end of ``tenant``'s log: the table, the
     entries read and whether it was rebuilt from the start (no table, the audit stream grew
@@ -272,7 +272,7 @@ async def refresh(
     return table, read, rebuilt
 
 
-async def catalogue_items(client: aioredis.Redis, tenant: str) -> int:
+async def catalogue_items(client: AsyncRedis, tenant: str) -> int:
     """The number of items the feature store materialised for ``tenant`` (0 when unknown)."""
     raw = await client.hget(keys.meta(tenant), "items")
     try:
@@ -569,7 +569,7 @@ def compute(
 
 
 async def build_report(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     tenant: str,
     spec: ReportSpec,
     table: LogTable | None = None,

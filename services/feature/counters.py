@@ -28,10 +28,10 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
 
 from core import keys
 from core.replay import COUNTED, EPOCH_MS
+from mesh.redis import AsyncRedis
 
 F64 = npt.NDArray[np.float64]
 
@@ -104,7 +104,7 @@ def decode_counters(raw: bytes, n: int, now_ms: int, tau: float) -> Counters:
 
 
 async def read_trending(
-    client: aioredis.Redis, tenant: str, k: int, min_clicks: float, now_ms: int, tau: float
+    client: AsyncRedis, tenant: str, k: int, min_clicks: float, now_ms: int, tau: float
 ) -> Trending:
     """The ``k`` items of ``tenant``'s trending set with the most clicks decayed to
     ``now_ms``, leaving out those below ``min_clicks`` (one ``ZRANGE``)."""

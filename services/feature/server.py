@@ -10,6 +10,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from mesh import redis as mesh_redis
 from mesh.client import Downstream
 from mesh.service import Registration, Service
+from mesh.tls import Transport
 from services.feature.asof import AsOfReader, EventsClient
 from services.feature.materialize import Materializer
 from services.feature.servicer import FeatureServicer
@@ -31,7 +32,12 @@ async def build_service(settings: FeatureSettings, events: EventsClient | None =
         client, history_cap=settings.history_cap, bulk=bulk, half_life_s=settings.half_life_s
     )
     if events is None:
-        events = Downstream.open("events", settings.events_addr, events_pb2_grpc.EventServiceStub)
+        events = Downstream.open(
+            "events",
+            settings.events_addr,
+            events_pb2_grpc.EventServiceStub,
+            transport=Transport.of(settings),
+        )
     servicer = FeatureServicer(
         store,
         Materializer(store, settings.artifacts),

@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 import numpy as np
-from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
-from core.validation import check_user_id, matrix_from_proto, vector_from_bytes
+from core.validation import check_user_id, matrix_from_proto, matrix_to_proto, vector_from_bytes
 from mesh.context import current_tenant
 from mesh.errors import InvalidArgument
 from services.feature.asof import AsOfReader
@@ -90,11 +89,7 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
         ids = list(request.item_ids)
         items = await self._store.get_items(current_tenant(), ids, list(request.counter_item_ids))
         reply = feature_pb2.GetItemFeaturesResponse(
-            features=common_pb2.FeatureMatrix(
-                rows=items.features.shape[0],
-                dim=items.features.shape[1],
-                values=items.features.astype("<f4").tobytes(),
-            ),
+            features=matrix_to_proto(items.features),
             categories=items.categories.tolist(),
             missing_item_ids=np.asarray(ids, dtype=np.int64)[items.missing].tolist(),
         )
@@ -156,15 +151,33 @@ class FeatureServicer(feature_pb2_grpc.FeatureServiceServicer):
     async def GetItemChanges(
         self, request: feature_pb2.GetItemChangesRequest, context: Context
     ) -> feature_pb2.GetItemChangesResponse:
-        """Items written by ``WriteItemFeatures`` at or after ``since_ms``.
+        """Items written by ``WriteItemFeatures`` or changed by the catalog at or after
+        ``since_ms``, oldest first, with their state when asked.
 
         Raises:
-            InvalidArgument: ``since_ms`` is negative.
+            InvalidArgument: ``since_ms`` or ``limit`` is negative, or ``limit`` is above
+                the service's batch limit while ``with_state`` is set.
         """
         if request.since_ms < 0:
             raise InvalidArgument("since_ms must be >= 0", field="since_ms")
-        ids, as_of = await self._store.item_changes(current_tenant(), request.since_ms)
-        return feature_pb2.GetItemChangesResponse(item_ids=ids, as_of_ms=as_of)
+        if request.limit < 0 or (request.with_state and request.limit > self._max_batch):
+            raise InvalidArgument(
+                f"limit must be in 0..{self._max_batch} (1.. with with_state)", field="limit"
+            )
+        if request.with_state and request.limit == 0:
+            raise InvalidArgument("with_state needs a limit", field="limit")
+        tenant = current_tenant()
+        changes = await self._store.item_changes(tenant, request.since_ms, request.limit)
+        reply = feature_pb2.GetItemChangesResponse(
+            item_ids=changes.item_ids, as_of_ms=changes.as_of_ms, more=changes.more
+        )
+        if request.with_state and changes.item_ids:
+            states = await self._store.item_states(tenant, changes.item_ids)
+            reply.features.CopyFrom(matrix_to_proto(states.rows.features))
+            reply.categories.extend(states.rows.categories.tolist())
+            reply.available.extend(states.available)
+            reply.names.extend(states.names)
+        return reply
 
     async def Materialize(
         self, request: feature_pb2.MaterializeRequest, context: Context

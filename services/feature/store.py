@@ -35,12 +35,12 @@ from typing import cast
 
 import numpy as np
 import numpy.typing as npt
-import redis
-import redis.asyncio as aioredis
 
 from core import keys
+from core.catalog import is_live
 from core.replay import Projected, category_shares, tau_ms
 from mesh.errors import FailedPrecondition, InvalidArgument
+from mesh.redis import AsyncRedis, BlockingRedis, queue_mget, queue_mset
 from mesh.settings import COUNTER_HALF_LIFE_S
 from mesh.tracing import redis_span
 from services.feature.counters import (
@@ -86,6 +86,28 @@ class ItemFeatures:
     counters: Counters | None = None
     """The decayed counters of the ids asked for them (see :meth:`FeatureStore.get_items`),
     ``None`` when none were."""
+
+
+@dataclass(frozen=True)
+class ItemChanges:
+    """A page of the tenant's item changes (:meth:`FeatureStore.item_changes`)."""
+
+    item_ids: list[int]
+    as_of_ms: int
+    """The latest change returned (the ``since_ms`` asked when none)."""
+    more: bool
+    """The limit cut the page: more changes wait after ``as_of_ms``."""
+
+
+@dataclass(frozen=True)
+class ItemStates:
+    """Items' current state, in request order (:meth:`FeatureStore.item_states`)."""
+
+    rows: ItemFeatures
+    available: list[bool]
+    """False for an item deleted, or upserted as not available (``core.keys.withdrawn``)."""
+    names: list[str]
+    """The tenant's own id of each of its own items; "" for the artifact set's items."""
 
 
 @dataclass(frozen=True)
@@ -156,9 +178,13 @@ class FeatureStore(abc.ABC):
         ``record`` is False (the bulk load of a whole set). Returns rows written."""
 
     @abc.abstractmethod
-    async def item_changes(self, tenant: str, since_ms: int) -> tuple[list[int], int]:
-        """Items :meth:`write_items` wrote at or after ``since_ms``, and the latest write's
-        ms among them (``since_ms`` when none)."""
+    async def item_changes(self, tenant: str, since_ms: int, limit: int = 0) -> ItemChanges:
+        """Items :meth:`write_items` wrote (or the catalog changed) at or after
+        ``since_ms``, oldest first, at most ``limit`` (0: all)."""
+
+    @abc.abstractmethod
+    async def item_states(self, tenant: str, item_ids: Sequence[int]) -> ItemStates:
+        """The current state of ``item_ids``: rows, availability and the tenant's names."""
 
     @abc.abstractmethod
     async def load_items(self, tenant: str, rows: F32, categories: I32) -> int:
@@ -195,9 +221,9 @@ class RedisFeatureStore(FeatureStore):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedis,
         history_cap: int = 200,
-        bulk: redis.Redis | None = None,
+        bulk: BlockingRedis | None = None,
         half_life_s: float = COUNTER_HALF_LIFE_S,
     ) -> None:
         self._redis = client
@@ -278,7 +304,7 @@ class RedisFeatureStore(FeatureStore):
         commands: list[str] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             if rows_keys:
-                pipe.mget(rows_keys)
+                queue_mget(pipe, rows_keys)
                 commands.append("MGET")
             if with_rows:
                 pipe.hget(keys.meta(tenant), "item_default")
@@ -375,30 +401,71 @@ class RedisFeatureStore(FeatureStore):
             return len(item_ids)
         now_ms = int(time.time() * 1000)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.mset(mapping)
+        queue_mset(pipe, mapping)
         pipe.zadd(keys.item_changes(tenant), {str(int(i)): now_ms for i in item_ids})
         with redis_span("MULTI MSET+ZADD", self._redis, keys=len(mapping)):
             await pipe.execute()
         return len(item_ids)
 
-    async def item_changes(self, tenant: str, since_ms: int) -> tuple[list[int], int]:
+    async def item_changes(self, tenant: str, since_ms: int, limit: int = 0) -> ItemChanges:
         with redis_span("ZRANGEBYSCORE", self._redis):
             found = cast(
                 list[tuple[bytes, float]],
                 await self._redis.zrangebyscore(
-                    keys.item_changes(tenant), since_ms, "+inf", withscores=True
+                    keys.item_changes(tenant),
+                    since_ms,
+                    "+inf",
+                    start=0 if limit else None,
+                    num=limit + 1 if limit else None,
+                    withscores=True,
                 ),
             )
+        more = bool(limit) and len(found) > limit
+        found = found[:limit] if more else found
         ids = [int(member) for member, _ in found]
-        return ids, max([since_ms, *(int(score) for _, score in found)])
+        return ItemChanges(ids, max([since_ms, *(int(score) for _, score in found)]), more)
+
+    async def item_states(self, tenant: str, item_ids: Sequence[int]) -> ItemStates:
+        rows = await self.get_items(tenant, item_ids)
+        live = [i for i in item_ids if is_live(i)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.smismember(keys.withdrawn(tenant), [str(i) for i in item_ids] or ["-"])
+            pipe.hmget(keys.item_names(tenant), [str(i) for i in live] or ["-"])
+            with redis_span("SMISMEMBER+HMGET", self._redis, keys=len(item_ids)):
+                withdrawn, names = await pipe.execute()
+        named = {i: (n or b"").decode() for i, n in zip(live, names, strict=False)}
+        return ItemStates(
+            rows,
+            [not bool(w) for w in withdrawn[: len(item_ids)]],
+            [named.get(i, "") for i in item_ids],
+        )
 
     async def load_items(self, tenant: str, rows: F32, categories: I32) -> int:
+        """The bulk load, then the rows the tenant itself wrote for set items (the catalog's
+        upserts, ``WriteItemFeatures``) put back: a new set never undoes a tenant's write."""
         _, item_dim = await self._dims(tenant)
         if rows.ndim != 2 or rows.shape[1] != item_dim or len(categories) != rows.shape[0]:
             raise InvalidArgument(
                 f"item rows must have shape [n, {item_dim}] with one category each",
                 field="features",
             )
+        written = [i for i in (await self.item_changes(tenant, 0)).item_ids if i < rows.shape[0]]
+        kept = cast(
+            list[bytes | None],
+            await self._redis.mget([keys.item_row(tenant, i) for i in written]) if written else [],
+        )
+        loaded = await self._load_items(tenant, rows, categories, item_dim)
+        width = _item_layout(item_dim).itemsize
+        restore = {
+            keys.item_row(tenant, i): raw
+            for i, raw in zip(written, kept, strict=True)
+            if raw is not None and len(raw) == width
+        }
+        if restore:
+            await self._redis.mset(restore)
+        return loaded
+
+    async def _load_items(self, tenant: str, rows: F32, categories: I32, item_dim: int) -> int:
         if self._bulk is None:
             for start in range(0, rows.shape[0], 2000):
                 stop = min(start + 2000, rows.shape[0])
@@ -422,13 +489,14 @@ class RedisFeatureStore(FeatureStore):
                 raw, width = packed.tobytes(), layout.itemsize
                 with bulk.pipeline(transaction=False) as pipe:
                     for first in range(start, stop, 2000):
-                        pipe.mset(
+                        queue_mset(
+                            pipe,
                             {
                                 keys.item_row(tenant, item): raw[
                                     (item - start) * width : (item - start + 1) * width
                                 ]
                                 for item in range(first, min(first + 2000, stop))
-                            }
+                            },
                         )
                     pipe.execute()
 

@@ -17,20 +17,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-import redis.asyncio as aioredis
-
 from core import keys
 from core.logread import dead_lettered, iter_log
 from core.replay import Projected, Replay, decayed, tau_ms
+from mesh.redis import AsyncRedis
 
 TOLERANCE = 1e-9
 """Relative difference of two decayed counts (absolute, of two trending scores) still
 taken as equal: Lua and Python round the same sums in different orders."""
 
 
-async def item_categories(
-    client: aioredis.Redis, tenant: str, items: Iterable[int]
-) -> dict[int, int]:
+async def item_categories(client: AsyncRedis, tenant: str, items: Iterable[int]) -> dict[int, int]:
     """The category of each of ``items`` that has a feature row (the row's last four
     bytes, as the projector reads them); items without a row are left out."""
     wanted = list(items)
@@ -48,7 +45,7 @@ async def item_categories(
 
 
 async def recompute(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     tenant: str,
     half_life_s: float,
     history_cap: int,
@@ -80,7 +77,7 @@ class Live:
     trending: dict[int, float] = field(default_factory=dict)
 
 
-async def _owned(client: aioredis.Redis, prefix: str, list_kind: bool) -> dict[str, object]:
+async def _owned(client: AsyncRedis, prefix: str, list_kind: bool) -> dict[str, object]:
     """Every key starting with ``prefix`` (a key function's name for the owner ""), by
     its owner (the rest of the name), with its value: a list, or a hash as text."""
     names = [key.decode() async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
@@ -95,7 +92,7 @@ def _text_hash(reply: object) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], reply).items()}
 
 
-async def read_projections(client: aioredis.Redis, tenant: str, namespace: str = "") -> Live:
+async def read_projections(client: AsyncRedis, tenant: str, namespace: str = "") -> Live:
     """Every projection of ``tenant`` stored in ``namespace`` ("" = the live ones): found
     by key (``SCAN``), so a stored projection no event explains shows up too."""
     found = Live(Projected())
@@ -189,7 +186,7 @@ class Snapshot:
     """The position the log was trimmed to behind this snapshot ("" when never)."""
 
 
-async def read_snapshot(client: aioredis.Redis, tenant: str) -> Snapshot | None:
+async def read_snapshot(client: AsyncRedis, tenant: str) -> Snapshot | None:
     """The tenant's stored snapshot (``keys.snapshot``), or None when it has none."""
     state, trimmed = cast(
         list[bytes | None], await client.hmget(keys.snapshot(tenant), ["state", "trimmed_to"])
@@ -201,14 +198,14 @@ async def read_snapshot(client: aioredis.Redis, tenant: str) -> Snapshot | None:
     )
 
 
-async def load_snapshot(client: aioredis.Redis, tenant: str) -> Projected | None:
+async def load_snapshot(client: AsyncRedis, tenant: str) -> Projected | None:
     """The projections of the tenant's stored snapshot, or None when it has none."""
     found = await read_snapshot(client, tenant)
     return found.projected if found is not None else None
 
 
 async def store_snapshot(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     tenant: str,
     projected: Projected,
     computed_from: Snapshot | None,
@@ -232,7 +229,7 @@ async def store_snapshot(
 
 
 async def verify(
-    client: aioredis.Redis, tenants: Sequence[str], half_life_s: float, history_cap: int
+    client: AsyncRedis, tenants: Sequence[str], half_life_s: float, history_cap: int
 ) -> dict[str, list[str]]:
     """Per tenant, where its live projections differ from a recompute over its log (from
     its snapshot, when it has one, and the entries after it). Events the projector has not

@@ -5,11 +5,12 @@ start of the stream, so a new deployment projects the whole log). Every replica 
 with its own consumer name, so Redis hands each entry to one of them:
 
 1. ``XREADGROUP ... >`` reads new entries of every tenant in one call (blocking up to
-   ``block_ms``); each batch is applied (:class:`~services.projector.projections.Projections`,
-   idempotent) and then acknowledged (``XACK``). A replica that dies between the two
-   leaves the entries pending under its name; a replica names itself stably (its host
-   name: a pod's name), so the restarted process reads its own pending entries first
-   (``XREADGROUP ... 0``) and applies the log in order.
+   ``block_ms``; on a cluster, one call per tenant's slot, side by side); each batch is
+   applied (:class:`~services.projector.projections.Projections`, idempotent) and then
+   acknowledged (``XACK``). A replica that dies between the two leaves the entries
+   pending under its name; a replica names itself stably (its host name: a pod's name),
+   so the restarted process reads its own pending entries first (``XREADGROUP ... 0``)
+   and applies the log in order.
 2. Every ``claim_idle_s / 2`` seconds ``XAUTOCLAIM`` takes over entries pending longer
    than ``claim_idle_s`` (a crashed replica's) and applies them; applying twice changes
    nothing. Entries trimmed from the stream while pending are acknowledged away.
@@ -36,11 +37,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
 from core import keys
 from core.logread import Entry, as_text
+from mesh.redis import AsyncRedis, slot_groups
 from services.projector.projections import Dead, Projections, decoded
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ LAG_SECONDS = Gauge(
 LAG_COUNT_CAP = 100_000
 """Most unread entries counted one by one when Redis cannot say the lag itself."""
 
+READ_CONCURRENCY = 16
+"""Most ``XREADGROUP`` calls in flight at once (a cluster: one per slot of the tenants)."""
+
+MAX_BLOCKING_READS = 16
+"""Most slots whose reads block (``block_ms``); past that, a round polls every slot and
+waits ``block_ms`` when none had an entry, so many tenants do not hold many connections."""
+
 
 @dataclass(frozen=True)
 class Lag:
@@ -96,7 +104,7 @@ class StreamProjector:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedis,
         projections: Projections,
         tenants: Sequence[str],
         *,
@@ -147,28 +155,54 @@ class StreamProjector:
         return await self._read(">", self._block_ms)
 
     async def _read(self, start: str, block_ms: int | None) -> int:
-        streams: dict[Any, Any] = {keys.events(t): start for t in self.tenants}
-        try:
-            reply = await self._redis.xreadgroup(
-                self.group, self.consumer, streams, count=self._batch, block=block_ms
-            )
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.prepare()  # Redis lost its data (a restart without persistence)
-            return 0
-        self.last_read = self._clock()
+        """One ``XREADGROUP`` per hash slot of the tenants' streams: one for every tenant on
+        a single server; on a cluster, where each tenant's log has its own slot and one
+        command cannot name keys of several, one per slot, side by side (at most
+        :data:`READ_CONCURRENCY` at once). Up to :data:`MAX_BLOCKING_READS` slots each read
+        blocks; with more, every read is a poll and an empty round waits ``block_ms``."""
+        groups = slot_groups(self._redis, [keys.events(t) for t in self.tenants])
+        blocking = block_ms if len(groups) <= MAX_BLOCKING_READS else None
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def read(streams: list[str]) -> list[tuple[bytes, list[Entry]]]:
+            async with gate:
+                reply = await self._redis.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    dict.fromkeys(streams, start),
+                    count=self._batch,
+                    block=blocking,
+                )
+            return cast(list[tuple[bytes, list[Entry]]], reply or [])
+
+        # Every read's entries are handled, even when another read failed: they were
+        # delivered to this consumer and would otherwise wait for a claim.
+        replies = await asyncio.gather(*(read(g) for g in groups), return_exceptions=True)
+        failures = [r for r in replies if isinstance(r, BaseException)]
+        if not failures:
+            self.last_read = self._clock()
         handled = 0
         by_stream = {keys.events(t): t for t in self.tenants}
-        for stream, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
-            # A pending entry deleted from the stream since comes back as (id, None).
-            gone = [as_text(p) for p, fields in entries if fields is None]
-            if gone:
-                await self._redis.xack(stream, self.group, *gone)
-            live = [entry for entry in entries if entry[1] is not None]
-            handled += len(gone)
-            if live:
-                handled += await self._handle(by_stream[stream.decode()], live)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                continue
+            for stream, entries in reply:
+                # A pending entry deleted from the stream since comes back as (id, None).
+                gone = [as_text(p) for p, fields in entries if fields is None]
+                if gone:
+                    await self._redis.xack(stream, self.group, *gone)
+                live = [entry for entry in entries if entry[1] is not None]
+                handled += len(gone)
+                if live:
+                    handled += await self._handle(by_stream[stream.decode()], live)
+        for failure in failures:
+            if not (isinstance(failure, redis.ResponseError) and "NOGROUP" in str(failure)):
+                raise failure
+        if failures:
+            await self.prepare()  # Redis lost its data (a restart without persistence)
+            return handled
+        if not handled and block_ms and blocking is None:
+            await asyncio.sleep(block_ms / 1000)
         return handled
 
     async def claim_once(self) -> int:

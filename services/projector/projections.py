@@ -21,6 +21,16 @@ exactly-once effect while the mark lives.
 * **Trending** (``trending(tenant)``, a sorted set): a clicked item's score is
   :func:`core.replay.trending_score` of its click counter.
 
+* **The catalog** (live namespace only): an ``item_upsert`` writes the item's feature row
+  (features then its int32 category), adds it to or removes it from the tenant's withdrawn
+  items (``withdrawn(tenant)``) by its availability, and records the change in
+  ``item_changes(tenant)`` scored by Redis's clock (one clock for every writer); an
+  ``item_delete`` withdraws the item and records the change (its counters and trending
+  score stay, as the log's replay computes them; retrieval never serves a withdrawn item
+  from any source). One
+  tenant's events apply in log order, so for one item the later event wins. A rebuild's
+  namespace leaves the catalog alone: it is not a projection a rebuild swaps in.
+
 Every key is named in a namespace: the live one (``""``) or a rebuild's.
 Other event types (exposure, dismiss) are marked applied and change nothing.
 """
@@ -31,7 +41,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from recmesh.events.v1 import events_pb2
 
@@ -40,37 +49,54 @@ from core.events import validate_event
 from core.logread import Entry
 from core.replay import EPOCH_MS, TRENDING_KIND, appended_ms, tau_ms
 from mesh.errors import InvalidArgument
+from mesh.redis import AsyncRedis
 
-# KEYS: the trending set, then per event: applied mark, user outcomes, item counters,
-# category shares, item feature row.
-# ARGV: mark TTL, history cap, tau (ms), epoch (ms), the trending kind, then per event:
-# type, item id, event time (ms).
+# KEYS: the trending set, the withdrawn items, the item changes, then per event: applied
+# mark, user outcomes, item counters, category shares, item feature row.
+# ARGV: mark TTL, history cap, tau (ms), epoch (ms), the trending kind, "1" when catalog
+# events change the catalog (the live namespace), then per event: type, item id, event
+# time (ms), category, features (packed), "1" when available.
 # Returns {applied, applied events whose item has no feature row, then the 1-based index
 # of each event not applied because one of its keys holds another type}. Redis does not
 # roll a failed script back, so the types are checked before anything of an event is
 # written: an event is applied whole (and marked) or not at all.
 _APPLY = """
 local ttl, cap, tau, epoch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local trend_kind = ARGV[5]
+local trend_kind, catalog = ARGV[5], ARGV[6] == '1'
 local expected = {'string', 'list', 'hash', 'hash', 'string'}
 local function typed(key, want)
   local found = redis.call('TYPE', key).ok
   return found == 'none' or found == want
 end
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local result = {0, 0}
-local trend_ok = typed(KEYS[1], 'zset')
-for i = 1, (#KEYS - 1) / 5 do
-  local k = 1 + 5 * (i - 1)
-  local kind, item, ts = ARGV[3 + 3 * i], ARGV[4 + 3 * i], tonumber(ARGV[5 + 3 * i])
-  local ok = trend_ok
+local shared_ok = typed(KEYS[1], 'zset') and typed(KEYS[2], 'set') and typed(KEYS[3], 'zset')
+for i = 1, (#KEYS - 3) / 5 do
+  local k = 3 + 5 * (i - 1)
+  local a = 1 + 6 * i
+  local kind, item, ts = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local ok = shared_ok
   for j = 1, 5 do
     ok = ok and typed(KEYS[k + j], expected[j])
   end
   if not ok then
     result[#result + 1] = i
   elseif redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ttl) then
+    if kind == 'item_upsert' and catalog then
+      redis.call('SET', KEYS[k + 5], ARGV[a + 4] .. struct.pack('<i4', tonumber(ARGV[a + 3])))
+      if ARGV[a + 5] == '1' then
+        redis.call('SREM', KEYS[2], item)
+      else
+        redis.call('SADD', KEYS[2], item)
+      end
+      redis.call('ZADD', KEYS[3], now, item)
+    elseif kind == 'item_delete' and catalog then
+      redis.call('SADD', KEYS[2], item)
+      redis.call('ZADD', KEYS[3], now, item)
+    end
     local tail = redis.call('GETRANGE', KEYS[k + 5], -4, -1)
-    if #tail ~= 4 then result[2] = result[2] + 1 end
+    if #tail ~= 4 and kind ~= 'item_delete' then result[2] = result[2] + 1 end
     if kind == 'click' or kind == 'conversion' then
       redis.call('RPUSH', KEYS[k + 2], item)
       redis.call('LTRIM', KEYS[k + 2], -cap, -1)
@@ -165,7 +191,7 @@ class Projections:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedis,
         history_cap: int,
         half_life_s: float,
         applied_ttl_s: int,
@@ -188,13 +214,18 @@ class Projections:
         if not events:
             return Applied(0, 0)
         ns = self.namespace
-        key_list: list[str] = [keys.trending(tenant, ns)]
-        args: list[str | float | int] = [
+        key_list: list[str] = [
+            keys.trending(tenant, ns),
+            keys.withdrawn(tenant),
+            keys.item_changes(tenant),
+        ]
+        args: list[str | float | int | bytes] = [
             self._ttl,
             self._history_cap,
             self._tau_ms,
             EPOCH_MS,
             TRENDING_KIND,
+            "0" if ns else "1",
         ]
         for event in events:
             key_list += [
@@ -204,7 +235,14 @@ class Projections:
                 keys.category_shares(tenant, event.user_id, ns),
                 keys.item_row(tenant, event.item_id),
             ]
-            args += [event.type, event.item_id, event.ts_ms]
+            args += [
+                event.type,
+                event.item_id,
+                event.ts_ms,
+                event.category,
+                event.features,
+                "1" if event.available else "0",
+            ]
         applied, unknown, *failed = cast(list[int], await self._apply(keys=key_list, args=args))
         return Applied(int(applied), int(unknown), tuple(int(i) - 1 for i in failed))
 

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-import redis.asyncio as aioredis
 
 from core import keys
 from core.logread import Entry, as_text, position_order
 from core.replay import Projected, counter_fields, tau_ms
+from mesh.redis import AsyncRedis
 from services.projector import batch
 from services.projector.projections import Projections, decoded
 
@@ -50,7 +50,7 @@ class Rebuilt:
     seconds: float
 
 
-async def drop_namespace(client: aioredis.Redis, tenant: str, namespace: str) -> int:
+async def drop_namespace(client: AsyncRedis, tenant: str, namespace: str) -> int:
     """Delete every key of ``tenant``'s projection namespace ``namespace`` (not the live
     one: refused for ""); returns how many."""
     if not namespace:
@@ -67,7 +67,7 @@ async def drop_namespace(client: aioredis.Redis, tenant: str, namespace: str) ->
 
 
 async def write(
-    client: aioredis.Redis, tenant: str, projected: Projected, namespace: str, half_life_s: float
+    client: AsyncRedis, tenant: str, projected: Projected, namespace: str, half_life_s: float
 ) -> None:
     """Write ``projected`` into ``namespace`` in the projector's stored forms (numbers as
     the Lua writes them, so a read gives back the same doubles)."""
@@ -91,7 +91,7 @@ async def write(
 
 
 async def rebuild(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     tenant: str,
     projections: Projections,
     half_life_s: float,
@@ -144,7 +144,7 @@ class Trimmed:
 
 
 async def trim(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     tenant: str,
     before_ms: int,
     group: str,
@@ -197,7 +197,7 @@ async def trim(
     return Trimmed("", 0)
 
 
-async def _last_before(client: aioredis.Redis, stream: str, bound: str) -> str | None:
+async def _last_before(client: AsyncRedis, stream: str, bound: str) -> str | None:
     try:
         found = cast(list[Entry], await client.xrevrange(stream, max=bound, min="-", count=1))
     except redis.ResponseError:
@@ -212,7 +212,7 @@ class Retention:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedis,
         retention_days: dict[str, float],
         *,
         group: str,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
+from mesh.redis import AsyncRedis
 
 # Returns {allowed, retry_after_s, remaining, granted, refill_s}; floats as strings
 # because Redis truncates Lua numbers to integers. ARGV[5] = '1' checks without writing.
@@ -97,7 +97,7 @@ class RedisRateLimiter:
         clock: wall clock used only to name the hourly usage bucket.
     """
 
-    def __init__(self, client: aioredis.Redis, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: AsyncRedis, clock: Callable[[], float] = time.time) -> None:
         self._redis = client
         self._script = client.register_script(_GCRA)
         self._clock = clock

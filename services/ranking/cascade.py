@@ -50,7 +50,7 @@ from core.experiments.interleaving import (
     random_coins,
     team_draft,
 )
-from core.explore import Slate, build_slate, rng_for
+from core.explore import Slate, build_slate, reserve_pool, rng_for
 from core.validation import matrix_from_proto
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.stages import StageClock
@@ -374,8 +374,9 @@ class Cascade:
             )
             outcome.teams = [arms[team].key for team in merged.teams]
             return outcome
+        fresh = in_sources == common_pb2.SOURCE_FRESH
         slate = self._rerank(
-            trace, planner, policy, rows, recent, orders[0], keeps_h[0], featureless, n, rng
+            trace, planner, policy, rows, recent, orders[0], keeps_h[0], featureless, n, rng, fresh
         )
         explored = int(slate.explored.sum())
         if explored:
@@ -489,22 +490,26 @@ class Cascade:
         featureless: I64,
         n: int,
         rng: np.random.Generator,
+        fresh: npt.NDArray[np.bool_],
     ) -> Slate:
         """Freshness boost, recent-CTR lift and diversity over the first ``keep`` of
         ``order`` (:meth:`_diversify`), then the exploration slots (drawn from what follows
-        the chosen items)."""
+        the chosen items, with ``policy.cold_start_share`` of the pool reserved for the
+        ``fresh`` candidates, :func:`core.explore.reserve_pool`)."""
         budget = planner.budget("rerank")
         picked = self._diversify(
             budget, _deadline(self.clock, planner, budget), policy, rows, recent, order, keep, n
         )
         rest = order[~np.isin(order, picked.chosen)]
-        slate = build_slate(
+        final = reserve_pool(
             np.concatenate([picked.chosen, rest, featureless]),
             n,
             policy.explore_share,
             policy.explore_pool,
-            rng,
+            fresh,
+            policy.cold_start_share,
         )
+        slate = build_slate(final, n, policy.explore_share, policy.explore_pool, rng)
         trace.lap(
             "rerank",
             picked.problem,

@@ -54,6 +54,7 @@ class RankPolicy:
     ctr_weight: float
     explore_share: float
     explore_pool: int
+    cold_start_share: float = 0.0
     budgets: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -71,6 +72,7 @@ class RankPolicy:
             ctr_weight=settings.ctr_weight,
             explore_share=settings.explore_share,
             explore_pool=settings.explore_pool,
+            cold_start_share=settings.cold_start_share,
             budgets={
                 "item_features": settings.feature_budget_s,
                 "prerank": settings.prerank_budget_s,
@@ -93,6 +95,8 @@ def _problem(policy: RankPolicy) -> tuple[str, str] | None:
         return "max_per_category", "max_per_category must be >= 0"
     if not 0.0 <= policy.explore_share <= 1.0:
         return "explore_share", "explore_share must be in [0, 1]"
+    if not 0.0 <= policy.cold_start_share <= 1.0:
+        return "cold_start_share", "RECMESH_RANKING_COLD_START_SHARE must be in [0, 1]"
     if not 0.0 <= policy.ctr_weight < math.inf:
         return "ctr_weight", "ctr_weight must be a finite number >= 0"
     for stage, seconds in policy.budgets.items():

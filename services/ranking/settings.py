@@ -169,6 +169,12 @@ class RankingSettings(ModelServingSettings):
         explore.DEFAULT_POOL,
         doc="candidates after the chosen ones that exploration draws from",
     )
+    cold_start_share: float = env(
+        "RECMESH_RANKING_COLD_START_SHARE",
+        0.2,
+        doc="share of the exploration pool reserved for fresh candidates (the tenant's new "
+        "catalog items, retrieval's fresh source): cold start, with exact propensities",
+    )
 
     # Item rows.
     item_rows_from_set: bool = env(

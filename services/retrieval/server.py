@@ -8,6 +8,7 @@ from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from core.artifacts import resolve_current
 from mesh.service import Registration
+from services.retrieval.catalog import LiveCatalog
 from services.retrieval.index import RetrievalModels
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
@@ -43,7 +44,13 @@ async def build_service(
         max_age_s=settings.trending_max_age_s,
         wait_s=settings.feature_budget_s,
     )
-    servicer = RetrievalServicer(models, features, settings, trending)
+    catalog = LiveCatalog(
+        features,
+        refresh_s=settings.catalog_refresh_s,
+        max_age_s=settings.catalog_max_age_s,
+        wait_s=settings.feature_budget_s,
+    )
+    servicer = RetrievalServicer(models, features, settings, trending, catalog)
 
     def load(path: Path, served: RetrievalModels) -> RetrievalModels:
         return RetrievalModels.replacing(path, served, settings.ann_k)
@@ -52,4 +59,5 @@ async def build_service(
     service = model_service(settings, registration, models, load, features)
     # The refreshes in flight end before the feature client they call through closes.
     service.cleanups.insert(0, trending.close)
+    service.cleanups.insert(0, catalog.close)
     return service

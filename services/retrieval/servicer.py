@@ -12,12 +12,14 @@ from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from core.catalog import is_live
 from core.validation import check_user_id
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.context import current_tenant
 from mesh.errors import InvalidArgument
 from mesh.stages import StageClock
-from services.retrieval.index import RetrievalModels, merge
+from services.retrieval.catalog import LiveCatalog
+from services.retrieval.index import Candidates, RetrievalModels, merge
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.trending import TrendingCache
 
@@ -43,11 +45,13 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         features: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub],
         settings: RetrievalSettings,
         trending: TrendingCache,
+        catalog: LiveCatalog,
     ) -> None:
         self.models = models
         self._features = features
         self._settings = settings
         self._trending = trending
+        self._catalog = catalog
 
     def _k(self, value: int, default: int, field: str) -> int:
         if value < 0 or value > self._settings.max_k:
@@ -69,6 +73,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         ann_k = self._k(request.ann_k, self._settings.ann_k, "ann_k")
         popular_k = self._k(request.popular_k, self._settings.popular_k, "popular_k")
         trending_k = self._k(request.trending_k, self._settings.trending_k, "trending_k")
+        fresh_k = self._k(request.fresh_k, self._settings.fresh_k, "fresh_k")
         models = self.models
         clock = StageClock("retrieval")
         user: feature_pb2.GetUserFeaturesResponse | None = None
@@ -86,12 +91,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             budget_s=self._settings.feature_budget_s,
             degraded_reason="" if user is not None else "feature service unavailable",
         )
+        catalog = await self._catalog.view(tenant, models)
+        clock.lap(
+            "catalog",
+            budget_s=self._settings.feature_budget_s,
+            degraded_reason=catalog.problem,
+        )
         seen = np.asarray(user.history if user is not None else [], dtype=np.int64)
         empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         ann = empty
         if user is not None and not user.is_default and user.dim == models.user_dim:
             vector = np.frombuffer(user.features, dtype="<f4")
-            ann = models.search(models.embed(vector), ann_k + seen.size)
+            ann = catalog.index.search_one(models.embed(vector), ann_k + seen.size)
         clock.lap("ann", candidates_out=ann[0].size)
         listed = await self._trending.get(tenant)
         trending = (listed.ids[: trending_k + seen.size], listed.clicks[: trending_k + seen.size])
@@ -102,21 +113,25 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             degraded_reason=listed.problem,
         )
         clock.reports[-1].details["age_s"] = listed.age_s if listed.age_s < math.inf else -1.0
-        popular = (
-            models.popular_ids[: popular_k + seen.size],
-            models.popular_scores[: popular_k + seen.size],
-        )
+        popular = catalog.index.popular(popular_k + seen.size)
+        fresh_ids = catalog.fresh[:fresh_k]
+        fresh = (fresh_ids, np.zeros(fresh_ids.size, np.float32))
         candidates = merge(
             [
                 (*ann, common_pb2.SOURCE_ANN),
                 (*trending, common_pb2.SOURCE_TRENDING),
                 (*popular, common_pb2.SOURCE_POPULAR),
+                (*fresh, common_pb2.SOURCE_FRESH),
             ],
             seen,
         )
+        servable = catalog.servable(candidates.ids)
+        candidates = Candidates(
+            candidates.ids[servable], candidates.scores[servable], candidates.sources[servable]
+        )
         clock.lap(
             "merge",
-            candidates_in=ann[0].size + trending[0].size + popular[0].size,
+            candidates_in=ann[0].size + trending[0].size + popular[0].size + fresh[0].size,
             candidates_out=candidates.ids.size,
         )
         return retrieval_pb2.RetrieveResponse(
@@ -131,4 +146,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             model_version=models.version,
             stages=clock.reports,
             degraded=clock.degraded,
+            names={
+                int(i): catalog.names[int(i)]
+                for i in candidates.ids
+                if is_live(int(i)) and int(i) in catalog.names
+            },
         )

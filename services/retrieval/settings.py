@@ -57,8 +57,30 @@ class RetrievalSettings(ModelServingSettings):
         doc="a trending list older than this is not served: a request finding it older waits "
         "for the refresh (up to the feature budget), and while refreshes fail it gets none",
     )
+    fresh_k: int = env(
+        "RECMESH_RETRIEVAL_FRESH_K",
+        20,
+        doc="default fresh candidates: the tenant's newest own catalog items, for cold start",
+    )
+    catalog_refresh_s: float = env(
+        "RECMESH_RETRIEVAL_CATALOG_REFRESH_S",
+        0.2,
+        doc="a tenant's live catalog this old is refreshed from the item changes (at most one "
+        "call per tenant per period); also the cap of each call",
+    )
+    catalog_max_age_s: float = env(
+        "RECMESH_RETRIEVAL_CATALOG_MAX_AGE_S",
+        0.5,
+        doc="a request finding its tenant's catalog older than this waits for the refresh (up "
+        "to the feature budget) and, still older, names catalog in degraded",
+    )
 
     def __post_init__(self) -> None:
+        if not 0 < self.catalog_refresh_s <= self.catalog_max_age_s:
+            raise ConfigError(
+                f"RECMESH_RETRIEVAL_CATALOG_REFRESH_S={self.catalog_refresh_s} must be above "
+                f"0 and at most RECMESH_RETRIEVAL_CATALOG_MAX_AGE_S={self.catalog_max_age_s}"
+            )
         if not 0 < self.trending_refresh_s <= self.trending_max_age_s:
             raise ConfigError(
                 f"RECMESH_RETRIEVAL_TRENDING_REFRESH_S={self.trending_refresh_s} must be above "

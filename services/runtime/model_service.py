@@ -13,6 +13,7 @@ from recmesh.feature.v1 import feature_pb2_grpc
 from mesh.client import Downstream
 from mesh.service import Registration, Service
 from mesh.settings import ServerSettings, artifacts_dir, downstream, env
+from mesh.tls import Transport
 from services.runtime.artifact_watch import ArtifactWatcher, M
 from services.runtime.models import artifacts_check
 
@@ -48,8 +49,14 @@ class ModelService(Service, Generic[M]):
 
 
 def feature_client(settings: ModelServingSettings) -> FeatureClient:
-    """The feature service at ``settings.feature_addr``, behind the mesh's guards."""
-    return Downstream.open("feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub)
+    """The feature service at ``settings.feature_addr``, behind the mesh's guards, over the
+    service's transport (:meth:`mesh.tls.Transport.of`)."""
+    return Downstream.open(
+        "feature",
+        settings.feature_addr,
+        feature_pb2_grpc.FeatureServiceStub,
+        transport=Transport.of(settings),
+    )
 
 
 def model_service(

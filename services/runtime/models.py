@@ -53,8 +53,13 @@ def open_onnx(path: Path) -> ort.InferenceSession:
         return onnx_session(str(path))
 
 
-ONNX_CONTRACT: dict[str, dict[str, str]] = {
+ONNX_CONTRACT: dict[str, dict[str, str | None]] = {
     "user_tower": {"in:user_features": "user_feature_dim", "out:user_embedding": "embedding_dim"},
+    "item_tower": {
+        "in:item_features": "item_feature_dim",
+        "in:item_category": None,
+        "out:item_embedding": "embedding_dim",
+    },
     "ranker": {
         "in:user_features": "user_feature_dim",
         "in:item_features": "item_feature_dim",
@@ -62,53 +67,63 @@ ONNX_CONTRACT: dict[str, dict[str, str]] = {
     },
 }
 """Manifest file key -> ``in:``/``out:`` tensor name -> the config key giving its width
-(``ranker_heads``: the number of heads). Every tensor is ``[batch, width]`` float32."""
+(``ranker_heads``: the number of heads), for tensors ``[batch, width]`` float32; None for
+an int64 vector ``[batch]`` (the item tower's categories)."""
 
 
-def onnx_widths(session: ort.InferenceSession, path: Path) -> dict[str, int | None]:
-    """``in:<name>``/``out:<name>`` -> the static second dimension (None when symbolic).
-
-    Raises:
-        ArtifactError: a tensor is not rank 2.
-    """
-    widths: dict[str, int | None] = {}
+def onnx_tensors(
+    session: ort.InferenceSession,
+) -> dict[str, tuple[str, list[int | str | None]]]:
+    """``in:<name>``/``out:<name>`` -> (element type, e.g. ``tensor(float)``, and shape;
+    symbolic dimensions are strings or None)."""
+    tensors: dict[str, tuple[str, list[int | str | None]]] = {}
     for kind, args in (("in", session.get_inputs()), ("out", session.get_outputs())):
         for arg in args:
-            shape = list(arg.shape or [])
-            if len(shape) != 2:
-                raise ArtifactError(
-                    f"{path}: {kind}put {arg.name!r} has shape {shape}, expected [batch, width]"
-                )
-            widths[f"{kind}:{arg.name}"] = shape[1] if isinstance(shape[1], int) else None
-    return widths
+            tensors[f"{kind}:{arg.name}"] = (str(arg.type), list(arg.shape or []))
+    return tensors
 
 
 def check_set_contract(
     artifacts: ArtifactSet, sessions: Mapping[str, ort.InferenceSession] | None = None
 ) -> None:
-    """Every ONNX model of the set has the tensors and widths its config declares.
+    """Every ONNX model of the set has the tensors, types and widths its config declares.
 
     Both services check the whole set, not only the models they serve, so a set with one
     bad model is refused by both rather than served by one. ``sessions`` are models already
     opened (by manifest key); the others are opened here and dropped.
 
     Raises:
-        ArtifactError: a model lacks a tensor or has the wrong width; names the file.
+        ArtifactError: a model lacks a tensor or has the wrong type, rank or width; names
+            the file.
     """
     config = artifacts.config
     for key, contract in ONNX_CONTRACT.items():
         path = artifacts.file(key)
         session = (sessions or {}).get(key) or open_onnx(path)
-        widths = onnx_widths(session, path)
+        tensors = onnx_tensors(session)
         for tensor, config_key in contract.items():
+            label = repr(tensor.replace(":", "put "))
+            if tensor not in tensors:
+                raise ArtifactError(f"{path}: no {label} tensor")
+            element, shape = tensors[tensor]
+            if config_key is None:
+                if element != "tensor(int64)" or len(shape) != 1:
+                    raise ArtifactError(
+                        f"{path}: {label} is {element} of shape {shape}, expected an int64 "
+                        "[batch] vector"
+                    )
+                continue
+            if len(shape) != 2 or element != "tensor(float)":
+                raise ArtifactError(
+                    f"{path}: {label} is {element} of shape {shape}, expected float32 "
+                    "[batch, width]"
+                )
             value = config.get(config_key)
             expected = len(value) if isinstance(value, list) else value
-            if tensor not in widths:
-                raise ArtifactError(f"{path}: no {tensor.replace(':', 'put ')!r} tensor")
-            width = widths[tensor]
+            width = shape[1] if isinstance(shape[1], int) else None
             if width is None or width != expected:
                 raise ArtifactError(
-                    f"{path}: {tensor.replace(':', 'put ')!r} is {width} wide, but the set's "
+                    f"{path}: {label} is {width} wide, but the set's "
                     f"config says {config_key} = {expected}"
                 )
 

@@ -369,7 +369,7 @@ def test_every_process_recmesh_up_starts_is_a_deployment_on_its_public_ports() -
         assert container["command"] == ["python", "-m", module], deployment.where
         ports = container_ports(container)
         assert ports["grpc"] == DEFAULT_PORTS[process], deployment.where
-        expected_ports = {"grpc"}
+        expected_ports = {"grpc", "health"}
         if process == "gateway":
             assert ports["http"] == GATEWAY_HTTP_PORT, deployment.where
             expected_ports.add("http")
@@ -384,6 +384,7 @@ def test_every_process_recmesh_up_starts_is_a_deployment_on_its_public_ports() -
             f"RECMESH_{process.upper()}_PORT": "grpc",
             f"RECMESH_{process.upper()}_METRICS_PORT": "metrics",
             "RECMESH_GATEWAY_HTTP_PORT": "http",
+            "RECMESH_HEALTH_PORT": "health",
         }
         for variable, port_name in port_names.items():
             if variable in env:
@@ -425,11 +426,15 @@ def test_mesh_processes_are_probed_on_their_grpc_health_and_the_gateway_on_healt
     for process in MODULES:
         deployment = one("Deployment", process)
         container = main_container(deployment)
-        grpc_port = container_ports(container)["grpc"]
+        # The gRPC port requires a client certificate, which the kubelet's probes cannot
+        # present: they ask the plaintext health port (RECMESH_HEALTH_PORT), which serves
+        # the same grpc.health.v1 status and nothing else.
+        health_port = container_ports(container)["health"]
+        assert int(plain_env(container)["RECMESH_HEALTH_PORT"]) == health_port
         for kind in ("startupProbe", "readinessProbe"):
             if process == "gateway" and kind == "startupProbe":
                 continue
-            assert container[kind]["grpc"]["port"] == grpc_port, f"{deployment.where}: {kind}"
+            assert container[kind]["grpc"]["port"] == health_port, f"{deployment.where}: {kind}"
         # Liveness must not follow dependencies (the gRPC health does): a Valkey outage
         # would otherwise restart every pod of the mesh.
         assert "grpc" not in container["livenessProbe"], deployment.where
@@ -437,6 +442,56 @@ def test_mesh_processes_are_probed_on_their_grpc_health_and_the_gateway_on_healt
     http_probes = [p["httpGet"] for p in probes(gateway).values() if "httpGet" in p]
     assert {"path": "/healthz", "port": "http"} in http_probes
     assert container_ports(gateway)["http"] == GATEWAY_HTTP_PORT
+
+
+def tls_mount(workload: Manifest, container: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where ``container`` reads its certificates (RECMESH_TLS_DIR) and the Secret volume
+    mounted there."""
+    directory = plain_env(container)["RECMESH_TLS_DIR"]
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    assert directory in mounts, f"{workload.where}: nothing mounted at RECMESH_TLS_DIR"
+    assert mounts[directory].get("readOnly"), workload.where
+    volume = pod_volumes(workload)[mounts[directory]["name"]]
+    assert "secret" in volume, f"{workload.where}: certificates not from a Secret"
+    return directory, volume["secret"]
+
+
+def test_each_process_mounts_its_own_identity_and_the_ca_only() -> None:
+    """mTLS: a pod holds its own certificate and key (named as ``mesh.tls`` reads them:
+    ca.crt, <identity>.crt, <identity>.key) and no other identity's."""
+    jobs = {job.name: job for job in objects("Job")}
+    checked = [(one("Deployment", process), process) for process in MODULES]
+    checked += [
+        (job, "ops")
+        for job in jobs.values()
+        if "RECMESH_FEATURE_ADDR" in env_names(main_container(job))
+    ]
+    assert any(identity == "ops" for _, identity in checked), "the materialize Job"
+    for workload, identity in checked:
+        container = main_container(workload)
+        assert plain_env(container).get("RECMESH_TLS", "on") != "off", workload.where
+        if workload.kind == "Job":  # a tool; a process presents its own name
+            assert plain_env(container).get("RECMESH_TLS_IDENTITY", "ops") == identity
+        _, secret = tls_mount(workload, container)
+        assert secret["secretName"] == f"recmesh-tls-{identity}", workload.where
+        paths = {item["key"]: item["path"] for item in secret["items"]}
+        assert paths == {
+            "ca.crt": "ca.crt",
+            "tls.crt": f"{identity}.crt",
+            "tls.key": f"{identity}.key",
+        }, workload.where
+        assert data_keys(one("Secret", secret["secretName"])) == set(paths), workload.where
+        assert one("Secret", secret["secretName"]).body["type"] == "kubernetes.io/tls"
+
+
+def test_the_grpc_ingress_presents_the_edge_identity_to_the_gateway() -> None:
+    annotations = one("Ingress", "gateway-grpc").body["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert annotations[prefix + "backend-protocol"] == "GRPCS"
+    namespace, name = annotations[prefix + "proxy-ssl-secret"].split("/")
+    assert namespace == NAMESPACE and one("Secret", name).body["type"] == "kubernetes.io/tls"
+    assert "ca.crt" in data_keys(one("Secret", name))
+    assert annotations[prefix + "proxy-ssl-name"] == "gateway"
 
 
 def test_termination_grace_outlasts_pre_stop_and_drain() -> None:

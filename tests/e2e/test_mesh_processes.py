@@ -16,6 +16,7 @@ import pytest
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from mesh.ports import DEFAULT_PORTS, free_port
+from mesh.tls import Transport
 from ops import supervisor
 from tests.inprocess import write_tenants
 
@@ -89,12 +90,14 @@ def test_event_round_trip(layout: supervisor.Layout) -> None:
         "event_id": event_id,
         "type": "click",
         "user_id": "u1",
-        "item_id": 9,
+        "item_id": "9",
         "ts": int(time.time() * 1000),
     }
     assert call(layout, "/v1/events", {"events": [event]})[:2] == (202, {"accepted": 1})
     assert call(layout, "/v1/events", {"events": [event]})[:2] == (202, {"accepted": 1})
-    with grpc.insecure_channel(f"127.0.0.1:{layout.ports['events']}") as channel:
+    # The tools' identity (ops) may name a tenant to the events service (mesh.identity).
+    address = f"127.0.0.1:{layout.ports['events']}"
+    with layout.transport().sync_channel(address, server="events") as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         for _ in range(100):
             reply = stub.Read(
@@ -109,7 +112,31 @@ def test_event_round_trip(layout: supervisor.Layout) -> None:
             events_pb2.ReadRequest(limit=1000), metadata=(("x-recmesh-tenant", "demo"),)
         )
     stored = [e.event for e in reply.events if e.event.event_id == event_id]
-    assert [(e.item_id, e.type) for e in stored] == [(9, "click")]
+    # The client's id, and the internal one the log gave it (the set's item 9 is 9).
+    assert [(e.item_ref, e.item_id, e.type) for e in stored] == [("9", 9, "click")]
+
+
+def test_internal_ports_take_tenants_only_from_identities_allowed_to_name_them(
+    layout: supervisor.Layout,
+) -> None:
+    address = f"127.0.0.1:{layout.ports['events']}"
+    read = events_pb2.ReadRequest(limit=1)
+    tenant = (("x-recmesh-tenant", "demo"),)
+    attempts = {
+        "plaintext": Transport.plaintext(),
+        "ranking": Transport.load(True, layout.certs_dir, "ranking"),
+    }
+    codes = {}
+    for name, transport in attempts.items():
+        with transport.sync_channel(address, server="events") as channel:
+            try:
+                events_pb2_grpc.EventServiceStub(channel).Read(read, metadata=tenant, timeout=5)
+            except grpc.RpcError as exc:
+                codes[name] = exc.code()
+    assert codes == {
+        "plaintext": grpc.StatusCode.UNAVAILABLE,
+        "ranking": grpc.StatusCode.PERMISSION_DENIED,
+    }
 
 
 def test_errors_401_400_429(layout: supervisor.Layout) -> None:

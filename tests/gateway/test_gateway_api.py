@@ -35,6 +35,8 @@ async def test_recommend_returns_ranked_items_with_the_documented_shape(mesh: Me
     items = body["items"]
     assert len(items) == 10
     assert [i["rank"] for i in items] == list(range(1, 11))
+    # The tenant's own ids: strings (the artifact set's items are named by their number).
+    assert all(isinstance(i["item_id"], str) and i["item_id"].isdigit() for i in items)
     assert len({i["item_id"] for i in items}) == 10
     scores = [i["score"] for i in items]
     assert all(isinstance(s, float) for s in scores)
@@ -84,7 +86,8 @@ async def test_missing_or_unknown_key_is_401(mesh: Mesh, headers: dict[str, str]
         (b"[1, 2]", "body"),
         ({"num_items": 3}, "user_id"),
         ({"user_id": ""}, "user_id"),
-        ({"user_id": "x" * 257}, "user_id"),
+        ({"user_id": "x" * 129}, "user_id"),
+        ({"user_id": "é" * 65}, "user_id"),
         ({"user_id": 12}, "user_id"),
         ({"user_id": "u1", "num_items": 0}, "num_items"),
         ({"user_id": "u1", "num_items": 501}, "num_items"),
@@ -136,7 +139,7 @@ async def test_events_are_accepted_and_stored_once(mesh: Mesh) -> None:
         "event_id": event_id,
         "type": "click",
         "user_id": "u1",
-        "item_id": 42,
+        "item_id": "42",
         "request_id": "r1",
         "ts": int(time.time() * 1000),
     }
@@ -147,7 +150,9 @@ async def test_events_are_accepted_and_stored_once(mesh: Mesh) -> None:
     await asyncio.sleep(0.3)
     stored = await stored_events(mesh, "demo", 1, event_id=event_id)
     assert len(stored) == 1
-    assert stored[0].item_id == 42 and stored[0].type == "click"
+    # The log keeps the client's id and the internal one (the set's item 42 is 42).
+    assert stored[0].item_ref == "42" and stored[0].item_id == 42
+    assert stored[0].type == "click"
 
 
 async def test_impressions_are_logged_off_the_request_path(mesh: Mesh) -> None:
@@ -157,7 +162,7 @@ async def test_impressions_are_logged_off_the_request_path(mesh: Mesh) -> None:
     # user and variant: gateway/exposures.py), which name the request too.
     logged = await stored_events(mesh, "demo", 4, request_id=body["request_id"])
     shown = [e for e in logged if e.type == "impression"]
-    assert [e.item_id for e in sorted(shown, key=lambda e: e.position)] == [
+    assert [str(e.item_id) for e in sorted(shown, key=lambda e: e.position)] == [
         i["item_id"] for i in body["items"]
     ]
     assert {e.type for e in logged} <= {"impression", "exposure"}
@@ -172,6 +177,31 @@ async def test_invalid_event_is_400_naming_it(mesh: Mesh) -> None:
     )
     assert status == 400
     assert body["field"] == "events[0].type"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"item_id": 42}, "events[0].item_id"),
+        ({"item_id": "x" * 129}, "events[0].item_id"),
+        ({"type": "item_upsert"}, "events[0].type"),
+        ({"type": "item_delete"}, "events[0].type"),
+        ({"user_id": "x" * 129}, "events[0].user_id"),
+    ],
+)
+async def test_an_event_naming_an_item_by_number_or_changing_the_catalog_is_400(
+    mesh: Mesh, changes: dict[str, Any], field: str
+) -> None:
+    event = {
+        "event_id": uuid.uuid4().hex,
+        "type": "click",
+        "user_id": "u1",
+        "item_id": "42",
+        "ts": int(time.time() * 1000),
+    } | changes
+    status, body, _ = await post(mesh, "/v1/events", {"events": [event]}, DEMO)
+    assert status == 400, body
+    assert body["field"] == field
 
 
 async def test_an_event_older_than_the_dedupe_window_is_400(mesh: Mesh) -> None:
@@ -208,7 +238,11 @@ async def test_grpc_api_matches_http(mesh: Mesh) -> None:
             gateway_pb2.RecommendRequest(user_id="u1", num_items=7),
             metadata=[("x-api-key", "demo-key")],
         )
-        assert len(reply.items.item_ids) == 7
+        assert len(reply.items) == 7
+        assert [i.rank for i in reply.items] == list(range(1, 8))
+        assert len({i.item_id for i in reply.items}) == 7
+        assert all(i.item_id.isdigit() for i in reply.items)
+        assert all(i.propensity == 0.0 for i in reply.items)  # only with debug
         with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
             await stub.Recommend(gateway_pb2.RecommendRequest(user_id="u1"))
         assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -219,3 +253,47 @@ async def test_grpc_api_matches_http(mesh: Mesh) -> None:
             )
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert ("x-recmesh-field", "num_items") in tuple(invalid.value.trailing_metadata() or ())
+
+
+async def test_grpc_log_events_takes_the_tenants_item_ids(mesh: Mesh) -> None:
+    event_id = uuid.uuid4().hex
+    demo = [("x-api-key", "demo-key")]
+    async with open_channel(mesh.addr("gateway")) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        reply = await stub.LogEvents(
+            gateway_pb2.LogEventsRequest(
+                events=[
+                    gateway_pb2.ClientEvent(
+                        event_id=event_id,
+                        type="click",
+                        user_id="u1",
+                        item_id="43",
+                        request_id="r1",
+                        ts_ms=int(time.time() * 1000),
+                    )
+                ]
+            ),
+            metadata=demo,
+        )
+        assert reply.accepted == 1
+        with pytest.raises(grpc.aio.AioRpcError) as catalog:
+            await stub.LogEvents(
+                gateway_pb2.LogEventsRequest(
+                    events=[
+                        gateway_pb2.ClientEvent(
+                            event_id=uuid.uuid4().hex,
+                            type="item_delete",
+                            item_id="43",
+                            ts_ms=int(time.time() * 1000),
+                        )
+                    ]
+                ),
+                metadata=demo,
+            )
+        assert catalog.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("x-recmesh-field", "events[0].type") in tuple(
+            catalog.value.trailing_metadata() or ()
+        )
+    stored = await stored_events(mesh, "demo", 1, event_id=event_id)
+    assert len(stored) == 1
+    assert (stored[0].item_ref, stored[0].item_id) == ("43", 43)

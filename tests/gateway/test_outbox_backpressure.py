@@ -34,7 +34,13 @@ def clicks(n: int, tag: str) -> dict[str, object]:
     now = int(time.time() * 1000)
     return {
         "events": [
-            {"event_id": f"{tag}-{i}", "type": "click", "user_id": "u1", "item_id": i, "ts": now}
+            {
+                "event_id": f"{tag}-{i}",
+                "type": "click",
+                "user_id": "u1",
+                "item_id": str(i),
+                "ts": now,
+            }
             for i in range(n)
         ]
     }

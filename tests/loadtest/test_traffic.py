@@ -72,7 +72,7 @@ def test_tenants_are_drawn_by_weight() -> None:
 
 def test_a_share_of_answers_is_clicked_on_a_returned_item_with_position_bias() -> None:
     rng, traffic = random.Random(5), model()
-    items = [100 + i for i in range(10)]
+    items = [str(100 + i) for i in range(10)]
     clicks = [traffic.clicked(rng, items) for _ in range(20_000)]
     taken = [c for c in clicks if c is not None]
     assert len(taken) / len(clicks) == pytest.approx(0.2, abs=0.015)
@@ -90,9 +90,9 @@ def test_no_click_without_items_and_think_time_within_bounds() -> None:
 
 def test_click_events_carry_the_recommendation_and_fresh_ids() -> None:
     rng = random.Random(9)
-    first = click_event(rng, "u3", 42, "req-1", 2, 1_700_000_000_000)
-    second = click_event(rng, "u3", 42, "req-1", 2, 1_700_000_000_000)
-    assert first["type"] == "click" and first["item_id"] == 42 and first["position"] == 2
+    first = click_event(rng, "u3", "42", "req-1", 2, 1_700_000_000_000)
+    second = click_event(rng, "u3", "42", "req-1", 2, 1_700_000_000_000)
+    assert first["type"] == "click" and first["item_id"] == "42" and first["position"] == 2
     assert (first["request_id"], first["ts"]) == ("req-1", 1_700_000_000_000)
     assert first["event_id"] != second["event_id"]
 

@@ -35,7 +35,7 @@ async def test_embedded_services_start_first_and_are_cleaned_up_last_in_reverse(
     log: list[str] = []
     outer = service(log, "gateway")
     outer.embed(service(log, "feature"), service(log, "ranking"))
-    server = MeshServer(ServerSettings(port=0, drain_delay_s=0.0), outer)
+    server = MeshServer(ServerSettings(port=0, drain_delay_s=0.0, tls=False), outer)
     async with serving(server):
         assert log == ["start feature", "start ranking", "start gateway"]
     assert log[3:] == [
@@ -54,7 +54,7 @@ async def test_an_embedded_service_failing_its_check_makes_the_host_not_serving(
 
     outer = Service([])
     outer.embed(Service([], checks=[HealthCheck("redis", down)]))
-    server = MeshServer(ServerSettings(port=0, drain_delay_s=0.0), outer)
+    server = MeshServer(ServerSettings(port=0, drain_delay_s=0.0, tls=False), outer)
     async with serving(server), channel_to(server) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING

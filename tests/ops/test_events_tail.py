@@ -19,7 +19,7 @@ async def post_events(mesh: Mesh, user: str, kinds: list[str]) -> list[str]:
     now = int(time.time() * 1000)
     body = {
         "events": [
-            {"event_id": i, "type": k, "user_id": user, "item_id": n, "ts": now}
+            {"event_id": i, "type": k, "user_id": user, "item_id": str(n), "ts": now}
             for n, (i, k) in enumerate(zip(ids, kinds, strict=True))
         ]
     }
@@ -66,8 +66,11 @@ async def test_the_command_prints_one_json_object_per_event(
             break
         await asyncio.sleep(0.05)
     monkeypatch.setenv("RECMESH_EVENTS_PORT", mesh.addr("events").rsplit(":", 1)[1])
+    monkeypatch.setenv("RECMESH_TLS", "off")  # the in-process mesh is plaintext
     argv = ["events", "tail", "--tenant", "demo", "--user", user, "--json"]
     assert await asyncio.to_thread(cli.main, argv) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(e["event_id"], e["type"], e["user_id"]) for e in printed] == [(ids[0], "click", user)]
     assert printed[0]["position"] == 0 and printed[0]["source"] == "SOURCE_UNSPECIFIED"
+    # The client's item id and the internal one (the set's item 0; int64 as a JSON string).
+    assert (printed[0]["item_ref"], printed[0]["item_id"]) == ("0", "0")

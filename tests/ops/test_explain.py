@@ -43,7 +43,8 @@ async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
     now = int(time.time() * 1000)
     outcomes = [
         {"type": "click", "item_id": shown[1]["item_id"]},
-        {"type": "conversion", "item_id": 10**9},  # names the request, but was not shown
+        # Names the request, but was not shown (the set's item number 10**9: none is that high).
+        {"type": "conversion", "item_id": str(10**9)},
     ]
     events = [
         {"event_id": uuid.uuid4().hex, "user_id": "u7", "request_id": request_id, "ts": now, **o}
@@ -66,9 +67,10 @@ async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
     assert (explained["retrieval_version"], explained["ranking_version"]) == (version, version)
     assert explained["variants"] == {e["key"]: e["variant"] for e in answer["experiments"]}
     assert explained["degraded"] == answer["degraded"]
-    assert [(i["position"], i["item_id"], i["score"], i["source"]) for i in explained["items"]] == [
-        (i["rank"] - 1, i["item_id"], i["score"], i["source"]) for i in shown
-    ]
+    # The log's internal ids: a set item's is its number, the id the answer named it by.
+    assert [
+        (i["position"], str(i["item_id"]), i["score"], i["source"]) for i in explained["items"]
+    ] == [(i["rank"] - 1, i["item_id"], i["score"], i["source"]) for i in shown]
     assert [i["outcomes"] for i in explained["items"]] == [[], ["click"], [], [], []]
     assert all(0.0 < i["propensity"] <= 1.0 for i in explained["items"])
     assert explained["unmatched"] == [

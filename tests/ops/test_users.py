@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from core import keys
+from mesh import redis as mesh_redis
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from ops import cli
@@ -50,6 +50,7 @@ async def test_erase_prints_the_counts_and_is_audited_as_the_named_operator(
             metadata=tenant_metadata(tenant),
         )
     monkeypatch.setenv("RECMESH_EVENTS_PORT", str(events_server.port))
+    monkeypatch.setenv("RECMESH_TLS", "off")  # an in-process server: plaintext
 
     code = await asyncio.to_thread(
         cli.main, ["users", "erase", "--tenant", tenant, "--user", user, "--by", "dpo", "--json"]
@@ -60,7 +61,7 @@ async def test_erase_prints_the_counts_and_is_audited_as_the_named_operator(
     assert printed["tenant"] == tenant and printed["events"] == 2
     assert printed["subject"] == "sha256:" + hashlib.sha256(user.encode()).hexdigest()
     assert printed["items_recomputed"] == 1 and printed["dead_letters"] == 0
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         assert await client.xlen(keys.events(tenant)) == 0
         [(_, record)] = cast(
@@ -79,7 +80,8 @@ async def test_erase_exits_1_on_a_refused_user_id(
     events_server: MeshServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("RECMESH_EVENTS_PORT", str(events_server.port))
+    monkeypatch.setenv("RECMESH_TLS", "off")  # an in-process server: plaintext
     code = await asyncio.to_thread(
-        cli.main, ["users", "erase", "--tenant", "demo", "--user", "x" * 300]
+        cli.main, ["users", "erase", "--tenant", "demo", "--user", "x" * 129]
     )
     assert code == 1 and "INVALID_ARGUMENT" in capsys.readouterr().out

@@ -3,6 +3,7 @@ harness refusing to measure another set than the one it was given."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,34 @@ def test_no_current_or_a_broken_one_is_not_usable(artifacts_root: Path, tmp_path
     shutil.copytree(artifacts_root, broken, symlinks=True)
     (resolve_current(broken) / MANIFEST).write_text("{")
     assert usable_set(broken) is None
+
+
+def test_a_set_from_before_the_item_tower_is_retrained(
+    artifacts_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A current set that lacks a file of today's contract (``item_tower.onnx`` came with
+    issue 16) is not reused: ``make up`` trains a new one and says why."""
+    old = tmp_path / "old"
+    shutil.copytree(artifacts_root, old, symlinks=True)
+    version = resolve_current(old)
+    (version / "item_tower.onnx").unlink()
+    manifest = json.loads((version / MANIFEST).read_text())
+    del manifest["files"]["item_tower"]
+    (version / MANIFEST).write_text(json.dumps(manifest))
+    assert usable_set(old) is None
+    trained: list[Path] = []
+
+    def fake_train(root: Path, config: object) -> Path:
+        trained.append(root)
+        return resolve_current(artifacts_root)
+
+    monkeypatch.setattr("training.pipeline.train", fake_train)
+    find_or_train(old, old)
+    assert trained == [old]
+    assert "lacks required files: item_tower" in capsys.readouterr().out
 
 
 def test_the_harness_refuses_an_explicit_root_without_a_usable_set(tmp_path: Path) -> None:

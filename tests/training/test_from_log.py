@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
 from core.artifacts import ArtifactSet, load_artifact_set, resolve_current
 from core.replay import Replay, Stored
+from mesh import redis as mesh_redis
 from mesh.errors import FailedPrecondition
+from mesh.redis import BlockingRedis
 from mesh.testing import built_server, serving
 from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
@@ -58,8 +58,8 @@ async def events_address(redis_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="module")
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_url)
+def client(redis_url: str) -> Iterator[BlockingRedis]:
+    connection = mesh_redis.blocking_client(redis_url)
     yield connection
     connection.close()
 
@@ -108,7 +108,7 @@ def leak_case(now: int) -> list[events_pb2.Event]:
 
 
 @pytest.fixture(scope="module")
-async def log(base: ArtifactSet, events_address: str, client: redis.Redis) -> Log:
+async def log(base: ArtifactSet, events_address: str, client: BlockingRedis) -> Log:
     tenant = "fl" + uuid.uuid4().hex[:8]
     world, _ = world_of(base)
     now = int(time.time() * 1000)
@@ -250,7 +250,7 @@ def test_train_from_log_writes_a_set_that_serves_and_learnt_the_clicks(
 
 def test_a_log_too_short_or_without_clicks_is_refused(
     base: ArtifactSet,
-    client: redis.Redis,
+    client: BlockingRedis,
     redis_url: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -284,7 +284,7 @@ def test_a_log_too_short_or_without_clicks_is_refused(
 
 
 async def test_a_trimmed_log_is_read_from_its_snapshot(
-    base: ArtifactSet, events_address: str, client: redis.Redis, redis_url: str
+    base: ArtifactSet, events_address: str, client: BlockingRedis, redis_url: str
 ) -> None:
     """Retention trimmed the click on 21 away: the history of a later impression still has
     it, from the snapshot the trim left, and only impressions after the snapshot count."""
@@ -298,7 +298,7 @@ async def test_a_trimmed_log_is_read_from_its_snapshot(
     stored = list(read_log(client, tenant))
     replay = Replay(3600.0, CAP, {})
     projected = replay.apply_all(stored)
-    connection = aioredis.Redis.from_url(redis_url)
+    connection = mesh_redis.client(redis_url)
     try:  # what retention does: a snapshot marked as the trim point, then XTRIM
         assert await batch.store_snapshot(connection, tenant, projected, None, projected.position)
     finally:

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from mesh.errors import ArtifactError
-from training.export import TOLERANCE, export_ranker, export_user_tower, verify_onnx
+from training.export import (
+    N_CATEGORIES_KEY,
+    TOLERANCE,
+    ItemTowerGraph,
+    export_item_tower,
+    export_ranker,
+    export_user_tower,
+    verify_item_embeddings,
+    verify_onnx,
+)
 from training.features import CategoryCodes
 from training.ranker import HEADS, MultiTaskRanker, RankerConfig
 from training.two_tower import Tower
@@ -42,6 +51,44 @@ def test_user_tower_onnx_matches_torch(tmp_path: Path) -> None:
         assert got.shape == (batch, EMB_DIM)
         assert np.abs(got - want).max() <= TOLERANCE
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_item_tower_onnx_builds_the_one_hot_itself(tmp_path: Path, one_hot: bool) -> None:
+    """The served item tower takes the category as an int64 and equals the tower on the
+    features followed by the one-hot (the training inputs) within TOLERANCE."""
+    n_categories = 7
+    torch.manual_seed(0)
+    tower = Tower(ITEM_DIM + (n_categories if one_hot else 0), 32, EMB_DIM, 0).eval()
+    path = tmp_path / "item_tower.onnx"
+    rng = np.random.default_rng(2)
+    sample = _features(64, ITEM_DIM, 1), rng.integers(0, n_categories, 64).astype(np.int64)
+    export_item_tower(ItemTowerGraph(tower, n_categories, one_hot=one_hot), path, *sample)
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [(i.name, i.shape, i.type) for i in session.get_inputs()]
+    assert inputs == [
+        ("item_features", ["batch", ITEM_DIM], "tensor(float)"),
+        ("item_category", ["batch"], "tensor(int64)"),
+    ]
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [
+        ("item_embedding", ["batch", EMB_DIM])
+    ]
+    assert session.get_modelmeta().custom_metadata_map[N_CATEGORIES_KEY] == str(n_categories)
+    for batch in (1, 300):
+        x = _features(batch, ITEM_DIM, batch)
+        c = rng.integers(0, n_categories, batch).astype(np.int64)
+        got = session.run(None, {"item_features": x, "item_category": c})[0]
+        training_inputs = x
+        if one_hot:
+            training_inputs = np.concatenate([x, np.eye(n_categories, dtype=np.float32)[c]], 1)
+        with torch.no_grad():
+            want = tower(torch.from_numpy(training_inputs)).numpy()
+        assert got.shape == (batch, EMB_DIM)
+        assert np.abs(got - want).max() <= TOLERANCE
+        assert verify_item_embeddings(path, x, c, want) <= TOLERANCE
+    with pytest.raises(ArtifactError, match=r"item_tower\.onnx: differs from the item emb"):
+        verify_item_embeddings(path, x, c, want + 0.01)
 
 
 def _codes(n_categories: int, seed: int) -> CategoryCodes:

@@ -26,6 +26,7 @@ from core.artifacts import (
 from core.prerank import load_prerank, prerank_pair_scores, prerank_scores
 from training.__main__ import main
 from training.bench import main as bench_main
+from training.export import N_CATEGORIES_KEY, TOLERANCE
 from training.features import history_buckets
 from training.pipeline import TrainConfig, reevaluate, train
 
@@ -137,6 +138,27 @@ def test_user_tower_runs_with_declared_shapes(tiny_set: ArtifactSet) -> None:
     scores, ids = index.search(emb, 10)
     np.testing.assert_allclose(scores, np.take_along_axis(emb @ items.T, ids, axis=1), atol=1e-5)
     assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_item_tower_reproduces_the_shipped_item_embeddings(tiny_set: ArtifactSet) -> None:
+    """``item_tower.onnx`` on every item's features and category gives its row of
+    ``item_embeddings.npy`` within the export tolerance: a new item embedded at serving
+    time lands in the same space as the set's items."""
+    c = tiny_set.config
+    session = ort.InferenceSession(str(tiny_set.file("item_tower")))
+    assert [(i.name, i.type) for i in session.get_inputs()] == [
+        ("item_features", "tensor(float)"),
+        ("item_category", "tensor(int64)"),
+    ]
+    assert session.get_inputs()[0].shape[1] == c["item_feature_dim"]
+    assert session.get_outputs()[0].shape[1] == c["embedding_dim"]
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta[N_CATEGORIES_KEY] == str(c["n_categories"])
+    features = np.asarray(tiny_set.open_array("item_features"))
+    categories = np.asarray(tiny_set.open_array("item_categories")).astype(np.int64)
+    got = session.run(None, {"item_features": features, "item_category": categories})[0]
+    shipped = np.asarray(tiny_set.open_array("item_embeddings"))
+    assert np.abs(got - shipped).max() <= TOLERANCE
 
 
 def test_ranker_and_prerank_score_candidates(tiny_set: ArtifactSet) -> None:

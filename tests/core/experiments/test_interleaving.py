@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from scipy import stats as sps
 
@@ -27,6 +26,7 @@ from core.experiments.interleaving import (
     team_draft,
 )
 from core.explore import rng_for
+from mesh import redis as mesh_redis
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.events.server import build_service as build_events
@@ -246,7 +246,7 @@ async def test_preference_from_a_constructed_log(events: MeshServer, redis_url: 
     async with channel_to(events) as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         await stub.Append(events_pb2.AppendRequest(events=log), metadata=tenant_metadata(tenant))
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         found = await preference_from_log(client, tenant, key, ("heavy", "light"), bootstrap=200)
     finally:

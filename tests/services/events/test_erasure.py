@@ -18,13 +18,14 @@ from typing import Any, cast
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from core import keys
 from core.logread import read_log
 from core.replay import decayed
 from core.validation import MAX_USER_ID_BYTES
+from mesh import redis as mesh_redis
+from mesh.redis import AsyncRedis
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.events.server import build_service as build_events
 from services.events.settings import EventsSettings
@@ -41,8 +42,8 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    connection = aioredis.Redis.from_url(redis_url)
+async def client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    connection = mesh_redis.client(redis_url)
     yield connection
     await connection.aclose()
 
@@ -55,7 +56,7 @@ async def events(redis_url: str) -> AsyncIterator[events_pb2_grpc.EventServiceAs
         yield events_pb2_grpc.EventServiceStub(channel)
 
 
-def projector(client: aioredis.Redis, tenant: str, **options: Any) -> StreamProjector:
+def projector(client: AsyncRedis, tenant: str, **options: Any) -> StreamProjector:
     return StreamProjector(
         client,
         Projections(client, history_cap=CAP, half_life_s=HALF_LIFE_S, applied_ttl_s=600),
@@ -101,7 +102,7 @@ async def drain(reader: StreamProjector) -> None:
         pass
 
 
-async def dump(client: aioredis.Redis, tenant: str) -> dict[str, bytes]:
+async def dump(client: AsyncRedis, tenant: str) -> dict[str, bytes]:
     """Every key of ``tenant`` with its whole content as bytes (a snapshot's state
     decompressed), so a test can look for a user id anywhere."""
     found: dict[str, bytes] = {}
@@ -129,7 +130,7 @@ async def dump(client: aioredis.Redis, tenant: str) -> dict[str, bytes]:
     return found
 
 
-async def user_keys(client: aioredis.Redis, tenant: str, user: str) -> dict[str, bytes]:
+async def user_keys(client: AsyncRedis, tenant: str, user: str) -> dict[str, bytes]:
     """The user's own projection and feature keys, with their content."""
     names = [
         keys.outcomes(tenant, user),
@@ -160,7 +161,7 @@ def assert_counters_equal_a_recompute(
 
 
 async def test_an_erased_user_leaves_nothing_and_the_counters_equal_a_recompute(
-    client: aioredis.Redis, events: events_pb2_grpc.EventServiceAsyncStub
+    client: AsyncRedis, events: events_pb2_grpc.EventServiceAsyncStub
 ) -> None:
     tenant = "er" + uuid.uuid4().hex[:8]
     victim, bob, carol = "alice-" + uuid.uuid4().hex, "bob", "carol"
@@ -281,7 +282,7 @@ async def test_an_erased_user_leaves_nothing_and_the_counters_equal_a_recompute(
 
 
 async def test_an_unknown_user_is_a_no_op_that_is_still_audited(
-    client: aioredis.Redis, events: events_pb2_grpc.EventServiceAsyncStub
+    client: AsyncRedis, events: events_pb2_grpc.EventServiceAsyncStub
 ) -> None:
     tenant = "er" + uuid.uuid4().hex[:8]
     reader = projector(client, tenant)
@@ -318,7 +319,7 @@ async def test_an_unknown_user_is_a_no_op_that_is_still_audited(
     ],
 )
 async def test_bad_input_is_invalid_argument_and_erases_nothing(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     events: events_pb2_grpc.EventServiceAsyncStub,
     user: str,
     by: str,
@@ -334,7 +335,7 @@ async def test_bad_input_is_invalid_argument_and_erases_nothing(
 
 
 async def test_counters_stay_exact_while_the_projector_lags(
-    client: aioredis.Redis, events: events_pb2_grpc.EventServiceAsyncStub
+    client: AsyncRedis, events: events_pb2_grpc.EventServiceAsyncStub
 ) -> None:
     """Entries the projector has not applied when the counters are rewritten (read by a
     replica that crashed before applying, or not read at all) are applied afterwards on
@@ -375,7 +376,7 @@ async def test_counters_stay_exact_while_the_projector_lags(
 
 
 async def test_erasing_while_the_projector_runs_and_events_arrive_keeps_the_counters_exact(
-    client: aioredis.Redis, events: events_pb2_grpc.EventServiceAsyncStub
+    client: AsyncRedis, events: events_pb2_grpc.EventServiceAsyncStub
 ) -> None:
     tenant = "er" + uuid.uuid4().hex[:8]
     victim = "victim-" + uuid.uuid4().hex

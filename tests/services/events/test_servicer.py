@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
 from core import keys
+from mesh import redis as mesh_redis
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.events.log import RedisStreamEventLog
 from services.events.server import build_service as build_events
@@ -158,7 +158,7 @@ async def test_reading_a_request_needs_a_valid_request_id(
 async def test_a_requests_index_is_capped_and_its_expiry_is_not_extended(
     redis_url: str,
 ) -> None:
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         log = RedisStreamEventLog(client, dedupe_ttl_s=100, request_cap=3)
         name = "ev" + uuid.uuid4().hex[:8]

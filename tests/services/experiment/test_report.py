@@ -13,12 +13,12 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
 from core import keys
 from gateway.exposures import exposure_id
+from mesh import redis as mesh_redis
 from mesh.errors import ResourceExhausted
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
@@ -151,7 +151,7 @@ class Log:
         )
 
     async def write(self, redis_url: str) -> None:
-        client = aioredis.Redis.from_url(redis_url)
+        client = mesh_redis.client(redis_url)
         log = RedisStreamEventLog(client, 3600)
         for start in range(0, len(self.events), 500):
             await log.append(self.tenant, self.events[start : start + 500])
@@ -269,7 +269,7 @@ async def test_a_later_report_reads_only_what_was_appended(
     assert by_key(second)["treat"].users == 3 and by_key(second)["treat"].clicks == 4
 
     # An erasure (an audit record) makes the next report read the log again.
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     await client.xadd(keys.audit(log.tenant), {"action": "erase"})
     await client.aclose()
     third = await report(experiment, log.tenant)

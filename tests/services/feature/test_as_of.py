@@ -16,13 +16,14 @@ from typing import cast
 import grpc
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from core import keys
 from core.artifacts import load_artifact_set, resolve_current
+from mesh import redis as mesh_redis
 from mesh.ports import free_port
+from mesh.redis import AsyncRedis
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from ops import cli
 from services.events.server import build_service as build_events
@@ -73,8 +74,8 @@ async def services(redis_url: str, artifacts_root: Path) -> AsyncIterator[Servic
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    connection = aioredis.Redis.from_url(redis_url)
+async def client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    connection = mesh_redis.client(redis_url)
     yield connection
     await connection.aclose()
 
@@ -126,7 +127,7 @@ async def features(
     )
 
 
-async def project(client: aioredis.Redis, tenant: str) -> None:
+async def project(client: AsyncRedis, tenant: str) -> None:
     """Run the projector's code over the tenant's log until it has read it all."""
     reader = StreamProjector(
         client,
@@ -175,7 +176,7 @@ async def test_as_of_between_two_clicks_sees_only_the_first(services: Services) 
 
 
 async def test_as_of_now_equals_live_once_the_projector_caught_up(
-    services: Services, client: aioredis.Redis
+    services: Services, client: AsyncRedis
 ) -> None:
     tenant = await fresh_tenant(services)
     a, b, c = items_of_distinct_categories(services.categories, 3)
@@ -207,7 +208,7 @@ async def test_as_of_now_equals_live_once_the_projector_caught_up(
 
 
 async def test_a_trimmed_log_answers_from_its_snapshot_and_refuses_before_it(
-    services: Services, client: aioredis.Redis
+    services: Services, client: AsyncRedis
 ) -> None:
     tenant = await fresh_tenant(services)
     a, b, c = items_of_distinct_categories(services.categories, 3)
@@ -240,7 +241,7 @@ async def test_a_trimmed_log_answers_from_its_snapshot_and_refuses_before_it(
 
 
 async def test_without_a_snapshot_the_log_answers_from_its_horizon_on(
-    services: Services, client: aioredis.Redis
+    services: Services, client: AsyncRedis
 ) -> None:
     # Entries removed with no snapshot taken (an erasure, say): the log answers from its
     # oldest entry on, and refuses before it.
@@ -313,6 +314,7 @@ async def test_the_command_prints_the_features_as_of_a_time_as_json(
     await append(services, tenant, event("click", second))
     at = datetime.fromtimestamp(cut / 1000, UTC).isoformat(timespec="milliseconds")
     monkeypatch.setenv("RECMESH_FEATURE_PORT", str(services.feature_port))
+    monkeypatch.setenv("RECMESH_TLS", "off")  # in-process servers: plaintext
     capsys.readouterr()
     argv = ["features", "asof", "--tenant", tenant, "--user", USER, "--at", at]
     assert await asyncio.to_thread(cli.main, [*argv, "--json"]) == 0

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, cast
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from core import keys
 from core.replay import decayed, tau_ms
+from mesh import redis as mesh_redis
 from mesh.server import MeshServer
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.feature.server import build_service
@@ -152,7 +152,7 @@ async def test_trending_arguments_are_checked(
 
 
 async def _stored(redis_url: str, tenant: str, item: int) -> dict[str, tuple[float, int]]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         raw = cast(dict[bytes, bytes], await client.hgetall(keys.item_counters(tenant, item)))
     finally:

@@ -160,7 +160,7 @@ async def test_writes_are_visible_only_to_their_tenant(
     ("request_", "field"),
     [
         (feature_pb2.GetUserFeaturesRequest(user_id=""), "user_id"),
-        (feature_pb2.GetUserFeaturesRequest(user_id="u" * 300), "user_id"),
+        (feature_pb2.GetUserFeaturesRequest(user_id="u" * 129), "user_id"),
         (feature_pb2.GetUserFeaturesRequest(user_id="u1", history_limit=-1), "history_limit"),
     ],
 )

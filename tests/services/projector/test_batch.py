@@ -10,10 +10,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
+from mesh import redis as mesh_redis
+from mesh.redis import AsyncRedis
 from ops import cli
 from services.projector import batch
 from services.projector.consumer import StreamProjector
@@ -25,8 +26,8 @@ CATEGORIES = {1: 4, 2: 7}
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    connection = aioredis.Redis.from_url(redis_url)
+async def client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    connection = mesh_redis.client(redis_url)
     yield connection
     await connection.aclose()
 
@@ -35,7 +36,7 @@ def event(event_id: str, kind: str, user: str, item: int, ts_ms: int) -> events_
     return events_pb2.Event(event_id=event_id, type=kind, user_id=user, item_id=item, ts_ms=ts_ms)
 
 
-async def projected_log(client: aioredis.Redis) -> str:
+async def projected_log(client: AsyncRedis) -> str:
     """A tenant whose varied log the projector has read to the end."""
     name = "bt" + uuid.uuid4().hex[:8]
     reader = StreamProjector(
@@ -68,7 +69,7 @@ async def projected_log(client: aioredis.Redis) -> str:
 
 
 async def test_a_recompute_from_the_log_equals_the_live_projections(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name = await projected_log(client)
     recomputed = await batch.recompute(client, name, 3600.0, CAP)
@@ -82,7 +83,7 @@ async def test_a_recompute_from_the_log_equals_the_live_projections(
     assert batch.compare(batch.expected(recomputed, 3600.0), live, 3600.0) == []
 
 
-async def test_a_live_projection_that_drifted_is_reported(client: aioredis.Redis) -> None:
+async def test_a_live_projection_that_drifted_is_reported(client: AsyncRedis) -> None:
     name = await projected_log(client)
     await client.hset(keys.item_counters(name, 1), "click", "7")
     await client.rpush(keys.outcomes(name, "b"), "99")
@@ -95,7 +96,7 @@ async def test_a_live_projection_that_drifted_is_reported(client: aioredis.Redis
 
 
 async def test_the_command_exits_non_zero_on_a_difference(
-    client: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    client: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = await projected_log(client)
     monkeypatch.setenv("REDIS_URL", redis_url)

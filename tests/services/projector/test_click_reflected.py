@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
-import redis.asyncio as aioredis
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
 from core import keys
+from mesh import redis as mesh_redis
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
+from mesh.redis import AsyncRedis
 from mesh.testing import built_server, serving
 from services.projector.server import build_service
 from services.projector.settings import ProjectorSettings
@@ -33,14 +34,14 @@ async def projector(
 
 
 @pytest.fixture
-async def valkey(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+async def valkey(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    client = mesh_redis.client(redis_url)
     yield client
     await client.aclose()
 
 
 async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
-    mesh: Mesh, projector: None, valkey: aioredis.Redis
+    mesh: Mesh, projector: None, valkey: AsyncRedis
 ) -> None:
     # A user of the artifact set with a materialised history, which a new materialisation
     # rewrites (below); no other test of the session uses these users.
@@ -51,7 +52,8 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
     ]
     user = materialised[0]
     answer = await accepted(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
-    clicked = answer["items"][0]["item_id"]
+    clicked: str = answer["items"][0]["item_id"]
+    number = int(clicked)  # a set item: its internal id, which the projections are keyed by
     click = {
         "event_id": uuid.uuid4().hex,
         "type": "click",
@@ -61,7 +63,7 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
         "ts": int(time.time() * 1000),
     }
     await accepted(mesh, "/v1/events", {"events": [click]})
-    shown: list[int] = [clicked]
+    shown: list[str] = [clicked]
     for _ in range(100):  # the outbox relay, the log and the projector: well under 5 s
         again = await accepted(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
         shown = [item["item_id"] for item in again["items"]]
@@ -79,10 +81,10 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
         )
     again = await accepted(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
     assert clicked not in [item["item_id"] for item in again["items"]]
-    counters = await valkey.hgetall(keys.item_counters("demo", clicked))
+    counters = await valkey.hgetall(keys.item_counters("demo", number))
     assert float(counters[b"click"]) >= 1.0
     assert float(counters[b"impression"]) >= 1.0
-    assert await valkey.zscore(keys.trending("demo"), str(clicked)) is not None
-    category = cast(bytes, await valkey.getrange(keys.item_row("demo", clicked), -4, -1))
+    assert await valkey.zscore(keys.trending("demo"), str(number)) is not None
+    category = cast(bytes, await valkey.getrange(keys.item_row("demo", number), -4, -1))
     shares = await valkey.hgetall(keys.category_shares("demo", user))
     assert int(shares[str(int.from_bytes(category, "little", signed=True)).encode()]) >= 1

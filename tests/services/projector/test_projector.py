@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
+from mesh import redis as mesh_redis
+from mesh.redis import AsyncRedis
 from services.projector.consumer import Lag, StreamProjector
 from services.projector.projections import Projections
 
@@ -22,13 +23,13 @@ HOUR_MS = 3_600_000
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    connection = aioredis.Redis.from_url(redis_url)
+async def client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    connection = mesh_redis.client(redis_url)
     yield connection
     await connection.aclose()
 
 
-def projections(client: aioredis.Redis) -> Projections:
+def projections(client: AsyncRedis) -> Projections:
     return Projections(client, history_cap=3, half_life_s=3600.0, applied_ttl_s=600)
 
 
@@ -47,11 +48,11 @@ def event(kind: str, item: int, ts_ms: int, user: str = "u1", **fields: object) 
     )
 
 
-async def history(client: aioredis.Redis, name: str, user: str = "u1") -> list[int]:
+async def history(client: AsyncRedis, name: str, user: str = "u1") -> list[int]:
     return [int(i) for i in await client.lrange(keys.outcomes(name, user), 0, -1)]
 
 
-async def test_applying_an_event_twice_changes_nothing(client: aioredis.Redis) -> None:
+async def test_applying_an_event_twice_changes_nothing(client: AsyncRedis) -> None:
     name, now = tenant(), int(time.time() * 1000)
     batch = [event("impression", 7, now), event("click", 7, now + 1), event("dismiss", 7, now)]
     view = projections(client)
@@ -64,7 +65,7 @@ async def test_applying_an_event_twice_changes_nothing(client: aioredis.Redis) -
 
 
 async def test_recent_outcomes_keep_the_newest_clicks_and_conversions(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name, now = tenant(), int(time.time() * 1000)
     outcomes = [event("click", item, now + item) for item in (1, 2, 3)]
@@ -76,7 +77,7 @@ async def test_recent_outcomes_keep_the_newest_clicks_and_conversions(
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
 async def test_decayed_counts_do_not_depend_on_the_order_events_arrive_in(
-    client: aioredis.Redis, order: tuple[int, ...]
+    client: AsyncRedis, order: tuple[int, ...]
 ) -> None:
     name, start = tenant(), 1_700_000_000_000
     shown = [event("impression", 5, start + k * HOUR_MS) for k in range(3)]
@@ -88,7 +89,7 @@ async def test_decayed_counts_do_not_depend_on_the_order_events_arrive_in(
 
 
 def projector(
-    client: aioredis.Redis,
+    client: AsyncRedis,
     names: list[str],
     claim_idle_s: float = 30.0,
     clock: Callable[[], float] = time.time,
@@ -106,18 +107,18 @@ def projector(
     )
 
 
-async def append(client: aioredis.Redis, name: str, *events: events_pb2.Event) -> list[str]:
+async def append(client: AsyncRedis, name: str, *events: events_pb2.Event) -> list[str]:
     positions = [await client.xadd(keys.events(name), {"e": e.SerializeToString()}) for e in events]
     return [cast(bytes, position).decode() for position in positions]
 
 
-async def pending(client: aioredis.Redis, name: str) -> int:
+async def pending(client: AsyncRedis, name: str) -> int:
     summary = await client.xpending(keys.events(name), "projector")
     return int(summary["pending"])
 
 
 async def test_new_entries_are_applied_acknowledged_and_the_lag_drains(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name, now = tenant(), int(time.time() * 1000)
     reader = projector(client, [name])
@@ -132,7 +133,7 @@ async def test_new_entries_are_applied_acknowledged_and_the_lag_drains(
 
 
 async def test_a_crashed_consumers_entries_are_claimed_and_applied_once(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name, now = tenant(), int(time.time() * 1000)
     reader = projector(client, [name], claim_idle_s=0.05)
@@ -149,7 +150,7 @@ async def test_a_crashed_consumers_entries_are_claimed_and_applied_once(
 
 
 async def test_a_poison_entry_goes_to_the_dead_letters_and_the_stream_flows_on(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name, now = tenant(), int(time.time() * 1000)
     reader = projector(client, [name])
@@ -171,7 +172,7 @@ async def test_a_poison_entry_goes_to_the_dead_letters_and_the_stream_flows_on(
 
 
 async def test_an_event_the_script_fails_on_is_retried_then_dead_lettered_alone(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name, now = tenant(), int(time.time() * 1000)
     reader = projector(client, [name], claim_idle_s=0.01, max_deliveries=3)
@@ -199,7 +200,7 @@ async def test_an_event_the_script_fails_on_is_retried_then_dead_lettered_alone(
 
 
 async def test_gone_replicas_are_deleted_from_the_group_once_they_hold_nothing(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name, now = tenant(), int(time.time() * 1000)
     reader = projector(client, [name], claim_idle_s=0.01, consumer_idle_s=0.01)
@@ -215,7 +216,7 @@ async def test_gone_replicas_are_deleted_from_the_group_once_they_hold_nothing(
     assert await history(client, name) == [51]
 
 
-async def test_each_tenant_is_projected_into_its_own_keys(client: aioredis.Redis) -> None:
+async def test_each_tenant_is_projected_into_its_own_keys(client: AsyncRedis) -> None:
     first, second, now = tenant(), tenant(), int(time.time() * 1000)
     reader = projector(client, [first, second])
     await reader.prepare()
@@ -231,7 +232,7 @@ async def test_each_tenant_is_projected_into_its_own_keys(client: aioredis.Redis
 
 
 async def test_the_lag_counts_unread_entries_and_the_age_of_the_oldest(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name = tenant()
     now = [time.time()]
@@ -248,7 +249,7 @@ async def test_the_lag_counts_unread_entries_and_the_age_of_the_oldest(
 
 
 async def test_an_event_dated_in_the_future_counts_at_its_append_time(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name = tenant()
     reader = projector(client, [name])
@@ -261,7 +262,7 @@ async def test_an_event_dated_in_the_future_counts_at_its_append_time(
 
 
 async def test_a_log_lost_with_its_group_is_projected_again_from_the_start(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name, now = tenant(), int(time.time() * 1000)
     reader = projector(client, [name])
@@ -274,7 +275,7 @@ async def test_a_log_lost_with_its_group_is_projected_again_from_the_start(
 
 
 async def test_the_projector_is_progressing_only_while_its_reads_succeed(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name = tenant()
     reader = projector(client, [name])
@@ -292,7 +293,7 @@ async def test_the_projector_is_progressing_only_while_its_reads_succeed(
 
 
 async def test_a_restarted_replica_applies_what_it_had_read_before_anything_new(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     """Killed between reading and acknowledging, then restarted under its stable name: the
     entries it held come first, so the user's outcomes stay in log order."""

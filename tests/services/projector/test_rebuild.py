@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-import redis.asyncio as aioredis
 
 from core import keys
 from core.replay import Projected
+from mesh import redis as mesh_redis
+from mesh.redis import AsyncRedis
 from ops import cli
 from services.projector import batch, rebuild
 from services.projector.consumer import StreamProjector
@@ -26,18 +27,18 @@ HALF_LIFE_S = 3600.0
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    connection = aioredis.Redis.from_url(redis_url)
+async def client(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    connection = mesh_redis.client(redis_url)
     yield connection
     await connection.aclose()
 
 
-def into(client: aioredis.Redis, namespace: str) -> Projections:
+def into(client: AsyncRedis, namespace: str) -> Projections:
     return Projections(client, CAP, HALF_LIFE_S, 600, namespace=namespace)
 
 
 async def test_a_rebuild_into_a_fresh_namespace_equals_the_live_projections(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name = await projected_log(client)
     live = await batch.read_projections(client, name)
@@ -53,7 +54,7 @@ async def test_a_rebuild_into_a_fresh_namespace_equals_the_live_projections(
     assert await batch.read_projections(client, name, "r1") == batch.Live(Projected())
 
 
-async def test_a_changed_live_projection_makes_the_rebuild_differ(client: aioredis.Redis) -> None:
+async def test_a_changed_live_projection_makes_the_rebuild_differ(client: AsyncRedis) -> None:
     name = await projected_log(client)
     await rebuild.rebuild(client, name, into(client, "r2"), HALF_LIFE_S)
     await client.zadd(keys.trending(name), {"1": 1e9})
@@ -65,7 +66,7 @@ async def test_a_changed_live_projection_makes_the_rebuild_differ(client: aiored
     assert [line.split(":")[0] for line in found] == ["trending score of item 1"]
 
 
-async def tail_projected(client: aioredis.Redis, name: str, reader_events: int, tag: str) -> None:
+async def tail_projected(client: AsyncRedis, name: str, reader_events: int, tag: str) -> None:
     """Append ``reader_events`` clicks (ids unique by ``tag``: the log's append would
     refuse a repeated id) and let the projector read the whole log."""
     reader = StreamProjector(client, into(client, ""), [name], group="projector", consumer="test")
@@ -79,7 +80,7 @@ async def tail_projected(client: aioredis.Redis, name: str, reader_events: int, 
 
 
 async def test_trimming_keeps_what_the_snapshot_does_not_cover_and_a_rebuild_still_agrees(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name = await projected_log(client)
     await tail_projected(client, name, 2, "first")  # the projector read everything
@@ -112,7 +113,7 @@ async def test_trimming_keeps_what_the_snapshot_does_not_cover_and_a_rebuild_sti
         await rebuild.rebuild(client, name, into(client, "r4"), HALF_LIFE_S, from_snapshot=False)
 
 
-async def test_nothing_is_trimmed_before_the_group_reads_it(client: aioredis.Redis) -> None:
+async def test_nothing_is_trimmed_before_the_group_reads_it(client: AsyncRedis) -> None:
     name = "tr" + str(time.time_ns())
     await client.xadd(keys.events(name), {"e": event("x", "click", "a", 1, 1).SerializeToString()})
     future = int(time.time() * 1000) + 60_000
@@ -128,7 +129,7 @@ async def test_nothing_is_trimmed_before_the_group_reads_it(client: aioredis.Red
 
 
 async def test_the_rebuild_command_verifies_and_exits_non_zero_on_a_difference(
-    client: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    client: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = await projected_log(client)
     monkeypatch.setenv("REDIS_URL", redis_url)
@@ -142,7 +143,7 @@ async def test_the_rebuild_command_verifies_and_exits_non_zero_on_a_difference(
 
 
 async def test_retention_trims_each_tenant_once_per_round_among_replicas(
-    client: aioredis.Redis,
+    client: AsyncRedis,
 ) -> None:
     name = await projected_log(client)
     await tail_projected(client, name, 1, "r")
@@ -166,7 +167,7 @@ async def test_retention_trims_each_tenant_once_per_round_among_replicas(
 
 
 async def test_the_trim_command_uses_the_tenants_retention(
-    client: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    client: AsyncRedis, redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     name = await projected_log(client)
     await tail_projected(client, name, 1, "c")

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
 from mesh import redis as mesh_redis
+from mesh.redis import AsyncRedis
 from mesh.testing import built_server, channel_to, serving
 from services.quota.limiter import RedisRateLimiter
 from services.quota.server import build_service as build_quota
@@ -24,7 +24,7 @@ SLOW = 0.5
 
 @pytest.fixture(scope="module")
 async def limiter(redis_url: str) -> AsyncIterator[RedisRateLimiter]:
-    client: aioredis.Redis = mesh_redis.connect(redis_url)
+    client: AsyncRedis = mesh_redis.connect(redis_url)
     yield RedisRateLimiter(client)
     await client.aclose()
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -29,6 +28,7 @@ from core.experiments.interleaving import (
 )
 from core.explore import rng_for
 from gateway.knobs import interleave_arms
+from mesh import redis as mesh_redis
 from mesh.client import open_channel
 from mesh.context import REQUEST_ID_KEY
 from mesh.testing import tenant_metadata
@@ -208,7 +208,7 @@ async def test_the_gateway_logs_each_impressions_team_and_credit_reads_it(
         impressions = await _request_events(mesh, request_id, "impression", 10)
         assert len(impressions) == 10
         impressions.sort(key=lambda e: e.position)
-        assert [e.item_id for e in impressions] == [i["item_id"] for i in body["items"]]
+        assert [str(e.item_id) for e in impressions] == [i["item_id"] for i in body["items"]]
         assert {e.team for e in impressions} == set(ARMS)
         assert all(e.variants[KEY] == INTERLEAVED for e in impressions)
         assert all(0.0 < e.propensity <= 1.0 for e in impressions)
@@ -221,7 +221,7 @@ async def test_the_gateway_logs_each_impressions_team_and_credit_reads_it(
                 "event_id": f"{request_id}:click:{item}",
                 "type": "click",
                 "user_id": "u13",
-                "item_id": item,
+                "item_id": str(item),
                 "request_id": request_id,
                 "ts": now_ms,
             }
@@ -232,7 +232,7 @@ async def test_the_gateway_logs_each_impressions_team_and_credit_reads_it(
         ) as response:
             assert response.status == 202
     assert len(await _request_events(mesh, request_id, "click", 3)) == 3
-    client = aioredis.Redis.from_url(redis_url)
+    client = mesh_redis.client(redis_url)
     try:
         found = await preference_from_log(client, TENANT, KEY, ARMS, bootstrap=0)
     finally:

@@ -89,7 +89,8 @@ async def test_impressions_carry_the_propensities_ranking_returned(mesh: Mesh) -
                 break
             await asyncio.sleep(0.05)
     assert len(logged) == 10
-    assert {e.item_id: e.propensity for e in logged} == pytest.approx(shown)
+    # The answer names the set's items by their number, the log by their internal id (the same).
+    assert {str(e.item_id): e.propensity for e in logged} == pytest.approx(shown)
     assert sum(e.propensity for e in logged) == pytest.approx(7 + 3 * 0.03)
     # The first impression carries the answer's support: the 7 ranked items in their
     # order, then the pool of 100 the 3 explored ones were drawn from (3 / 100 each).

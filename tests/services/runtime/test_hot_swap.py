@@ -132,6 +132,7 @@ async def stack(root: Path, feature: str) -> AsyncIterator[Stack]:
         "feature_addr": feature,
         "feature_budget_s": 1.0,
         "artifact_poll_s": POLL_S,
+        "tls": False,
     }
     retrieval_settings, ranking_settings = RetrievalSettings(**common), RankingSettings(**common)
     built_retrieval = await build_retrieval(retrieval_settings)

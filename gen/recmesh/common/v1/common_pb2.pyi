@@ -36,6 +36,10 @@ class _SourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Source.ValueTy
     """Chosen by the re-ranker's exploration policy."""
     SOURCE_TRENDING: _Source.ValueType  # 5
     """The tenant's items with the most recent clicks (decayed click counters of the event log)."""
+    SOURCE_FRESH: _Source.ValueType  # 6
+    """The tenant's newest catalog items (upserted since the artifact set was built), which
+    no model has seen: cold start.
+    """
 
 class Source(_Source, metaclass=_SourceEnumTypeWrapper):
     """Where a candidate came from."""
@@ -51,6 +55,10 @@ SOURCE_EXPLORE: Source.ValueType  # 4
 """Chosen by the re-ranker's exploration policy."""
 SOURCE_TRENDING: Source.ValueType  # 5
 """The tenant's items with the most recent clicks (decayed click counters of the event log)."""
+SOURCE_FRESH: Source.ValueType  # 6
+"""The tenant's newest catalog items (upserted since the artifact set was built), which
+no model has seen: cold start.
+"""
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
 @_typing.final

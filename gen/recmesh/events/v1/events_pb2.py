@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recmesh.common.v1 import common_pb2 as recmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecmesh/events/v1/events.proto\x12\x11recmesh.events.v1\x1a\x1erecmesh/common/v1/common.proto\"\xb7\x04\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07item_id\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05ts_ms\x18\x06 \x01(\x03\x12\x10\n\x08position\x18\x07 \x01(\x05\x12\x12\n\npropensity\x18\x08 \x01(\x01\x12<\n\nattributes\x18\t \x03(\x0b\x32(.recmesh.events.v1.Event.AttributesEntry\x12\r\n\x05score\x18\n \x01(\x01\x12)\n\x06source\x18\x0b \x01(\x0e\x32\x19.recmesh.common.v1.Source\x12\x38\n\x08variants\x18\x0c \x03(\x0b\x32&.recmesh.events.v1.Event.VariantsEntry\x12\x19\n\x11retrieval_version\x18\r \x01(\t\x12\x17\n\x0franking_version\x18\x0e \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x0f \x03(\t\x12\x14\n\x0c\x62ook_version\x18\x10 \x01(\t\x12\x12\n\nlatency_ms\x18\x11 \x01(\x01\x12\x0c\n\x04team\x18\x12 \x01(\t\x12\x0f\n\x07support\x18\x13 \x03(\x03\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rVariantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\rAppendRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.recmesh.events.v1.Event\"6\n\x0e\x41ppendResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"+\n\x0bReadRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\".\n\x18ReadRequestEventsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"X\n\x15ReadUserEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08until_ms\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x04 \x01(\t\"p\n\x16ReadUserEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.recmesh.events.v1.StoredEvent\x12\x12\n\nnext_after\x18\x02 \x01(\t\x12\x12\n\nhorizon_ms\x18\x03 \x01(\x03\"9\n\x10\x45raseUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\"\xc1\x01\n\x11\x45raseUserResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x05\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x03 \x01(\x05\x12\x13\n\x0bprojections\x18\x04 \x01(\x05\x12\x18\n\x10snapshot_entries\x18\x05 \x01(\x05\x12\x14\n\x0c\x66\x65\x61ture_keys\x18\x06 \x01(\x05\x12\x18\n\x10items_recomputed\x18\x07 \x01(\x05\x12\x16\n\x0e\x61udit_position\x18\x08 \x01(\t\"H\n\x0bStoredEvent\x12\x10\n\x08position\x18\x01 \x01(\t\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x18.recmesh.events.v1.Event\">\n\x0cReadResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.recmesh.events.v1.StoredEvent2\xc8\x03\n\x0c\x45ventService\x12M\n\x06\x41ppend\x12 .recmesh.events.v1.AppendRequest\x1a!.recmesh.events.v1.AppendResponse\x12G\n\x04Read\x12\x1e.recmesh.events.v1.ReadRequest\x1a\x1f.recmesh.events.v1.ReadResponse\x12\x61\n\x11ReadRequestEvents\x12+.recmesh.events.v1.ReadRequestEventsRequest\x1a\x1f.recmesh.events.v1.ReadResponse\x12\x65\n\x0eReadUserEvents\x12(.recmesh.events.v1.ReadUserEventsRequest\x1a).recmesh.events.v1.ReadUserEventsResponse\x12V\n\tEraseUser\x12#.recmesh.events.v1.EraseUserRequest\x1a$.recmesh.events.v1.EraseUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecmesh/events/v1/events.proto\x12\x11recmesh.events.v1\x1a\x1erecmesh/common/v1/common.proto\"\x80\x05\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07item_id\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05ts_ms\x18\x06 \x01(\x03\x12\x10\n\x08position\x18\x07 \x01(\x05\x12\x12\n\npropensity\x18\x08 \x01(\x01\x12<\n\nattributes\x18\t \x03(\x0b\x32(.recmesh.events.v1.Event.AttributesEntry\x12\r\n\x05score\x18\n \x01(\x01\x12)\n\x06source\x18\x0b \x01(\x0e\x32\x19.recmesh.common.v1.Source\x12\x38\n\x08variants\x18\x0c \x03(\x0b\x32&.recmesh.events.v1.Event.VariantsEntry\x12\x19\n\x11retrieval_version\x18\r \x01(\t\x12\x17\n\x0franking_version\x18\x0e \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x0f \x03(\t\x12\x14\n\x0c\x62ook_version\x18\x10 \x01(\t\x12\x12\n\nlatency_ms\x18\x11 \x01(\x01\x12\x0c\n\x04team\x18\x12 \x01(\t\x12\x0f\n\x07support\x18\x13 \x03(\x03\x12\x10\n\x08item_ref\x18\x14 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x15 \x01(\x05\x12\x10\n\x08\x66\x65\x61tures\x18\x16 \x01(\x0c\x12\x11\n\tavailable\x18\x17 \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rVariantsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\rAppendRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.recmesh.events.v1.Event\"6\n\x0e\x41ppendResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"+\n\x0bReadRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\".\n\x18ReadRequestEventsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"X\n\x15ReadUserEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08until_ms\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x04 \x01(\t\"p\n\x16ReadUserEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.recmesh.events.v1.StoredEvent\x12\x12\n\nnext_after\x18\x02 \x01(\t\x12\x12\n\nhorizon_ms\x18\x03 \x01(\x03\"9\n\x10\x45raseUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\"\xc1\x01\n\x11\x45raseUserResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x05\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x03 \x01(\x05\x12\x13\n\x0bprojections\x18\x04 \x01(\x05\x12\x18\n\x10snapshot_entries\x18\x05 \x01(\x05\x12\x14\n\x0c\x66\x65\x61ture_keys\x18\x06 \x01(\x05\x12\x18\n\x10items_recomputed\x18\x07 \x01(\x05\x12\x16\n\x0e\x61udit_position\x18\x08 \x01(\t\"H\n\x0bStoredEvent\x12\x10\n\x08position\x18\x01 \x01(\t\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x18.recmesh.events.v1.Event\">\n\x0cReadResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.recmesh.events.v1.StoredEvent2\xc8\x03\n\x0c\x45ventService\x12M\n\x06\x41ppend\x12 .recmesh.events.v1.AppendRequest\x1a!.recmesh.events.v1.AppendResponse\x12G\n\x04Read\x12\x1e.recmesh.events.v1.ReadRequest\x1a\x1f.recmesh.events.v1.ReadResponse\x12\x61\n\x11ReadRequestEvents\x12+.recmesh.events.v1.ReadRequestEventsRequest\x1a\x1f.recmesh.events.v1.ReadResponse\x12\x65\n\x0eReadUserEvents\x12(.recmesh.events.v1.ReadUserEventsRequest\x1a).recmesh.events.v1.ReadUserEventsResponse\x12V\n\tEraseUser\x12#.recmesh.events.v1.EraseUserRequest\x1a$.recmesh.events.v1.EraseUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_VARIANTSENTRY']._loaded_options = None
   _globals['_EVENT_VARIANTSENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=86
-  _globals['_EVENT']._serialized_end=653
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=555
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=604
-  _globals['_EVENT_VARIANTSENTRY']._serialized_start=606
-  _globals['_EVENT_VARIANTSENTRY']._serialized_end=653
-  _globals['_APPENDREQUEST']._serialized_start=655
-  _globals['_APPENDREQUEST']._serialized_end=712
-  _globals['_APPENDRESPONSE']._serialized_start=714
-  _globals['_APPENDRESPONSE']._serialized_end=768
-  _globals['_READREQUEST']._serialized_start=770
-  _globals['_READREQUEST']._serialized_end=813
-  _globals['_READREQUESTEVENTSREQUEST']._serialized_start=815
-  _globals['_READREQUESTEVENTSREQUEST']._serialized_end=861
-  _globals['_READUSEREVENTSREQUEST']._serialized_start=863
-  _globals['_READUSEREVENTSREQUEST']._serialized_end=951
-  _globals['_READUSEREVENTSRESPONSE']._serialized_start=953
-  _globals['_READUSEREVENTSRESPONSE']._serialized_end=1065
-  _globals['_ERASEUSERREQUEST']._serialized_start=1067
-  _globals['_ERASEUSERREQUEST']._serialized_end=1124
-  _globals['_ERASEUSERRESPONSE']._serialized_start=1127
-  _globals['_ERASEUSERRESPONSE']._serialized_end=1320
-  _globals['_STOREDEVENT']._serialized_start=1322
-  _globals['_STOREDEVENT']._serialized_end=1394
-  _globals['_READRESPONSE']._serialized_start=1396
-  _globals['_READRESPONSE']._serialized_end=1458
-  _globals['_EVENTSERVICE']._serialized_start=1461
-  _globals['_EVENTSERVICE']._serialized_end=1917
+  _globals['_EVENT']._serialized_end=726
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=628
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=677
+  _globals['_EVENT_VARIANTSENTRY']._serialized_start=679
+  _globals['_EVENT_VARIANTSENTRY']._serialized_end=726
+  _globals['_APPENDREQUEST']._serialized_start=728
+  _globals['_APPENDREQUEST']._serialized_end=785
+  _globals['_APPENDRESPONSE']._serialized_start=787
+  _globals['_APPENDRESPONSE']._serialized_end=841
+  _globals['_READREQUEST']._serialized_start=843
+  _globals['_READREQUEST']._serialized_end=886
+  _globals['_READREQUESTEVENTSREQUEST']._serialized_start=888
+  _globals['_READREQUESTEVENTSREQUEST']._serialized_end=934
+  _globals['_READUSEREVENTSREQUEST']._serialized_start=936
+  _globals['_READUSEREVENTSREQUEST']._serialized_end=1024
+  _globals['_READUSEREVENTSRESPONSE']._serialized_start=1026
+  _globals['_READUSEREVENTSRESPONSE']._serialized_end=1138
+  _globals['_ERASEUSERREQUEST']._serialized_start=1140
+  _globals['_ERASEUSERREQUEST']._serialized_end=1197
+  _globals['_ERASEUSERRESPONSE']._serialized_start=1200
+  _globals['_ERASEUSERRESPONSE']._serialized_end=1393
+  _globals['_STOREDEVENT']._serialized_start=1395
+  _globals['_STOREDEVENT']._serialized_end=1467
+  _globals['_READRESPONSE']._serialized_start=1469
+  _globals['_READRESPONSE']._serialized_end=1531
+  _globals['_EVENTSERVICE']._serialized_start=1534
+  _globals['_EVENTSERVICE']._serialized_end=1990
 # @@protoc_insertion_point(module_scope)

@@ -82,12 +82,21 @@ class Event(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     TEAM_FIELD_NUMBER: _builtins.int
     SUPPORT_FIELD_NUMBER: _builtins.int
+    ITEM_REF_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id; the idempotency key."""
     type: _builtins.str
-    """impression, click, conversion, exposure, dismiss, error (a request the gateway failed)."""
+    """impression, click, conversion, exposure, dismiss, error (a request the gateway failed);
+    the catalog's item_upsert and item_delete (no user_id).
+    """
     user_id: _builtins.str
     item_id: _builtins.int
+    """The internal (dense) id of the item: the log assigns it from item_ref on append when
+    item_ref is set (core/catalog.py); set directly only by the mesh's own events.
+    """
     request_id: _builtins.str
     ts_ms: _builtins.int
     """Event time, milliseconds since the Unix epoch."""
@@ -120,6 +129,16 @@ class Event(_message.Message):
     variant key). Empty on other events. `propensity` stays the probability the item had of
     being shown, over the draft's coins (core/experiments/interleaving.py).
     """
+    item_ref: _builtins.str
+    """The tenant's own id of the item (1..128 bytes), as clients name it. On append the log
+    maps it to item_id (the same id every time, for the tenant) and keeps both.
+    """
+    category: _builtins.int
+    """On an item_upsert: the item's category (>= 0), features (float32 little-endian, the
+    tenant's item feature width) and availability; attributes hold its other attributes.
+    """
+    features: _builtins.bytes
+    available: _builtins.bool
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -162,10 +181,14 @@ class Event(_message.Message):
         latency_ms: _builtins.float = ...,
         team: _builtins.str = ...,
         support: _abc.Iterable[_builtins.int] | None = ...,
+        item_ref: _builtins.str = ...,
+        category: _builtins.int = ...,
+        features: _builtins.bytes = ...,
+        available: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "book_version", b"book_version", "degraded", b"degraded", "event_id", b"event_id", "item_id", b"item_id", "latency_ms", b"latency_ms", "position", b"position", "propensity", b"propensity", "ranking_version", b"ranking_version", "request_id", b"request_id", "retrieval_version", b"retrieval_version", "score", b"score", "source", b"source", "support", b"support", "team", b"team", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id", "variants", b"variants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "available", b"available", "book_version", b"book_version", "category", b"category", "degraded", b"degraded", "event_id", b"event_id", "features", b"features", "item_id", b"item_id", "item_ref", b"item_ref", "latency_ms", b"latency_ms", "position", b"position", "propensity", b"propensity", "ranking_version", b"ranking_version", "request_id", b"request_id", "retrieval_version", b"retrieval_version", "score", b"score", "source", b"source", "support", b"support", "team", b"team", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id", "variants", b"variants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -353,16 +353,26 @@ class GetItemChangesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SINCE_MS_FIELD_NUMBER: _builtins.int
+    WITH_STATE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     since_ms: _builtins.int
     """Epoch ms; 0 = every change recorded."""
+    with_state: _builtins.bool
+    """Also return each changed item's current state (row, category, availability, name):
+    what a caller that serves the live catalog needs (retrieval).
+    """
+    limit: _builtins.int
+    """Most changes returned, oldest first; 0 = all of them."""
     def __init__(
         self,
         *,
         since_ms: _builtins.int = ...,
+        with_state: _builtins.bool = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_ms", b"since_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "since_ms", b"since_ms", "with_state", b"with_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,22 +384,48 @@ class GetItemChangesResponse(_message.Message):
 
     ITEM_IDS_FIELD_NUMBER: _builtins.int
     AS_OF_MS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     as_of_ms: _builtins.int
     """The latest change returned (since_ms when none). A change is scored by its writer's
     clock, so one may land after a later-scored change was read: a caller that must not
     miss any reads again from a little before this (ranking: 5 s before).
     """
+    more: _builtins.bool
+    """True when limit cut the answer: more changes wait after as_of_ms."""
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def features(self) -> _common_pb2.FeatureMatrix:
+        """With with_state, parallel to item_ids: the items' feature rows (the default row for
+        an item without one), categories (-1 without a row), whether each may be served (not
+        deleted, not upserted as unavailable), and the tenant's own id of each of its own
+        items ("" for the artifact set's items, named by their decimal number).
+        """
+
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def available(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         item_ids: _abc.Iterable[_builtins.int] | None = ...,
         as_of_ms: _builtins.int = ...,
+        features: _common_pb2.FeatureMatrix | None = ...,
+        categories: _abc.Iterable[_builtins.int] | None = ...,
+        available: _abc.Iterable[_builtins.bool] | None = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["features", b"features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_ms", b"as_of_ms", "item_ids", b"item_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_ms", b"as_of_ms", "available", b"available", "categories", b"categories", "features", b"features", "item_ids", b"item_ids", "more", b"more", "names", b"names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,10 +23,9 @@ _sym_db = _symbol_database.Default()
 
 
 from recmesh.common.v1 import common_pb2 as recmesh_dot_common_dot_v1_dot_common__pb2
-from recmesh.events.v1 import events_pb2 as recmesh_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n recmesh/gateway/v1/gateway.proto\x12\x12recmesh.gateway.v1\x1a\x1erecmesh/common/v1/common.proto\x1a\x1erecmesh/events/v1/events.proto\"\xb9\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12\x42\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x31.recmesh.gateway.v1.RecommendRequest.ContextEntry\x12\r\n\x05\x64\x65\x62ug\x18\x04 \x01(\x08\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x11\x45xperimentVariant\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"\xc9\x02\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05items\x18\x02 \x01(\x0b\x32\x1d.recmesh.common.v1.Candidates\x12:\n\x0b\x65xperiments\x18\x03 \x03(\x0b\x32%.recmesh.gateway.v1.ExperimentVariant\x12\x10\n\x08\x64\x65graded\x18\x04 \x03(\t\x12\x44\n\x08stage_ms\x18\x05 \x03(\x0b\x32\x32.recmesh.gateway.v1.RecommendResponse.StageMsEntry\x12.\n\x06stages\x18\x06 \x03(\x0b\x32\x1e.recmesh.common.v1.StageReport\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x10LogEventsRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.recmesh.events.v1.Event\"%\n\x11LogEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x32\xc4\x01\n\x0eGatewayService\x12X\n\tRecommend\x12$.recmesh.gateway.v1.RecommendRequest\x1a%.recmesh.gateway.v1.RecommendResponse\x12X\n\tLogEvents\x12$.recmesh.gateway.v1.LogEventsRequest\x1a%.recmesh.gateway.v1.LogEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n recmesh/gateway/v1/gateway.proto\x12\x12recmesh.gateway.v1\x1a\x1erecmesh/common/v1/common.proto\"\xb9\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12\x42\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x31.recmesh.gateway.v1.RecommendRequest.ContextEntry\x12\r\n\x05\x64\x65\x62ug\x18\x04 \x01(\x08\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x11\x45xperimentVariant\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"~\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12)\n\x06source\x18\x04 \x01(\x0e\x32\x19.recmesh.common.v1.Source\x12\x12\n\npropensity\x18\x05 \x01(\x01\"\xcf\x02\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x05items\x18\x02 \x03(\x0b\x32#.recmesh.gateway.v1.RecommendedItem\x12:\n\x0b\x65xperiments\x18\x03 \x03(\x0b\x32%.recmesh.gateway.v1.ExperimentVariant\x12\x10\n\x08\x64\x65graded\x18\x04 \x03(\t\x12\x44\n\x08stage_ms\x18\x05 \x03(\x0b\x32\x32.recmesh.gateway.v1.RecommendResponse.StageMsEntry\x12.\n\x06stages\x18\x06 \x03(\x0b\x32\x1e.recmesh.common.v1.StageReport\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x90\x02\n\x0b\x43lientEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05ts_ms\x18\x06 \x01(\x03\x12\x10\n\x08position\x18\x07 \x01(\x05\x12\x12\n\npropensity\x18\x08 \x01(\x01\x12\x43\n\nattributes\x18\t \x03(\x0b\x32/.recmesh.gateway.v1.ClientEvent.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x10LogEventsRequest\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.recmesh.gateway.v1.ClientEvent\"%\n\x11LogEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"\xe0\x01\n\x0b\x43\x61talogItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\x05\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\x02\x12\x43\n\nattributes\x18\x04 \x03(\x0b\x32/.recmesh.gateway.v1.CatalogItem.AttributesEntry\x12\x16\n\tavailable\x18\x05 \x01(\x08H\x00\x88\x01\x01\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_available\"D\n\x12UpsertItemsRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.recmesh.gateway.v1.CatalogItem\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"#\n\x0f\x43\x61talogResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x32\xfc\x02\n\x0eGatewayService\x12X\n\tRecommend\x12$.recmesh.gateway.v1.RecommendRequest\x1a%.recmesh.gateway.v1.RecommendResponse\x12X\n\tLogEvents\x12$.recmesh.gateway.v1.LogEventsRequest\x1a%.recmesh.gateway.v1.LogEventsResponse\x12Z\n\x0bUpsertItems\x12&.recmesh.gateway.v1.UpsertItemsRequest\x1a#.recmesh.gateway.v1.CatalogResponse\x12Z\n\x0b\x44\x65leteItems\x12&.recmesh.gateway.v1.DeleteItemsRequest\x1a#.recmesh.gateway.v1.CatalogResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +36,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_RECOMMENDRESPONSE_STAGEMSENTRY']._loaded_options = None
   _globals['_RECOMMENDRESPONSE_STAGEMSENTRY']._serialized_options = b'8\001'
-  _globals['_RECOMMENDREQUEST']._serialized_start=121
-  _globals['_RECOMMENDREQUEST']._serialized_end=306
-  _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_start=260
-  _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_end=306
-  _globals['_EXPERIMENTVARIANT']._serialized_start=308
-  _globals['_EXPERIMENTVARIANT']._serialized_end=357
-  _globals['_RECOMMENDRESPONSE']._serialized_start=360
-  _globals['_RECOMMENDRESPONSE']._serialized_end=689
-  _globals['_RECOMMENDRESPONSE_STAGEMSENTRY']._serialized_start=643
-  _globals['_RECOMMENDRESPONSE_STAGEMSENTRY']._serialized_end=689
-  _globals['_LOGEVENTSREQUEST']._serialized_start=691
-  _globals['_LOGEVENTSREQUEST']._serialized_end=751
-  _globals['_LOGEVENTSRESPONSE']._serialized_start=753
-  _globals['_LOGEVENTSRESPONSE']._serialized_end=790
-  _globals['_GATEWAYSERVICE']._serialized_start=793
-  _globals['_GATEWAYSERVICE']._serialized_end=989
+  _globals['_CLIENTEVENT_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_CLIENTEVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_CATALOGITEM_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_CATALOGITEM_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_RECOMMENDREQUEST']._serialized_start=89
+  _globals['_RECOMMENDREQUEST']._serialized_end=274
+  _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_start=228
+  _globals['_RECOMMENDREQUEST_CONTEXTENTRY']._serialized_end=274
+  _globals['_EXPERIMENTVARIANT']._serialized_start=276
+  _globals['_EXPERIMENTVARIANT']._serialized_end=325
+  _globals['_RECOMMENDEDITEM']._serialized_start=327
+  _globals['_RECOMMENDEDITEM']._serialized_end=453
+  _globals['_RECOMMENDRESPONSE']._serialized_start=456
+  _globals['_RECOMMENDRESPONSE']._serialized_end=791
+  _globals['_RECOMMENDRESPONSE_STAGEMSENTRY']._serialized_start=745
+  _globals['_RECOMMENDRESPONSE_STAGEMSENTRY']._serialized_end=791
+  _globals['_CLIENTEVENT']._serialized_start=794
+  _globals['_CLIENTEVENT']._serialized_end=1066
+  _globals['_CLIENTEVENT_ATTRIBUTESENTRY']._serialized_start=1017
+  _globals['_CLIENTEVENT_ATTRIBUTESENTRY']._serialized_end=1066
+  _globals['_LOGEVENTSREQUEST']._serialized_start=1068
+  _globals['_LOGEVENTSREQUEST']._serialized_end=1135
+  _globals['_LOGEVENTSRESPONSE']._serialized_start=1137
+  _globals['_LOGEVENTSRESPONSE']._serialized_end=1174
+  _globals['_CATALOGITEM']._serialized_start=1177
+  _globals['_CATALOGITEM']._serialized_end=1401
+  _globals['_CATALOGITEM_ATTRIBUTESENTRY']._serialized_start=1017
+  _globals['_CATALOGITEM_ATTRIBUTESENTRY']._serialized_end=1066
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=1403
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=1471
+  _globals['_DELETEITEMSREQUEST']._serialized_start=1473
+  _globals['_DELETEITEMSREQUEST']._serialized_end=1511
+  _globals['_CATALOGRESPONSE']._serialized_start=1513
+  _globals['_CATALOGRESPONSE']._serialized_end=1548
+  _globals['_GATEWAYSERVICE']._serialized_start=1551
+  _globals['_GATEWAYSERVICE']._serialized_end=1931
 # @@protoc_insertion_point(module_scope)

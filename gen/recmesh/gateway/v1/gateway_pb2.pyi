@@ -8,7 +8,6 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from recmesh.common.v1 import common_pb2 as _common_pb2
-from recmesh.events.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -93,6 +92,40 @@ class ExperimentVariant(_message.Message):
 Global___ExperimentVariant: _TypeAlias = ExperimentVariant  # noqa: Y015
 
 @_typing.final
+class RecommendedItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PROPENSITY_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    """The tenant's own item id."""
+    score: _builtins.float
+    rank: _builtins.int
+    """1-based position in the answer."""
+    source: _common_pb2.Source.ValueType
+    propensity: _builtins.float
+    """Probability the item had of being shown (debug only; 0 when ranking did not answer)."""
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+        rank: _builtins.int = ...,
+        source: _common_pb2.Source.ValueType = ...,
+        propensity: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "propensity", b"propensity", "rank", b"rank", "score", b"score", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendedItem: _TypeAlias = RecommendedItem  # noqa: Y015
+
+@_typing.final
 class RecommendResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -124,7 +157,7 @@ class RecommendResponse(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     @_builtins.property
-    def items(self) -> _common_pb2.Candidates:
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]:
         """Ranked items, best first."""
 
     @_builtins.property
@@ -143,13 +176,13 @@ class RecommendResponse(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        items: _common_pb2.Candidates | None = ...,
+        items: _abc.Iterable[Global___RecommendedItem] | None = ...,
         experiments: _abc.Iterable[Global___ExperimentVariant] | None = ...,
         degraded: _abc.Iterable[_builtins.str] | None = ...,
         stage_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         stages: _abc.Iterable[_common_pb2.StageReport] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "experiments", b"experiments", "items", b"items", "request_id", b"request_id", "stage_ms", b"stage_ms", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -158,16 +191,86 @@ class RecommendResponse(_message.Message):
 Global___RecommendResponse: _TypeAlias = RecommendResponse  # noqa: Y015
 
 @_typing.final
+class ClientEvent(_message.Message):
+    """An event as a client posts it: user and item are the tenant's own ids."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TS_MS_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    PROPENSITY_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Caller-chosen unique id (1..128 characters); the idempotency key."""
+    type: _builtins.str
+    """impression, click, conversion, dismiss."""
+    user_id: _builtins.str
+    item_id: _builtins.str
+    """The tenant's own item id, 1..128 bytes."""
+    request_id: _builtins.str
+    ts_ms: _builtins.int
+    """Event time, milliseconds since the Unix epoch."""
+    position: _builtins.int
+    propensity: _builtins.float
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        type: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        item_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        ts_ms: _builtins.int = ...,
+        position: _builtins.int = ...,
+        propensity: _builtins.float = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "event_id", b"event_id", "item_id", b"item_id", "position", b"position", "propensity", b"propensity", "request_id", b"request_id", "ts_ms", b"ts_ms", "type", b"type", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientEvent: _TypeAlias = ClientEvent  # noqa: Y015
+
+@_typing.final
 class LogEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientEvent]: ...
     def __init__(
         self,
         *,
-        events: _abc.Iterable[_events_pb2.Event] | None = ...,
+        events: _abc.Iterable[Global___ClientEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -195,3 +298,127 @@ class LogEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogEventsResponse: _TypeAlias = LogEventsResponse  # noqa: Y015
+
+@_typing.final
+class CatalogItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    """The tenant's own item id, 1..128 bytes."""
+    category: _builtins.int
+    """>= 0; a category the models were not trained on is embedded without one."""
+    available: _builtins.bool
+    """Unset means true; false keeps the item in the catalog but never serves it."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The item's features: finite numbers, exactly the tenant's item feature width."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Other attributes, kept with the item in the log (at most 64)."""
+
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        category: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.float] | None = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        available: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "available", b"available"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "attributes", b"attributes", "available", b"available", "category", b"category", "features", b"features", "item_id", b"item_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__available: _TypeAlias = _typing.Literal["available"]  # noqa: Y015
+    _WhichOneofArgType__available: _TypeAlias = _typing.Literal["_available", b"_available"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__available) -> _WhichOneofReturnType__available | None: ...
+
+Global___CatalogItem: _TypeAlias = CatalogItem  # noqa: Y015
+
+@_typing.final
+class UpsertItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CatalogItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___CatalogItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpsertItemsRequest: _TypeAlias = UpsertItemsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenant's own item ids (at most 1,000)."""
+
+    def __init__(
+        self,
+        *,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteItemsRequest: _TypeAlias = DeleteItemsRequest  # noqa: Y015
+
+@_typing.final
+class CatalogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    """Catalog events accepted (written to the log, or to the gateway's outbox first)."""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CatalogResponse: _TypeAlias = CatalogResponse  # noqa: Y015

@@ -44,6 +44,16 @@ class GatewayServiceStub:
                 request_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.LogEventsRequest.SerializeToString,
                 response_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.LogEventsResponse.FromString,
                 _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/recmesh.gateway.v1.GatewayService/UpsertItems',
+                request_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.FromString,
+                _registered_method=True)
+        self.DeleteItems = channel.unary_unary(
+                '/recmesh.gateway.v1.GatewayService/DeleteItems',
+                request_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.DeleteItemsRequest.SerializeToString,
+                response_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -65,6 +75,21 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertItems(self, request, context):
+        """Insert or replace catalog items (at most 1,000 per call); each is written to the log
+        as an item_upsert and served (or withdrawn, when not available) within a second.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItems(self, request, context):
+        """Withdraw catalog items: never served again once the log's item_delete is applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +102,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.LogEvents,
                     request_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.LogEventsRequest.FromString,
                     response_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.LogEventsResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.SerializeToString,
+            ),
+            'DeleteItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItems,
+                    request_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.DeleteItemsRequest.FromString,
+                    response_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +168,60 @@ class GatewayService:
             '/recmesh.gateway.v1.GatewayService/LogEvents',
             recmesh_dot_gateway_dot_v1_dot_gateway__pb2.LogEventsRequest.SerializeToString,
             recmesh_dot_gateway_dot_v1_dot_gateway__pb2.LogEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.gateway.v1.GatewayService/UpsertItems',
+            recmesh_dot_gateway_dot_v1_dot_gateway__pb2.UpsertItemsRequest.SerializeToString,
+            recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.gateway.v1.GatewayService/DeleteItems',
+            recmesh_dot_gateway_dot_v1_dot_gateway__pb2.DeleteItemsRequest.SerializeToString,
+            recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,12 @@ class GatewayServiceStub:
     """
     LogEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.LogEventsRequest, _gateway_pb2.LogEventsResponse]
     """Accept events (clicks, conversions...) for the caller's tenant."""
+    UpsertItems: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.UpsertItemsRequest, _gateway_pb2.CatalogResponse]
+    """Insert or replace catalog items (at most 1,000 per call); each is written to the log
+    as an item_upsert and served (or withdrawn, when not available) within a second.
+    """
+    DeleteItems: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DeleteItemsRequest, _gateway_pb2.CatalogResponse]
+    """Withdraw catalog items: never served again once the log's item_delete is applied."""
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -49,6 +55,12 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """
     LogEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.LogEventsRequest, _gateway_pb2.LogEventsResponse]  # type: ignore[assignment]
     """Accept events (clicks, conversions...) for the caller's tenant."""
+    UpsertItems: _aio.UnaryUnaryMultiCallable[_gateway_pb2.UpsertItemsRequest, _gateway_pb2.CatalogResponse]  # type: ignore[assignment]
+    """Insert or replace catalog items (at most 1,000 per call); each is written to the log
+    as an item_upsert and served (or withdrawn, when not available) within a second.
+    """
+    DeleteItems: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DeleteItemsRequest, _gateway_pb2.CatalogResponse]  # type: ignore[assignment]
+    """Withdraw catalog items: never served again once the log's item_delete is applied."""
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -69,5 +81,23 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.LogEventsResponse, _abc.Awaitable[_gateway_pb2.LogEventsResponse]]:
         """Accept events (clicks, conversions...) for the caller's tenant."""
+
+    @_abc_1.abstractmethod
+    def UpsertItems(
+        self,
+        request: _gateway_pb2.UpsertItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CatalogResponse, _abc.Awaitable[_gateway_pb2.CatalogResponse]]:
+        """Insert or replace catalog items (at most 1,000 per call); each is written to the log
+        as an item_upsert and served (or withdrawn, when not available) within a second.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteItems(
+        self,
+        request: _gateway_pb2.DeleteItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CatalogResponse, _abc.Awaitable[_gateway_pb2.CatalogResponse]]:
+        """Withdraw catalog items: never served again once the log's item_delete is applied."""
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,6 +27,7 @@ class RetrieveRequest(_message.Message):
     ANN_K_FIELD_NUMBER: _builtins.int
     POPULAR_K_FIELD_NUMBER: _builtins.int
     TRENDING_K_FIELD_NUMBER: _builtins.int
+    FRESH_K_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     ann_k: _builtins.int
     """Candidates wanted from the ANN source; 0 means the service default."""
@@ -36,6 +37,10 @@ class RetrieveRequest(_message.Message):
     """Candidates wanted from the trending source (the tenant's most clicked items lately);
     0 means the service default.
     """
+    fresh_k: _builtins.int
+    """Candidates wanted from the fresh source (the tenant's newest catalog items, for cold
+    start); 0 means the service default.
+    """
     def __init__(
         self,
         *,
@@ -43,10 +48,11 @@ class RetrieveRequest(_message.Message):
         ann_k: _builtins.int = ...,
         popular_k: _builtins.int = ...,
         trending_k: _builtins.int = ...,
+        fresh_k: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ann_k", b"ann_k", "popular_k", b"popular_k", "trending_k", b"trending_k", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ann_k", b"ann_k", "fresh_k", b"fresh_k", "popular_k", b"popular_k", "trending_k", b"trending_k", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -56,6 +62,26 @@ Global___RetrieveRequest: _TypeAlias = RetrieveRequest  # noqa: Y015
 class RetrieveResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class NamesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CANDIDATES_FIELD_NUMBER: _builtins.int
     USER_FEATURES_FIELD_NUMBER: _builtins.int
     USER_FEATURE_DIM_FIELD_NUMBER: _builtins.int
@@ -63,6 +89,7 @@ class RetrieveResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
     user_features: _builtins.bytes
     """The user features retrieval used (float32 little-endian), so ranking needs no second read."""
     user_feature_dim: _builtins.int
@@ -76,6 +103,12 @@ class RetrieveResponse(_message.Message):
     def degraded(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Parts that fell back inside retrieval (e.g. "features")."""
 
+    @_builtins.property
+    def names(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
+        """The tenant's own id of each candidate that is not one of the artifact set's items
+        (an item upserted to the live catalog); a set item's id is its decimal number.
+        """
+
     def __init__(
         self,
         *,
@@ -86,10 +119,11 @@ class RetrieveResponse(_message.Message):
         model_version: _builtins.str = ...,
         stages: _abc.Iterable[_common_pb2.StageReport] | None = ...,
         degraded: _abc.Iterable[_builtins.str] | None = ...,
+        names: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "degraded", b"degraded", "model_version", b"model_version", "stages", b"stages", "user_feature_dim", b"user_feature_dim", "user_features", b"user_features", "user_features_default", b"user_features_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "degraded", b"degraded", "model_version", b"model_version", "names", b"names", "stages", b"stages", "user_feature_dim", b"user_feature_dim", "user_features", b"user_features", "user_features_default", b"user_features_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
