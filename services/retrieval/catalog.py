@@ -43,7 +43,7 @@ from core.validation import matrix_from_proto
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.context import detached
-from services.retrieval.index import RetrievalModels
+from services.retrieval.index import UNKNOWN_CATEGORY, RetrievalModels
 from services.retrieval.live import LiveIndex
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class LiveCatalog:
                     [r.category for r, ok in zip(rows, usable, strict=True) if ok], np.int64
                 )
                 known = (categories >= 0) & (categories < models.n_categories)
-                categories = np.where(known, categories, -1)
+                categories = np.where(known, categories, UNKNOWN_CATEGORY)
                 index.upsert(ids_ok, models.embed_items(np.ascontiguousarray(features), categories))
         return len(shown), int(gone.size)
 

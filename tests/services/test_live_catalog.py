@@ -2,7 +2,8 @@
 upserted and deleted through the gateway, written to the log, applied by the projector and
 served (or never served again) by retrieval; a set swap keeps every upsert.
 
-The mesh runs in this process with a projector reading the log, as ``recmesh up`` runs one.
+The mesh runs in this process with a projector reading the log (its reader, without the
+process around it), as ``recmesh up`` runs one.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from core.catalog import LIVE_BASE, MAX_ITEMS_PER_CALL, replay_ids
 from mesh import redis as mesh_redis
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
-from mesh.testing import built_server, serving
-from services.projector.server import build_service as build_projector
-from services.projector.settings import ProjectorSettings
+from mesh.tenants import load_tenants
+from services.projector.consumer import StreamProjector
+from services.projector.projections import Projections
 from services.retrieval.index import RetrievalModels
 from tests.inprocess import Mesh, inprocess_mesh, write_tenants
 
@@ -48,17 +49,22 @@ async def mesh(
     base = tmp_path_factory.mktemp("catalog")
     tenants = write_tenants(base / "tenants.json")
     async with inprocess_mesh(redis_url, artifacts_root, tenants) as running:
-        projector = ProjectorSettings(
-            redis_url=redis_url,
-            tenants=tenants,
-            port=0,
-            drain_delay_s=0.0,
-            tls=False,
+        client = mesh_redis.client(redis_url)
+        projector = StreamProjector(
+            client,
+            Projections(client, history_cap=200, half_life_s=3600.0, applied_ttl_s=600),
+            list(load_tenants(tenants).tenants),
+            group="projector",
             consumer="catalog-test",
             block_ms=20,
         )
-        async with serving(await built_server(build_projector, projector)):
+        await projector.prepare()
+        await projector.start()
+        try:
             yield running
+        finally:
+            await projector.stop()
+            await client.aclose()
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +319,16 @@ async def test_an_oversized_body_is_413_and_int_item_ids_are_refused_in_events(
     catalog = {"event_id": "e2", "type": "item_delete", "user_id": "u", "item_id": "7", "ts": 1}
     status, error = await call(mesh, "POST", "/v1/events", {"events": [catalog]})
     assert (status, error["field"]) == (400, "events[0].type")
+
+
+async def test_an_item_of_a_category_the_models_never_saw_is_still_served(
+    mesh: Mesh, set_items: tuple[np.ndarray, np.ndarray]
+) -> None:
+    rows, _ = set_items
+    ref = f"newcat-{uuid.uuid4().hex[:8]}"
+    assert (await call(mesh, "PUT", "/v1/items", {"items": [item(ref, rows[9], 10_000)]}))[0] == 202
+
+    async def served() -> bool:
+        return ref in await retrieved(mesh, "catalog-newcat")
+
+    await until(served, f"{ref} (category 10000) served")
