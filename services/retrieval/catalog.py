@@ -28,6 +28,7 @@ serves:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -52,6 +53,8 @@ OVERLAP_MS = 1000
 """How far before the last change read a refresh reads again."""
 MAX_PAGES = 200
 """Most pages one refresh reads; the next refresh goes on from where it stopped."""
+FRESH_HEAD = 2000
+"""Newest servable own items a request may take as fresh candidates (retrieval's max_k)."""
 
 REFRESHES = Counter(
     "recmesh_retrieval_catalog_refreshes_total",
@@ -86,6 +89,10 @@ class _Tenant:
     names: dict[int, str] = field(default_factory=dict)
     fresh: dict[int, None] = field(default_factory=dict)
     """The tenant's own servable items, oldest change first (a dict keeps the order)."""
+    withdrawn_ids: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    fresh_head: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    """What requests read, rebuilt once per refresh that changed something (not per
+    request): the withdrawn ids, and the :data:`FRESH_HEAD` newest servable own items."""
     since_ms: int = 0
     fetched_at: float = -np.inf
     started_at: float = -np.inf
@@ -101,7 +108,7 @@ class CatalogView:
 
     index: LiveIndex
     names: dict[int, str]
-    withdrawn: frozenset[int]
+    withdrawn: I64
     fresh: I64
     """The tenant's own servable items, newest change first."""
     problem: str = ""
@@ -109,9 +116,9 @@ class CatalogView:
 
     def servable(self, ids: I64) -> npt.NDArray[np.bool_]:
         """Which of ``ids`` may be served (not withdrawn)."""
-        if not self.withdrawn:
+        if not self.withdrawn.size:
             return np.ones(ids.size, dtype=bool)
-        return np.fromiter((int(i) not in self.withdrawn for i in ids), bool, ids.size)
+        return ~np.isin(ids, self.withdrawn)
 
 
 class LiveCatalog:
@@ -170,8 +177,8 @@ class LiveCatalog:
         return CatalogView(
             entry.index,
             entry.names,
-            frozenset(i for i, item in entry.items.items() if not item.available),
-            np.fromiter(reversed(entry.fresh), np.int64, len(entry.fresh)),
+            entry.withdrawn_ids,
+            entry.fresh_head,
             problem,
         )
 
@@ -234,6 +241,13 @@ class LiveCatalog:
                         break
                     since = reply.as_of_ms
             upserted, withdrawn = self._apply(entry, changed)
+            if changed:
+                entry.withdrawn_ids = np.fromiter(
+                    (i for i, item in entry.items.items() if not item.available), np.int64
+                )
+                entry.fresh_head = np.fromiter(
+                    itertools.islice(reversed(entry.fresh), FRESH_HEAD), np.int64
+                )
             CHANGED.labels(tenant, "upserted").inc(upserted)
             CHANGED.labels(tenant, "withdrawn").inc(withdrawn)
             LIVE_ITEMS.labels(tenant).set(len(entry.items))
