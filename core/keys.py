@@ -90,6 +90,14 @@ def events(tenant: str) -> str:
     return f"{tenant_prefix(tenant)}events"
 
 
+def catalog_events(tenant: str) -> str:
+    """Stream: a copy of the tenant's catalog events (``item_upsert``, ``item_delete``),
+    written with their append to :func:`events` and capped in length. The projector reads it
+    ahead of the log, so catalog changes never queue behind impressions; the log stays the
+    source of truth (a copy trimmed unread is applied from the log)."""
+    return f"{tenant_prefix(tenant)}events:cat"
+
+
 def event_claim(tenant: str, event_id: str) -> str:
     """Dedupe claim of an appended event id."""
     return f"{tenant_prefix(tenant)}eid:{event_id}"

@@ -16,6 +16,11 @@ events of one request (its impressions with their lineage, and the clicks and co
 that name it) are read back without scanning the stream (:meth:`EventLog.read_request`,
 ``recmesh explain``).
 
+A catalog event (``item_upsert``, ``item_delete``) is also copied, in the same call, to
+the tenant's catalog stream ``rm:{t}:events:cat`` (capped at about
+:data:`CATALOG_STREAM_CAP` entries), which the projector reads ahead of the log so that
+catalog changes never wait behind impressions (:mod:`services.projector.consumer`).
+
 Every event also has its position added to its user's index ``rm:{t}:ue:<user_id>`` (a
 sorted set scored by the append time, ms) in the same call, so a user's events up to a
 time are read back in log order without scanning the stream (:meth:`EventLog.read_user`,
@@ -35,26 +40,29 @@ import redis
 from recmesh.events.v1 import events_pb2
 
 from core import keys
-from core.catalog import LIVE_BASE, set_item
+from core.catalog import CATALOG_TYPES, LIVE_BASE, set_item
 from core.logread import as_text, position_order
 from mesh.redis import AsyncRedis
 
-# KEYS: the stream, then per event its dedupe claim, then per event its request index,
-# then per event its user's index.
-# ARGV: the dedupe TTL, the request index's cap, then per event its serialized form, then
-# per event "1" when it names a request, then per event "1" when it names a user (the
-# catalog's events do not).
+# KEYS: the stream, the catalog stream, then per event its dedupe claim, then per event its
+# request index, then per event its user's index.
+# ARGV: the dedupe TTL, the request index's cap, the catalog stream's cap, then per event
+# its serialized form, then per event "1" when it names a request, then per event "1" when
+# it names a user, then per event "1" when it is a catalog event.
 _APPEND = """
-local n = (#KEYS - 1) / 3
+local n = (#KEYS - 2) / 3
 local appended = 0
 for i = 1, n do
-  if redis.call('SET', KEYS[1 + i], '1', 'NX', 'EX', ARGV[1]) then
-    local position = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2 + i])
-    if ARGV[2 + 2 * n + i] == '1' then
-      redis.call('ZADD', KEYS[1 + 2 * n + i], string.match(position, '^%d+'), position)
+  if redis.call('SET', KEYS[2 + i], '1', 'NX', 'EX', ARGV[1]) then
+    local position = redis.call('XADD', KEYS[1], '*', 'e', ARGV[3 + i])
+    if ARGV[3 + 3 * n + i] == '1' then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[3 + i])
     end
-    local index = KEYS[1 + n + i]
-    if ARGV[2 + n + i] == '1' and redis.call('LLEN', index) < tonumber(ARGV[2]) then
+    if ARGV[3 + 2 * n + i] == '1' then
+      redis.call('ZADD', KEYS[2 + 2 * n + i], string.match(position, '^%d+'), position)
+    end
+    local index = KEYS[2 + n + i]
+    if ARGV[3 + n + i] == '1' and redis.call('LLEN', index) < tonumber(ARGV[2]) then
       redis.call('RPUSH', index, position)
       redis.call('EXPIRE', index, ARGV[1], 'NX')
     end
@@ -63,6 +71,10 @@ for i = 1, n do
 end
 return appended
 """
+
+CATALOG_STREAM_CAP = 100_000
+"""About how many entries the catalog stream keeps (``XADD MAXLEN ~``): far more than the
+projector ever trails it by; an entry trimmed unread is still applied from the log."""
 
 # KEYS: the tenant's id map (external -> internal), its reverse, its counter.
 # ARGV: the first internal id of the tenant's range, then the external ids to resolve.
@@ -188,6 +200,7 @@ class RedisStreamEventLog(EventLog):
             await self._append(
                 keys=[
                     keys.events(tenant),
+                    keys.catalog_events(tenant),
                     *(keys.event_claim(tenant, event.event_id) for event in events),
                     *(keys.request_events(tenant, event.request_id) for event in events),
                     *(keys.user_events(tenant, event.user_id) for event in events),
@@ -195,9 +208,11 @@ class RedisStreamEventLog(EventLog):
                 args=[
                     self._ttl,
                     self._request_cap,
+                    CATALOG_STREAM_CAP,
                     *(event.SerializeToString() for event in events),
                     *("1" if event.request_id else "0" for event in events),
                     *("1" if event.user_id else "0" for event in events),
+                    *("1" if event.type in CATALOG_TYPES else "0" for event in events),
                 ],
             )
         )

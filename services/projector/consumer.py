@@ -22,7 +22,17 @@ with its own consumer name, so Redis hands each entry to one of them:
 4. The claim round also deletes the group's consumers that hold nothing and were idle
    for ``consumer_idle_s`` (replicas gone for good, e.g. pods of a scaled-down set).
 
-The lag is published every second per tenant: entries not yet read by the group
+The same reader serves a second stream of each tenant: the **catalog stream**
+(``keys.catalog_events``), a capped copy of the catalog events the events service writes
+with their append. The projector runs one reader per stream; the catalog one reads small
+batches, so an upsert or a delete is applied within its read round even while the log's
+reader trails thousands of impressions behind. Both apply through the same script, whose
+``applied`` mark per event id makes the second application of a catalog event a no-op.
+Order holds: each reader applies its stream in log order, so when one of them reaches an
+event, every earlier catalog event was applied (by it, or by the other reader, which had
+reached it first).
+
+The lag is published every second per tenant and stream: entries not yet read by the group
 (``XINFO GROUPS`` ``lag``) and the age of the oldest of them.
 """
 
@@ -51,31 +61,33 @@ EVENTS = Counter(
     "Log entries the projector handled, by tenant and outcome: applied, duplicate (applied "
     "before: a redelivery), failed (the apply failed: left pending, retried by a claim) or "
     "dead (sent to the dead-letter stream: invalid, or failed max_deliveries times)",
-    ["tenant", "outcome"],
+    ["tenant", "outcome", "stream"],
 )
 CLAIMED = Counter(
     "recmesh_projector_claimed_total",
     "Pending entries taken over from a consumer that held them too long",
-    ["tenant"],
+    ["tenant", "stream"],
 )
 FORGOTTEN = Counter(
     "recmesh_projector_consumers_deleted_total",
     "Consumers of gone replicas deleted from the group (no pending entries, long idle)",
-    ["tenant"],
+    ["tenant", "stream"],
 )
 UNKNOWN_ITEMS = Counter(
     "recmesh_projector_unknown_items_total",
     "Applied events whose item has no feature row for the tenant (they count in the user's "
     "outcomes and the item's counters, in no category share)",
-    ["tenant"],
+    ["tenant", "stream"],
 )
 LAG_EVENTS = Gauge(
-    "recmesh_projector_lag_events", "Log entries the group has not read yet", ["tenant"]
+    "recmesh_projector_lag_events",
+    "Log entries the group has not read yet",
+    ["tenant", "stream"],
 )
 LAG_SECONDS = Gauge(
     "recmesh_projector_lag_seconds",
     "Age of the oldest log entry the group has not read yet (0 when none)",
-    ["tenant"],
+    ["tenant", "stream"],
 )
 
 LAG_COUNT_CAP = 100_000
@@ -99,7 +111,9 @@ class Lag:
 
 class StreamProjector:
     """Projects the logs of ``tenants`` as consumer ``consumer`` of ``group`` (see the
-    module docstring). ``clock`` gives wall time in seconds (the log's positions are
+    module docstring) from the stream ``stream`` names for each tenant (the log, or the
+    catalog stream; ``stream_name`` labels the metrics). ``clock`` gives wall time in
+    seconds (the log's positions are
     milliseconds of wall time)."""
 
     def __init__(
@@ -116,8 +130,13 @@ class StreamProjector:
         max_deliveries: int = 5,
         consumer_idle_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        stream: Callable[[str], str] = keys.events,
+        stream_name: str = "events",
     ) -> None:
         self._redis = client
+        self._stream = stream
+        self.stream_name = stream_name
+        """The ``stream`` label of the metrics: which stream of each tenant this reads."""
         self._projections = projections
         self.tenants = list(tenants)
         self.group = group
@@ -137,7 +156,9 @@ class StreamProjector:
         """Create each tenant's group at the start of its stream, if it has none yet."""
         for tenant in self.tenants:
             try:
-                await self._redis.xgroup_create(keys.events(tenant), self.group, "0", mkstream=True)
+                await self._redis.xgroup_create(
+                    self._stream(tenant), self.group, "0", mkstream=True
+                )
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -160,7 +181,7 @@ class StreamProjector:
         command cannot name keys of several, one per slot, side by side (at most
         :data:`READ_CONCURRENCY` at once). Up to :data:`MAX_BLOCKING_READS` slots each read
         blocks; with more, every read is a poll and an empty round waits ``block_ms``."""
-        groups = slot_groups(self._redis, [keys.events(t) for t in self.tenants])
+        groups = slot_groups(self._redis, [self._stream(t) for t in self.tenants])
         blocking = block_ms if len(groups) <= MAX_BLOCKING_READS else None
         gate = asyncio.Semaphore(READ_CONCURRENCY)
 
@@ -182,7 +203,7 @@ class StreamProjector:
         if not failures:
             self.last_read = self._clock()
         handled = 0
-        by_stream = {keys.events(t): t for t in self.tenants}
+        by_stream = {self._stream(t): t for t in self.tenants}
         for reply in replies:
             if isinstance(reply, BaseException):
                 continue
@@ -224,7 +245,7 @@ class StreamProjector:
         while True:
             try:
                 reply = await self._redis.xautoclaim(
-                    keys.events(tenant),
+                    self._stream(tenant),
                     self.group,
                     self.consumer,
                     self._claim_idle_ms,
@@ -240,9 +261,9 @@ class StreamProjector:
             entries = [e for e in cast(list[Entry], reply[1]) if e[1] is not None]
             gone = [as_text(p) for p in (reply[2] if len(reply) > 2 else [])]
             if gone:  # trimmed from the stream while pending: nothing left to apply
-                await self._redis.xack(keys.events(tenant), self.group, *gone)
+                await self._redis.xack(self._stream(tenant), self.group, *gone)
             if entries:
-                CLAIMED.labels(tenant).inc(len(entries))
+                CLAIMED.labels(tenant, self.stream_name).inc(len(entries))
                 handled += await self._handle(tenant, entries)
             if start == "0-0":
                 return handled
@@ -261,10 +282,12 @@ class StreamProjector:
             )
         done = [as_text(position) for position, _ in entries if as_text(position) not in failed]
         await self._dead_letter(tenant, dead, done)
-        EVENTS.labels(tenant, "applied").inc(applied.applied)
-        EVENTS.labels(tenant, "duplicate").inc(len(events) - len(failed) - applied.applied)
-        EVENTS.labels(tenant, "failed").inc(len(failed))
-        UNKNOWN_ITEMS.labels(tenant).inc(applied.unknown_items)
+        EVENTS.labels(tenant, "applied", self.stream_name).inc(applied.applied)
+        EVENTS.labels(tenant, "duplicate", self.stream_name).inc(
+            len(events) - len(failed) - applied.applied
+        )
+        EVENTS.labels(tenant, "failed", self.stream_name).inc(len(failed))
+        UNKNOWN_ITEMS.labels(tenant, self.stream_name).inc(applied.unknown_items)
         return len(entries)
 
     async def _dead_letter(self, tenant: str, dead: Sequence[Dead], acked: Sequence[str]) -> None:
@@ -277,7 +300,7 @@ class StreamProjector:
                     {"position": letter.position, "reason": letter.reason, "e": letter.payload},
                 )
             if acked:
-                pipe.xack(keys.events(tenant), self.group, *acked)
+                pipe.xack(self._stream(tenant), self.group, *acked)
             await pipe.execute()
         for letter in dead:
             log.warning(
@@ -290,12 +313,12 @@ class StreamProjector:
                     }
                 },
             )
-        EVENTS.labels(tenant, "dead").inc(len(dead))
+        EVENTS.labels(tenant, "dead", self.stream_name).inc(len(dead))
 
     async def _give_up(self, tenant: str) -> None:
         """Dead-letter the entries pending longer than ``claim_idle_s`` that were delivered
         ``max_deliveries`` times already: each delivery failed to apply them."""
-        stream = keys.events(tenant)
+        stream = self._stream(tenant)
         pending = await self._redis.xpending_range(
             stream, self.group, min="-", max="+", count=self._batch, idle=self._claim_idle_ms
         )
@@ -319,7 +342,7 @@ class StreamProjector:
         """Delete the group's consumers (other than this one) that hold no pending entries
         and were idle longer than ``consumer_idle_s``: replicas gone for good (a
         scaled-down replica set, a renamed host)."""
-        stream = keys.events(tenant)
+        stream = self._stream(tenant)
         consumers: list[dict[str, Any]] = await self._redis.xinfo_consumers(stream, self.group)
         for consumer in consumers:
             name = as_text(consumer["name"])
@@ -329,11 +352,11 @@ class StreamProjector:
                 and int(consumer["idle"]) > self._consumer_idle_ms
             ):
                 await self._redis.xgroup_delconsumer(stream, self.group, name)
-                FORGOTTEN.labels(tenant).inc()
+                FORGOTTEN.labels(tenant, self.stream_name).inc()
 
     async def lag(self, tenant: str) -> Lag:
         """How far the group is behind ``tenant``'s log now."""
-        stream = keys.events(tenant)
+        stream = self._stream(tenant)
         groups: list[dict[str, Any]] = await self._redis.xinfo_groups(stream)
         info = next((g for g in groups if as_text(g["name"]) == self.group), None)
         if info is None:
@@ -367,8 +390,8 @@ class StreamProjector:
     async def _publish_lag(self) -> None:
         for tenant in self.tenants:
             lag = await self.lag(tenant)
-            LAG_EVENTS.labels(tenant).set(lag.events)
-            LAG_SECONDS.labels(tenant).set(lag.seconds)
+            LAG_EVENTS.labels(tenant, self.stream_name).set(lag.events)
+            LAG_SECONDS.labels(tenant, self.stream_name).set(lag.seconds)
 
     async def start(self) -> None:
         """Create the groups, then read, claim and publish the lag in the background."""

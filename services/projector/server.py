@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
+from core import keys
 from mesh import redis as mesh_redis
 from mesh.health import HealthCheck
 from mesh.service import Service
@@ -13,12 +15,16 @@ from services.projector.projections import Projections
 from services.projector.rebuild import Retention
 from services.projector.settings import ProjectorSettings
 
+CATALOG_BATCH = 50
+"""Entries per read of the catalog stream: small, so one read round stays short."""
+
 STALL_S = 10.0
 """Seconds without a successful read of the log after which the projector is unhealthy."""
 
 
 async def build_service(settings: ProjectorSettings) -> Service:
-    """The projector of every tenant in ``settings.tenants``: no gRPC API of its own, a
+    """The projector of every tenant in ``settings.tenants`` (a reader of the log and one
+    of the catalog stream, :mod:`services.projector.consumer`): no gRPC API of its own, a
     health service that is SERVING while Redis answers and it read the log in the last
     :data:`STALL_S` seconds, and
     ``/metrics`` (lag, events handled).
@@ -28,18 +34,28 @@ async def build_service(settings: ProjectorSettings) -> Service:
     """
     tenants = load_tenants(settings.tenants)
     client = mesh_redis.connect(settings.redis_url)
-    projector = StreamProjector(
-        client,
-        Projections(client, settings.history_cap, settings.half_life_s, settings.applied_ttl_s),
-        list(tenants.tenants),
-        group=settings.group,
-        consumer=settings.consumer or socket.gethostname(),
-        batch=settings.batch,
-        block_ms=settings.block_ms,
-        claim_idle_s=settings.claim_idle_s,
-        max_deliveries=settings.max_deliveries,
-        consumer_idle_s=settings.consumer_idle_s,
+    projections = Projections(
+        client, settings.history_cap, settings.half_life_s, settings.applied_ttl_s
     )
+
+    def reader(stream: Callable[[str], str], name: str, batch: int) -> StreamProjector:
+        return StreamProjector(
+            client,
+            projections,
+            list(tenants.tenants),
+            group=settings.group,
+            consumer=settings.consumer or socket.gethostname(),
+            batch=batch,
+            block_ms=settings.block_ms,
+            claim_idle_s=settings.claim_idle_s,
+            max_deliveries=settings.max_deliveries,
+            consumer_idle_s=settings.consumer_idle_s,
+            stream=stream,
+            stream_name=name,
+        )
+
+    projector = reader(keys.events, "events", settings.batch)
+    catalog = reader(keys.catalog_events, "catalog", CATALOG_BATCH)
 
     retention = Retention(
         client,
@@ -51,12 +67,15 @@ async def build_service(settings: ProjectorSettings) -> Service:
     )
 
     async def reading() -> None:
-        if not projector.progressing(within_s=STALL_S):
-            raise RuntimeError(f"no successful read of the event log in {STALL_S:g} s")
+        for stream in (projector, catalog):
+            if not stream.progressing(within_s=STALL_S):
+                raise RuntimeError(
+                    f"no successful read of the {stream.stream_name} stream in {STALL_S:g} s"
+                )
 
     return Service(
         [],
         checks=[mesh_redis.redis_check(client), HealthCheck("projector", reading)],
-        startups=[projector.start, retention.start],
-        cleanups=[retention.stop, projector.stop, client.aclose],
+        startups=[projector.start, catalog.start, retention.start],
+        cleanups=[retention.stop, catalog.stop, projector.stop, client.aclose],
     )
