@@ -10,6 +10,12 @@ that differs between the two) is delivered one event at a time, and each event r
 alone moves to the file's ``refused`` table with the reason: it never holds back the
 rows of other requests and tenants behind it.
 
+Catalog events (``item_upsert``, ``item_delete``) travel in a lane of their own: the relay
+takes them before any other row, so an item write or withdrawal never waits behind a
+backlog of clients' events (the live catalog's 1 s bar). Each lane keeps its order; the
+order between the lanes does not matter (a catalog event and a user's event never decide
+each other's outcome).
+
 Each row keeps the W3C ``traceparent`` of the span that stored it (the request's
 ``stage.impressions`` span, or the ``POST /v1/events`` span). A delivery round is its own
 trace — a batch mixes rows of many requests and may run after retries or a restart — and
@@ -33,12 +39,16 @@ from opentelemetry.trace import Link
 from prometheus_client import Counter, Gauge
 from recmesh.events.v1 import events_pb2
 
+from core.catalog import CATALOG_TYPES
 from mesh import tracing
 from mesh.client import describe_failure
 from mesh.context import tenant_var
 from mesh.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
+
+CATALOG_LANE, EVENTS_LANE = 0, 1
+"""The outbox's lanes, in the order the relay takes them."""
 
 OUTBOX_DEPTH = Gauge("recmesh_gateway_outbox_depth", "Events accepted and not yet delivered")
 REFUSED = Counter(
@@ -70,11 +80,16 @@ class Outbox:
             " id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, event BLOB NOT NULL,"
             " reason TEXT NOT NULL, refused_at REAL NOT NULL)"
         )
-        self._pending: list[tuple[list[tuple[str, bytes, str]], asyncio.Future[None]]] = []
+        self._pending: list[tuple[list[tuple[str, bytes, str, int]], asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
         if "trace" not in columns:  # a file written before rows carried their trace
             self._db.execute("ALTER TABLE outbox ADD COLUMN trace TEXT NOT NULL DEFAULT ''")
+        if "lane" not in columns:  # a file written before catalog events had their lane
+            self._db.execute(
+                f"ALTER TABLE outbox ADD COLUMN lane INTEGER NOT NULL DEFAULT {EVENTS_LANE}"
+            )
+        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_by_lane ON outbox (lane, id)")
         self._rows = self._depth()
         OUTBOX_DEPTH.set(self._rows)
 
@@ -83,12 +98,12 @@ class Outbox:
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(count)
 
-    def _insert(self, rows: Sequence[tuple[str, bytes, str]]) -> None:
+    def _insert(self, rows: Sequence[tuple[str, bytes, str, int]]) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "INSERT INTO outbox (tenant, event, trace) VALUES (?, ?, ?)", rows
+                    "INSERT INTO outbox (tenant, event, trace, lane) VALUES (?, ?, ?, ?)", rows
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -123,7 +138,15 @@ class Outbox:
         """
         if traces is None:
             traces = [tracing.current_traceparent()] * len(events)
-        rows = [(tenant, e.SerializeToString(), tp) for e, tp in zip(events, traces, strict=True)]
+        rows = [
+            (
+                tenant,
+                e.SerializeToString(),
+                tp,
+                CATALOG_LANE if e.type in CATALOG_TYPES else EVENTS_LANE,
+            )
+            for e, tp in zip(events, traces, strict=True)
+        ]
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((rows, stored))
         if self._committer is None or self._committer.done():
@@ -149,16 +172,17 @@ class Outbox:
     def _take(self, limit: int) -> list[tuple[int, str, bytes, str]]:
         with self._lock:
             return self._db.execute(
-                "SELECT id, tenant, event, trace FROM outbox ORDER BY id LIMIT ?", (limit,)
+                "SELECT id, tenant, event, trace FROM outbox ORDER BY lane, id LIMIT ?", (limit,)
             ).fetchall()
 
     async def take_traced(self, limit: int) -> list[tuple[int, str, events_pb2.Event, str]]:
-        """The oldest ``limit`` rows, not removed, each with the traceparent it was stored with."""
+        """The oldest ``limit`` rows (the catalog lane's first), not removed, each with the
+        traceparent it was stored with."""
         rows = await asyncio.to_thread(self._take, limit)
         return [(i, t, events_pb2.Event.FromString(blob), tp) for i, t, blob, tp in rows]
 
     async def take(self, limit: int) -> list[tuple[int, str, events_pb2.Event]]:
-        """The oldest ``limit`` rows, not removed."""
+        """The oldest ``limit`` rows (the catalog lane's first), not removed."""
         return [(i, t, e) for i, t, e, _ in await self.take_traced(limit)]
 
     def _ack(self, ids: Sequence[int]) -> None:

@@ -286,6 +286,14 @@ class Downstream(Generic[StubT]):
             name, stub_factory(channel), channel=channel, policy=policy, clock=clock, rng=rng
         )
 
+    def background(self) -> Downstream[StubT]:
+        """The same downstream behind guards of its own (breaker, retry budget, bulkhead),
+        named ``<name>-background``: for work off the request path (refreshes of caches),
+        so that the request path's failures under load (tight budgets) do not open a
+        breaker that stops the refreshes, nor the refreshes' failures the requests. It
+        shares this one's channel and does not own it (closing it is this one's job)."""
+        return Downstream(f"{self.name}-background", self.stub, policy=self.policy)
+
     async def _attempt(self, method: Callable[..., Awaitable[R]], request: Any, cap_s: float) -> R:
         try:
             result = await self.breaker.call(lambda: method(request, timeout=cap_s))

@@ -180,7 +180,9 @@ class FeatureStore(abc.ABC):
     @abc.abstractmethod
     async def item_changes(self, tenant: str, since_ms: int, limit: int = 0) -> ItemChanges:
         """Items :meth:`write_items` wrote (or the catalog changed) at or after
-        ``since_ms``, oldest first, at most ``limit`` (0: all)."""
+        ``since_ms``, oldest first, at most ``limit`` (0: all) except that a page never
+        splits the changes of one millisecond: it then holds all of them, more than
+        ``limit``. With ``more``, the next page starts at ``as_of_ms + 1``."""
 
     @abc.abstractmethod
     async def item_states(self, tenant: str, item_ids: Sequence[int]) -> ItemStates:
@@ -421,7 +423,21 @@ class RedisFeatureStore(FeatureStore):
                 ),
             )
         more = bool(limit) and len(found) > limit
-        found = found[:limit] if more else found
+        if more:
+            last = found[limit - 1][1]
+            if found[limit][1] == last:
+                # The page would split the changes of one millisecond: it takes all of them
+                # (the next page starts after that millisecond).
+                with redis_span("ZRANGEBYSCORE", self._redis):
+                    group = cast(
+                        list[tuple[bytes, float]],
+                        await self._redis.zrangebyscore(
+                            keys.item_changes(tenant), last, last, withscores=True
+                        ),
+                    )
+                found = [change for change in found[:limit] if change[1] < last] + group
+            else:
+                found = found[:limit]
         ids = [int(member) for member, _ in found]
         return ItemChanges(ids, max([since_ms, *(int(score) for _, score in found)]), more)
 

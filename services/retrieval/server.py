@@ -36,8 +36,10 @@ async def build_service(
     models = RetrievalModels(resolve_current(settings.artifacts))
     models.warm_up(settings.ann_k)
     features = features if features is not None else feature_client(settings)
+    # The caches refresh in the background: a breaker of their own (mesh.client).
+    background = features.background()
     trending = TrendingCache(
-        features,
+        background,
         size=settings.trending_list,
         min_clicks=settings.trending_min_clicks,
         refresh_s=settings.trending_refresh_s,
@@ -45,7 +47,7 @@ async def build_service(
         wait_s=settings.feature_budget_s,
     )
     catalog = LiveCatalog(
-        features,
+        background,
         refresh_s=settings.catalog_refresh_s,
         max_age_s=settings.catalog_max_age_s,
         wait_s=settings.feature_budget_s,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
+from core.catalog import delete_event
 from gateway.outbox import Outbox, OutboxRelay
 from mesh.client import Downstream
 from mesh.context import tenant_var
@@ -32,6 +33,40 @@ async def test_rows_survive_reopening_the_file(tmp_path: Path) -> None:
     rows = await reopened.take(10)
     assert [(t, e.event_id) for _, t, e in rows] == [("demo", "outbox-1"), ("demo", "outbox-2")]
     reopened.close()
+
+
+async def test_catalog_events_are_taken_before_a_backlog_of_other_events(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    await outbox.put("demo", [click(n) for n in range(5)])
+    first, second = delete_event("sku-1", 1), delete_event("sku-2", 2)
+    await outbox.put("demo", [first, click(5), second])
+    taken = [e.event_id for _, _, e in await outbox.take(4)]
+    # The catalog lane first, in its own order; then the others, in theirs.
+    assert taken == [first.event_id, second.event_id, "outbox-0", "outbox-1"]
+    outbox.close()
+
+
+async def test_a_file_from_before_the_lanes_is_read_with_its_rows_in_the_events_lane(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL,"
+        " event BLOB NOT NULL, trace TEXT NOT NULL DEFAULT '')"
+    )
+    old.execute(
+        "INSERT INTO outbox (tenant, event) VALUES (?, ?)", ("demo", click(1).SerializeToString())
+    )
+    old.commit()
+    old.close()
+
+    outbox = Outbox(path)
+    await outbox.put("demo", [delete_event("sku-1", 1)])
+    assert [e.type for _, _, e in await outbox.take(10)] == ["item_delete", "click"]
+    outbox.close()
 
 
 async def test_events_accepted_while_the_logger_is_down_are_delivered_once_it_is_back(

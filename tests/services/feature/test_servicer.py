@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -154,6 +155,47 @@ async def test_writes_are_visible_only_to_their_tenant(
         metadata=tenant_metadata(owner),
     )
     assert (list(later.item_ids), later.as_of_ms) == ([], changes.as_of_ms + 1)
+
+
+async def test_a_page_of_item_changes_never_splits_one_millisecond(
+    stub: feature_pb2_grpc.FeatureServiceAsyncStub,
+) -> None:
+    tenant = await fresh_tenant(stub)
+    metadata = tenant_metadata(tenant)
+    dim = (
+        await stub.GetItemFeatures(
+            feature_pb2.GetItemFeaturesRequest(item_ids=[1]), metadata=metadata
+        )
+    ).features.dim
+
+    async def write(ids: list[int]) -> None:
+        rows = np.zeros((len(ids), dim), dtype="<f4")
+        await stub.WriteItemFeatures(
+            feature_pb2.WriteItemFeaturesRequest(
+                item_ids=ids,
+                features=common_pb2.FeatureMatrix(rows=len(ids), dim=dim, values=rows.tobytes()),
+                categories=[0] * len(ids),
+            ),
+            metadata=metadata,
+        )
+
+    await write([1, 2, 3, 4, 5])  # one write: five changes of one millisecond
+    await asyncio.sleep(0.005)
+    await write([9])
+    pages: list[list[int]] = []
+    since = 0
+    for _ in range(5):
+        page = await stub.GetItemChanges(
+            feature_pb2.GetItemChangesRequest(since_ms=since, with_state=True, limit=2),
+            metadata=metadata,
+        )
+        pages.append(sorted(page.item_ids))
+        if not page.more:
+            break
+        since = page.as_of_ms + 1
+    # The first page holds all five (more than the limit), then the later one: every change
+    # is read once, and paging ends (it used to repeat the first two forever).
+    assert pages == [[1, 2, 3, 4, 5], [9]]
 
 
 @pytest.mark.parametrize(

@@ -362,7 +362,9 @@ class GetItemChangesRequest(_message.Message):
     what a caller that serves the live catalog needs (retrieval).
     """
     limit: _builtins.int
-    """Most changes returned, oldest first; 0 = all of them."""
+    """Most changes returned, oldest first; 0 = all of them. A page never splits the changes
+    of one millisecond: it then holds all of them, more than limit.
+    """
     def __init__(
         self,
         *,
@@ -395,7 +397,9 @@ class GetItemChangesResponse(_message.Message):
     miss any reads again from a little before this (ranking: 5 s before).
     """
     more: _builtins.bool
-    """True when limit cut the answer: more changes wait after as_of_ms."""
+    """True when limit cut the answer: more changes wait after as_of_ms (the next page
+    asks since_ms = as_of_ms + 1).
+    """
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
