@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up down status test test-fast test-cluster lint protos protos-check bench chaos clean
+.PHONY: up down status test test-fast test-cluster lint protos protos-check contracts bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ protos: $(STAMP)
 
 protos-check: $(STAMP)
 	$(BIN)/recmesh protos --check
+
+# The contracts' guard (buf.yaml, docs/contracts.md): STANDARD lint, and no breaking change
+# against the released baseline image. After a release: .venv/bin/buf build
+# --exclude-source-info -o protos/baseline/vX.Y.Z.binpb, then point CONTRACTS_BASELINE at it.
+CONTRACTS_BASELINE := protos/baseline/v1.0.0.binpb
+contracts: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/buf breaking --against $(CONTRACTS_BASELINE)
 
 # Benchmark: the mesh and the monolith (a small seeded artifact set trained for the run) under
 # steps of offered load, 25, 50, 100, 200 and 400 (overload) recommendations/s for 30 s each; p50/p95/p99, errors and CPU

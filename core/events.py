@@ -110,8 +110,8 @@ def check_fresh(events: list[events_pb2.Event], now_ms: int | None = None) -> No
             )
 
 
-def validate_batch(events: list[events_pb2.Event]) -> None:
-    """Check a whole batch (size, each event).
+def validate_batch(events: list[events_pb2.Event], now_ms: int | None = None) -> None:
+    """Check a whole batch (size, each event) as of ``now_ms`` (default: now).
 
     Raises:
         InvalidArgument: empty or oversized batch, or an invalid event (named).
@@ -120,6 +120,6 @@ def validate_batch(events: list[events_pb2.Event]) -> None:
         raise InvalidArgument("events must not be empty", field="events")
     if len(events) > MAX_BATCH:
         raise InvalidArgument(f"at most {MAX_BATCH} events per call", field="events")
-    now_ms = int(time.time() * 1000)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     for index, event in enumerate(events):
         validate_event(event, index, now_ms)

@@ -7,8 +7,10 @@ when the event logger is down). The projector applies them in log order
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from recmesh.events.v1 import events_pb2
@@ -23,6 +25,7 @@ from core.catalog import (
     upsert_event,
 )
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
+from mesh.context import tenant_var
 from mesh.errors import InvalidArgument, Unavailable
 
 WIDTH_TTL_S = 60.0
@@ -86,6 +89,20 @@ class CatalogWriter:
             raise Unavailable("the tenant has no item view materialised yet; retry later")
         self._widths[tenant] = (width, self._clock())
         return width
+
+    async def common_width(self, tenants: Iterable[str]) -> int | None:
+        """The item feature width every tenant of ``tenants`` has (what ``GET /openapi.json``
+        states), or None when one is unknown or two differ. Each tenant's is asked under
+        that tenant (the call's metadata), and cached like :meth:`item_width`."""
+        widths = set()
+        for tenant in tenants:
+            context = contextvars.copy_context()
+            context.run(tenant_var.set, tenant)
+            try:
+                widths.add(await asyncio.create_task(self.item_width(tenant), context=context))
+            except Unavailable:
+                return None
+        return widths.pop() if len(widths) == 1 else None
 
     async def upsert(self, tenant: str, items: Sequence[ItemInput]) -> int:
         """Write ``items`` as ``item_upsert`` events; the count accepted.

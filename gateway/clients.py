@@ -24,8 +24,9 @@ class Downstreams:
     """Every service the gateway calls, each behind its breaker, retry budget and bulkhead.
 
     The gateway calls the feature service only off the request path (the catalog's item
-    width, ``gateway.catalog``). In-process downstreams (the monolith baseline) have no
-    channel and no health entry.
+    width, ``gateway.catalog``) or on a path that is degraded already (the popular
+    fallback's withdrawn check, ``gateway.fallback``). In-process downstreams (the monolith
+    baseline) have no channel and no health entry.
     """
 
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub]

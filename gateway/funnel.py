@@ -31,7 +31,7 @@ from recmesh.experiment.v1 import experiment_pb2
 from recmesh.ranking.v1 import ranking_pb2
 from recmesh.retrieval.v1 import retrieval_pb2
 
-from core.catalog import name_of
+from core.catalog import is_live, name_of
 from core.experiments.assign import control_params
 from core.experiments.book import ExperimentBook
 from core.validation import check_user_id
@@ -45,6 +45,7 @@ from gateway.knobs import Knobs, interleave_arms
 from gateway.outbox import Outbox
 from gateway.quota import Admission, QuotaLeases
 from gateway.settings import GatewaySettings
+from gateway.usage import UsageLedger
 from mesh import tracing
 from mesh.client import CALL_FAILURES, describe_failure
 from mesh.context import Budget, budget_var, request_id_var, tenant_var
@@ -145,6 +146,9 @@ class Funnel:
             linger_s=settings.impressions_linger_s,
         )
         """Where the impressions of answers go; its owner starts and stops it."""
+        self.usage = UsageLedger(downstreams.quota, flush_s=settings.usage_flush_s)
+        """Where the costs answers report go (``gateway.usage``); its owner starts and
+        stops it."""
 
     def validate(self, user_id: str, num_items: int) -> int:
         """``num_items`` once checked.
@@ -177,6 +181,14 @@ class Funnel:
             Unavailable: neither retrieval nor the fallback cache can produce items.
         """
         n = self.validate(user_id, num_items)
+        denial = self._quota_leases.denied(tenant)
+        if denial is not None:
+            # Over quota and known to be without a call: refused before any other work, so
+            # a tenant far over its quota costs the others next to nothing.
+            QUOTA_SOURCES.labels(tenant, "denial").inc()
+            QUOTA_DECISIONS.labels(tenant, "denied").inc()
+            tracing.annotate(tenant=tenant, quota_allowed=False, quota_source="denial")
+            raise _over_quota(tenant, denial)
         with self._admission.admit(tenant) as ticket:
             result = await self._recommend(tenant, user_id, n, deadline_s, request_id)
             ticket.served = True
@@ -215,10 +227,7 @@ class Funnel:
             QUOTA_DECISIONS.labels(tenant, "allowed" if quota.allowed else "denied").inc()
         if quota is not None and not quota.allowed:
             tracing.annotate(quota_allowed=False)
-            raise ResourceExhausted(
-                f"tenant {tenant!r} is over its quota of {quota.rate:g} requests/s",
-                retry_after_s=quota.retry_after_s,
-            )
+            raise _over_quota(tenant, quota)
         params: dict[str, str] = {}
         for assignment in experiments:
             params.update(assignment.params)
@@ -293,6 +302,10 @@ class Funnel:
             self._rank(user_id, n, retrieved, knobs, degraded),
         )
         stage_ms["ranking"] = (time.perf_counter() - started) * 1000
+        costs = {"retrieval": retrieved.cost}
+        if ranked is not None:
+            costs["ranking"] = ranked.cost
+        self.usage.add(tenant, costs)
         candidates = ranked.ranked if ranked is not None else _head(retrieved.candidates, n)
 
         stages = [*retrieved.stages, *(ranked.stages if ranked is not None else [])]
@@ -394,13 +407,13 @@ class Funnel:
             )
         except DownstreamFailure as exc:
             log.warning("retrieval unavailable: %s", describe_failure(exc))
-            cached = self._fallback.get(tenant)
+            cached = await self._fallback.get(tenant)
             if cached is None:
                 raise Unavailable("retrieval is unavailable and no fallback is cached") from exc
             tracing.mark_degraded(f"retrieval unavailable: {describe_failure(exc)}")
-            tracing.annotate(candidates_out=len(cached.item_ids))
+            tracing.annotate(candidates_out=len(cached.candidates.item_ids))
             degraded.append("retrieval")
-            return retrieval_pb2.RetrieveResponse(candidates=cached)
+            return cached
         tracing.annotate(candidates_out=len(reply.candidates.item_ids))
         if reply.degraded:
             tracing.mark_degraded(f"retrieval degraded: {', '.join(reply.degraded)}")
@@ -459,12 +472,16 @@ class Funnel:
                 type="impression",
                 user_id=user_id,
                 item_id=item_id,
+                # The tenant's own items carry their name, so the log (and ``recmesh
+                # explain``) shows the tenant's id; the set's items are their number (and
+                # a name retrieval did not know is not made up: it would map anew).
+                item_ref=name if is_live(item_id) and name != str(item_id) else "",
                 request_id=result.request_id,
                 ts_ms=now_ms,
                 position=position,
                 propensity=propensity,
                 score=score,
-                source=source,  # type: ignore[arg-type]
+                source=source,
                 variants=variants,
                 retrieval_version=result.retrieval_version,
                 ranking_version=result.ranking_version,
@@ -473,8 +490,16 @@ class Funnel:
                 team=team,
                 support=result.support if position == 0 else (),
             )
-            for position, (item_id, propensity, score, source, team) in enumerate(
-                zip(result.item_ids, propensities, scores, sources, teams, strict=True)
+            for position, (item_id, name, propensity, score, source, team) in enumerate(
+                zip(
+                    result.item_ids,
+                    result.item_names,
+                    propensities,
+                    scores,
+                    sources,
+                    teams,
+                    strict=True,
+                )
             )
         ]
         with tracing.stage_span("impressions", events=len(events)):
@@ -509,6 +534,13 @@ class Funnel:
             cap_s=self._settings.events_timeout_s,
             idempotent=True,
         )
+
+
+def _over_quota(tenant: str, quota: Admission) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"tenant {tenant!r} is over its quota of {quota.rate:g} requests/s",
+        retry_after_s=quota.retry_after_s,
+    )
 
 
 def _head(candidates: common_pb2.Candidates, n: int) -> common_pb2.Candidates:

@@ -9,35 +9,39 @@ from typing import Any
 from recmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.catalog import CatalogWriter, ItemInput
+from gateway.erasure import UserErasure
 from gateway.funnel import Funnel
 from gateway.metrics import LATENCY, REQUESTS
 from gateway.schema import client_events
 from mesh.context import API_KEY, budget_var, clamp_deadline, tenant_var
 from mesh.errors import RecMeshError, Unavailable
-from mesh.tenants import Tenant, TenantRegistry
+from mesh.tenants import ADMIN, CATALOG, EVENTS, RECOMMEND, Caller, Tenants
 
 DEFAULT_NUM_ITEMS = 10
 """What an unset (0) ``num_items`` means in the gRPC API."""
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """Authenticates by the ``x-api-key`` metadata entry, then runs the funnel."""
+    """Authenticates by the ``x-api-key`` metadata entry and checks its scope for the
+    method, then runs the funnel."""
 
     def __init__(
         self,
         funnel: Funnel,
-        tenants: TenantRegistry,
+        tenants: Tenants,
         catalog: CatalogWriter,
+        erasure: UserErasure,
         deadline_s: float,
     ) -> None:
         self._funnel = funnel
+        self._erasure = erasure
         self._catalog = catalog
         self._tenants = tenants
         self._deadline_s = deadline_s
 
-    def _tenant(self, context: Any) -> Tenant:
+    def _admit(self, context: Any, scope: str) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
-        return self._tenants.admit(str(metadata.get(API_KEY, "")), "metadata")
+        return self._tenants.admit(str(metadata.get(API_KEY, "")), "metadata", scope)
 
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: Any
@@ -45,7 +49,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         started = time.perf_counter()
         code = "OK"
         try:
-            tenant = self._tenant(context)
+            tenant = self._admit(context, RECOMMEND).tenant
             budget = budget_var.get()
             deadline = clamp_deadline(
                 budget.remaining() if budget else None, self._deadline_s, self._deadline_s
@@ -93,7 +97,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def LogEvents(
         self, request: gateway_pb2.LogEventsRequest, context: Any
     ) -> gateway_pb2.LogEventsResponse:
-        self._tenant(context)
+        self._admit(context, EVENTS)
         events = client_events(list(request.events))
         try:
             await self._funnel.append_events(events)
@@ -104,7 +108,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def UpsertItems(
         self, request: gateway_pb2.UpsertItemsRequest, context: Any
     ) -> gateway_pb2.CatalogResponse:
-        tenant = self._tenant(context)
+        tenant = self._admit(context, CATALOG).tenant
         items = [
             ItemInput(
                 ref=item.item_id,
@@ -124,9 +128,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def DeleteItems(
         self, request: gateway_pb2.DeleteItemsRequest, context: Any
     ) -> gateway_pb2.CatalogResponse:
-        self._tenant(context)
+        self._admit(context, CATALOG)
         try:
             accepted = await self._catalog.delete(list(request.item_ids))
         except (OSError, sqlite3.Error) as exc:
             raise Unavailable("the deletes could not be stored; retry later") from exc
         return gateway_pb2.CatalogResponse(accepted=accepted)
+
+    async def EraseUser(
+        self, request: gateway_pb2.EraseUserRequest, context: Any
+    ) -> gateway_pb2.EraseUserResponse:
+        """Erase one user of the caller's tenant (``gateway.erasure``); ``admin`` scope."""
+        caller = self._admit(context, ADMIN)
+        erased = await self._erasure.erase(request.user_id, caller.key.key_id)
+        return gateway_pb2.EraseUserResponse(
+            status=erased.status,
+            subject=erased.subject,
+            audit_position=erased.audit_position,
+            **erased.counts,
+        )

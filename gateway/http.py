@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -15,18 +16,29 @@ from recmesh.common.v1 import common_pb2
 
 from gateway.catalog import CatalogWriter
 from gateway.clients import Downstreams
+from gateway.erasure import UserErasure
 from gateway.funnel import Funnel, Recommendation
-from gateway.metrics import LATENCY, REQUESTS
-from gateway.openapi import OPENAPI
+from gateway.metrics import LATENCY, REFUSALS, REQUESTS
+from gateway.openapi import openapi_document
 from gateway.reports import ExperimentReports
-from gateway.schema import client_events, parse_events, parse_items, parse_recommend
+from gateway.schema import (
+    client_events,
+    client_request_id,
+    parse_events,
+    parse_items,
+    parse_recommend,
+    request_params,
+)
 from mesh import tracing
 from mesh.context import API_KEY, REQUEST_ID_KEY, tenant_var
 from mesh.errors import Overloaded, RecMeshError, ResourceExhausted, Unavailable
 from mesh.telemetry import metrics_response
-from mesh.tenants import Tenant, TenantRegistry
+from mesh.tenants import ADMIN, CATALOG, EVENTS, RECOMMEND, Caller, Tenants
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+WIDTH_WAIT_S = 0.25
+"""Longest ``GET /openapi.json`` waits for the tenants' item feature width."""
 
 
 def _source_name(source: int) -> str:
@@ -88,6 +100,20 @@ def _error_response(exc: RecMeshError) -> web.Response:
     return web.json_response(exc.to_dict(), status=exc.http_status, headers=headers)
 
 
+def _slow_body(timeout_s: float) -> web.Response:
+    """408 for a body that did not arrive within ``timeout_s``; the connection is closed."""
+    response = web.json_response(
+        {
+            "error": "DEADLINE_EXCEEDED",
+            "message": f"the request body did not arrive within {timeout_s:g} s",
+            "field": "body",
+        },
+        status=408,
+    )
+    response.force_close()
+    return response
+
+
 class HttpApi:
     """Routes of the public HTTP API.
 
@@ -95,15 +121,26 @@ class HttpApi:
     with ``Connection: close``, and ``/healthz`` reports 503.
     """
 
+    _body_timeout_s = 10.0
+
     def __init__(
         self,
         funnel: Funnel,
-        tenants: TenantRegistry,
+        tenants: Tenants,
         downstreams: Downstreams,
         reports: ExperimentReports,
         catalog: CatalogWriter,
+        erasure: UserErasure,
+        *,
+        max_items: int = 500,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        # max_items and clock bound what requests may hold (gateway.schema.request_params):
+        # the largest num_items, the window of event times (tests pass a fixed clock).
+        self._max_items = max_items
+        self._clock = clock
         self._funnel = funnel
+        self._erasure = erasure
         self._catalog = catalog
         self._tenants = tenants
         self._downstreams = downstreams
@@ -119,10 +156,15 @@ class HttpApi:
         """
         self._draining = True
 
-    def _tenant(self, request: web.Request) -> Tenant:
-        return self._tenants.admit(request.headers.get(API_KEY, ""), "header")
+    def _admit(self, request: web.Request, scope: str) -> Caller:
+        """The request's key, checked for ``scope`` (``mesh.tenants``, the scopes' table
+        in ``docs/security.md``); its tenant becomes the request's."""
+        return self._tenants.admit(request.headers.get(API_KEY, ""), "header", scope)
 
-    def app(self, max_body_bytes: int) -> web.Application:
+    def app(self, max_body_bytes: int, body_timeout_s: float = 10.0) -> web.Application:
+        """The routes; a body larger than ``max_body_bytes`` is answered 413, one that takes
+        longer than ``body_timeout_s`` to arrive 408 (its connection is closed)."""
+        self._body_timeout_s = body_timeout_s
         app = web.Application(client_max_size=max_body_bytes, middlewares=[self._observe])
         app.on_response_prepare.append(self._close_while_draining)
         app.add_routes(
@@ -132,6 +174,7 @@ class HttpApi:
                 web.put("/v1/items", self.upsert_items),
                 web.delete("/v1/items/{id}", self.delete_item),
                 web.get("/v1/experiments/{key}/report", self.report),
+                web.delete("/v1/users/{user_id}", self.erase_user),
                 web.get("/healthz", self.healthz),
                 web.get("/metrics", self.metrics),
                 web.get("/openapi.json", self.openapi),
@@ -142,6 +185,9 @@ class HttpApi:
     @web.middleware
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
+        # No tenant until the request's key says which: nothing set where the listener
+        # started (or on the connection) may label a request refused before that.
+        tenant_var.set("")
         route = (
             request.match_info.route.resource.canonical
             if request.match_info.route.resource
@@ -153,8 +199,12 @@ class HttpApi:
             else contextlib.nullcontext(tracing.NO_SPAN)
         )
         with span_of_request as span:
+            response: web.StreamResponse
             try:
-                response = await handler(request)
+                if not await self._body_in_time(request):
+                    response = _slow_body(self._body_timeout_s)
+                else:
+                    response = await handler(request)
             except RecMeshError as exc:
                 response = _error_response(exc)
             except web.HTTPRequestEntityTooLarge:
@@ -163,9 +213,28 @@ class HttpApi:
                     status=413,
                 )
             tracing.end_http(span, response.status)
+        elapsed = time.perf_counter() - started
         REQUESTS.labels("http", route, tenant_var.get() or "-", str(response.status)).inc()
-        LATENCY.labels("http", route).observe(time.perf_counter() - started, tracing.exemplar(span))
+        LATENCY.labels("http", route).observe(elapsed, tracing.exemplar(span))
+        if response.status in (429, 503):
+            REFUSALS.labels("http", str(response.status)).observe(elapsed)
         return response
+
+    async def _body_in_time(self, request: web.Request) -> bool:
+        """Read the request's body (aiohttp keeps it for the handler's ``read()``) within
+        the body timeout; False when it did not arrive in time.
+
+        Raises:
+            web.HTTPRequestEntityTooLarge: the body is over the size limit.
+        """
+        if not request.body_exists:
+            return True
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                await request.read()
+        except TimeoutError:
+            return False
+        return True
 
     async def _close_while_draining(
         self, request: web.Request, response: web.StreamResponse
@@ -178,13 +247,13 @@ class HttpApi:
             response.headers[hdrs.CONNECTION] = "close"
 
     async def recommend(self, request: web.Request) -> web.Response:
-        tenant = self._tenant(request)
-        body = parse_recommend(await request.read())
+        tenant = self._admit(request, RECOMMEND).tenant
+        body = parse_recommend(await request.read(), self._params())
         result = await self._funnel.recommend(
             tenant.name,
             body.user_id,
             body.num_items,
-            request_id=request.headers.get(REQUEST_ID_KEY, "")[:64],
+            request_id=client_request_id(request.headers.get(REQUEST_ID_KEY, "")),
         )
         payload = render(result, body.debug)
         if body.debug and (ids := tracing.current_ids()):
@@ -192,8 +261,9 @@ class HttpApi:
         return web.json_response(payload)
 
     async def events(self, request: web.Request) -> web.Response:
-        self._tenant(request)
-        events = client_events(parse_events(await request.read()))
+        self._admit(request, EVENTS)
+        now_ms = int(self._clock() * 1000)
+        events = client_events(parse_events(await request.read(), self._params(now_ms)), now_ms)
         try:
             await self._funnel.append_events(events)
         except (OSError, sqlite3.Error) as exc:
@@ -202,8 +272,8 @@ class HttpApi:
 
     async def upsert_items(self, request: web.Request) -> web.Response:
         """``PUT /v1/items``: a batch of catalog items (``gateway.catalog``) → 202."""
-        tenant = self._tenant(request)
-        items = parse_items(await request.read())
+        tenant = self._admit(request, CATALOG).tenant
+        items = parse_items(await request.read(), self._params())
         try:
             accepted = await self._catalog.upsert(tenant.name, items)
         except (OSError, sqlite3.Error) as exc:
@@ -212,7 +282,7 @@ class HttpApi:
 
     async def delete_item(self, request: web.Request) -> web.Response:
         """``DELETE /v1/items/{id}``: withdraw one item → 202."""
-        self._tenant(request)
+        self._admit(request, CATALOG)
         try:
             accepted = await self._catalog.delete([request.match_info["id"]])
         except (OSError, sqlite3.Error) as exc:
@@ -221,9 +291,17 @@ class HttpApi:
 
     async def report(self, request: web.Request) -> web.Response:
         """The calling tenant's report of one of its experiments (``gateway.reports``)."""
-        tenant = self._tenant(request)  # also the request's tenant_var: the call's metadata
+        tenant = self._admit(request, ADMIN).tenant  # also the tenant_var: the call's metadata
         body = await self._reports.report(tenant.name, request.match_info["key"])
         return web.json_response(body)
+
+    async def erase_user(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/users/{user_id}``: erase one user of the calling tenant
+        (``gateway.erasure``) → 200 with the counts, or 202 while it is still running."""
+        caller = self._admit(request, ADMIN)  # the tenant travels in the call's metadata
+        erased = await self._erasure.erase(request.match_info["user_id"], caller.key.key_id)
+        body = {"tenant": caller.tenant.name, **erased.to_dict()}
+        return web.json_response(body, status=200 if erased.status == "erased" else 202)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """200 while every dependency is SERVING and the API is not draining, else 503."""
@@ -241,5 +319,22 @@ class HttpApi:
     async def metrics(self, request: web.Request) -> web.Response:
         return metrics_response(request.headers.get("Accept", ""))
 
+    def _params(self, now_ms: int | None = None, item_width: int | None = None) -> dict[str, int]:
+        """The run-time bounds of request bodies as of ``now_ms`` (default: the clock's now;
+        ``gateway.schema.request_params``)."""
+        now_ms = int(self._clock() * 1000) if now_ms is None else now_ms
+        return request_params(self._max_items, now_ms, item_width)
+
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(OPENAPI, dumps=lambda d: json.dumps(d, indent=2))
+        """The OpenAPI document (``gateway.openapi``) with the bounds the server applies now,
+        the item feature width too when every tenant has the same. The widths are cached
+        (``gateway.catalog``); asking for them waits :data:`WIDTH_WAIT_S` at most, then the
+        document goes without (it is the gateway's liveness probe, docs/kubernetes.md)."""
+        try:
+            width = await asyncio.wait_for(
+                self._catalog.common_width(list(self._tenants.tenants)), WIDTH_WAIT_S
+            )
+        except TimeoutError:
+            width = None
+        document = openapi_document(self._params(item_width=width), self._reports.keys())
+        return web.json_response(document, dumps=lambda d: json.dumps(d, indent=2))

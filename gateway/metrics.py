@@ -22,3 +22,14 @@ LATENCY = Histogram(
     ["api", "route"],
     buckets=LATENCY_BUCKETS,
 )
+
+REFUSAL_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1,
+)  # fmt: skip
+REFUSALS = Histogram(
+    "recmesh_gateway_refusal_seconds",
+    "Time the HTTP API took to refuse a request over its tenant's quota (429) or over the "
+    "gateway's capacity (503), from the route's middleware to the answer, by status",
+    ["api", "status"],
+    buckets=REFUSAL_BUCKETS,
+)

@@ -8,6 +8,16 @@ A call to the quota service leases a few tokens of the tenant's bucket
 * a denial is remembered until its ``retry_after_s`` and answers the tenant's requests
   until then without a call (nothing but time refills a bucket, so the quota service
   would deny them too);
+* every answer bounds the bucket: it holds at most ``remaining`` units until
+  ``next_unit_s`` after the answer, then one more every ``1 / rate`` seconds at most,
+  less what this gateway's later calls took or may take (other gateways only take more).
+  A request the bound leaves no unit for is denied without a call, so a tenant sending far
+  over its rate makes about ``rate`` calls per second, nearly all granted, and its other
+  requests are refused locally (:meth:`QuotaLeases.denied`). Like a remembered denial,
+  the bound runs from when the answer arrived, so it may hold a unit back for up to one
+  round trip after the bucket has it. A call that fails counts as having taken what it
+  asked for: while the quota service is down and the gateway fails open, the bound still
+  keeps each tenant it has heard of to about its rate;
 * otherwise one call per tenant is in flight at a time: requests of the tenant that
   arrive meanwhile await it and take from its grant; those it does not cover call again.
 
@@ -80,6 +90,19 @@ class _Lease:
     denied_until: float = 0.0
     waiting: int = 0
     call: asyncio.Task[None] | None = None
+    bound_at: float = -math.inf
+    """When the last answer arrived (-inf before any): the bound's origin."""
+    bound_units: int = 0
+    """Whole units that answer left in the bucket (``remaining``)."""
+    bound_next_s: float = 0.0
+    """Its ``next_unit_s``: seconds until the bucket may hold one unit more."""
+    answers: int = 0
+    """Answers received: a call counts in ``taken`` and ``claiming`` only when it was sent
+    after the last of them arrived (so it reached the bucket after that answer's call)."""
+    taken: int = 0
+    """Units granted since the last answer to calls sent after it arrived."""
+    claiming: int = 0
+    """Units the calls in flight sent after the last answer arrived may take."""
 
 
 class QuotaLeases:
@@ -142,6 +165,21 @@ class QuotaLeases:
         reply = await self._call(lease, 1)
         return Admission(reply.allowed, reply.rate, reply.retry_after_s, "call")
 
+    def denied(self, tenant: str) -> Admission | None:
+        """``tenant``'s remembered denial while it is in force, else None. Taking nothing
+        and calling nothing, it lets the funnel refuse a tenant known to be over its quota
+        before any other work (admission, experiment assignment)."""
+        lease = self._leases.get(tenant)
+        if lease is None:
+            return None
+        now = self._clock()
+        if now < lease.denied_until:
+            return Admission(False, lease.rate, lease.denied_until - now, "denial")
+        if lease.tokens > 0 and now < lease.expires_at:
+            return None
+        wait = _no_unit_for(lease, now)
+        return None if wait is None else Admission(False, lease.rate, wait, "denial")
+
     def _take(self, lease: _Lease, *, after_call: bool) -> Admission | None:
         """A remembered denial, or a token of a live lease; ``None`` when a call is needed.
 
@@ -158,6 +196,9 @@ class QuotaLeases:
             lease.tokens -= 1
             lease.used += 1
             return Admission(True, lease.rate, 0.0, "call" if after_call else "lease")
+        wait = _no_unit_for(lease, now)
+        if wait is not None:
+            return Admission(False, lease.rate, wait, "call" if after_call else "denial")
         return None
 
     def _cap(self, lease: _Lease) -> int:
@@ -170,16 +211,36 @@ class QuotaLeases:
         return self._lease_max <= 1 or (lease.rate > 0 and self._cap(lease) == 1)
 
     async def _call(self, lease: _Lease, size: int) -> quota_pb2.AcquireResponse:
-        """Acquire 1 to ``size`` tokens; remember the tenant's rate and any denial."""
+        """Acquire 1 to ``size`` tokens; remember the tenant's rate and any denial, and
+        keep the bound on the bucket (``_Lease.empty_at``) up to date."""
         quota = self._quota
-        reply: quota_pb2.AcquireResponse = await quota.call(
-            quota.stub.Acquire,
-            quota_pb2.AcquireRequest(cost=1, max_cost=size),
-            cap_s=self._cap_s,
-        )
+        answers = lease.answers
+        lease.claiming += size
+        try:
+            reply: quota_pb2.AcquireResponse = await quota.call(
+                quota.stub.Acquire,
+                quota_pb2.AcquireRequest(cost=1, max_cost=size),
+                cap_s=self._cap_s,
+            )
+        except BaseException:
+            if lease.answers == answers:
+                # Counted as taken: a gateway that fails open serves the request anyway, so
+                # the bound keeps the tenant to about its rate while calls fail.
+                lease.claiming -= size
+                lease.taken += size
+            raise
+        if lease.answers == answers:
+            lease.claiming -= size
+        now = self._clock()
         lease.rate = reply.rate
         if not reply.allowed:
-            lease.denied_until = self._clock() + reply.retry_after_s
+            lease.denied_until = now + reply.retry_after_s
+        # The newest answer bounds the bucket from now on; calls still in flight were sent
+        # before it arrived and are not subtracted (the bound only gets looser).
+        lease.answers += 1
+        lease.bound_at, lease.bound_units = now, max(0, reply.remaining)
+        lease.bound_next_s = max(0.0, reply.next_unit_s)
+        lease.taken = lease.claiming = 0
         return reply
 
     async def _refill(self, lease: _Lease) -> None:
@@ -194,6 +255,21 @@ class QuotaLeases:
             lease.used = 0
         finally:
             lease.call = None
+
+
+def _no_unit_for(lease: _Lease, now: float) -> float | None:
+    """Seconds until the bucket may hold a unit this gateway has neither taken nor claimed,
+    by the bound of the tenant's last denial (``_Lease.empty_at``); None when it may hold
+    one now (or no denial bounds it). An upper bound of the bucket, so a request it denies
+    the quota service would deny too (other gateways only take more)."""
+    if lease.rate <= 0 or lease.bound_at == -math.inf:
+        return None
+    short = lease.taken + lease.claiming + 1 - lease.bound_units  # units beyond the answer's
+    if short <= 0:
+        return None
+    # The bucket holds one unit more at bound_at + next_unit_s, then one every 1 / rate.
+    due = lease.bound_at + lease.bound_next_s + (short - 1) / lease.rate
+    return due - now if now < due else None
 
 
 def _retrieve_exception(call: asyncio.Task[None]) -> None:

@@ -46,6 +46,10 @@ class ExperimentReports:
         self._book = book
         self._timeout_s = timeout_s
 
+    def keys(self) -> list[str]:
+        """The keys of the book's experiments (examples in the OpenAPI document)."""
+        return [experiment.key for experiment in self._book.experiments]
+
     async def report(self, tenant: str, key: str) -> dict[str, Any]:
         """The report of experiment ``key`` for ``tenant`` (the tenant must be in the
         request context: it travels in the call's metadata), as JSON.

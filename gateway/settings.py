@@ -16,6 +16,7 @@ from mesh.settings import (
     gateway_http_port,
     port_of,
     tenants_file,
+    tenants_poll_s,
 )
 
 
@@ -27,6 +28,7 @@ class GatewaySettings(ServerSettings):
     port: int = port_of("gateway")
     http_port: int = gateway_http_port()
     tenants: Path = tenants_file()
+    tenants_poll_s: float = tenants_poll_s()
     experiments: Path = experiments_file()
     feature_addr: str = downstream("feature")
     retrieval_addr: str = downstream("retrieval")
@@ -75,6 +77,12 @@ class GatewaySettings(ServerSettings):
         doc="timeout of GET /v1/experiments/{key}/report's call to the experiment service "
         "(a report reads the tenant's event log)",
     )
+    erase_timeout_s: float = env(
+        "RECMESH_GATEWAY_ERASE_TIMEOUT_S",
+        60.0,
+        doc="how long DELETE /v1/users/{user_id} waits for the events service's erasure "
+        "before answering 202 (the erasure goes on; repeating the request is safe)",
+    )
     retrieval_budget_s: float = env(
         "RECMESH_GATEWAY_RETRIEVAL_BUDGET_S", 0.025, doc="retrieval stage cap"
     )
@@ -120,8 +128,78 @@ class GatewaySettings(ServerSettings):
         0.1,
         doc="seconds a lease's tokens stay usable; unused ones expire and count as used",
     )
+    usage_flush_s: float = env(
+        "RECMESH_GATEWAY_USAGE_FLUSH_S",
+        1.0,
+        doc="seconds between the calls that carry the tenants' costs (CPU, candidates "
+        "scored) to the quota service's usage; what a killed gateway loses at most "
+        "(gateway/usage.py); 0 turns the cost record off",
+    )
     max_body_bytes: int = env(
         "RECMESH_GATEWAY_MAX_BODY_BYTES", 1024 * 1024, doc="largest HTTP body accepted"
+    )
+    http_max_line_bytes: int = env(
+        "RECMESH_GATEWAY_HTTP_MAX_LINE_BYTES",
+        8190,
+        doc="longest HTTP request line (method, path and query) accepted; longer: 400 and "
+        "the connection closed",
+    )
+    http_max_field_bytes: int = env(
+        "RECMESH_GATEWAY_HTTP_MAX_FIELD_BYTES",
+        8190,
+        doc="longest HTTP header (name and value) accepted; longer: 400 and the connection closed",
+    )
+    http_max_headers: int = env(
+        "RECMESH_GATEWAY_HTTP_MAX_HEADERS",
+        64,
+        doc="most HTTP headers a request may carry; more: 400 and the connection closed",
+    )
+    http_head_timeout_s: float = env(
+        "RECMESH_GATEWAY_HTTP_HEAD_TIMEOUT_S",
+        15.0,
+        doc="seconds an HTTP connection has, from its opening or its previous answer, to send "
+        "a whole request line and headers; then it is closed (a slow client, or an idle "
+        "keep-alive connection: aiohttp's keepalive_timeout is both)",
+    )
+    http_body_timeout_s: float = env(
+        "RECMESH_GATEWAY_HTTP_BODY_TIMEOUT_S",
+        10.0,
+        doc="seconds a request's body has to arrive once its headers did; slower: 408 and "
+        "the connection closed",
+    )
+    http_linger_s: float = env(
+        "RECMESH_GATEWAY_HTTP_LINGER_S",
+        1.0,
+        doc="seconds the gateway goes on reading (and dropping) a body it answered without "
+        "reading whole (413, 408) before it closes the connection",
+    )
+    grpc_max_metadata_bytes: int = env(
+        "RECMESH_GATEWAY_GRPC_MAX_METADATA_BYTES",
+        8192,
+        doc="largest metadata (headers) a call to the gateway's gRPC API may send; larger: "
+        "the call fails (RESOURCE_EXHAUSTED)",
+    )
+    grpc_handshake_timeout_s: float = env(
+        "RECMESH_GATEWAY_GRPC_HANDSHAKE_TIMEOUT_S",
+        5.0,
+        doc="seconds a new connection to the gateway's gRPC API has to finish its TLS and "
+        "HTTP/2 handshakes",
+    )
+    grpc_max_connection_idle_s: float = env(
+        "RECMESH_GATEWAY_GRPC_MAX_CONNECTION_IDLE_S",
+        300.0,
+        doc="a gRPC connection with no call in flight for this long is closed (GOAWAY)",
+    )
+    grpc_max_connection_age_s: float = env(
+        "RECMESH_GATEWAY_GRPC_MAX_CONNECTION_AGE_S",
+        600.0,
+        doc="a gRPC connection older than this is told to go away (clients reconnect); "
+        "what a call stuck on a slow client can hold it, with the grace below",
+    )
+    grpc_max_connection_age_grace_s: float = env(
+        "RECMESH_GATEWAY_GRPC_MAX_CONNECTION_AGE_GRACE_S",
+        10.0,
+        doc="seconds the calls of a connection told to go away get to finish before it is closed",
     )
     max_items: int = env("RECMESH_GATEWAY_MAX_ITEMS", 500, doc="largest num_items accepted")
     admission_limit: float = env(
@@ -148,6 +226,31 @@ class GatewaySettings(ServerSettings):
         0.025,
         doc="event-loop lag above which new recommendations are refused (0: never)",
     )
+
+    def grpc_server_options(self) -> list[tuple[str, int]]:
+        """The gateway's gRPC server options for what a client may send and hold."""
+        return [
+            ("grpc.max_metadata_size", self.grpc_max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", self.grpc_max_metadata_bytes),
+            ("grpc.server_handshake_timeout_ms", round(self.grpc_handshake_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", round(self.grpc_max_connection_idle_s * 1000)),
+            ("grpc.max_connection_age_ms", round(self.grpc_max_connection_age_s * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                round(self.grpc_max_connection_age_grace_s * 1000),
+            ),
+        ]
+
+    def http_limits(self) -> dict[str, float]:
+        """The HTTP listener's limits on what a client may send and how slowly
+        (``aiohttp.web.AppRunner`` options)."""
+        return {
+            "max_line_size": self.http_max_line_bytes,
+            "max_field_size": self.http_max_field_bytes,
+            "max_headers": self.http_max_headers,
+            "keepalive_timeout": self.http_head_timeout_s,
+            "lingering_time": self.http_linger_s,
+        }
 
     def admission(self) -> AdmissionConfig:
         """The admission controller's configuration.

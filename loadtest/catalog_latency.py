@@ -15,6 +15,12 @@ measures, writing through the gateway's public API:
   two clients; the rate is the items written over the time until the last one is
   servable (accepted, logged, projected and embedded).
 
+With ``--impressions R`` a background client posts R impressions per second (``POST
+/v1/events``, batches of 500) to the same tenant for the whole run, so the projector's log
+reader trails behind as under real traffic; catalog events are read from their own stream
+(``services.projector.consumer``) and must not wait behind them. The impressions accepted
+and the 429s met are reported.
+
 The observer's answers come every ~10-30 ms, which bounds the resolution. Writes
 ``--out`` (Markdown) with the command line.
 """
@@ -36,19 +42,22 @@ import aiohttp
 import numpy as np
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from core import keys
 from core.artifacts import load_artifact_set, resolve_current
 from loadtest.harness import QUIET_ENV, mesh_layout, prepare_artifacts, running_mesh, write_tenants
+from mesh import redis as mesh_redis
 from mesh.client import open_channel
 from mesh.context import TENANT_KEY
 
 KEY = "demo-key"
+IMPRESSION_BATCH = 500
 OBSERVER = "catalog-latency-observer"
 
 
 class Observer:
     """Asks retrieval for a user nobody has, back to back (popular, trending and fresh
     candidates: no impressions logged), and records when each item was first shown and
-    every answer (monotonic seconds)."""
+    every answer (wall seconds: compared with the projector's Redis clock)."""
 
     def __init__(self, retrieval: str, tenant: str) -> None:
         self._retrieval = retrieval
@@ -66,7 +75,7 @@ class Observer:
                     metadata=[(TENANT_KEY, self._tenant)],
                     timeout=5.0,
                 )
-                now = time.monotonic()
+                now = time.time()
                 shown = {reply.names.get(i, str(i)) for i in reply.candidates.item_ids}
                 self.answers.append((now, shown))
                 for ref in shown:
@@ -92,24 +101,108 @@ async def put(session: aiohttp.ClientSession, url: str, items: list[dict[str, An
             await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
 
 
+class Impressions:
+    """Posts ``rate`` impressions per second (batches of :data:`IMPRESSION_BATCH`) until
+    stopped; counts what was accepted and refused."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, rate: float) -> None:
+        self._session = session
+        self._url = url
+        self._rate = rate
+        self.accepted = 0
+        self.refused = 0
+        self._stop = False
+
+    async def run(self) -> None:
+        if self._rate <= 0:
+            return
+        run = uuid.uuid4().hex[:6]
+        started = time.monotonic()
+        sent = 0
+        while not self._stop:
+            due = (time.monotonic() - started) * self._rate
+            if sent >= due:
+                await asyncio.sleep(IMPRESSION_BATCH / self._rate / 4)
+                continue
+            now_ms = int(time.time() * 1000)
+            events = [
+                {
+                    "event_id": f"imp-{run}-{sent + i}",
+                    "type": "impression",
+                    "user_id": f"load-{(sent + i) % 5000}",
+                    "item_id": str((sent + i) % 20_000),
+                    "request_id": f"load-{run}-{(sent + i) // 10}",
+                    "ts": now_ms,
+                }
+                for i in range(IMPRESSION_BATCH)
+            ]
+            async with self._session.post(
+                f"{self._url}/v1/events", json={"events": events}, headers={"x-api-key": KEY}
+            ) as response:
+                if response.status == 202:
+                    self.accepted += len(events)
+                else:
+                    self.refused += len(events)
+            sent += IMPRESSION_BATCH
+
+    def stop(self) -> None:
+        self._stop = True
+
+
 def _item(ref: str, rows: np.ndarray, categories: np.ndarray, n: int) -> dict[str, Any]:
     row = n % rows.shape[0]
     return {"item_id": ref, "category": int(categories[row]), "features": rows[row].tolist()}
 
 
+async def applied_at(
+    redis_url: str, sent: dict[str, float], deleted: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """When the projector applied each write (wall seconds): its item's score in the tenant's
+    item changes (Redis's clock, this machine's), the upserts' read through the id map."""
+    client = mesh_redis.client(redis_url)
+    try:
+        refs = list(sent)
+        internal = await client.hmget(keys.item_ids("demo"), refs) if refs else []
+        upserts = {}
+        for ref, number in zip(refs, internal, strict=True):
+            score = await client.zscore(keys.item_changes("demo"), number) if number else None
+            if score is not None:
+                upserts[ref] = score / 1000
+        deletes = {}
+        for ref in deleted:
+            score = await client.zscore(keys.item_changes("demo"), ref)
+            if score is not None:
+                deletes[ref] = score / 1000
+        return upserts, deletes
+    finally:
+        await client.aclose()
+
+
+def _after(later: dict[str, float], earlier: dict[str, float]) -> np.ndarray:
+    return np.asarray([later[r] - earlier[r] for r in later if r in earlier]) * 1000
+
+
 async def measure(
-    url: str, retrieval: str, rows: np.ndarray, categories: np.ndarray, args: Any
+    url: str,
+    retrieval: str,
+    redis_url: str,
+    rows: np.ndarray,
+    categories: np.ndarray,
+    args: Any,
 ) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         observer = Observer(retrieval, "demo")
         watching = asyncio.create_task(observer.run())
+        impressions = Impressions(session, url, args.impressions)
+        loading = asyncio.create_task(impressions.run())
+        impressions_started = time.monotonic()
         await asyncio.sleep(2.0)  # the catalog of the tenant is loaded, answers flow
         sent: dict[str, float] = {}
         run = uuid.uuid4().hex[:6]
         for n in range(int(args.rate * args.seconds)):
             ref = f"lat-{run}-{n}"
             await put(session, url, [_item(ref, rows, categories, n)])
-            sent[ref] = time.monotonic()
+            sent[ref] = time.time()
             await asyncio.sleep(1.0 / args.rate)
         await asyncio.sleep(2.0)
         upsert = [observer.first[r] - t for r, t in sent.items() if r in observer.first]
@@ -124,7 +217,7 @@ async def measure(
                 f"{url}/v1/items/{ref}", headers={"x-api-key": KEY}
             ) as response:
                 assert response.status == 202, await response.text()
-            deleted[ref] = time.monotonic()
+            deleted[ref] = time.time()
             await asyncio.sleep(0.2)
         await asyncio.sleep(2.0)
         gone: list[float] = []
@@ -157,18 +250,28 @@ async def measure(
 
         await asyncio.gather(writer(0), writer(1))
         accepted_s = time.monotonic() - started
+        started_wall = time.time() - accepted_s
         deadline = time.monotonic() + 120
         servable_s = None
         while time.monotonic() < deadline:
             # The last item of the PUT that returned last: the newest in the log (the fresh
             # source shows the newest first); once it is servable, so is every other.
             if all(ref in observer.first for ref in newest.values()):
-                servable_s = max(observer.first[ref] for ref in newest.values()) - started
+                servable_s = max(observer.first[ref] for ref in newest.values()) - started_wall
                 break
             await asyncio.sleep(0.05)
         observer.stop()
+        impressions.stop()
         await watching
+        await loading
+        impressions_s = time.monotonic() - impressions_started
+        applied_upsert, applied_delete = await applied_at(redis_url, sent, deleted)
     return {
+        "upsert_applied_ms": _after(applied_upsert, sent),
+        "delete_applied_ms": _after(applied_delete, deleted),
+        "deletes_never_gone": len(deleted) - len(gone),
+        "impressions_per_s": impressions.accepted / impressions_s,
+        "impressions_refused": impressions.refused,
         "upsert_ms": np.asarray(upsert) * 1000,
         "upsert_missed": missed,
         "upserts": len(sent),
@@ -204,13 +307,20 @@ def render(result: dict[str, Any], command: str) -> str:
             "|---|---|",
             f"| upsert → servable ({result['upserts']} single-item PUTs) | "
             f"{_pcts(result['upsert_ms'])}; not seen: {result['upsert_missed']} |",
+            f"| of which accepted → applied by the projector | "
+            f"{_pcts(result['upsert_applied_ms'])} |",
             f"| delete → gone ({result['deletes']} set items) | {_pcts(result['delete_ms'])}; "
+            f"never seen gone: {result['deletes_never_gone']}; "
             f"shown again after gone: {result['reappeared']} times |",
+            f"| of which accepted → applied by the projector | "
+            f"{_pcts(result['delete_applied_ms'])} |",
             f"| sustained upserts (2 clients, 1,000 items per PUT) | {bulk} items accepted in "
             f"{result['bulk_accepted_s']:.1f} s ({bulk / result['bulk_accepted_s']:.0f}/s); "
             f"last servable after {servable or float('nan'):.1f} s: {rate}; "
             f"429s (outbox full, retried after Retry-After): {result['bulk_refused']} |",
             f"| observer answers | {result['answers']} |",
+            f"| background impressions accepted | {result['impressions_per_s']:.0f}/s; "
+            f"refused: {result['impressions_refused']} |",
             "",
         ]
     )
@@ -228,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--deletes", type=int, default=20)
     parser.add_argument("--bulk-s", type=float, default=10.0)
+    parser.add_argument(
+        "--impressions", type=float, default=0.0, help="background impressions per second"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/catalog_latency.md"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="catalog-latency-") as tmp:
@@ -242,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         layout = replace(mesh_layout(base, artifacts, tenants, QUIET_ENV), tls=False)
         with running_mesh(layout) as target:
             retrieval = f"127.0.0.1:{layout.ports['retrieval']}"
-            result = asyncio.run(measure(target.http_url, retrieval, rows, categories, args))
+            redis_url = f"redis://127.0.0.1:{layout.redis_port}"
+            result = asyncio.run(
+                measure(target.http_url, retrieval, redis_url, rows, categories, args)
+            )
     command = "python -m loadtest.catalog_latency " + shlex.join(argv or sys.argv[1:])
     text = render(result, command)
     args.out.write_text(text)

@@ -72,16 +72,18 @@ def clamp_deadline(time_remaining: float | None, default_s: float, max_s: float)
     return max(0.0, min(time_remaining, max_s))
 
 
-def validate_tenant(tenant: str) -> str:
-    """A tenant name as found in metadata, checked.
+def validate_tenant(tenant: str, field: str = TENANT_KEY) -> str:
+    """A tenant name as found in metadata, or in the request field ``field``, checked.
 
     Raises:
-        InvalidArgument: empty, too long, or with characters outside ``[a-z0-9_-]``.
+        InvalidArgument: empty, too long, or with characters outside ``[a-z0-9_-]``;
+            naming ``field``.
     """
+    where = f"metadata {TENANT_KEY}" if field == TENANT_KEY else field
     if not tenant:
-        raise InvalidArgument(f"metadata {TENANT_KEY} is required", field=TENANT_KEY)
+        raise InvalidArgument(f"{where} is required", field=field)
     if len(tenant) > MAX_TENANT_LEN or not all(c.isalnum() or c in "-_" for c in tenant):
-        raise InvalidArgument(f"metadata {TENANT_KEY} is malformed", field=TENANT_KEY)
+        raise InvalidArgument(f"{where} is malformed", field=field)
     return tenant
 
 

@@ -4,11 +4,29 @@ Every domain error raised by a service or the gateway is a :class:`RecMeshError`
 Each class knows its gRPC status code and its HTTP status, so there is exactly one
 place (the server interceptor in :mod:`mesh.server` and the gateway's HTTP layer)
 that turns an error into a wire status. Handlers never build status codes by hand.
+Errors of the Redis client that mean the store is out of reach (:func:`store_unavailable`)
+are mapped there too, to UNAVAILABLE; any other exception is INTERNAL.
 """
 
 from __future__ import annotations
 
 import grpc
+from redis import exceptions as redis_errors
+
+MAX_MESSAGE_BYTES = 1024
+"""Longest error message sent (UTF-8 bytes); a longer one is cut and ends with "...".
+Messages quote request values (an id, a key), which can be megabytes long: gRPC carries
+the message in a trailer (percent-encoded: up to 3 KiB for 1,024 bytes), and one over the
+client's metadata limit (8 KiB soft, 16 KiB hard by default) replaces the status with the
+client's own RESOURCE_EXHAUSTED."""
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` if its UTF-8 is at most ``limit`` bytes, else its head and "..."."""
+    encoded = message.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return message
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
 class RecMeshError(Exception):
@@ -17,6 +35,7 @@ class RecMeshError(Exception):
     Attributes:
         grpc_code: status code sent to gRPC callers.
         http_status: status code sent to HTTP callers.
+        message: what went wrong, at most :data:`MAX_MESSAGE_BYTES` (clipped).
         field: for validation errors, the request field at fault (dotted path).
     """
 
@@ -24,6 +43,7 @@ class RecMeshError(Exception):
     http_status: int = 500
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = clip_message(message)
         super().__init__(message)
         self.message = message
         self.field = field
@@ -120,3 +140,34 @@ class ArtifactError(RecMeshError):
 
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     http_status = 503
+
+
+# The store is out of reach, or (a Valkey Cluster) cannot serve the key's slot right now:
+# transient, as a single server refusing connections is. Raised by redis-py after its own
+# retries: ClusterError is "TTL exhausted" (MOVED/ASK/TRYAGAIN redirections that kept
+# failing) and the base of ClusterDownError and MasterDownError. A CROSSSLOT error or any
+# other ResponseError is a bug in the caller and stays INTERNAL.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,
+    redis_errors.TryAgainError,
+    redis_errors.AskError,  # and MovedError, its subclass
+    redis_errors.SlotNotCoveredError,
+)
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` from the Redis client means the store is unreachable (UNAVAILABLE).
+
+    Besides :data:`STORE_UNAVAILABLE`: a cluster client that reached no node to refresh its
+    topology raises a ``RedisClusterException`` caused by the connection error
+    (``RedisClusterUnreachableError`` in recent redis-py; named by its cause here, so
+    older clients' plain ``RedisClusterException`` counts too); other ``RedisClusterException``s
+    (cross-slot commands, unsupported methods) are bugs.
+    """
+    if isinstance(exc, STORE_UNAVAILABLE):
+        return True
+    return isinstance(exc, redis_errors.RedisClusterException) and isinstance(
+        exc.__cause__, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError
+    )

@@ -20,11 +20,13 @@ service               callers that may name a tenant
 ====================  ==========================================================
 feature               gateway (catalog widths), retrieval and ranking (user and
                       item features, trending, item changes and counters), ops
-events                gateway (impressions, exposures, events, reports' reads),
+events                gateway (impressions, exposures, events, reports' reads,
+                      erasure by an admin API key),
                       feature (as-of reads of the log), ops
 retrieval, ranking    gateway, ops (``recmesh versions`` asks what is served)
 experiment            gateway, ops (``recmesh experiments report``)
-quota                 gateway, envoy (Envoy's rate-limit filter); every call
+quota                 gateway (admissions, costs), envoy (Envoy's rate-limit
+                      filter), ops (``recmesh usage``); every call
 gateway, projector    nobody: the gateway's tenant comes from the API key; the
                       projector serves no API
 ====================  ==========================================================
@@ -86,7 +88,7 @@ TENANT_CALLERS: Mapping[str, TenantRule] = {
     "retrieval": TenantRule(frozenset({GATEWAY, OPS})),
     "ranking": TenantRule(frozenset({GATEWAY, OPS})),
     "experiment": TenantRule(frozenset({GATEWAY, OPS})),
-    "quota": TenantRule(frozenset({GATEWAY, ENVOY}), every_call=True),
+    "quota": TenantRule(frozenset({GATEWAY, ENVOY, OPS}), every_call=True),
     "gateway": NOBODY,
     "projector": NOBODY,
 }

@@ -20,11 +20,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import redis
 
 from mesh.client import CALL_MARGIN_S, NO_BUDGET_TIMEOUT_S
 from mesh.context import Budget, budget_var
-from mesh.errors import RecMeshError
+from mesh.errors import RecMeshError, store_unavailable
 
 LocalMethod = Callable[..., Awaitable[Any]]
 
@@ -49,8 +48,10 @@ async def _invoke(method: LocalMethod, request: Any, cap_s: float | None) -> Any
         raise _status(exc.grpc_code, exc.message) from exc
     except TimeoutError as exc:
         raise _status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from exc
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise _status(grpc.StatusCode.UNAVAILABLE, "redis unavailable") from exc
+    except Exception as exc:
+        if store_unavailable(exc):
+            raise _status(grpc.StatusCode.UNAVAILABLE, "redis unavailable") from exc
+        raise
     finally:
         budget_var.reset(token)
 

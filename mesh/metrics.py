@@ -49,6 +49,12 @@ RPC_CLIENT_SECONDS = Histogram(
     ["grpc_service", "grpc_method", "grpc_code"],
     buckets=RPC_BUCKETS,
 )
+TENANT_CPU_SECONDS = Counter(
+    "recmesh_tenant_cpu_seconds_total",
+    "CPU seconds a service spent for a tenant: its calls' own handler steps and the "
+    "background work done on its behalf (mesh.cpu, docs/usage.md)",
+    ["service", "tenant"],
+)
 _STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
-import redis
 from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
@@ -38,7 +37,7 @@ from mesh.context import (
     request_id_var,
     tenant_var,
 )
-from mesh.errors import InvalidArgument, RecMeshError
+from mesh.errors import InvalidArgument, RecMeshError, store_unavailable
 from mesh.faults import FaultInjector, InjectedFault
 from mesh.health import HealthMonitor
 from mesh.identity import rule_for
@@ -145,18 +144,18 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    # A store the service depends on is unreachable: transient, not a bug.
-                    code = grpc.StatusCode.UNAVAILABLE
-                    span.record_exception(exc)
-                    log.warning("redis unavailable in %s: %s", method, exc)
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "redis unavailable")
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         code = context.code() or grpc.StatusCode.UNKNOWN
                         raise
-                    code = grpc.StatusCode.INTERNAL
                     span.record_exception(exc)
+                    if store_unavailable(exc):
+                        # A store the service depends on is unreachable (a server, or a
+                        # cluster's slot during a failover): transient, not a bug.
+                        code = grpc.StatusCode.UNAVAILABLE
+                        log.warning("redis unavailable in %s: %s", method, exc)
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "redis unavailable")
+                    code = grpc.StatusCode.INTERNAL
                     log.exception("unhandled error in %s", method)
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
                 finally:
@@ -224,6 +223,7 @@ class MeshServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.so_reuseport", 0),
+                *service.server_options,
             ],
         )
         self._health_server: grpc.aio.Server | None = None

@@ -54,6 +54,8 @@ class Service:
             and while every port still serves (e.g. tell HTTP clients to stop reusing
             connections).
         cleanups: awaited in order after the server stopped (close clients, flush...).
+        server_options: gRPC server options added to the mesh's own (e.g. the gateway's
+            limits on a client's metadata and connections).
     """
 
     registrations: Sequence[Registration]
@@ -61,6 +63,7 @@ class Service:
     startups: list[Hook] = field(default_factory=list)
     drains: list[Hook] = field(default_factory=list)
     cleanups: list[Hook] = field(default_factory=list)
+    server_options: list[tuple[str, Any]] = field(default_factory=list)
 
     def servicer(self, service: str) -> Any:
         """The servicer registered for ``service``, by short or full name ("RankingService").

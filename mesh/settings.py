@@ -265,3 +265,19 @@ def tenants_file() -> Any:
         PROJECT_ROOT / "config" / "tenants.dev.json",
         doc="tenant registry (API key digests and quotas)",
     )
+
+
+TENANTS_POLL_S = 0.5
+"""Default seconds between two looks at the tenant file (:func:`tenants_poll_s`)."""
+
+
+def tenants_poll_s() -> Any:
+    """The field of how often a process that serves from the tenant registry (the gateway,
+    the quota service) looks for a changed tenant file, env ``RECMESH_TENANTS_POLL_S``
+    (``mesh.tenants.LiveRegistry``)."""
+    return env(
+        "RECMESH_TENANTS_POLL_S",
+        TENANTS_POLL_S,
+        doc="seconds between checks of the tenant file; a changed file (keys added, revoked "
+        "or expired, rates) is served without a restart (0: read once at start)",
+    )

@@ -18,7 +18,9 @@ past time, from the event log (:mod:`ops.features_asof`); ``recmesh users erase`
 user's events, projections and features, audited (:mod:`ops.users`); ``recmesh experiments
 report <key>`` an experiment's report from the event log (:mod:`ops.experiments_report`)
 and ``recmesh experiments interleaving <key>`` which arm of an interleaving experiment the
-clicks prefer (:mod:`ops.experiments_interleaving`).
+clicks prefer (:mod:`ops.experiments_interleaving`); ``recmesh keys add|revoke|list`` a
+tenant's API keys in the tenant file (:mod:`ops.keys`); ``recmesh usage`` what each tenant
+used and cost this hour (:mod:`ops.usage`).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from mesh.tls import Transport
 from ops import (
     experiments_interleaving,
     experiments_report,
+    keys,
     projections,
     protos,
     supervisor,
+    usage,
     users,
 )
 from ops.settings import OpsSettings
@@ -362,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     projections.register(commands)
     projections.register_trim(events)
     users.register(commands)
+    usage.register(commands)
+    keys.register(commands)
     experiments_report.register(commands)
     experiments_interleaving.register(commands)
     features = commands.add_parser("features", help="a user's features").add_subparsers(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from mesh.context import tenant_var
 from mesh.ports import free_port
 from ops.redis_server import start_embedded_cluster, start_embedded_redis, stop_processes
 
@@ -30,6 +31,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "redis_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture(autouse=True)
+def no_tenant_left_behind() -> Iterator[None]:
+    """Every test starts and ends without a tenant in the main context: a sync test that
+    admits a key or sets ``tenant_var`` would otherwise leave it to every later test, whose
+    calls then name that tenant (the mesh's client interceptor sends it)."""
+    token = tenant_var.set("")
+    yield
+    tenant_var.reset(token)
 
 
 @pytest.fixture(scope="session")

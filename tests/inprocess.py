@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ async def inprocess_mesh(
     assignments: AssignmentCache | None = None,
     experiments: Path | None = None,
     gateway_overrides: dict[str, Any] | None = None,
+    gateway_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Mesh]:
     """Every service and the gateway, in this process, on port 0, features materialised.
 
@@ -95,6 +97,8 @@ async def inprocess_mesh(
     ``assignments`` replaces the gateway's cache of experiment assignments (the default one
     is sized by the gateway's default settings). ``experiments`` is the experiment book the
     experiment service and the gateway load (default: ``config/experiments.json``).
+    ``gateway_clock`` is the wall clock of the gateway's HTTP API (event times are checked
+    against it, its OpenAPI document states their window).
     """
     book = experiments or PROJECT / "config" / "experiments.json"
     async with AsyncExitStack() as stack:
@@ -189,7 +193,9 @@ async def inprocess_mesh(
             **common,
             **(gateway_overrides or {}),
         )
-        gateway = await build_gateway(gateway_settings, assignments=assignments)
+        gateway = await build_gateway(
+            gateway_settings, assignments=assignments, clock=gateway_clock
+        )
         await start("gateway", MeshServer(gateway_settings, gateway))
         yield Mesh(servers, gateway.http)
 

@@ -32,7 +32,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from mesh.errors import InvalidArgument
-from mesh.tenants import TenantRegistry
+from mesh.tenants import Tenants
 from services.quota.limiter import RedisRateLimiter
 
 MAX_DESCRIPTORS = 64
@@ -82,7 +82,7 @@ def hits_of(
 class EnvoyRateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     """Answers ``ShouldRateLimit`` for one domain."""
 
-    def __init__(self, limiter: RedisRateLimiter, tenants: TenantRegistry, domain: str) -> None:
+    def __init__(self, limiter: RedisRateLimiter, tenants: Tenants, domain: str) -> None:
         self._limiter = limiter
         self._tenants = tenants
         self._domain = domain

@@ -9,13 +9,17 @@ to ``max_cost`` (at least ``cost``); the hourly usage counts units granted, so w
 it counts units handed out to callers, whether they used them or not. A denied call takes
 nothing. A check (``check``) answers the same question without taking anything or
 counting usage.
+
+The same hourly hash holds what the tenant's requests cost (:meth:`RedisRateLimiter.record`):
+CPU microseconds per service, candidates scored per stage and the requests those figures
+cover, added once per batch id (a batch sent again adds nothing).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from mesh.redis import AsyncRedis
 
@@ -54,6 +58,24 @@ redis.call('EXPIRE', KEYS[2], 7200)
 return {1, '0', available - grant, grant, tostring(new_tat - now)}
 """
 
+# KEYS[1] the hourly usage hash, KEYS[2] the batch's marker; ARGV field, increment pairs.
+# Adds nothing when the marker exists (the batch was added before); returns 1 when added.
+_RECORD = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', 7200) then
+  return 0
+end
+for i = 1, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], 7200)
+return 1
+"""
+
+CPU_FIELD = "cpu_us:"
+SCORED_FIELD = "scored:"
+COSTED_FIELD = "costed_requests"
+"""Fields of the usage hash that hold costs: ``cpu_us:<service>``, ``scored:<stage>``."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -83,10 +105,15 @@ class Decision:
 
 @dataclass(frozen=True)
 class Usage:
-    """One hour of a bucket: ``allowed`` units granted, ``rejected`` calls denied."""
+    """One hour of a bucket: ``allowed`` units granted, ``rejected`` calls denied, and
+    what its requests cost as recorded: CPU microseconds by service, candidates scored by
+    stage, and the requests (``costed``) those figures cover."""
 
     allowed: int
     rejected: int
+    cpu_us: Mapping[str, int] = field(default_factory=dict)
+    scored: Mapping[str, int] = field(default_factory=dict)
+    costed: int = 0
 
 
 class RedisRateLimiter:
@@ -100,11 +127,13 @@ class RedisRateLimiter:
     def __init__(self, client: AsyncRedis, clock: Callable[[], float] = time.time) -> None:
         self._redis = client
         self._script = client.register_script(_GCRA)
+        self._record = client.register_script(_RECORD)
         self._clock = clock
 
     async def prepare(self) -> None:
         """Load the script into Redis now, so the first decision is one round trip."""
         await self._redis.script_load(_GCRA)
+        await self._redis.script_load(_RECORD)
 
     def _usage_key(self, bucket: str, hour: int | None = None) -> str:
         hour = int(self._clock() // 3600) if hour is None else hour
@@ -141,7 +170,39 @@ class RedisRateLimiter:
         """
         return await self._run(bucket, [rate, burst, cost, cost, 1])
 
+    async def record(
+        self,
+        bucket: str,
+        batch_id: str,
+        requests: int,
+        cpu_us: Mapping[str, int],
+        scored: Mapping[str, int],
+    ) -> bool:
+        """Add the cost of ``requests`` requests to ``bucket``'s current hour: CPU
+        microseconds by service, candidates scored by stage; at most once per
+        ``batch_id`` (remembered two hours). Whether it was added now."""
+        pairs: list[str | int] = [COSTED_FIELD, requests]
+        for name, value in cpu_us.items():
+            pairs += [CPU_FIELD + name, value]
+        for name, value in scored.items():
+            pairs += [SCORED_FIELD + name, value]
+        added = await self._record(
+            keys=[self._usage_key(bucket), f"rm:{{{bucket}}}:usage-batch:{batch_id}"], args=pairs
+        )
+        return bool(added)
+
     async def usage(self, bucket: str) -> Usage:
-        """Units granted and calls denied for ``bucket`` in the current hour."""
+        """Units granted, calls denied and the recorded costs of ``bucket`` in the current
+        hour."""
         counts = await self._redis.hgetall(self._usage_key(bucket))
-        return Usage(int(counts.get(b"allowed", 0)), int(counts.get(b"rejected", 0)))
+        fields = {
+            key.decode() if isinstance(key, bytes) else key: int(value)
+            for key, value in counts.items()
+        }
+        return Usage(
+            fields.get("allowed", 0),
+            fields.get("rejected", 0),
+            {k[len(CPU_FIELD) :]: v for k, v in fields.items() if k.startswith(CPU_FIELD)},
+            {k[len(SCORED_FIELD) :]: v for k, v in fields.items() if k.startswith(SCORED_FIELD)},
+            fields.get(COSTED_FIELD, 0),
+        )

@@ -7,7 +7,7 @@ from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
 from mesh import redis as mesh_redis
 from mesh.service import Registration, Service
-from mesh.tenants import load_tenants
+from mesh.tenants import LiveRegistry
 from services.quota.envoy import EnvoyRateLimitServicer
 from services.quota.limiter import RedisRateLimiter
 from services.quota.servicer import QuotaServicer
@@ -15,12 +15,14 @@ from services.quota.settings import QuotaSettings
 
 
 async def build_service(settings: QuotaSettings) -> Service:
-    """The quota service; limits come from the tenant registry file.
+    """The quota service; limits come from the tenant registry file, watched like the
+    gateway's (``mesh.tenants.LiveRegistry``): a changed rate or burst applies to the next
+    call, without a restart.
 
     Raises:
         ConfigError: the tenant file is missing or invalid.
     """
-    tenants = load_tenants(settings.tenants)
+    tenants = LiveRegistry(settings.tenants, settings.tenants_poll_s)
     client = mesh_redis.connect(settings.redis_url)
     limiter = RedisRateLimiter(client)
     return Service(
@@ -36,6 +38,6 @@ async def build_service(settings: QuotaSettings) -> Service:
             ),
         ],
         checks=[mesh_redis.redis_check(client)],
-        startups=[limiter.prepare],
-        cleanups=[client.aclose],
+        startups=[limiter.prepare, tenants.start],
+        cleanups=[tenants.stop, client.aclose],
     )

@@ -45,6 +45,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.context import detached
+from mesh.cpu import billed
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,9 @@ class CounterCache:
                 state.queued.add(item)
         if state.queued and state.task is None and now - state.started_at >= self._refresh_s:
             state.started_at = now
-            state.task = asyncio.create_task(self._fetch(tenant, state), context=detached())
+            state.task = asyncio.create_task(
+                billed(tenant, self._fetch(tenant, state)), context=detached()
+            )
         problem = state.error if state.error and not known.all() else ""
         return Held(clicks, impressions, known, problem)
 

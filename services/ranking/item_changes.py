@@ -39,6 +39,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.context import detached
+from mesh.cpu import billed
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,18 @@ class ItemChanges:
                 return None
             if state.task is None:
                 state.started_at = self._clock()
-                state.task = asyncio.create_task(self._refresh(tenant, state), context=detached())
+                state.task = asyncio.create_task(
+                    billed(tenant, self._refresh(tenant, state)), context=detached()
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(state.task), cap_s)
             return state.changed
         now = self._clock()
         if state.task is None and now - state.started_at >= self._refresh_s:
             state.started_at = now
-            state.task = asyncio.create_task(self._refresh(tenant, state), context=detached())
+            state.task = asyncio.create_task(
+                billed(tenant, self._refresh(tenant, state)), context=detached()
+            )
         return state.changed
 
     async def _refresh(self, tenant: str, state: _Tenant) -> None:

@@ -8,16 +8,19 @@ timings (metrics and the adaptive quality factors).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge
+from recmesh.common.v1 import common_pb2
 from recmesh.feature.v1 import feature_pb2_grpc
 from recmesh.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from core.validation import check_user_id, vector_from_bytes
 from mesh.client import Downstream
 from mesh.context import budget_var, request_id_var, tenant_var
+from mesh.cpu import CpuAccount
 from mesh.errors import InvalidArgument
 from mesh.stages import StageClock
 from services.ranking.budget import STAGES, StagePlanner
@@ -40,6 +43,13 @@ DEGRADED = Counter(
     "recmesh_ranking_degraded_total",
     "Ranking stages that degraded, by stage, reason code and tenant",
     ["stage", "reason", "tenant"],
+)
+
+CANDIDATES_SCORED = Counter(
+    "recmesh_tenant_candidates_scored_total",
+    "Candidates ranking scored for a tenant, by stage (prerank and heavy: scored by the "
+    "model; rerank: in re-rank's pool)",
+    ["tenant", "stage"],
 )
 
 QUALITY = Gauge(
@@ -124,6 +134,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         )
         for stage, quality in self.cascade.quality.items():
             QUALITY.labels(stage).set(quality.factor)
+        self.cpu = CpuAccount("ranking")
+        """The CPU this service spends per tenant; each answer reports its call's
+        (``cost.cpu_us``, ``mesh.cpu``)."""
         warm_up_paths()
 
     def _validate(self, request: ranking_pb2.RankRequest) -> int:
@@ -149,6 +162,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def Rank(
         self, request: ranking_pb2.RankRequest, context: Any
     ) -> ranking_pb2.RankResponse:
+        """The ranked list; ``cost`` says what the call cost: CPU (``mesh.cpu``) and the
+        candidates each stage scored (:func:`candidates_scored`)."""
+        response, cpu_s = await self.cpu.serve(tenant_var.get(), self._rank(request))
+        response.cost.cpu_us = round(cpu_s * 1e6)
+        return response
+
+    async def _rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         n = self._validate(request)
         tenant = tenant_var.get()
         policy = self.policies.resolve(tenant, request)
@@ -181,7 +201,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             arms=arms,
         )
         self._record(outcome, tenant)
-        return outcome.response(models.version)
+        response = outcome.response(models.version)
+        scored = candidates_scored(outcome.clock.reports)
+        response.cost.candidates_scored.update(scored)
+        for stage, count in scored.items():
+            CANDIDATES_SCORED.labels(tenant or "-", stage).inc(count)
+        return response
 
     def _record(self, outcome: Outcome, tenant: str) -> None:
         """Stage timings into the quality factors (the stage histogram is the clock's own);
@@ -196,3 +221,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 QUALITY.labels(report.stage).set(quality[report.stage].factor)
         for stage, degradation in outcome.degradations.items():
             DEGRADED.labels(stage, degradation.code, tenant or "-").inc()
+
+
+def candidates_scored(reports: Sequence[common_pb2.StageReport]) -> dict[str, int]:
+    """Candidates each stage of one request scored, from its stage reports: ``prerank``
+    and ``heavy`` the candidates their model scored (``details["scored"]``), ``rerank`` the
+    candidates in its pool (``candidates_in``: each one's relevance is computed); stages
+    that did not run are left out."""
+    scored: dict[str, int] = {}
+    for report in reports:
+        if report.stage in ("prerank", "heavy") and "scored" in report.details:
+            scored[report.stage] = scored.get(report.stage, 0) + int(report.details["scored"])
+        elif report.stage == "rerank":
+            scored["rerank"] = scored.get("rerank", 0) + report.candidates_in
+    return scored

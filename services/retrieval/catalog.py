@@ -39,11 +39,12 @@ import numpy.typing as npt
 from prometheus_client import Counter, Gauge
 from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 
-from core.catalog import is_live
+from core.catalog import LIVE_BASE, is_live
 from core.validation import matrix_from_proto
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.context import detached
+from mesh.cpu import billed
 from services.retrieval.index import UNKNOWN_CATEGORY, RetrievalModels
 from services.retrieval.live import LiveIndex
 
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 
 OVERLAP_MS = 1000
 """How far before the last change read a refresh reads again."""
+CALL_CAP_S = 2.0
+"""The least time one ``GetItemChanges`` call of a refresh may take. A refresh runs in the
+background (requests wait for it at most ``wait_s``), so a busy feature service slows it
+rather than failing it over and over."""
 MAX_PAGES = 200
 """Most pages one refresh reads; the next refresh goes on from where it stopped."""
 FRESH_HEAD = 2000
@@ -91,8 +96,10 @@ class _Tenant:
     """The tenant's own servable items, oldest change first (a dict keeps the order)."""
     withdrawn_ids: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     fresh_head: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    own_ids: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
     """What requests read, rebuilt once per refresh that changed something (not per
-    request): the withdrawn ids, and the :data:`FRESH_HEAD` newest servable own items."""
+    request): the withdrawn ids, the :data:`FRESH_HEAD` newest servable own items, and
+    every servable own item."""
     since_ms: int = 0
     fetched_at: float = -np.inf
     started_at: float = -np.inf
@@ -110,15 +117,21 @@ class CatalogView:
     names: dict[int, str]
     withdrawn: I64
     fresh: I64
-    """The tenant's own servable items, newest change first."""
+    """The tenant's own servable items, newest change first (at most :data:`FRESH_HEAD`)."""
+    own: I64
+    """Every servable own item of the tenant: one the catalog never had (an id only events
+    named) is not served, whatever source offers it (trending: it was clicked)."""
     problem: str = ""
     """Why the catalog may be stale ("" when it is fresh)."""
 
     def servable(self, ids: I64) -> npt.NDArray[np.bool_]:
-        """Which of ``ids`` may be served (not withdrawn)."""
-        if not self.withdrawn.size:
-            return np.ones(ids.size, dtype=bool)
-        return ~np.isin(ids, self.withdrawn)
+        """Which of ``ids`` may be served: not withdrawn, and a tenant's own item only when
+        the catalog holds it (upserted, available)."""
+        ok = ~np.isin(ids, self.withdrawn) if self.withdrawn.size else np.ones(ids.size, bool)
+        live = ids >= LIVE_BASE
+        if live.any():
+            ok &= ~live | np.isin(ids, self.own)
+        return ok
 
 
 class LiveCatalog:
@@ -165,7 +178,9 @@ class LiveCatalog:
             and now - entry.started_at >= self._refresh_s
         ):
             entry.started_at = now
-            entry.task = asyncio.create_task(self._refresh(tenant, entry), context=detached())
+            entry.task = asyncio.create_task(
+                billed(tenant, self._refresh(tenant, entry)), context=detached()
+            )
         if now - entry.fetched_at > self._max_age_s and entry.task is not None:
             await asyncio.wait([asyncio.shield(entry.task)], timeout=self._wait_s)
         problem = ""
@@ -179,6 +194,7 @@ class LiveCatalog:
             entry.names,
             entry.withdrawn_ids,
             entry.fresh_head,
+            entry.own_ids,
             problem,
         )
 
@@ -186,6 +202,7 @@ class LiveCatalog:
         """A live index for ``models`` from the whole state (a new tenant, another set)."""
         entry.index = LiveIndex.of(models)
         entry.models = models
+        _arrays(entry)
         self._apply(entry, list(entry.items))
 
     def _apply(self, entry: _Tenant, ids: list[int]) -> tuple[int, int]:
@@ -215,42 +232,20 @@ class LiveCatalog:
         return len(shown), int(gone.size)
 
     async def _refresh(self, tenant: str, entry: _Tenant) -> None:
-        """Read the changes since the last refresh and apply them (the outcome in ``entry``)."""
+        """Read the changes since the last refresh and apply them (the outcome in ``entry``).
+
+        What a refresh read is applied even when a later page of it fails: ``_take``
+        records each item's state as it reads it, and a state recorded but never applied
+        would never be applied (the next read finds it unchanged)."""
         sent = self._clock()
-        features = self._features
+        changed: list[int] = []
         try:
             with tracing.tracer.start_as_current_span(
                 "retrieval.catalog_refresh",
                 context=tracing.ROOT,
                 attributes=tracing.recmesh_attributes(tenant=tenant),
             ):
-                since = max(0, entry.since_ms - OVERLAP_MS) if entry.since_ms else 0
-                changed: list[int] = []
-                for _ in range(MAX_PAGES):
-                    reply: feature_pb2.GetItemChangesResponse = await features.call(
-                        features.stub.GetItemChanges,
-                        feature_pb2.GetItemChangesRequest(
-                            since_ms=since, with_state=True, limit=self._page
-                        ),
-                        cap_s=self._refresh_s,
-                        idempotent=True,
-                    )
-                    changed += self._take(entry, reply)
-                    entry.since_ms = max(entry.since_ms, reply.as_of_ms)
-                    if not reply.more:
-                        break
-                    since = reply.as_of_ms
-            upserted, withdrawn = self._apply(entry, changed)
-            if changed:
-                entry.withdrawn_ids = np.fromiter(
-                    (i for i, item in entry.items.items() if not item.available), np.int64
-                )
-                entry.fresh_head = np.fromiter(
-                    itertools.islice(reversed(entry.fresh), FRESH_HEAD), np.int64
-                )
-            CHANGED.labels(tenant, "upserted").inc(upserted)
-            CHANGED.labels(tenant, "withdrawn").inc(withdrawn)
-            LIVE_ITEMS.labels(tenant).set(len(entry.items))
+                await self._read(entry, changed)
             entry.fetched_at = sent
             entry.error = ""
             REFRESHES.labels(tenant, "ok").inc()
@@ -264,6 +259,40 @@ class LiveCatalog:
             log.exception("catalog of %s not refreshed", tenant)
         finally:
             entry.task = None
+            try:
+                self._commit(tenant, entry, changed)
+            except Exception:
+                entry.index = None  # the next request rebuilds it from the whole state
+                log.exception("catalog changes of %s not applied; index to be rebuilt", tenant)
+
+    async def _read(self, entry: _Tenant, changed: list[int]) -> None:
+        """Read every change since the last read, page by page, recording each item's state
+        (``_take``) and adding the changed ids to ``changed`` as it goes."""
+        features = self._features
+        since = max(0, entry.since_ms - OVERLAP_MS) if entry.since_ms else 0
+        for _ in range(MAX_PAGES):
+            reply: feature_pb2.GetItemChangesResponse = await features.call(
+                features.stub.GetItemChanges,
+                feature_pb2.GetItemChangesRequest(
+                    since_ms=since, with_state=True, limit=self._page
+                ),
+                cap_s=max(self._refresh_s, CALL_CAP_S),
+                idempotent=True,
+            )
+            changed += self._take(entry, reply)
+            entry.since_ms = max(entry.since_ms, reply.as_of_ms)
+            if not reply.more:
+                return
+            since = reply.as_of_ms + 1  # a page holds every change of its last ms
+
+    def _commit(self, tenant: str, entry: _Tenant, changed: list[int]) -> None:
+        """Apply ``changed`` to the index and rebuild what requests read of the state."""
+        if changed:
+            _arrays(entry)
+        upserted, withdrawn = self._apply(entry, changed)
+        CHANGED.labels(tenant, "upserted").inc(upserted)
+        CHANGED.labels(tenant, "withdrawn").inc(withdrawn)
+        LIVE_ITEMS.labels(tenant).set(len(entry.items))
 
     @staticmethod
     def _take(entry: _Tenant, reply: feature_pb2.GetItemChangesResponse) -> list[int]:
@@ -293,3 +322,12 @@ class LiveCatalog:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _arrays(entry: _Tenant) -> None:
+    """Rebuild what requests read of ``entry``'s state: its withdrawn ids and fresh head."""
+    entry.withdrawn_ids = np.fromiter(
+        (i for i, item in entry.items.items() if not item.available), np.int64
+    )
+    entry.fresh_head = np.fromiter(itertools.islice(reversed(entry.fresh), FRESH_HEAD), np.int64)
+    entry.own_ids = np.fromiter(entry.fresh, np.int64, count=len(entry.fresh))

@@ -15,7 +15,8 @@ from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from core.catalog import is_live
 from core.validation import check_user_id
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
-from mesh.context import current_tenant
+from mesh.context import current_tenant, tenant_var
+from mesh.cpu import CpuAccount
 from mesh.errors import InvalidArgument
 from mesh.stages import StageClock
 from services.retrieval.catalog import LiveCatalog
@@ -52,6 +53,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self._settings = settings
         self._trending = trending
         self._catalog = catalog
+        self.cpu = CpuAccount("retrieval")
+        """The CPU this service spends per tenant; each answer reports its call's
+        (``cost.cpu_us``, ``mesh.cpu``)."""
 
     def _k(self, value: int, default: int, field: str) -> int:
         if value < 0 or value > self._settings.max_k:
@@ -62,12 +66,20 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self, request: retrieval_pb2.RetrieveRequest, context: Any
     ) -> retrieval_pb2.RetrieveResponse:
         """The user's candidates: ``ann_k`` from ANN, ``trending_k`` trending and
-        ``popular_k`` popular ones (0: the service defaults), merged, seen items removed.
+        ``popular_k`` popular ones (0: the service defaults), merged, seen items removed;
+        ``cost`` says what the call cost (CPU, ``mesh.cpu``).
 
         Raises:
             InvalidArgument: bad ``user_id``, a count outside ``0..max_k``, or no tenant in
                 the call's metadata.
         """
+        response, cpu_s = await self.cpu.serve(tenant_var.get(), self._retrieve(request))
+        response.cost.cpu_us = round(cpu_s * 1e6)
+        return response
+
+    async def _retrieve(
+        self, request: retrieval_pb2.RetrieveRequest
+    ) -> retrieval_pb2.RetrieveResponse:
         check_user_id(request.user_id)
         tenant = current_tenant()
         ann_k = self._k(request.ann_k, self._settings.ann_k, "ann_k")

@@ -41,6 +41,7 @@ from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from mesh import tracing
 from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.context import detached
+from mesh.cpu import billed
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,9 @@ class TrendingCache:
 
     def _start(self, tenant: str, entry: _Tenant, now: float) -> None:
         entry.started_at = now
-        entry.task = asyncio.create_task(self._refresh(tenant, entry), context=detached())
+        entry.task = asyncio.create_task(
+            billed(tenant, self._refresh(tenant, entry)), context=detached()
+        )
 
     async def _refresh(self, tenant: str, entry: _Tenant) -> None:
         """One ``GetTrendingItems`` call; its answer (or why it failed) goes to ``entry``."""

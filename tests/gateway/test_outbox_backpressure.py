@@ -37,7 +37,7 @@ def clicks(n: int, tag: str) -> dict[str, object]:
             {
                 "event_id": f"{tag}-{i}",
                 "type": "click",
-                "user_id": "u1",
+                "user_id": f"u-{tag}",
                 "item_id": str(i),
                 "ts": now,
             }
@@ -65,10 +65,13 @@ async def test_a_post_past_the_backlog_limit_is_429_and_a_small_one_still_passes
     async with open_channel(mesh.addr("events")) as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         for _ in range(100):  # the relay delivers the accepted post
-            reply = await stub.Read(
-                events_pb2.ReadRequest(limit=1000), metadata=tenant_metadata("demo")
-            )
-            stored = [e.event.event_id for e in reply.events]
+            stored = []
+            for user in ("u-small", "u-big"):  # by user: the log holds other tests' events
+                reply = await stub.ReadUserEvents(
+                    events_pb2.ReadUserEventsRequest(user_id=user, limit=1000),
+                    metadata=tenant_metadata("demo"),
+                )
+                stored += [e.event.event_id for e in reply.events]
             if "small-1" in stored:
                 break
             await asyncio.sleep(0.05)

@@ -34,7 +34,7 @@ from mesh.tenants import load_tenants
 from services.projector.consumer import StreamProjector
 from services.projector.projections import Projections
 from services.retrieval.index import RetrievalModels
-from tests.inprocess import Mesh, inprocess_mesh, write_tenants
+from tests.inprocess import Mesh, inprocess_mesh, set_faults, write_tenants
 
 TENANT, KEY = "acme", "acme-key"
 WAIT_S = 5.0
@@ -43,12 +43,18 @@ WAIT_S = 5.0
 
 
 @pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fault flags file the mesh watches (``tests.inprocess.set_faults``)."""
+    return tmp_path_factory.mktemp("catalog-faults") / "faults.json"
+
+
+@pytest.fixture(scope="module")
 async def mesh(
-    redis_url: str, artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str, artifacts_root: Path, tmp_path_factory: pytest.TempPathFactory, faults: Path
 ) -> AsyncIterator[Mesh]:
     base = tmp_path_factory.mktemp("catalog")
     tenants = write_tenants(base / "tenants.json")
-    async with inprocess_mesh(redis_url, artifacts_root, tenants) as running:
+    async with inprocess_mesh(redis_url, artifacts_root, tenants, faults) as running:
         client = mesh_redis.client(redis_url)
         projector = StreamProjector(
             client,
@@ -173,6 +179,45 @@ async def test_a_deleted_set_item_leaves_answers_and_an_upsert_brings_it_back(
     await until(returned, f"{shown} served again")
 
 
+async def test_the_popular_fallback_leaves_out_an_item_deleted_after_it_was_cached(
+    mesh: Mesh, set_items: tuple[np.ndarray, np.ndarray], faults: Path
+) -> None:
+    rows, categories = set_items
+
+    async def fallback_answer(user: str) -> list[str]:
+        set_faults(mesh, faults, {"retrieval": {"*": {"error_rate": 1.0, "code": "UNAVAILABLE"}}})
+        try:
+            status, body = await call(
+                mesh, "POST", "/v1/recommend", {"user_id": user, "num_items": 50}
+            )
+        finally:
+            set_faults(mesh, faults, {})
+        assert status == 200 and "retrieval" in body["degraded"], body
+        return [i["item_id"] for i in body["items"]]
+
+    # The gateway read its list at start; the item is withdrawn after that.
+    cached = (await fallback_answer("fallback-before"))[0]
+    assert await call(mesh, "DELETE", f"/v1/items/{cached}") == (202, {"accepted": 1})
+
+    async def left_fallback() -> bool:
+        return cached not in await fallback_answer("fallback-after")
+
+    try:
+        # Within the check's recheck_s (0.5 s) the cache may still hold it: wait for it.
+        await until(left_fallback, f"{cached} left the fallback")
+        for _ in range(3):
+            assert cached not in await fallback_answer("fallback-after")
+    finally:
+        number = int(cached)
+        back = item(cached, rows[number], int(categories[number]))
+        assert (await call(mesh, "PUT", "/v1/items", {"items": [back]}))[0] == 202
+
+    async def back_in_fallback() -> bool:
+        return cached in await fallback_answer("fallback-back")
+
+    await until(back_in_fallback, f"{cached} back in the fallback")
+
+
 async def test_an_unavailable_item_is_not_served_and_the_log_order_decides(
     mesh: Mesh, set_items: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -271,6 +316,48 @@ async def test_events_name_items_by_the_tenants_ids_and_the_log_keeps_the_mappin
     assert replay_ids(stored) == {k.decode(): int(v) for k, v in held.items()}
 
 
+async def test_impressions_of_a_tenants_item_carry_its_name(
+    mesh: Mesh, set_items: tuple[np.ndarray, np.ndarray]
+) -> None:
+    rows, categories = set_items
+    ref = f"shown-{uuid.uuid4().hex[:8]}"
+    body = {"items": [item(ref, rows[5], int(categories[5]))]}
+    assert (await call(mesh, "PUT", "/v1/items", body))[0] == 202
+
+    async def served() -> bool:
+        return ref in await retrieved(mesh, "catalog-user")
+
+    await until(served, f"{ref} served")
+    answer: dict[str, Any] = {}
+
+    async def answered_with_it() -> bool:
+        nonlocal answer
+        user = f"impressions-{uuid.uuid4().hex[:6]}"
+        _, answer = await call(mesh, "POST", "/v1/recommend", {"user_id": user, "num_items": 500})
+        return ref in {i["item_id"] for i in answer["items"]}
+
+    await until(answered_with_it, f"an answer showing {ref}")
+    shown = {i["rank"]: i["item_id"] for i in answer["items"]}
+    impressions: list[events_pb2.Event] = []
+
+    async def logged() -> bool:
+        nonlocal impressions
+        async with open_channel(mesh.addr("events")) as channel:
+            reply = await events_pb2_grpc.EventServiceStub(channel).ReadRequestEvents(
+                events_pb2.ReadRequestEventsRequest(request_id=answer["request_id"]),
+                metadata=[(TENANT_KEY, TENANT)],
+            )
+        impressions = [e.event for e in reply.events if e.event.type == "impression"]
+        return len(impressions) == len(shown)
+
+    await until(logged, "the answer's impressions in the log")
+    for event in impressions:
+        name = shown[event.position + 1]
+        # The tenant's own items by their name; the set's items by their number alone.
+        assert event.item_ref == ("" if name.isdigit() else name)
+    assert ref in {event.item_ref for event in impressions}
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -278,7 +365,7 @@ async def test_events_name_items_by_the_tenants_ids_and_the_log_keeps_the_mappin
         ({"items": [{"item_id": "", "features": [0.0]}]}, "items[0].item_id"),
         ({"items": [{"item_id": "a", "features": [0.0], "colour": "red"}]}, "items[0].colour"),
         ({"items": [{"item_id": "a", "features": [0.0]}]}, "items[0].features"),
-        ({"items": [{"item_id": "a", "features": ["x"]}]}, "items[0].features"),
+        ({"items": [{"item_id": "a", "features": ["x"]}]}, "items[0].features[0]"),
         ({"items": [{"item_id": "a", "features": [], "category": -1}]}, "items[0].category"),
         ({"items": []}, "items"),
         ({"items": [{"item_id": str(n), "features": []} for n in range(1001)]}, "items"),
@@ -296,14 +383,27 @@ async def test_non_finite_and_wrong_width_features_are_refused(
 ) -> None:
     rows, _ = set_items
     width = rows.shape[1]
-    for values in ([math.nan] * width, [math.inf] * width, [0.0] * (width + 1), [1e39] * width):
+    # NaN and Infinity are not JSON: the body itself is refused.
+    for values in ([math.nan] * width, [math.inf] * width):
         status, error = await call(
             mesh,
             "PUT",
             "/v1/items",
             raw=json.dumps({"items": [item("a", np.array(values), 0)]}).encode(),
         )
-        assert (status, error["field"]) == (400, "items[0].features"), (values[:1], error)
+        assert (status, error["field"]) == (400, "body"), (values[:1], error)
+    # Too many values; a value float32 cannot hold (infinite once stored).
+    for values, field in (
+        ([0.0] * (width + 1), "items[0].features"),
+        ([1e39] * width, "items[0].features[0]"),
+    ):
+        status, error = await call(
+            mesh,
+            "PUT",
+            "/v1/items",
+            raw=json.dumps({"items": [item("a", np.array(values), 0)]}).encode(),
+        )
+        assert (status, error["field"]) == (400, field), (values[:1], error)
 
 
 async def test_an_oversized_body_is_413_and_int_item_ids_are_refused_in_events(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 from recmesh.events.v1 import events_pb2
@@ -54,7 +55,8 @@ def upsert(ref: str, available: bool = True) -> events_pb2.Event:
 
 
 async def withdrawn(client: AsyncRedis, tenant: str) -> set[str]:
-    return {member.decode() for member in await client.smembers(keys.withdrawn(tenant))}
+    members = cast(set[bytes], await client.smembers(keys.withdrawn(tenant)))
+    return {member.decode() for member in members}
 
 
 async def test_catalog_events_are_applied_while_the_log_trails_impressions(

@@ -172,8 +172,17 @@ async def test_the_trim_command_uses_the_tenants_retention(
     name = await projected_log(client)
     await tail_projected(client, name, 1, "c")
     tenants = tmp_path / "tenants.json"
-    spec = {"api_key_sha256": "a" * 64, "rate": 10, "burst": 20}
-    tenants.write_text(json.dumps({"tenants": {name: {**spec, "retention_days": 1}, "keep": spec}}))
+    spec = {"rate": 10, "burst": 20}
+    tenants.write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    name: {**spec, "api_key_sha256": "a" * 64, "retention_days": 1},
+                    "keep": {**spec, "api_key_sha256": "b" * 64},
+                }
+            }
+        )
+    )
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("RECMESH_TENANTS", str(tenants))
     monkeypatch.setenv("RECMESH_FEATURE_HISTORY_CAP", str(CAP))

@@ -77,8 +77,10 @@ async def test_impressions_carry_the_propensities_ranking_returned(mesh: Mesh) -
         stub = events_pb2_grpc.EventServiceStub(channel)
         logged: list[events_pb2.Event] = []
         for _ in range(100):
-            reply = await stub.Read(
-                events_pb2.ReadRequest(limit=1000), metadata=tenant_metadata("demo")
+            # By request id: the tenant's log holds every other test's events too.
+            reply = await stub.ReadRequestEvents(
+                events_pb2.ReadRequestEventsRequest(request_id=body["request_id"]),
+                metadata=tenant_metadata("demo"),
             )
             logged = [
                 e.event

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecmesh/common/v1/common.proto\x12\x11recmesh.common.v1\"p\n\nCandidates\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12*\n\x07sources\x18\x03 \x03(\x0e\x32\x19.recmesh.common.v1.Source\x12\x14\n\x0cpropensities\x18\x04 \x03(\x01\":\n\rFeatureMatrix\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"\x82\x02\n\x0bStageReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x01\x12\x11\n\tbudget_ms\x18\x03 \x01(\x01\x12\x15\n\rcandidates_in\x18\x04 \x01(\x05\x12\x16\n\x0e\x63\x61ndidates_out\x18\x05 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12<\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32+.recmesh.common.v1.StageReport.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x94\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0e\n\nSOURCE_ANN\x10\x01\x12\x12\n\x0eSOURCE_POPULAR\x10\x02\x12\x13\n\x0fSOURCE_FALLBACK\x10\x03\x12\x12\n\x0eSOURCE_EXPLORE\x10\x04\x12\x13\n\x0fSOURCE_TRENDING\x10\x05\x12\x10\n\x0cSOURCE_FRESH\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erecmesh/common/v1/common.proto\x12\x11recmesh.common.v1\"p\n\nCandidates\x12\x10\n\x08item_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12*\n\x07sources\x18\x03 \x03(\x0e\x32\x19.recmesh.common.v1.Source\x12\x14\n\x0cpropensities\x18\x04 \x03(\x01\":\n\rFeatureMatrix\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"\x82\x02\n\x0bStageReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x01\x12\x11\n\tbudget_ms\x18\x03 \x01(\x01\x12\x15\n\rcandidates_in\x18\x04 \x01(\x05\x12\x16\n\x0e\x63\x61ndidates_out\x18\x05 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12<\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32+.recmesh.common.v1.StageReport.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x99\x01\n\x04\x43ost\x12\x0e\n\x06\x63pu_us\x18\x01 \x01(\x03\x12H\n\x11\x63\x61ndidates_scored\x18\x02 \x03(\x0b\x32-.recmesh.common.v1.Cost.CandidatesScoredEntry\x1a\x37\n\x15\x43\x61ndidatesScoredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*\x94\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0e\n\nSOURCE_ANN\x10\x01\x12\x12\n\x0eSOURCE_POPULAR\x10\x02\x12\x13\n\x0fSOURCE_FALLBACK\x10\x03\x12\x12\n\x0eSOURCE_EXPLORE\x10\x04\x12\x13\n\x0fSOURCE_TRENDING\x10\x05\x12\x10\n\x0cSOURCE_FRESH\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STAGEREPORT_DETAILSENTRY']._loaded_options = None
   _globals['_STAGEREPORT_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_SOURCE']._serialized_start=489
-  _globals['_SOURCE']._serialized_end=637
+  _globals['_COST_CANDIDATESSCOREDENTRY']._loaded_options = None
+  _globals['_COST_CANDIDATESSCOREDENTRY']._serialized_options = b'8\001'
+  _globals['_SOURCE']._serialized_start=645
+  _globals['_SOURCE']._serialized_end=793
   _globals['_CANDIDATES']._serialized_start=53
   _globals['_CANDIDATES']._serialized_end=165
   _globals['_FEATUREMATRIX']._serialized_start=167
@@ -43,4 +45,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEREPORT']._serialized_end=486
   _globals['_STAGEREPORT_DETAILSENTRY']._serialized_start=440
   _globals['_STAGEREPORT_DETAILSENTRY']._serialized_end=486
+  _globals['_COST']._serialized_start=489
+  _globals['_COST']._serialized_end=642
+  _globals['_COST_CANDIDATESSCOREDENTRY']._serialized_start=587
+  _globals['_COST_CANDIDATESSCOREDENTRY']._serialized_end=642
 # @@protoc_insertion_point(module_scope)

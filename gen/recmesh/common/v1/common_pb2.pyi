@@ -194,3 +194,59 @@ class StageReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StageReport: _TypeAlias = StageReport  # noqa: Y015
+
+@_typing.final
+class Cost(_message.Message):
+    """What one call cost the service that answered it, for the per-tenant usage
+    (quota.v1.GetUsage) and `recmesh_tenant_cpu_seconds_total` (docs/usage.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CandidatesScoredEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CPU_US_FIELD_NUMBER: _builtins.int
+    CANDIDATES_SCORED_FIELD_NUMBER: _builtins.int
+    cpu_us: _builtins.int
+    """CPU time the service spent for the call on its own threads, in microseconds: every
+    step of the call's handler on the event loop (validation, models, index searches,
+    building the answer), plus the tenant's share of the per-tenant background work
+    (catalog, trending, counter and item-change refreshes) done since its previous answer.
+    Not counted: gRPC's own (de)serialisation, HTTP/2 and TLS work, the server
+    interceptor's span and metrics.
+    """
+    @_builtins.property
+    def candidates_scored(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Candidates scored, by stage (ranking: prerank, heavy, rerank)."""
+
+    def __init__(
+        self,
+        *,
+        cpu_us: _builtins.int = ...,
+        candidates_scored: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates_scored", b"candidates_scored", "cpu_us", b"cpu_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cost: _TypeAlias = Cost  # noqa: Y015

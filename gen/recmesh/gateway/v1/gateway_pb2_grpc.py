@@ -54,15 +54,20 @@ class GatewayServiceStub:
                 request_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.DeleteItemsRequest.SerializeToString,
                 response_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.FromString,
                 _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/recmesh.gateway.v1.GatewayService/EraseUser',
+                request_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Recommend(self, request, context):
-        """Run the whole funnel for one user. Status codes: UNAUTHENTICATED (key),
-        INVALID_ARGUMENT (field named), RESOURCE_EXHAUSTED (quota), UNAVAILABLE only
-        when no useful answer can be produced.
+        """Run the whole funnel for one user. Status codes: UNAUTHENTICATED (key missing, unknown,
+        revoked or expired), PERMISSION_DENIED (scope), INVALID_ARGUMENT (field named),
+        RESOURCE_EXHAUSTED (quota), UNAVAILABLE only when no useful answer can be produced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +95,14 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EraseUser(self, request, context):
+        """Erase one user of the caller's tenant: events, projections, features, audited (the
+        events service's EraseUser). Needs a key with the admin scope (else PERMISSION_DENIED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.DeleteItems,
                     request_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.DeleteItemsRequest.FromString,
                     response_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.EraseUserRequest.FromString,
+                    response_serializer=recmesh_dot_gateway_dot_v1_dot_gateway__pb2.EraseUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class GatewayService:
             '/recmesh.gateway.v1.GatewayService/DeleteItems',
             recmesh_dot_gateway_dot_v1_dot_gateway__pb2.DeleteItemsRequest.SerializeToString,
             recmesh_dot_gateway_dot_v1_dot_gateway__pb2.CatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.gateway.v1.GatewayService/EraseUser',
+            recmesh_dot_gateway_dot_v1_dot_gateway__pb2.EraseUserRequest.SerializeToString,
+            recmesh_dot_gateway_dot_v1_dot_gateway__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,23 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crecmesh/quota/v1/quota.proto\x12\x10recmesh.quota.v1\"T\n\x0e\x41\x63quireRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x05\x12\x10\n\x08max_cost\x18\x03 \x01(\x05\x12\x12\n\ncheck_only\x18\x04 \x01(\x08\"z\n\x0f\x41\x63quireResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12\x15\n\rretry_after_s\x18\x05 \x01(\x01\x12\x0f\n\x07granted\x18\x06 \x01(\x05\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"@\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\"@\n\x10GetUsageResponse\x12,\n\x05usage\x18\x01 \x03(\x0b\x32\x1d.recmesh.quota.v1.TenantUsage2\xb1\x01\n\x0cQuotaService\x12N\n\x07\x41\x63quire\x12 .recmesh.quota.v1.AcquireRequest\x1a!.recmesh.quota.v1.AcquireResponse\x12Q\n\x08GetUsage\x12!.recmesh.quota.v1.GetUsageRequest\x1a\".recmesh.quota.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crecmesh/quota/v1/quota.proto\x12\x10recmesh.quota.v1\"T\n\x0e\x41\x63quireRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x05\x12\x10\n\x08max_cost\x18\x03 \x01(\x05\x12\x12\n\ncheck_only\x18\x04 \x01(\x08\"\x8f\x01\n\x0f\x41\x63quireResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\x03\x12\x11\n\tremaining\x18\x04 \x01(\x03\x12\x15\n\rretry_after_s\x18\x05 \x01(\x01\x12\x0f\n\x07granted\x18\x06 \x01(\x05\x12\x13\n\x0bnext_unit_s\x18\x07 \x01(\x01\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xc6\x02\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x03\x12\x10\n\x08rejected\x18\x03 \x01(\x03\x12\x19\n\x11\x63\x61ndidates_scored\x18\x04 \x01(\x03\x12^\n\x1a\x63\x61ndidates_scored_by_stage\x18\x05 \x03(\x0b\x32:.recmesh.quota.v1.TenantUsage.CandidatesScoredByStageEntry\x12\x18\n\x10retrieval_cpu_ms\x18\x06 \x01(\x01\x12\x16\n\x0eranking_cpu_ms\x18\x07 \x01(\x01\x12\x17\n\x0f\x63osted_requests\x18\x08 \x01(\x03\x1a>\n\x1c\x43\x61ndidatesScoredByStageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"@\n\x10GetUsageResponse\x12,\n\x05usage\x18\x01 \x03(\x0b\x32\x1d.recmesh.quota.v1.TenantUsage\"S\n\x12RecordUsageRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x05\x63osts\x18\x02 \x03(\x0b\x32\x1c.recmesh.quota.v1.TenantCost\"\x9d\x02\n\nTenantCost\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x37\n\x06\x63pu_us\x18\x03 \x03(\x0b\x32\'.recmesh.quota.v1.TenantCost.CpuUsEntry\x12M\n\x11\x63\x61ndidates_scored\x18\x04 \x03(\x0b\x32\x32.recmesh.quota.v1.TenantCost.CandidatesScoredEntry\x1a,\n\nCpuUsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x37\n\x15\x43\x61ndidatesScoredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"$\n\x13RecordUsageResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x32\x8d\x02\n\x0cQuotaService\x12N\n\x07\x41\x63quire\x12 .recmesh.quota.v1.AcquireRequest\x1a!.recmesh.quota.v1.AcquireResponse\x12Q\n\x08GetUsage\x12!.recmesh.quota.v1.GetUsageRequest\x1a\".recmesh.quota.v1.GetUsageResponse\x12Z\n\x0bRecordUsage\x12$.recmesh.quota.v1.RecordUsageRequest\x1a%.recmesh.quota.v1.RecordUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recmesh.quota.v1.quota_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TENANTUSAGE_CANDIDATESSCOREDBYSTAGEENTRY']._loaded_options = None
+  _globals['_TENANTUSAGE_CANDIDATESSCOREDBYSTAGEENTRY']._serialized_options = b'8\001'
+  _globals['_TENANTCOST_CPUUSENTRY']._loaded_options = None
+  _globals['_TENANTCOST_CPUUSENTRY']._serialized_options = b'8\001'
+  _globals['_TENANTCOST_CANDIDATESSCOREDENTRY']._loaded_options = None
+  _globals['_TENANTCOST_CANDIDATESSCOREDENTRY']._serialized_options = b'8\001'
   _globals['_ACQUIREREQUEST']._serialized_start=50
   _globals['_ACQUIREREQUEST']._serialized_end=134
-  _globals['_ACQUIRERESPONSE']._serialized_start=136
-  _globals['_ACQUIRERESPONSE']._serialized_end=258
-  _globals['_GETUSAGEREQUEST']._serialized_start=260
-  _globals['_GETUSAGEREQUEST']._serialized_end=293
-  _globals['_TENANTUSAGE']._serialized_start=295
-  _globals['_TENANTUSAGE']._serialized_end=359
-  _globals['_GETUSAGERESPONSE']._serialized_start=361
-  _globals['_GETUSAGERESPONSE']._serialized_end=425
-  _globals['_QUOTASERVICE']._serialized_start=428
-  _globals['_QUOTASERVICE']._serialized_end=605
+  _globals['_ACQUIRERESPONSE']._serialized_start=137
+  _globals['_ACQUIRERESPONSE']._serialized_end=280
+  _globals['_GETUSAGEREQUEST']._serialized_start=282
+  _globals['_GETUSAGEREQUEST']._serialized_end=315
+  _globals['_TENANTUSAGE']._serialized_start=318
+  _globals['_TENANTUSAGE']._serialized_end=644
+  _globals['_TENANTUSAGE_CANDIDATESSCOREDBYSTAGEENTRY']._serialized_start=582
+  _globals['_TENANTUSAGE_CANDIDATESSCOREDBYSTAGEENTRY']._serialized_end=644
+  _globals['_GETUSAGERESPONSE']._serialized_start=646
+  _globals['_GETUSAGERESPONSE']._serialized_end=710
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=712
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=795
+  _globals['_TENANTCOST']._serialized_start=798
+  _globals['_TENANTCOST']._serialized_end=1083
+  _globals['_TENANTCOST_CPUUSENTRY']._serialized_start=982
+  _globals['_TENANTCOST_CPUUSENTRY']._serialized_end=1026
+  _globals['_TENANTCOST_CANDIDATESSCOREDENTRY']._serialized_start=1028
+  _globals['_TENANTCOST_CANDIDATESSCOREDENTRY']._serialized_end=1083
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=1085
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=1121
+  _globals['_QUOTASERVICE']._serialized_start=1124
+  _globals['_QUOTASERVICE']._serialized_end=1393
 # @@protoc_insertion_point(module_scope)

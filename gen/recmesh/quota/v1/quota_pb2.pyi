@@ -69,6 +69,7 @@ class AcquireResponse(_message.Message):
     REMAINING_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
     GRANTED_FIELD_NUMBER: _builtins.int
+    NEXT_UNIT_S_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     rate: _builtins.float
     """Requests per second allowed for the tenant."""
@@ -79,6 +80,13 @@ class AcquireResponse(_message.Message):
     """When allowed is false: seconds until `cost` units are available again."""
     granted: _builtins.int
     """Units taken: `cost` up to `max_cost` when allowed, 0 when denied or `check_only`."""
+    next_unit_s: _builtins.float
+    """Seconds from this answer until the bucket holds one unit more than `remaining`, if
+    nothing else takes from it (0: at once, or the bucket is full). Until then it holds at
+    most `remaining`, and afterwards one more every 1 / `rate` seconds at most: a caller's
+    bound on the bucket (the gateway refuses a request it leaves no unit for without a
+    call). 0 from a quota service older than this field (the bound is then looser).
+    """
     def __init__(
         self,
         *,
@@ -88,10 +96,11 @@ class AcquireResponse(_message.Message):
         remaining: _builtins.int = ...,
         retry_after_s: _builtins.float = ...,
         granted: _builtins.int = ...,
+        next_unit_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "burst", b"burst", "granted", b"granted", "rate", b"rate", "remaining", b"remaining", "retry_after_s", b"retry_after_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "burst", b"burst", "granted", b"granted", "next_unit_s", b"next_unit_s", "rate", b"rate", "remaining", b"remaining", "retry_after_s", b"retry_after_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -121,24 +130,68 @@ Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
 class TenantUsage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CandidatesScoredByStageEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENANT_FIELD_NUMBER: _builtins.int
     ALLOWED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    CANDIDATES_SCORED_FIELD_NUMBER: _builtins.int
+    CANDIDATES_SCORED_BY_STAGE_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_CPU_MS_FIELD_NUMBER: _builtins.int
+    RANKING_CPU_MS_FIELD_NUMBER: _builtins.int
+    COSTED_REQUESTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     allowed: _builtins.int
     """Units granted (with leases: handed out to callers, whether they used them or not)."""
     rejected: _builtins.int
     """Acquire calls denied."""
+    candidates_scored: _builtins.int
+    """Candidates ranking scored for the tenant, every stage summed."""
+    retrieval_cpu_ms: _builtins.float
+    """CPU milliseconds retrieval spent for the tenant (`Cost.cpu_us` of its answers)."""
+    ranking_cpu_ms: _builtins.float
+    """CPU milliseconds ranking spent for the tenant."""
+    costed_requests: _builtins.int
+    """Requests whose cost the figures above hold: recommendations whose retrieval or
+    ranking answer reached the gateway.
+    """
+    @_builtins.property
+    def candidates_scored_by_stage(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The same by stage (prerank, heavy, rerank)."""
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         allowed: _builtins.int = ...,
         rejected: _builtins.int = ...,
+        candidates_scored: _builtins.int = ...,
+        candidates_scored_by_stage: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        retrieval_cpu_ms: _builtins.float = ...,
+        ranking_cpu_ms: _builtins.float = ...,
+        costed_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "rejected", b"rejected", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "candidates_scored", b"candidates_scored", "candidates_scored_by_stage", b"candidates_scored_by_stage", "costed_requests", b"costed_requests", "ranking_cpu_ms", b"ranking_cpu_ms", "rejected", b"rejected", "retrieval_cpu_ms", b"retrieval_cpu_ms", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,3 +216,130 @@ class GetUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class RecordUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    COSTS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The batch's idempotency key (1 to 64 characters, e.g. a UUID): a tenant's costs of a
+    batch already added under this key are not added again.
+    """
+    @_builtins.property
+    def costs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantCost]:
+        """At most one entry per tenant."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        costs: _abc.Iterable[Global___TenantCost] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "costs", b"costs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordUsageRequest: _TypeAlias = RecordUsageRequest  # noqa: Y015
+
+@_typing.final
+class TenantCost(_message.Message):
+    """What a tenant's requests cost since the previous batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CpuUsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CandidatesScoredEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    CPU_US_FIELD_NUMBER: _builtins.int
+    CANDIDATES_SCORED_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    requests: _builtins.int
+    """Requests whose costs this entry sums."""
+    @_builtins.property
+    def cpu_us(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """CPU microseconds by service ("retrieval", "ranking")."""
+
+    @_builtins.property
+    def candidates_scored(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Candidates scored by stage."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        cpu_us: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        candidates_scored: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates_scored", b"candidates_scored", "cpu_us", b"cpu_us", "requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantCost: _TypeAlias = TenantCost  # noqa: Y015
+
+@_typing.final
+class RecordUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    added: _builtins.int
+    """Tenants whose costs this call added (a batch sent again: only those not added before;
+    tenants not configured are left out).
+    """
+    def __init__(
+        self,
+        *,
+        added: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015

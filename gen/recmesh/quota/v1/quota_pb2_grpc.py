@@ -44,6 +44,11 @@ class QuotaServiceStub:
                 request_serializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.RecordUsage = channel.unary_unary(
+                '/recmesh.quota.v1.QuotaService/RecordUsage',
+                request_serializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.RecordUsageRequest.SerializeToString,
+                response_deserializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.RecordUsageResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -59,7 +64,18 @@ class QuotaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Units granted and calls denied per tenant in the current accounting window.
+        """Units granted and calls denied per tenant in the current accounting window, and what
+        the tenant's requests cost (CPU, candidates scored) as RecordUsage added it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordUsage(self, request, context):
+        """Add what requests cost to their tenants' usage in the current accounting window. The
+        gateway sends what retrieval and ranking reported in their answers (`Cost`), summed
+        per tenant, about once a second. A batch is added at most once per tenant however
+        often it is sent again: its `batch_id` is remembered for two hours.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +93,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.GetUsageRequest.FromString,
                     response_serializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'RecordUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsage,
+                    request_deserializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.RecordUsageRequest.FromString,
+                    response_serializer=recmesh_dot_quota_dot_v1_dot_quota__pb2.RecordUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +154,33 @@ class QuotaService:
             '/recmesh.quota.v1.QuotaService/GetUsage',
             recmesh_dot_quota_dot_v1_dot_quota__pb2.GetUsageRequest.SerializeToString,
             recmesh_dot_quota_dot_v1_dot_quota__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recmesh.quota.v1.QuotaService/RecordUsage',
+            recmesh_dot_quota_dot_v1_dot_quota__pb2.RecordUsageRequest.SerializeToString,
+            recmesh_dot_quota_dot_v1_dot_quota__pb2.RecordUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,7 +39,15 @@ class QuotaServiceStub:
     limit is an answer (allowed = false), not an error.
     """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]
-    """Units granted and calls denied per tenant in the current accounting window."""
+    """Units granted and calls denied per tenant in the current accounting window, and what
+    the tenant's requests cost (CPU, candidates scored) as RecordUsage added it.
+    """
+    RecordUsage: _grpc.UnaryUnaryMultiCallable[_quota_pb2.RecordUsageRequest, _quota_pb2.RecordUsageResponse]
+    """Add what requests cost to their tenants' usage in the current accounting window. The
+    gateway sends what retrieval and ranking reported in their answers (`Cost`), summed
+    per tenant, about once a second. A batch is added at most once per tenant however
+    often it is sent again: its `batch_id` is remembered for two hours.
+    """
 
 @_typing.type_check_only
 class QuotaServiceAsyncStub(QuotaServiceStub):
@@ -50,7 +58,15 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
     limit is an answer (allowed = false), not an error.
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]  # type: ignore[assignment]
-    """Units granted and calls denied per tenant in the current accounting window."""
+    """Units granted and calls denied per tenant in the current accounting window, and what
+    the tenant's requests cost (CPU, candidates scored) as RecordUsage added it.
+    """
+    RecordUsage: _aio.UnaryUnaryMultiCallable[_quota_pb2.RecordUsageRequest, _quota_pb2.RecordUsageResponse]  # type: ignore[assignment]
+    """Add what requests cost to their tenants' usage in the current accounting window. The
+    gateway sends what retrieval and ranking reported in their answers (`Cost`), summed
+    per tenant, about once a second. A batch is added at most once per tenant however
+    often it is sent again: its `batch_id` is remembered for two hours.
+    """
 
 class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -70,6 +86,20 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _quota_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_quota_pb2.GetUsageResponse, _abc.Awaitable[_quota_pb2.GetUsageResponse]]:
-        """Units granted and calls denied per tenant in the current accounting window."""
+        """Units granted and calls denied per tenant in the current accounting window, and what
+        the tenant's requests cost (CPU, candidates scored) as RecordUsage added it.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordUsage(
+        self,
+        request: _quota_pb2.RecordUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_pb2.RecordUsageResponse, _abc.Awaitable[_quota_pb2.RecordUsageResponse]]:
+        """Add what requests cost to their tenants' usage in the current accounting window. The
+        gateway sends what retrieval and ranking reported in their answers (`Cost`), summed
+        per tenant, about once a second. A batch is added at most once per tenant however
+        often it is sent again: its `batch_id` is remembered for two hours.
+        """
 
 def add_QuotaServiceServicer_to_server(servicer: QuotaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

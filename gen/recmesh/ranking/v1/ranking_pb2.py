@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recmesh.common.v1 import common_pb2 as recmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n recmesh/ranking/v1/ranking.proto\x12\x12recmesh.ranking.v1\x1a\x1erecmesh/common/v1/common.proto\"\xb0\x04\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\ruser_features\x18\x02 \x01(\x0c\x12\x31\n\ncandidates\x18\x03 \x01(\x0b\x32\x1d.recmesh.common.v1.Candidates\x12\x11\n\tnum_items\x18\x04 \x01(\x05\x12\x14\n\x0cprerank_keep\x18\x05 \x01(\x05\x12\x31\n\nheavy_mode\x18\x06 \x01(\x0e\x32\x1d.recmesh.ranking.v1.HeavyMode\x12\x12\n\nheavy_keep\x18\x07 \x01(\x05\x12\x17\n\x0f\x63\x61ndidates_keep\x18\x08 \x01(\x05\x12\x30\n\tdiversity\x18\t \x01(\x0e\x32\x1d.recmesh.ranking.v1.Diversity\x12\x17\n\nmmr_lambda\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rexplore_share\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12K\n\x0fstage_budget_ms\x18\x0c \x03(\x0b\x32\x32.recmesh.ranking.v1.RankRequest.StageBudgetMsEntry\x12\x32\n\ninterleave\x18\r \x01(\x0b\x32\x1e.recmesh.ranking.v1.Interleave\x1a\x34\n\x12StageBudgetMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_mmr_lambdaB\x10\n\x0e_explore_share\"\xa9\x02\n\tRankerArm\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\nheavy_mode\x18\x02 \x01(\x0e\x32\x1d.recmesh.ranking.v1.HeavyMode\x12\x14\n\x0cprerank_keep\x18\x03 \x01(\x05\x12\x12\n\nheavy_keep\x18\x04 \x01(\x05\x12\x30\n\tdiversity\x18\x05 \x01(\x0e\x32\x1d.recmesh.ranking.v1.Diversity\x12\x17\n\nmmr_lambda\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nctr_weight\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0f\x66reshness_boost\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\r\n\x0b_mmr_lambdaB\r\n\x0b_ctr_weightB\x12\n\x10_freshness_boost\"`\n\nInterleave\x12(\n\x01\x61\x18\x01 \x01(\x0b\x32\x1d.recmesh.ranking.v1.RankerArm\x12(\n\x01\x62\x18\x02 \x01(\x0b\x32\x1d.recmesh.ranking.v1.RankerArm\"\xb6\x01\n\x0cRankResponse\x12-\n\x06ranked\x18\x01 \x01(\x0b\x32\x1d.recmesh.common.v1.Candidates\x12.\n\x06stages\x18\x02 \x03(\x0b\x32\x1e.recmesh.common.v1.StageReport\x12\x10\n\x08\x64\x65graded\x18\x03 \x03(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05teams\x18\x05 \x03(\t\x12\x0f\n\x07support\x18\x06 \x03(\x03*N\n\tHeavyMode\x12\x1a\n\x16HEAVY_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rHEAVY_MODE_ON\x10\x01\x12\x12\n\x0eHEAVY_MODE_OFF\x10\x02*i\n\tDiversity\x12\x19\n\x15\x44IVERSITY_UNSPECIFIED\x10\x00\x12\x11\n\rDIVERSITY_MMR\x10\x01\x12\x1a\n\x16\x44IVERSITY_CATEGORY_CAP\x10\x02\x12\x12\n\x0e\x44IVERSITY_NONE\x10\x03\x32[\n\x0eRankingService\x12I\n\x04Rank\x12\x1f.recmesh.ranking.v1.RankRequest\x1a .recmesh.ranking.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n recmesh/ranking/v1/ranking.proto\x12\x12recmesh.ranking.v1\x1a\x1erecmesh/common/v1/common.proto\"\xb0\x04\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\ruser_features\x18\x02 \x01(\x0c\x12\x31\n\ncandidates\x18\x03 \x01(\x0b\x32\x1d.recmesh.common.v1.Candidates\x12\x11\n\tnum_items\x18\x04 \x01(\x05\x12\x14\n\x0cprerank_keep\x18\x05 \x01(\x05\x12\x31\n\nheavy_mode\x18\x06 \x01(\x0e\x32\x1d.recmesh.ranking.v1.HeavyMode\x12\x12\n\nheavy_keep\x18\x07 \x01(\x05\x12\x17\n\x0f\x63\x61ndidates_keep\x18\x08 \x01(\x05\x12\x30\n\tdiversity\x18\t \x01(\x0e\x32\x1d.recmesh.ranking.v1.Diversity\x12\x17\n\nmmr_lambda\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rexplore_share\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12K\n\x0fstage_budget_ms\x18\x0c \x03(\x0b\x32\x32.recmesh.ranking.v1.RankRequest.StageBudgetMsEntry\x12\x32\n\ninterleave\x18\r \x01(\x0b\x32\x1e.recmesh.ranking.v1.Interleave\x1a\x34\n\x12StageBudgetMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_mmr_lambdaB\x10\n\x0e_explore_share\"\xa9\x02\n\tRankerArm\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\nheavy_mode\x18\x02 \x01(\x0e\x32\x1d.recmesh.ranking.v1.HeavyMode\x12\x14\n\x0cprerank_keep\x18\x03 \x01(\x05\x12\x12\n\nheavy_keep\x18\x04 \x01(\x05\x12\x30\n\tdiversity\x18\x05 \x01(\x0e\x32\x1d.recmesh.ranking.v1.Diversity\x12\x17\n\nmmr_lambda\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nctr_weight\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0f\x66reshness_boost\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\r\n\x0b_mmr_lambdaB\r\n\x0b_ctr_weightB\x12\n\x10_freshness_boost\"`\n\nInterleave\x12(\n\x01\x61\x18\x01 \x01(\x0b\x32\x1d.recmesh.ranking.v1.RankerArm\x12(\n\x01\x62\x18\x02 \x01(\x0b\x32\x1d.recmesh.ranking.v1.RankerArm\"\xdd\x01\n\x0cRankResponse\x12-\n\x06ranked\x18\x01 \x01(\x0b\x32\x1d.recmesh.common.v1.Candidates\x12.\n\x06stages\x18\x02 \x03(\x0b\x32\x1e.recmesh.common.v1.StageReport\x12\x10\n\x08\x64\x65graded\x18\x03 \x03(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05teams\x18\x05 \x03(\t\x12\x0f\n\x07support\x18\x06 \x03(\x03\x12%\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x17.recmesh.common.v1.Cost*N\n\tHeavyMode\x12\x1a\n\x16HEAVY_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rHEAVY_MODE_ON\x10\x01\x12\x12\n\x0eHEAVY_MODE_OFF\x10\x02*i\n\tDiversity\x12\x19\n\x15\x44IVERSITY_UNSPECIFIED\x10\x00\x12\x11\n\rDIVERSITY_MMR\x10\x01\x12\x1a\n\x16\x44IVERSITY_CATEGORY_CAP\x10\x02\x12\x12\n\x0e\x44IVERSITY_NONE\x10\x03\x32[\n\x0eRankingService\x12I\n\x04Rank\x12\x1f.recmesh.ranking.v1.RankRequest\x1a .recmesh.ranking.v1.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RANKREQUEST_STAGEBUDGETMSENTRY']._loaded_options = None
   _globals['_RANKREQUEST_STAGEBUDGETMSENTRY']._serialized_options = b'8\001'
-  _globals['_HEAVYMODE']._serialized_start=1234
-  _globals['_HEAVYMODE']._serialized_end=1312
-  _globals['_DIVERSITY']._serialized_start=1314
-  _globals['_DIVERSITY']._serialized_end=1419
+  _globals['_HEAVYMODE']._serialized_start=1273
+  _globals['_HEAVYMODE']._serialized_end=1351
+  _globals['_DIVERSITY']._serialized_start=1353
+  _globals['_DIVERSITY']._serialized_end=1458
   _globals['_RANKREQUEST']._serialized_start=89
   _globals['_RANKREQUEST']._serialized_end=649
   _globals['_RANKREQUEST_STAGEBUDGETMSENTRY']._serialized_start=564
@@ -47,7 +47,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTERLEAVE']._serialized_start=951
   _globals['_INTERLEAVE']._serialized_end=1047
   _globals['_RANKRESPONSE']._serialized_start=1050
-  _globals['_RANKRESPONSE']._serialized_end=1232
-  _globals['_RANKINGSERVICE']._serialized_start=1421
-  _globals['_RANKINGSERVICE']._serialized_end=1512
+  _globals['_RANKRESPONSE']._serialized_end=1271
+  _globals['_RANKINGSERVICE']._serialized_start=1460
+  _globals['_RANKINGSERVICE']._serialized_end=1551
 # @@protoc_insertion_point(module_scope)

@@ -265,6 +265,7 @@ class RankResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     TEAMS_FIELD_NUMBER: _builtins.int
     SUPPORT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     @_builtins.property
     def ranked(self) -> _common_pb2.Candidates:
@@ -291,6 +292,12 @@ class RankResponse(_message.Message):
         share, or no item features: retrieval's order). Empty for interleaved requests.
         """
 
+    @_builtins.property
+    def cost(self) -> _common_pb2.Cost:
+        """What this call cost ranking: CPU, and the candidates each stage scored (prerank and
+        heavy: candidates the model scored; rerank: candidates in re-rank's pool).
+        """
+
     def __init__(
         self,
         *,
@@ -300,10 +307,11 @@ class RankResponse(_message.Message):
         model_version: _builtins.str = ...,
         teams: _abc.Iterable[_builtins.str] | None = ...,
         support: _abc.Iterable[_builtins.int] | None = ...,
+        cost: _common_pb2.Cost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ranked", b"ranked"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "ranked", b"ranked"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "model_version", b"model_version", "ranked", b"ranked", "stages", b"stages", "support", b"support", "teams", b"teams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "degraded", b"degraded", "model_version", b"model_version", "ranked", b"ranked", "stages", b"stages", "support", b"support", "teams", b"teams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recmesh.common.v1 import common_pb2 as recmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$recmesh/retrieval/v1/retrieval.proto\x12\x14recmesh.retrieval.v1\x1a\x1erecmesh/common/v1/common.proto\"i\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x61nn_k\x18\x02 \x01(\x05\x12\x11\n\tpopular_k\x18\x03 \x01(\x05\x12\x12\n\ntrending_k\x18\x04 \x01(\x05\x12\x0f\n\x07\x66resh_k\x18\x05 \x01(\x05\"\xde\x02\n\x10RetrieveResponse\x12\x31\n\ncandidates\x18\x01 \x01(\x0b\x32\x1d.recmesh.common.v1.Candidates\x12\x15\n\ruser_features\x18\x02 \x01(\x0c\x12\x18\n\x10user_feature_dim\x18\x03 \x01(\x05\x12\x1d\n\x15user_features_default\x18\x04 \x01(\x08\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12.\n\x06stages\x18\x06 \x03(\x0b\x32\x1e.recmesh.common.v1.StageReport\x12\x10\n\x08\x64\x65graded\x18\x07 \x03(\t\x12@\n\x05names\x18\x08 \x03(\x0b\x32\x31.recmesh.retrieval.v1.RetrieveResponse.NamesEntry\x1a,\n\nNamesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32m\n\x10RetrievalService\x12Y\n\x08Retrieve\x12%.recmesh.retrieval.v1.RetrieveRequest\x1a&.recmesh.retrieval.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$recmesh/retrieval/v1/retrieval.proto\x12\x14recmesh.retrieval.v1\x1a\x1erecmesh/common/v1/common.proto\"i\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x61nn_k\x18\x02 \x01(\x05\x12\x11\n\tpopular_k\x18\x03 \x01(\x05\x12\x12\n\ntrending_k\x18\x04 \x01(\x05\x12\x0f\n\x07\x66resh_k\x18\x05 \x01(\x05\"\x85\x03\n\x10RetrieveResponse\x12\x31\n\ncandidates\x18\x01 \x01(\x0b\x32\x1d.recmesh.common.v1.Candidates\x12\x15\n\ruser_features\x18\x02 \x01(\x0c\x12\x18\n\x10user_feature_dim\x18\x03 \x01(\x05\x12\x1d\n\x15user_features_default\x18\x04 \x01(\x08\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12.\n\x06stages\x18\x06 \x03(\x0b\x32\x1e.recmesh.common.v1.StageReport\x12\x10\n\x08\x64\x65graded\x18\x07 \x03(\t\x12@\n\x05names\x18\x08 \x03(\x0b\x32\x31.recmesh.retrieval.v1.RetrieveResponse.NamesEntry\x12%\n\x04\x63ost\x18\t \x01(\x0b\x32\x17.recmesh.common.v1.Cost\x1a,\n\nNamesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32m\n\x10RetrievalService\x12Y\n\x08Retrieve\x12%.recmesh.retrieval.v1.RetrieveRequest\x1a&.recmesh.retrieval.v1.RetrieveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVEREQUEST']._serialized_start=94
   _globals['_RETRIEVEREQUEST']._serialized_end=199
   _globals['_RETRIEVERESPONSE']._serialized_start=202
-  _globals['_RETRIEVERESPONSE']._serialized_end=552
-  _globals['_RETRIEVERESPONSE_NAMESENTRY']._serialized_start=508
-  _globals['_RETRIEVERESPONSE_NAMESENTRY']._serialized_end=552
-  _globals['_RETRIEVALSERVICE']._serialized_start=554
-  _globals['_RETRIEVALSERVICE']._serialized_end=663
+  _globals['_RETRIEVERESPONSE']._serialized_end=591
+  _globals['_RETRIEVERESPONSE_NAMESENTRY']._serialized_start=547
+  _globals['_RETRIEVERESPONSE_NAMESENTRY']._serialized_end=591
+  _globals['_RETRIEVALSERVICE']._serialized_start=593
+  _globals['_RETRIEVALSERVICE']._serialized_end=702
 # @@protoc_insertion_point(module_scope)

@@ -90,6 +90,7 @@ class RetrieveResponse(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
     user_features: _builtins.bytes
     """The user features retrieval used (float32 little-endian), so ranking needs no second read."""
     user_feature_dim: _builtins.int
@@ -109,6 +110,10 @@ class RetrieveResponse(_message.Message):
         (an item upserted to the live catalog); a set item's id is its decimal number.
         """
 
+    @_builtins.property
+    def cost(self) -> _common_pb2.Cost:
+        """What this call cost retrieval (CPU), for the tenant's usage."""
+
     def __init__(
         self,
         *,
@@ -120,10 +125,11 @@ class RetrieveResponse(_message.Message):
         stages: _abc.Iterable[_common_pb2.StageReport] | None = ...,
         degraded: _abc.Iterable[_builtins.str] | None = ...,
         names: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+        cost: _common_pb2.Cost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "cost", b"cost"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "degraded", b"degraded", "model_version", b"model_version", "names", b"names", "stages", b"stages", "user_feature_dim", b"user_feature_dim", "user_features", b"user_features", "user_features_default", b"user_features_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "cost", b"cost", "degraded", b"degraded", "model_version", b"model_version", "names", b"names", "stages", b"stages", "user_feature_dim", b"user_feature_dim", "user_features", b"user_features", "user_features_default", b"user_features_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
