@@ -123,3 +123,12 @@ def validate_batch(events: list[events_pb2.Event], now_ms: int | None = None) ->
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     for index, event in enumerate(events):
         validate_event(event, index, now_ms)
+
+
+ERASURE_COUNTS = tuple(
+    field.name
+    for field in events_pb2.EraseUserResponse.DESCRIPTOR.fields
+    if field.type == field.TYPE_INT32
+)
+"""What an erasure counts (the int fields of ``EraseUserResponse``), in field order: the
+gateway's answer and ``recmesh users erase`` list them so."""

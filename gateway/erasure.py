@@ -23,19 +23,10 @@ from dataclasses import dataclass
 import grpc
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
+from core.events import ERASURE_COUNTS as COUNTS
 from core.validation import check_user_id
 from mesh.client import Downstream, describe_failure
 from mesh.errors import InvalidArgument, Unavailable
-
-COUNTS = (
-    "events",
-    "dead_letters",
-    "projections",
-    "snapshot_entries",
-    "feature_keys",
-    "items_recomputed",
-)
-"""What an erasure counts (``EraseUserResponse``), in the order the answers list them."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from core.catalog import (
     check_ref,
 )
 from core.events import (
+    ERASURE_COUNTS,
     EVENT_TYPES,
     MAX_AGE_MS,
     MAX_BATCH,
@@ -38,7 +39,6 @@ from core.events import (
     validate_batch,
 )
 from gateway.catalog import ItemInput
-from gateway.erasure import COUNTS as ERASURE_COUNTS
 from gateway.jsonmodel import (
     FLOAT32_MAX,
     INT32,

@@ -18,19 +18,10 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from recmesh.events.v1 import events_pb2, events_pb2_grpc
 
+from core.events import ERASURE_COUNTS as COUNTS
 from mesh.context import TENANT_KEY
 from mesh.tls import PLAINTEXT, Transport
 from ops.settings import OpsSettings
-
-COUNTS = (
-    "events",
-    "dead_letters",
-    "projections",
-    "snapshot_entries",
-    "feature_keys",
-    "items_recomputed",
-)
-"""The counts of an erasure, in the order they are printed."""
 
 
 def erase(
