@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mesh.errors import PermissionDenied, Unauthenticated
+from mesh.ports import SERVICES
 
 GATEWAY = "gateway"
 ENVOY = "envoy"
@@ -94,18 +95,7 @@ TENANT_CALLERS: Mapping[str, TenantRule] = {
 }
 """Service name -> who may act for a tenant there (the module docstring says why)."""
 
-IDENTITIES: tuple[str, ...] = (
-    "feature",
-    "retrieval",
-    "ranking",
-    "experiment",
-    "events",
-    "quota",
-    "projector",
-    GATEWAY,
-    ENVOY,
-    OPS,
-)
+IDENTITIES: tuple[str, ...] = (*SERVICES, GATEWAY, ENVOY, OPS)
 """Every identity the mesh's CA issues a certificate to (``ops.certs``)."""
 
 

@@ -116,21 +116,22 @@ class CatalogView:
     index: LiveIndex
     names: dict[int, str]
     withdrawn: I64
+    """The tenant's withdrawn items, sorted."""
     fresh: I64
     """The tenant's own servable items, newest change first (at most :data:`FRESH_HEAD`)."""
     own: I64
-    """Every servable own item of the tenant: one the catalog never had (an id only events
-    named) is not served, whatever source offers it (trending: it was clicked)."""
+    """Every servable own item of the tenant, sorted: one the catalog never had (an id only
+    events named) is not served, whatever source offers it (trending: it was clicked)."""
     problem: str = ""
     """Why the catalog may be stale ("" when it is fresh)."""
 
     def servable(self, ids: I64) -> npt.NDArray[np.bool_]:
         """Which of ``ids`` may be served: not withdrawn, and a tenant's own item only when
         the catalog holds it (upserted, available)."""
-        ok = ~np.isin(ids, self.withdrawn) if self.withdrawn.size else np.ones(ids.size, bool)
+        ok = ~_members(ids, self.withdrawn)
         live = ids >= LIVE_BASE
         if live.any():
-            ok &= ~live | np.isin(ids, self.own)
+            ok &= ~live | _members(ids, self.own)
         return ok
 
 
@@ -326,8 +327,17 @@ class LiveCatalog:
 
 def _arrays(entry: _Tenant) -> None:
     """Rebuild what requests read of ``entry``'s state: its withdrawn ids and fresh head."""
-    entry.withdrawn_ids = np.fromiter(
-        (i for i, item in entry.items.items() if not item.available), np.int64
+    entry.withdrawn_ids = np.sort(
+        np.fromiter((i for i, item in entry.items.items() if not item.available), np.int64)
     )
     entry.fresh_head = np.fromiter(itertools.islice(reversed(entry.fresh), FRESH_HEAD), np.int64)
-    entry.own_ids = np.fromiter(entry.fresh, np.int64, count=len(entry.fresh))
+    entry.own_ids = np.sort(np.fromiter(entry.fresh, np.int64, count=len(entry.fresh)))
+
+
+def _members(ids: I64, sorted_set: I64) -> npt.NDArray[np.bool_]:
+    """Which of ``ids`` are in ``sorted_set``: a binary search each, so a request pays for
+    its own candidates, not for the size of the tenant's catalog."""
+    if not sorted_set.size:
+        return np.zeros(ids.size, dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, ids), sorted_set.size - 1)
+    return np.asarray(sorted_set[at] == ids)
