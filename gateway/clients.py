@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +19,8 @@ from recmesh.retrieval.v1 import retrieval_pb2_grpc
 from gateway.settings import GatewaySettings
 from mesh.client import Downstream, connect_eagerly
 from mesh.tls import Transport
+
+StubT = TypeVar("StubT")
 
 
 @dataclass
@@ -41,31 +45,22 @@ class Downstreams:
         """Open channels to every address in ``settings`` (inside the running loop), over
         the gateway's transport (mTLS as ``gateway`` unless ``RECMESH_TLS=off``)."""
         tls = Transport.of(settings)
+
+        def open_one(
+            name: str, stub_factory: Callable[[grpc.aio.Channel], StubT]
+        ) -> Downstream[StubT]:
+            address: str = getattr(settings, f"{name}_addr")
+            return Downstream.open(
+                name, address, stub_factory, transport=tls, pipe=settings.piped(name)
+            )
+
         return cls(
-            quota=Downstream.open(
-                "quota", settings.quota_addr, quota_pb2_grpc.QuotaServiceStub, transport=tls
-            ),
-            experiment=Downstream.open(
-                "experiment",
-                settings.experiment_addr,
-                experiment_pb2_grpc.ExperimentServiceStub,
-                transport=tls,
-            ),
-            retrieval=Downstream.open(
-                "retrieval",
-                settings.retrieval_addr,
-                retrieval_pb2_grpc.RetrievalServiceStub,
-                transport=tls,
-            ),
-            ranking=Downstream.open(
-                "ranking", settings.ranking_addr, ranking_pb2_grpc.RankingServiceStub, transport=tls
-            ),
-            events=Downstream.open(
-                "events", settings.events_addr, events_pb2_grpc.EventServiceStub, transport=tls
-            ),
-            feature=Downstream.open(
-                "feature", settings.feature_addr, feature_pb2_grpc.FeatureServiceStub, transport=tls
-            ),
+            quota=open_one("quota", quota_pb2_grpc.QuotaServiceStub),
+            experiment=open_one("experiment", experiment_pb2_grpc.ExperimentServiceStub),
+            retrieval=open_one("retrieval", retrieval_pb2_grpc.RetrievalServiceStub),
+            ranking=open_one("ranking", ranking_pb2_grpc.RankingServiceStub),
+            events=open_one("events", events_pb2_grpc.EventServiceStub),
+            feature=open_one("feature", feature_pb2_grpc.FeatureServiceStub),
         )
 
     @property

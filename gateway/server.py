@@ -106,6 +106,8 @@ async def build_service(
                 "GatewayService",
             )
         ],
+        # The public API: its callers are applications with API keys, not mesh services.
+        pipe=False,
         startups=[
             tenants.start,
             admission.start,

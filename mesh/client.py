@@ -28,16 +28,17 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from mesh import tracing
-from mesh.context import Budget, budget_var, outgoing_metadata
+from mesh.calls import CALL_MARGIN_S, attempt, call_timeout
+from mesh.context import budget_var, outgoing_metadata
 from mesh.errors import DeadlineExceeded
 from mesh.metrics import (
     BREAKER_STATE,
     DOWNSTREAM_CALLS,
     DOWNSTREAM_REJECTED,
     DOWNSTREAM_RETRIES,
-    RPC_CLIENT_SECONDS,
     BreakerMetrics,
 )
+from mesh.pipe import PipeStub, service_of
 from mesh.resilience import (
     AsyncBreaker,
     Bulkhead,
@@ -52,12 +53,6 @@ from mesh.tls import PLAINTEXT, Transport
 StubT = TypeVar("StubT")
 R = TypeVar("R")
 
-CALL_MARGIN_S = 0.002
-"""Time kept back from every downstream call so the caller can still answer."""
-
-NO_BUDGET_TIMEOUT_S = 1.0
-"""Timeout of a call made outside any request (tooling, background jobs)."""
-
 
 class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, target: str = "") -> None:
@@ -69,12 +64,7 @@ class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        budget: Budget | None = budget_var.get()
-        cap = client_call_details.timeout
-        if budget is not None:
-            timeout = budget.for_call(cap, CALL_MARGIN_S)
-        else:
-            timeout = cap if cap is not None else NO_BUDGET_TIMEOUT_S
+        timeout = call_timeout(client_call_details.timeout)
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
         for key, value in outgoing_metadata():
             if not metadata.get_all(key):
@@ -90,43 +80,12 @@ class _ContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         )
         if method.startswith("/grpc."):  # health and reflection: no span
             return await continuation(details, request)
-        return await self._traced(continuation, details, request, method, timeout)
-
-    async def _traced(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        details: grpc.aio.ClientCallDetails,
-        request: Any,
-        method: str,
-        timeout_s: float,
-    ) -> Any:
-        """One attempt inside a CLIENT span; waits for the answer so the span covers it."""
-        span = tracing.client_span(method, self._target)
-        tracing.annotate(span, timeout_ms=round(timeout_s * 1000, 3))
-        carrier: dict[str, str] = {}
-        tracing.inject(carrier, span)
-        for key, value in carrier.items():
-            details.metadata.add(key, value)  # type: ignore[union-attr]
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        message = ""
-        try:
+        with attempt(method, self._target, timeout) as current:
+            for key, value in current.carrier.items():
+                metadata.add(key, value)
             call = await continuation(details, request)
-            await call
+            await call  # the span covers the answer
             return call
-        except grpc.aio.AioRpcError as exc:
-            code, message = exc.code(), exc.details() or ""
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            tracing.end_rpc(span, code, server=False, details=message)
-            span.end()
-            service, _, name = method.lstrip("/").rpartition("/")
-            RPC_CLIENT_SECONDS.labels(service, name, code.name).observe(
-                time.perf_counter() - started
-            )
 
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -275,16 +234,20 @@ class Downstream(Generic[StubT]):
         *,
         transport: Transport = PLAINTEXT,
         server: str | None = None,
+        pipe: bool = False,
         policy: CallPolicy = CallPolicy(),
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
     ) -> Downstream[StubT]:
         """The downstream at ``target`` (``host:port``) over a new :func:`open_channel` of
-        ``transport``; with TLS its certificate must name ``server`` (default ``name``)."""
+        ``transport``; with TLS its certificate must name ``server`` (default ``name``).
+        With ``pipe`` its calls travel through one stream (:class:`mesh.pipe.PipeStub`,
+        standing for the stub ``stub_factory`` makes), else one unary call each."""
         channel = open_channel(target, transport, server=server or name)
-        return cls(
-            name, stub_factory(channel), channel=channel, policy=policy, clock=clock, rng=rng
+        stub: Any = (
+            PipeStub(channel, service_of(stub_factory), target) if pipe else stub_factory(channel)
         )
+        return cls(name, stub, channel=channel, policy=policy, clock=clock, rng=rng)
 
     def background(self) -> Downstream[StubT]:
         """The same downstream behind guards of its own (breaker, retry budget, bulkhead),
@@ -353,5 +316,7 @@ class Downstream(Generic[StubT]):
             await connect_eagerly([self.channel])
 
     async def close(self) -> None:
+        if isinstance(self.stub, PipeStub):
+            await self.stub.close()
         if self.channel is not None:
             await self.channel.close()

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from mesh.client import CALL_MARGIN_S, NO_BUDGET_TIMEOUT_S
+from mesh.calls import call_timeout
 from mesh.context import Budget, budget_var
 from mesh.errors import RecMeshError, store_unavailable
 
@@ -34,12 +34,7 @@ def _status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 async def _invoke(method: LocalMethod, request: Any, cap_s: float | None) -> Any:
     """Run one handler as the server interceptor would, under the budget a call would get."""
-    parent = budget_var.get()
-    if parent is not None:
-        seconds = parent.for_call(cap_s, CALL_MARGIN_S)  # DeadlineExceeded, as a channel
-    else:
-        seconds = cap_s if cap_s is not None else NO_BUDGET_TIMEOUT_S
-
+    seconds = call_timeout(cap_s)  # DeadlineExceeded, as a channel
     token = budget_var.set(Budget(seconds))
     try:
         async with asyncio.timeout(seconds):

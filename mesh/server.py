@@ -17,31 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
-from mesh import tracing
-from mesh.context import (
-    REQUEST_ID_KEY,
-    TENANT_KEY,
-    Budget,
-    budget_var,
-    clamp_deadline,
-    request_id_var,
-    tenant_var,
-)
-from mesh.errors import InvalidArgument, RecMeshError, store_unavailable
-from mesh.faults import FaultInjector, InjectedFault
+from mesh.faults import FaultInjector
+from mesh.handling import CallFailed, MethodHandling
 from mesh.health import HealthMonitor
-from mesh.identity import rule_for
-from mesh.metrics import RPC_SERVER_HANDLED, RPC_SERVER_SECONDS
+from mesh.pipe import SERVICE_NAME as PIPE_SERVICE
+from mesh.pipe import PipeServicer
 from mesh.service import Service
 from mesh.settings import ServerSettings
 from mesh.tls import Transport, peer_identity
@@ -49,38 +36,16 @@ from mesh.tls import Transport, peer_identity
 log = logging.getLogger(__name__)
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: RecMeshError) -> None:
-    """Abort the call with the status code ``exc`` carries (the one error→status mapping)."""
-    trailing: tuple[tuple[str, str], ...] = ()
-    if exc.field is not None:
-        trailing = (("x-recmesh-field", exc.field),)
-    retry_after = getattr(exc, "retry_after_s", None)
-    if retry_after is not None:
-        trailing = (*trailing, ("retry-after", f"{retry_after:.3f}"))
-    if trailing:
-        context.set_trailing_metadata(trailing)
-    await context.abort(exc.grpc_code, exc.message)
-
-
-def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes, method: str) -> Any:
-    """The request message, decoded here so corrupt bytes map to INVALID_ARGUMENT."""
-    if deserialize is None:
-        return raw
-    try:
-        return deserialize(raw)
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"request to {method} is not a valid message: {exc}", field="request"
-        ) from exc
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], failed: CallFailed) -> None:
+    if failed.trailing:
+        context.set_trailing_metadata(failed.trailing)
+    await context.abort(failed.code, failed.details)
 
 
 class _MeshInterceptor(grpc.aio.ServerInterceptor):
-    """Sets request context, budget, error mapping, a SERVER span and RED metrics around
-    every unary call (the span continues the caller's trace from the call metadata).
-
-    With ``secure`` (mTLS), a call is first held to :mod:`mesh.identity`'s rule: a tenant
-    named by a caller whose certificate may not name one is refused.
-    """
+    """Runs every unary call through its method's :class:`MethodHandling` (the span
+    continues the caller's trace from the call metadata); a :class:`CallFailed` aborts the
+    call with its status and trailing metadata."""
 
     def __init__(
         self, settings: ServerSettings, faults: FaultInjector, *, secure: bool = False
@@ -101,78 +66,26 @@ class _MeshInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
             return handler
         inner = cast(Callable[[Any, Any], Awaitable[Any]], handler.unary_unary)
-        deserialize = handler.request_deserializer
-        settings = self._settings
-        faults = self._faults
-        short_name = method.rsplit("/", 1)[-1]
-        grpc_service = method.lstrip("/").rsplit("/", 1)[0]
-        seconds_metric = RPC_SERVER_SECONDS.labels(grpc_service, short_name)
-        rule = rule_for(settings.service_name) if self._secure else None
+        handling = MethodHandling(
+            method,
+            self._settings,
+            self._faults,
+            secure=self._secure,
+            deserialize=handler.request_deserializer,
+        )
 
         async def wrapped(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = dict(context.invocation_metadata() or ())
-            tenant = str(metadata.get(TENANT_KEY, ""))
-            request_id = str(metadata.get(REQUEST_ID_KEY, "")) or uuid.uuid4().hex
-            tenant_var.set(tenant)
-            request_id_var.set(request_id)
-            seconds = clamp_deadline(
-                context.time_remaining(), settings.default_deadline_s, settings.default_deadline_s
-            )
-            budget_var.set(Budget(seconds))
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            with tracing.server_span(
-                method,
-                metadata,
-                tenant=tenant or None,
-                request_id=request_id,
-                deadline_ms=round(seconds * 1000, 3),
-            ) as span:
-                try:
-                    if rule is not None and (tenant or rule.every_call):
-                        rule.check(settings.service_name, peer_identity(context), tenant)
-                    request = _decode(deserialize, raw, method)
-                    if (flag := faults.active(short_name)) is not None:
-                        tracing.annotate(span, fault_flag=f"{settings.service_name}.{flag[0]}")
-                    await faults.apply(short_name)
-                    return await inner(request, context)
-                except RecMeshError as exc:
-                    code = exc.grpc_code
-                    if isinstance(exc, InjectedFault):
-                        tracing.annotate(span, fault_injected=True)
-                    await abort_with(context, exc)
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
-                        code = context.code() or grpc.StatusCode.UNKNOWN
-                        raise
-                    span.record_exception(exc)
-                    if store_unavailable(exc):
-                        # A store the service depends on is unreachable (a server, or a
-                        # cluster's slot during a failover): transient, not a bug.
-                        code = grpc.StatusCode.UNAVAILABLE
-                        log.warning("redis unavailable in %s: %s", method, exc)
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, "redis unavailable")
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("unhandled error in %s", method)
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-                finally:
-                    elapsed = time.perf_counter() - started
-                    tracing.end_rpc(span, code, server=True)
-                    RPC_SERVER_HANDLED.labels(grpc_service, short_name, code.name).inc()
-                    seconds_metric.observe(elapsed, tracing.exemplar(span))
-                    log.debug(
-                        "rpc",
-                        extra={
-                            "fields": {
-                                "method": method,
-                                "code": code.name,
-                                "ms": round(elapsed * 1000, 3),
-                            }
-                        },
-                    )
+            try:
+                return await handling.run(
+                    metadata,
+                    handling.budget_s(context.time_remaining()),
+                    lambda: peer_identity(context),
+                    raw,
+                    lambda request: inner(request, context),
+                )
+            except CallFailed as failed:
+                await _abort(context, failed)
             return None  # unreachable: abort raises
 
         return grpc.unary_unary_rpc_method_handler(
@@ -228,6 +141,18 @@ class MeshServer:
         )
         self._health_server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self.pipe = (
+            PipeServicer(
+                service.registrations,
+                self.settings,
+                self.faults,
+                secure=self.transport.secure,
+                max_in_flight=self.settings.max_concurrent_rpcs,
+            )
+            if service.pipe
+            else None
+        )
+        """Serves the registrations' unary methods through pipes (:mod:`mesh.pipe`)."""
 
     async def start(self) -> int:
         """Bind, start serving and return the bound port (useful with port 0)."""
@@ -237,6 +162,9 @@ class MeshServer:
             registration.add(registration.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._server)
         names = [r.full_name for r in self.service.registrations]
+        if self.pipe is not None:
+            self._server.add_generic_rpc_handlers((self.pipe.handler(),))
+            names.append(PIPE_SERVICE)
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
         self.port = self.transport.add_port(
@@ -280,6 +208,8 @@ class MeshServer:
         if self._stopped.is_set():
             return
         await self.health.drain()
+        if self.pipe is not None:
+            self.pipe.drain()
         for drain in self.service.drains:
             await drain()
         await asyncio.sleep(self.settings.drain_delay_s if grace_s is None else 0)

@@ -56,6 +56,8 @@ class Service:
         cleanups: awaited in order after the server stopped (close clients, flush...).
         server_options: gRPC server options added to the mesh's own (e.g. the gateway's
             limits on a client's metadata and connections).
+        pipe: serve the registrations' unary methods through pipes too
+            (:mod:`mesh.pipe`); off for a public API whose callers are not mesh services.
     """
 
     registrations: Sequence[Registration]
@@ -64,6 +66,7 @@ class Service:
     drains: list[Hook] = field(default_factory=list)
     cleanups: list[Hook] = field(default_factory=list)
     server_options: list[tuple[str, Any]] = field(default_factory=list)
+    pipe: bool = True
 
     def servicer(self, service: str) -> Any:
         """The servicer registered for ``service``, by short or full name ("RankingService").

@@ -171,12 +171,23 @@ class ServerSettings:
     tls_dir: Path = tls_dir()
     """Holds ``ca.crt`` and this process's ``<service_name>.crt``/``.key``
     (:mod:`mesh.tls`)."""
+    pipes: str = env(
+        "RECMESH_PIPES",
+        "retrieval,ranking,feature",
+        doc="downstreams this process calls through a pipe (one stream carrying the calls, "
+        "mesh.pipe) instead of one unary call each: comma-separated service names, empty "
+        "for none",
+    )
     health_port: int = env(
         "RECMESH_HEALTH_PORT",
         -1,
         doc="a plaintext port serving only grpc.health.v1, for probes that cannot present "
         "a certificate (the kubelet's gRPC probes); below 0 none",
     )
+
+    def piped(self, downstream: str) -> bool:
+        """Whether calls to ``downstream`` travel through a pipe (``pipes``)."""
+        return downstream in {name.strip() for name in self.pipes.split(",")}
 
 
 def downstream(service: str) -> Any:

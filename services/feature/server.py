@@ -37,6 +37,7 @@ async def build_service(settings: FeatureSettings, events: EventsClient | None =
             settings.events_addr,
             events_pb2_grpc.EventServiceStub,
             transport=Transport.of(settings),
+            pipe=settings.piped("events"),
         )
     servicer = FeatureServicer(
         store,

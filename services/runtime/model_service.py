@@ -56,6 +56,7 @@ def feature_client(settings: ModelServingSettings) -> FeatureClient:
         settings.feature_addr,
         feature_pb2_grpc.FeatureServiceStub,
         transport=Transport.of(settings),
+        pipe=settings.piped("feature"),
     )
 
 

@@ -52,6 +52,7 @@ from recmesh.events.v1 import events_pb2
 from recmesh.experiment.v1 import experiment_pb2
 from recmesh.feature.v1 import feature_pb2
 from recmesh.gateway.v1 import gateway_pb2
+from recmesh.mesh.v1 import pipe_pb2
 from recmesh.quota.v1 import quota_pb2
 from recmesh.ranking.v1 import ranking_pb2
 from recmesh.retrieval.v1 import retrieval_pb2
@@ -329,6 +330,18 @@ def seed_requests(user_dim: int, item_dim: int) -> dict[str, list[Message]]:
         ],
         "recmesh.experiment.v1.ExperimentService.Assign": [
             experiment_pb2.AssignRequest(user_id="u1", attributes={"country": "de"})
+        ],
+        # A pipe's stream is answered OK whatever its calls answer (each answer carries its
+        # own status); the seed is a call every service's pipe routes (UNIMPLEMENTED where
+        # the method is not served), so mutations of it reach the dispatch.
+        "recmesh.mesh.v1.PipeService.Exchange": [
+            pipe_pb2.ExchangeRequest(
+                id=1,
+                method="/recmesh.experiment.v1.ExperimentService/Assign",
+                payload=experiment_pb2.AssignRequest(user_id="u1").SerializeToString(),
+                timeout_s=1.0,
+                metadata={TENANT_KEY: TENANT},
+            )
         ],
         "recmesh.experiment.v1.ExperimentService.GetReport": [
             experiment_pb2.GetReportRequest(experiment_key="retrieval-k")

@@ -19,8 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 
 from mesh.client import open_channel
+from mesh.context import tenant_var
 from mesh.errors import ConfigError, PermissionDenied, Unauthenticated
 from mesh.identity import IDENTITIES, TENANT_CALLERS, rule_for
+from mesh.pipe import PipeStub
 from mesh.server import MeshServer
 from mesh.settings import load
 from mesh.testing import built_server, serving, tenant_metadata
@@ -103,6 +105,24 @@ async def test_another_services_certificate_naming_a_tenant_is_permission_denied
     async with open_channel(address(experiment), ranking, server="experiment") as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_pipe_holds_each_call_to_the_rule_by_the_streams_certificate(
+    experiment: MeshServer, tls_dir: Path
+) -> None:
+    tenant_var.set("demo")
+    for identity, allowed in (("gateway", True), ("ranking", False)):
+        transport = as_identity(tls_dir, identity)
+        async with open_channel(address(experiment), transport, server="experiment") as channel:
+            stub = PipeStub(channel, "recmesh.experiment.v1.ExperimentService", "experiment")
+            if allowed:
+                assert (await stub.Assign(ASSIGN, timeout=5)).book_version
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Assign(ASSIGN, timeout=5)
+                assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "'ranking' may not name tenant 'demo'" in str(caught.value.details())
+            await stub.close()
 
 
 async def test_a_client_without_a_certificate_is_refused_at_the_handshake(
