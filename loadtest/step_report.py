@@ -54,6 +54,9 @@ class StepResult:
     clicks_accepted: int
     cpu: dict[str, float] = field(default_factory=dict)
     load_cpu: float | None = None
+    degraded_stages: dict[str, float] = field(default_factory=dict)
+    """Share of the answers that named each stage as fallen back (an answer may name
+    several)."""
 
     @property
     def target_cpu(self) -> float:
@@ -125,14 +128,30 @@ def summarise_step(
         clicks_accepted=sum(1 for r in clicks if not _failed(r) and int(r["s"]) == 202),
         cpu={name: round(value, 4) for name, value in (cpu or {}).items()},
         load_cpu=None if load_cpu is None else round(load_cpu, 4),
+        degraded_stages={
+            stage: round(count / len(answered), 4)
+            for stage, count in Counter(s for r in answered for s in r.get("d") or ()).most_common()
+        },
     )
+
+
+def _degraded(step: StepResult) -> str:
+    """The degraded share and, when there is one, the stages that fell back most."""
+    text = f"{100 * step.degraded_share:.1f} %"
+    if step.degraded_stages:
+        stages = ", ".join(
+            f"{stage} {100 * share:.1f}" for stage, share in list(step.degraded_stages.items())[:3]
+        )
+        text += f" ({stages})"
+    return text
 
 
 def one_line(step: StepResult) -> str:
     """A step's main figures on one line (progress output)."""
     return (
         f"{step.offered_qps:g} QPS: achieved {step.achieved_qps:.1f}, p50 {_ms1(step.p50_ms)} "
-        f"p99 {_ms1(step.p99_ms)} ms, errors {step.errors}, target CPU {step.target_cpu:.2f} s/s"
+        f"p99 {_ms1(step.p99_ms)} ms, errors {step.errors}, degraded {_degraded(step)}, "
+        f"target CPU {step.target_cpu:.2f} s/s"
     )
 
 
@@ -270,7 +289,7 @@ def tables(runs: Mapping[str, TargetRun]) -> list[str]:
                 _ms1(s.p99_ms),
                 _ms1(s.max_ms),
                 f"{s.errors} ({100 * s.error_rate:.1f} %)" if s.errors else "0",
-                f"{100 * s.degraded_share:.1f} %",
+                _degraded(s),
                 f"{s.clicks_accepted}/{s.clicks}",
                 f"{s.target_cpu:.2f}",
                 _cpu(s.load_cpu),

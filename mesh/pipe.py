@@ -34,7 +34,6 @@ connection, as unary calls on one channel already do.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import itertools
@@ -77,16 +76,34 @@ def service_of(stub_factory: Callable[..., Any]) -> str:
 
 
 class _Stream:
-    """One open Exchange stream, its calls in flight and the task reading its answers."""
+    """One open Exchange stream, its calls in flight and the task reading its answers.
 
-    def __init__(self, call: Any) -> None:
-        self.call = call
+    Messages go out through a queue that gRPC's own writer consumes, never by awaiting a
+    write in a caller's task: a caller cancelled in the middle of a write would leave the
+    stream unable to take another (gRPC: TOO_MANY_OPERATIONS).
+    """
+
+    def __init__(self, exchange: Callable[[AsyncIterator[pipe_pb2.ExchangeRequest]], Any]) -> None:
+        self._outgoing: asyncio.Queue[pipe_pb2.ExchangeRequest | None] = asyncio.Queue()
+        self.call = exchange(self._requests())
         self.pending: dict[int, asyncio.Future[pipe_pb2.ExchangeResponse]] = {}
         self.closed = False
         # The reader serves no request: it runs in an empty context, not the first caller's.
         self.reader = asyncio.get_running_loop().create_task(
             self._read(), context=contextvars.Context()
         )
+
+    async def _requests(self) -> AsyncIterator[pipe_pb2.ExchangeRequest]:
+        while (message := await self._outgoing.get()) is not None:
+            yield message
+
+    def send(self, message: pipe_pb2.ExchangeRequest) -> None:
+        """Queue ``message`` for the stream (returns at once)."""
+        self._outgoing.put_nowait(message)
+
+    def end(self) -> None:
+        """Half-close: no message after the ones queued."""
+        self._outgoing.put_nowait(None)
 
     async def _read(self) -> None:
         reason = "the server ended the stream"
@@ -101,6 +118,7 @@ class _Stream:
             reason = "the stream was cancelled"
         finally:
             self.closed = True
+            self.end()
             for answer in self.pending.values():
                 if not answer.done():
                     answer.set_exception(
@@ -121,7 +139,6 @@ class PipeStub:
         self._target = target
         self._stream: _Stream | None = None
         self._ids = itertools.count(1)
-        self._write_lock = asyncio.Lock()
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {}
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
@@ -154,8 +171,7 @@ class PipeStub:
                 timeout_s=timeout,
                 metadata=metadata,
             )
-            stream = await self._send(message, call_id)
-            answer = stream.pending[call_id]
+            stream, answer = self._send(message, call_id)
             try:
                 async with asyncio.timeout(timeout):
                     reply = await answer
@@ -175,46 +191,31 @@ class PipeStub:
                 )
             return output.FromString(reply.payload)
 
-    async def _send(self, message: pipe_pb2.ExchangeRequest, call_id: int) -> _Stream:
-        """Write ``message`` on the open stream (opening one if there is none) with its
-        answer registered, and return that stream.
-
-        Raises:
-            grpc.aio.AioRpcError: UNAVAILABLE, the stream could not take it.
-        """
-        async with self._write_lock:
-            stream = self._stream
-            if stream is None or stream.closed:
-                stream = self._stream = _Stream(self._exchange())
-            stream.pending[call_id] = asyncio.get_running_loop().create_future()
-            try:
-                await stream.call.write(message)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                stream.pending.pop(call_id, None)
-                stream.closed = True
-                raise _status(grpc.StatusCode.UNAVAILABLE, f"pipe lost: {exc}") from exc
-        return stream
+    def _send(
+        self, message: pipe_pb2.ExchangeRequest, call_id: int
+    ) -> tuple[_Stream, asyncio.Future[pipe_pb2.ExchangeResponse]]:
+        """Queue ``message`` on the open stream (opening one if there is none) with its
+        answer registered; the stream and the answer to await."""
+        stream = self._stream
+        if stream is None or stream.closed:
+            stream = self._stream = _Stream(self._exchange)
+        answer: asyncio.Future[pipe_pb2.ExchangeResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        stream.pending[call_id] = answer
+        stream.send(message)
+        return stream, answer
 
     def _forget(self, stream: _Stream, call_id: int) -> None:
-        """Tell the server the caller gave up on ``call_id`` (best effort, not awaited)."""
-        if stream.closed:
-            return
-        cancel = pipe_pb2.ExchangeRequest(id=call_id, cancel=True)
-
-        async def send() -> None:
-            async with self._write_lock:
-                if not stream.closed:
-                    try:
-                        await stream.call.write(cancel)
-                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                        stream.closed = True
-
-        asyncio.get_running_loop().create_task(send(), context=contextvars.Context())
+        """Tell the server the caller gave up on ``call_id``."""
+        if not stream.closed:
+            stream.send(pipe_pb2.ExchangeRequest(id=call_id, cancel=True))
 
     async def close(self) -> None:
-        """Cancel the open stream (its calls in flight fail with UNAVAILABLE)."""
+        """End the open stream; calls in flight on it fail with UNAVAILABLE."""
         stream, self._stream = self._stream, None
         if stream is not None:
+            stream.end()
             stream.call.cancel()
             await asyncio.gather(stream.reader, return_exceptions=True)
 
@@ -295,20 +296,18 @@ class PipeServicer:
         self,
         request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        """Serve the calls of one stream until the caller ends it or the server drains."""
+    ) -> AsyncIterator[pipe_pb2.ExchangeResponse]:
+        """Serve the calls of one stream until the caller ends it or the server drains.
+
+        A task reads the calls and starts one task per call; answers go through a queue
+        that this generator yields to gRPC, so no write is ever awaited by a task that a
+        cancel message or a deadline may cancel (gRPC cannot take a write after one was
+        cut short: TOO_MANY_OPERATIONS)."""
         identity = peer_identity(context)
         handler_context = _PipeContext(str(context.peer() or ""))
-        write_lock = asyncio.Lock()
+        replies: asyncio.Queue[pipe_pb2.ExchangeResponse | None] = asyncio.Queue()
+        answer = replies.put_nowait
         running: dict[int, asyncio.Task[None]] = {}
-
-        async def answer(reply: pipe_pb2.ExchangeResponse) -> None:
-            # A stream that is gone cannot take it: its caller has failed the call already.
-            async with write_lock:
-                with contextlib.suppress(
-                    grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
-                ):
-                    await context.write(reply)
 
         async def serve(message: pipe_pb2.ExchangeRequest, method: _Method) -> None:
             handling, handler = method
@@ -334,56 +333,69 @@ class PipeServicer:
                 )
             except TimeoutError:
                 reply = _refusal(message.id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-            await answer(reply)
+            answer(reply)
 
-        try:
-            async for raw in request_iterator:
-                try:
-                    message = pipe_pb2.ExchangeRequest.FromString(raw)
-                except DecodeError as exc:
-                    # No call to fail (its id is in the corrupt bytes): answered as id 0,
-                    # and the stream goes on. (Ending it here would race the caller's next
-                    # writes, which gRPC's client turns into INTERNAL.)
-                    await answer(
-                        _refusal(
-                            0, grpc.StatusCode.INVALID_ARGUMENT, f"not an ExchangeRequest: {exc}"
-                        )
+        def dispatch(message: pipe_pb2.ExchangeRequest) -> None:
+            method = self._methods.get(message.method)
+            if method is None:
+                answer(
+                    _refusal(
+                        message.id,
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        f"no unary method {message.method[:200]!r} here",
                     )
-                    continue
-                if message.cancel:
-                    if (task := running.get(message.id)) is not None:
-                        task.cancel()
-                    continue
-                if self._draining:
-                    await answer(_refusal(message.id, grpc.StatusCode.UNAVAILABLE, "draining"))
-                    break
-                method = self._methods.get(message.method)
-                if method is None:
-                    await answer(
-                        _refusal(
-                            message.id,
-                            grpc.StatusCode.UNIMPLEMENTED,
-                            f"no unary method {message.method[:200]!r} here",
-                        )
+                )
+            elif len(running) >= self._max_in_flight:
+                answer(
+                    _refusal(
+                        message.id,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{len(running)} calls in flight on this pipe",
                     )
-                    continue
-                if len(running) >= self._max_in_flight:
-                    await answer(
-                        _refusal(
-                            message.id,
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{len(running)} calls in flight on this pipe",
-                        )
-                    )
-                    continue
+                )
+            else:
                 task = asyncio.create_task(serve(message, method))
                 running[message.id] = task
                 task.add_done_callback(functools.partial(_finished, running, message.id))
-            if running:
-                await asyncio.gather(*running.values(), return_exceptions=True)
+
+        async def read() -> None:
+            try:
+                async for raw in request_iterator:
+                    try:
+                        message = pipe_pb2.ExchangeRequest.FromString(raw)
+                    except DecodeError as exc:
+                        # No call to fail (its id is in the corrupt bytes): answered as id
+                        # 0, and the stream goes on. (Ending it here would race the
+                        # caller's next writes, which gRPC's client turns into INTERNAL.)
+                        answer(
+                            _refusal(
+                                0,
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not an ExchangeRequest: {exc}",
+                            )
+                        )
+                        continue
+                    if message.cancel:
+                        if (task := running.get(message.id)) is not None:
+                            task.cancel()
+                    elif self._draining:
+                        answer(_refusal(message.id, grpc.StatusCode.UNAVAILABLE, "draining"))
+                        break
+                    else:
+                        dispatch(message)
+                if running:
+                    await asyncio.gather(*running.values(), return_exceptions=True)
+            finally:
+                for task in running.values():
+                    task.cancel()
+                answer(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
         finally:
-            for task in running.values():
-                task.cancel()
+            reader.cancel()
 
 
 def _finished(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> None:

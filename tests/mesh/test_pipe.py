@@ -8,6 +8,7 @@ call, through the generated stub too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -252,3 +253,26 @@ async def test_a_corrupt_message_is_refused_and_the_stream_goes_on(
     assert experiment_pb2.AssignResponse.FromString(replies[1].payload).book_version.startswith(
         "demo|"
     )
+
+
+async def test_callers_giving_up_mid_flight_leave_the_stream_working(pipe: PipeStub) -> None:
+    """Timeouts and cancelled callers (a stage's budget spent) by the hundred, interleaved
+    with calls that complete: every later call is still answered."""
+    tenant_var.set("demo")
+
+    async def give_up(i: int) -> None:
+        call = asyncio.ensure_future(pipe.Assign(assign(f"wait{i % 30}"), timeout=0.02))
+        if i % 2:
+            await asyncio.sleep(0.001 * (i % 7))
+            call.cancel()
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            await call
+
+    await asyncio.gather(
+        *(give_up(i) for i in range(300)),
+        *(pipe.Assign(assign(f"ok{i}"), timeout=5) for i in range(100)),
+    )
+    replies = await asyncio.gather(
+        *(pipe.Assign(assign(f"after{i}"), timeout=5) for i in range(50))
+    )
+    assert [r.book_version.rsplit("|", 1)[1] for r in replies] == [f"after{i}" for i in range(50)]
