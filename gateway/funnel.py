@@ -164,6 +164,21 @@ class Funnel:
             )
         return n
 
+    def refuse_if_denied(self, tenant: str) -> None:
+        """Refuse ``tenant`` at once if it is known to be over its quota (a remembered
+        denial, no call): before any other work, so that a tenant far over its quota costs
+        the others next to nothing. The HTTP API calls it before it parses the body.
+
+        Raises:
+            ResourceExhausted: the tenant is over its quota, with its retry-after.
+        """
+        denial = self._quota_leases.denied(tenant)
+        if denial is not None:
+            QUOTA_SOURCES.labels(tenant, "denial").inc()
+            QUOTA_DECISIONS.labels(tenant, "denied").inc()
+            tracing.annotate(tenant=tenant, quota_allowed=False, quota_source="denial")
+            raise _over_quota(tenant, denial)
+
     async def recommend(
         self,
         tenant: str,
@@ -181,14 +196,7 @@ class Funnel:
             Unavailable: neither retrieval nor the fallback cache can produce items.
         """
         n = self.validate(user_id, num_items)
-        denial = self._quota_leases.denied(tenant)
-        if denial is not None:
-            # Over quota and known to be without a call: refused before any other work, so
-            # a tenant far over its quota costs the others next to nothing.
-            QUOTA_SOURCES.labels(tenant, "denial").inc()
-            QUOTA_DECISIONS.labels(tenant, "denied").inc()
-            tracing.annotate(tenant=tenant, quota_allowed=False, quota_source="denial")
-            raise _over_quota(tenant, denial)
+        self.refuse_if_denied(tenant)
         with self._admission.admit(tenant) as ticket:
             result = await self._recommend(tenant, user_id, n, deadline_s, request_id)
             ticket.served = True

@@ -248,6 +248,7 @@ class HttpApi:
 
     async def recommend(self, request: web.Request) -> web.Response:
         tenant = self._admit(request, RECOMMEND).tenant
+        self._funnel.refuse_if_denied(tenant.name)  # before the body is parsed
         body = parse_recommend(await request.read(), self._params())
         result = await self._funnel.recommend(
             tenant.name,
