@@ -304,14 +304,32 @@ def tables(runs: Mapping[str, TargetRun]) -> list[str]:
                 (f"{s.offered_qps:g}", *(_cpu(s.cpu.get(n)) for n in names), _cpu(s.load_cpu))
                 for s in target.steps
             ]
+            per_rec_rows = [
+                (
+                    f"{s.offered_qps:g}",
+                    *(_per_rec(s.cpu.get(n), s.achieved_qps) for n in names),
+                    _per_rec(s.target_cpu, s.achieved_qps),
+                )
+                for s in target.steps
+            ]
             lines += [
                 "",
                 f"CPU seconds per second of each {name} process:",
                 "",
                 *table(("offered QPS", *names, "locust"), "r" * (len(names) + 2), cpu_rows),
+                "",
+                f"CPU milliseconds per recommendation sent, by {name} process (degraded answers "
+                "cost less: read with the degraded share):",
+                "",
+                *table(("offered QPS", *names, "total"), "r" * (len(names) + 2), per_rec_rows),
             ]
         lines.append("")
     return lines
+
+
+def _per_rec(cpu: float | None, rate: float) -> str:
+    """CPU milliseconds per recommendation from CPU seconds per second at ``rate``."""
+    return "—" if cpu is None or rate <= 0 else f"{1000 * cpu / rate:.1f}"
 
 
 def _cpu(value: float | None) -> str:

@@ -2,7 +2,7 @@
 
 Every domain error raised by a service or the gateway is a :class:`RecMeshError`.
 Each class knows its gRPC status code and its HTTP status, so there is exactly one
-place (the server interceptor in :mod:`mesh.server` and the gateway's HTTP layer)
+place (:mod:`mesh.handling`, for every served call, and the gateway's HTTP layer)
 that turns an error into a wire status. Handlers never build status codes by hand.
 Errors of the Redis client that mean the store is out of reach (:func:`store_unavailable`)
 are mapped there too, to UNAVAILABLE; any other exception is INTERNAL.

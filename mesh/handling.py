@@ -73,7 +73,7 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes, method: str)
 
 class MethodHandling:
     """What the mesh does around every unary call of one method, however it arrived (a gRPC
-    call through :class:`_MeshInterceptor`, or a message of a pipe, :mod:`mesh.pipe`):
+    call through ``mesh.server``'s interceptor, or a message of a pipe, :mod:`mesh.pipe`):
     request context and budget from the call's metadata and deadline, the tenant rule of
     :mod:`mesh.identity` under mTLS, a SERVER span continuing the caller's trace, fault
     flags, domain errors mapped to status codes, RED metrics and the access log.

@@ -2,8 +2,8 @@
 
 A call names its tenant in the ``x-recmesh-tenant`` metadata (:mod:`mesh.context`); the
 quota service also takes tenants in its request messages (``AcquireRequest.tenant``,
-Envoy's rate-limit descriptors). With TLS on, the server interceptor
-(:mod:`mesh.server`) lets a call through only when the caller's certificate identity
+Envoy's rate-limit descriptors). With TLS on, every served call's handling
+(:mod:`mesh.handling`, unary or piped) lets it through only when the caller's certificate identity
 (:func:`mesh.tls.peer_identity`) is in the serving service's list below:
 
 - a call that names no tenant is served for any caller the CA vouched for (health checks,

@@ -56,6 +56,7 @@ def test_errors_count_failed_recommendations_and_clicks_and_keep_their_latency()
     assert step.error_kinds == {"rec:timeout": 1, "rec:503": 1, "rec:429": 1, "evt:reset": 1}
     assert step.max_ms == 2000.0, "a timed-out request counts at its time"
     assert step.degraded_share == pytest.approx(1 / 96)
+    assert step.degraded_stages == {"ranking": round(1 / 96, 4)}
     assert (step.clicks, step.clicks_accepted) == (3, 2)
     assert not step.meets()
 
@@ -112,6 +113,8 @@ def test_ratio_headline_and_reports() -> None:
         "| 50 | 50.0 | 35.0 | 70.0 | 70.0 | 70.0 | 0 | 0.0 % | 10/10 | 0.60 | 0.20 | no |" in text
     )
     assert "| offered QPS | gateway | redis | locust |" in text
+    # CPU per recommendation: 0.5 s/s of the gateway and 0.6 s/s in all at 50/s.
+    assert "| 50 | 10.0 | 2.0 | 12.0 |" in text
     document = json.loads(json.dumps(to_json(runs, {"command": "x"})))
     assert document["targets"]["mesh"]["sustained_qps"] == 25
     assert document["targets"]["monolith"]["steps"][1]["meets"] is True
