@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--eval-users", type=int, default=2000)
     train_cmd.add_argument("--no-eval", action="store_true", help="skip offline evaluation")
     train_cmd.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train_cmd.add_argument(
+        "--mtl-report",
+        action="store_true",
+        help="also measure the ranker's multi-task and unbiased-learning diagnostics "
+        "(manifest config.mtl_report, printed)",
+    )
     log_opts = train_cmd.add_argument_group("training the ranker from the event log")
     log_opts.add_argument(
         "--from-log", action="store_true", help="train the ranker on a tenant's logged impressions"
@@ -74,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     log_opts.add_argument(
         "--min-impressions", type=int, default=1000, help="refuse a log with fewer (default 1000)"
+    )
+    log_opts.add_argument(
+        "--ipw-clip",
+        type=float,
+        default=None,
+        help="weight impressions by inverse logged propensity, clipped at this multiple of "
+        "the mean weight, self-normalised (default: unweighted; 10 is the measured setting)",
     )
 
     sim_cmd = commands.add_parser(
@@ -172,6 +185,7 @@ def _train(args: argparse.Namespace) -> int:
         evaluate=not args.no_eval,
         progress=not args.no_progress,
         eval_users=args.eval_users,
+        mtl_report=args.mtl_report,
     )
     path = train(args.root, config)
     artifact_set = load_artifact_set(path, verify=False)
@@ -179,9 +193,14 @@ def _train(args: argparse.Namespace) -> int:
     live = resolve_current(args.root).name == path.name
     served = f"-> {path.name}" if live else "unchanged: its held-out click AUC is below the base's"
     print(f"\nversion  {artifact_set.version}\npath     {path}\ncurrent  {served}")
-    phases = [*PHASES, "total"]
+    phases = [*PHASES, "mtl_report", "total"]
     print("wall time (s): " + ", ".join(f"{p} {timings[p]:.1f}" for p in phases if p in timings))
     print(format_metrics(artifact_set.metrics))
+    if "mtl_report" in artifact_set.config:
+        import json
+
+        print("multi-task report (manifest config.mtl_report):")
+        print(json.dumps(artifact_set.config["mtl_report"], indent=1))
     return 0
 
 
@@ -209,6 +228,7 @@ def _train_from_log(args: argparse.Namespace) -> int:
         evaluate_world=not args.no_eval,
         progress=not args.no_progress,
         promote_if_worse=args.promote_if_worse,
+        ipw_clip=args.ipw_clip,
     )
     client = mesh_redis.blocking_client(url, socket_timeout=30.0, socket_connect_timeout=2.0)
     try:

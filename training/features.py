@@ -18,6 +18,10 @@
   one-hot block (the item tower, the ranker) get :class:`CategoryCodes`: the distinct code
   per category and the columns that hold it. The ranker decodes the one-hot from those
   columns inside its ONNX graph (nearest code), so the served inputs stay ``item_features``.
+* **Click column.** :class:`ClickColumn` locates the standardised log(1 + train clicks)
+  column of item features and recomputes it for a count with clicks left out, so the
+  two-tower can train on each impression without its own click (that count includes the
+  labels trained on; see :mod:`training.two_tower`).
 
 Measured on the default world (``docs/models.md``, ablations): the history block is worth
 about 0.008 of two-tower recall@100 and the category one-hot about as much; counting
@@ -35,6 +39,7 @@ from numpy.typing import NDArray
 from training.world import CATEGORY_EMBED_DIM, SOURCE_POLICY, Interactions, World
 
 F32 = NDArray[np.float32]
+I64 = NDArray[np.int64]
 
 HISTORY_BUCKETS = 64
 """Upper bound on the width of the history block."""
@@ -127,4 +132,43 @@ def item_tower_inputs(world: World, codes: CategoryCodes | None) -> F32:
         return np.ascontiguousarray(world.item_features)
     return np.ascontiguousarray(
         np.concatenate([world.item_features, codes.one_hot(world.item_categories)], axis=1)
+    )
+
+
+@dataclass(frozen=True)
+class ClickColumn:
+    """The item feature column that holds an item's train clicks, standardised
+    ``(log(1 + clicks) - mean) / std`` (:mod:`training.world`'s layout: second to last).
+
+    The count includes the clicks of the very impressions a model trains on, so on its
+    own it leaks their labels; :meth:`without` gives the column's value for a count with
+    some clicks left out (the two-tower's leave-one-out training inputs).
+
+    Attributes:
+        column: index of the column in item features.
+        counts: int64 ``[N]`` train clicks per item.
+        mean, std: the column's standardisation.
+    """
+
+    column: int
+    counts: I64
+    mean: float
+    std: float
+
+    def without(self, items: I64, removed: NDArray[np.integer]) -> F32:
+        """float32 column values of ``items`` with ``removed`` of their clicks left out."""
+        counts = np.maximum(self.counts[items] - removed, 0).astype(np.float64)
+        return np.asarray((np.log1p(counts) - self.mean) / self.std, dtype=np.float32)
+
+
+def click_column(world: World) -> ClickColumn:
+    """The train-click column of ``world.item_features`` and its standardisation."""
+    counts = world.train_click_counts()
+    log_counts = np.log1p(counts.astype(np.float64))
+    std = float(log_counts.std())
+    return ClickColumn(
+        column=int(world.item_features.shape[1]) - 2,
+        counts=counts,
+        mean=float(log_counts.mean()),
+        std=std if std > 0 else 1.0,
     )

@@ -10,7 +10,8 @@ then:
 2. trains the heavy ranker on the training part with :func:`training.ranker.train_ranker`
    (the base set's user rows, the set's default row for unknown users, its item rows;
    impressions of the exploration source weigh ``exploration_weight`` like in the world's
-   training), exports it to ONNX (verified against torch);
+   training, and each impression its inverse logged propensity, clipped and
+   self-normalised, ``ipw_clip``), exports it to ONNX (verified against torch);
 3. evaluates it and the base set's ranker on the held-out impressions (per-head AUC:
    ``log.auc.*`` and ``log.base_auc.*``) and, unless disabled, on the synthetic world the
    base set was trained on (the same metrics as ``train``, so ``eval`` re-checks them);
@@ -57,8 +58,15 @@ from training.export import export_ranker
 from training.features import codes_of
 from training.log_data import LABELS, LogExamples, read_examples
 from training.metrics import auc
+from training.model_card import MODEL_CARD, write_model_card
 from training.pipeline import export_sample, library_versions, world_of
-from training.ranker import HEADS, RankerConfig, RankingExamples, train_ranker
+from training.ranker import (
+    HEADS,
+    RankerConfig,
+    RankingExamples,
+    ipw_weights,
+    train_ranker,
+)
 
 MIN_STEPS_PER_EPOCH = 100
 """The ranker's batch shrinks (down to 64) until an epoch has this many steps: the tuned
@@ -92,6 +100,13 @@ class FromLogConfig:
     """None: the tuned defaults with the batch sized to the log (:func:`ranker_config`)."""
     evaluate_world: bool = True
     progress: bool = True
+    ipw_clip: float | None = None
+    """Weight each training impression by its inverse logged propensity, clipped at this
+    multiple of the mean weight and self-normalised (:func:`training.ranker.ipw_weights`,
+    the weighting ``train --mtl-report`` measures on the world; ``--ipw-clip``, e.g.
+    :data:`training.ranker.IPW_CLIP`); None: unweighted, like the world-trained ranker
+    (IPW towards uniform exposure costs held-out AUC on logged traffic: docs/models.md).
+    A log with a propensity of 0 or less among the training impressions trains unweighted."""
     promote_if_worse: bool = False
     """Point ``current`` at the new set even when its held-out click AUC is below the base
     ranker's on the same impressions (by default such a set is written, not served)."""
@@ -173,6 +188,10 @@ def train_on_examples(
     weights = np.where(
         examples.sources == common_pb2.SOURCE_EXPLORE, ranker_cfg.exploration_weight, 1.0
     ).astype(np.float32)
+    logged = examples.propensities[train_part]
+    weighted = config.ipw_clip is not None and logged.size > 0 and bool(np.all(logged > 0))
+    if weighted and config.ipw_clip is not None:
+        weights[train_part] *= ipw_weights(logged, config.ipw_clip)
     training = RankingExamples(
         users=rows[train_part],
         items=examples.items[train_part],
@@ -221,8 +240,13 @@ def train_on_examples(
             **base.config,
             "ranker": dataclasses.asdict(ranker_cfg),
             "epochs": {**base.config.get("epochs", {}), "ranker": ranker_cfg.epochs},
-            "from_log": lineage(examples, cut, base, config),
+            "from_log": {
+                **lineage(examples, cut, base, config),
+                "ipw_clip": config.ipw_clip if weighted else None,
+            },
         }
+        files["model_card"] = build / MODEL_CARD
+        write_model_card(files["model_card"], manifest_config, metrics)
         timings["total"] = round(time.perf_counter() - started, 3)
         version_dir = write_artifact_set(
             root,

@@ -10,6 +10,8 @@ The same config (seeds included) yields the same models and metrics on the same 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import platform
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ import faiss
 import numpy as np
 import onnx
 import onnxruntime
+import scipy
 import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
@@ -37,10 +40,23 @@ from training.export import (
     export_user_tower,
     verify_item_embeddings,
 )
-from training.features import category_codes, item_tower_inputs, user_feature_matrix
+from training.features import (
+    category_codes,
+    click_column,
+    item_tower_inputs,
+    user_feature_matrix,
+)
 from training.index import build_index, write_index
+from training.model_card import MODEL_CARD, write_model_card
 from training.prerank import PrerankConfig, train_prerank
-from training.ranker import HEADS, RankerConfig, ranking_examples, train_ranker
+from training.ranker import (
+    HEADS,
+    RankerConfig,
+    RankerTrace,
+    RankingExamples,
+    ranking_examples,
+    train_ranker,
+)
 from training.two_tower import TwoTowerConfig, embed, train_two_tower
 from training.world import World, WorldConfig, generate_world
 
@@ -71,6 +87,10 @@ class TrainConfig:
     prerank: PrerankConfig | None = None
     user_history: bool = True
     """Append the history summary to the user vectors (off only for ablations)."""
+    mtl_report: bool = False
+    """Also measure the ranker's multi-task and unbiased-learning diagnostics
+    (:mod:`training.mtl`) into the manifest's ``config.mtl_report`` (about 3 more ranker
+    trainings, and gradient cosines traced while the shipped ranker trains)."""
 
     def model_configs(self) -> tuple[TwoTowerConfig, RankerConfig, PrerankConfig]:
         """The three models' configs, ``epochs`` applied."""
@@ -127,11 +147,14 @@ def train(root: Path, config: TrainConfig) -> Path:
                 two_tower_cfg,
                 seed=seed,
                 progress=config.progress,
+                clicks_column=click_column(world),
             )
             item_embeddings = embed(two_tower.item_tower, item_inputs)
             del item_inputs
         with _phase("ranker", timings, bar):
-            examples = ranking_examples(world.train, ranker_cfg.exploration_weight)
+            clicks = click_column(world) if ranker_cfg.leave_one_out else None
+            examples = ranking_examples(world.train, ranker_cfg.exploration_weight, clicks=clicks)
+            trace = RankerTrace() if config.mtl_report else None
             ranker = train_ranker(
                 user_x,
                 world.item_features,
@@ -140,6 +163,7 @@ def train(root: Path, config: TrainConfig) -> Path:
                 seed=seed,
                 codes=codes if ranker_cfg.category_one_hot else None,
                 progress=config.progress,
+                trace=trace,
             )
         with _phase("prerank", timings, bar):
             prerank = train_prerank(
@@ -177,6 +201,23 @@ def train(root: Path, config: TrainConfig) -> Path:
             write_index(index, files["ann_index"])
         with _phase("evaluate", timings, bar):
             metrics = evaluate(world, files, HEADS, eval_cfg) if config.evaluate else {}
+        report: dict[str, Any] | None = None
+        if trace is not None:
+            from training.mtl import mtl_report
+
+            mark = time.perf_counter()
+            report = mtl_report(
+                world,
+                user_x,
+                codes,
+                files,
+                eval_cfg,
+                ranker_cfg,
+                trace,
+                seed=seed,
+                progress=config.progress,
+            )
+            timings["mtl_report"] = round(time.perf_counter() - mark, 3)
         with _phase("write", timings, bar):
             manifest_config: dict[str, Any] = {
                 "n_users": world.config.n_users,
@@ -200,7 +241,12 @@ def train(root: Path, config: TrainConfig) -> Path:
                 "two_tower": dataclasses.asdict(two_tower_cfg),
                 "ranker": dataclasses.asdict(ranker_cfg),
                 "prerank": dataclasses.asdict(prerank_cfg),
+                "training_data": training_data(world, examples),
             }
+            if report is not None:
+                manifest_config["mtl_report"] = report
+            files["model_card"] = build / MODEL_CARD
+            write_model_card(files["model_card"], manifest_config, metrics)
             timings["total"] = round(time.perf_counter() - started, 3)
             version_dir = write_artifact_set(
                 root,
@@ -289,13 +335,38 @@ def _save_data(
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that built a set, for its manifest."""
+    """Versions of the libraries (and Python) that built a set, for its manifest."""
     return {
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
         "faiss": faiss.__version__,
         "numpy": np.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+def training_data(world: World, examples: RankingExamples) -> dict[str, Any]:
+    """The manifest's ``config.training_data``: what the models were trained on (the
+    world's seed and size, the train impressions' counts, and a sha256 over the ranker's
+    examples: users, items, labels, weights and per-row item values)."""
+    digest = hashlib.sha256()
+    for array in (examples.users, examples.items, examples.labels, examples.weights):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    if examples.item_values is not None:
+        digest.update(np.ascontiguousarray(examples.item_values).tobytes())
+    train = world.train
+    return {
+        "source": "world",
+        "data_seed": world.config.seed,
+        "train_impressions": len(train),
+        "train_clicks": int(train.clicked.sum()),
+        "train_conversions": int(train.converted.sum()),
+        "exploration_impressions": int(train.explored.sum()),
+        "heldout_impressions": len(world.heldout),
+        "ranker_examples_sha256": digest.hexdigest(),
+        "ranker_item_column": examples.item_column,
     }
 
 

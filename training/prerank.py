@@ -1,8 +1,9 @@
 """Training of the bilinear pre-ranker (see :mod:`core.prerank` for the model).
 
 Trained with binary cross-entropy on the click label of the ranker's examples (weighted like
-the ranker's, so exploration impressions count more); a scalar bias is learnt too but not
-exported, since it does not change the order of scores.
+the ranker's, and with the same leave-one-out item click-count column,
+:class:`training.ranker.ClickColumn`); a scalar bias is learnt too but not exported, since
+it does not change the order of scores.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def train_prerank(
     params = [user_proj, item_proj, item_bias, bias]
     optimiser = torch.optim.Adam(params, lr=config.learning_rate)
     u_feat, i_feat = torch.from_numpy(user_features), torch.from_numpy(item_features)
-    u_ids, i_ids = torch.from_numpy(examples.users), torch.from_numpy(examples.items)
+    u_ids = torch.from_numpy(examples.users)
     clicks = torch.from_numpy(np.ascontiguousarray(examples.labels[:, 0]))
     weights = torch.from_numpy(examples.weights)
     n = clicks.shape[0]
@@ -62,7 +63,7 @@ def train_prerank(
     with tqdm(total=steps, desc="prerank", disable=not progress, leave=False) as bar:
         for _ in range(config.epochs):
             for idx in shuffled_batches(n, batch_size, generator):
-                u, x = u_feat[u_ids[idx]], i_feat[i_ids[idx]]
+                u, x = u_feat[u_ids[idx]], examples.item_rows(i_feat, idx)
                 logits = ((u @ user_proj) * (x @ item_proj)).sum(-1) + x @ item_bias + bias
                 w = weights[idx]
                 loss = F.binary_cross_entropy_with_logits(logits, clicks[idx], weight=w)

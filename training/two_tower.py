@@ -28,11 +28,24 @@ Training minimises the sum of two losses, one step of each per optimiser step:
   exposure term in training leaves ``<u, v>`` to model P(click | shown). Without it the
   model learns what the logging policy showed (measured: it over-weights popularity and the
   user's favourite categories). Other rows' copies of row i's item are masked out.
+
+**Leave-one-out click inputs** (``leave_one_out_clicks``, issue 19). One item feature is
+the item's train click count, and it counts the clicks of the very impressions the model
+trains on: an item shown once and clicked has count 1, one shown once and not clicked
+count 0. Where most items have few impressions (1,000,000 items, 500k impressions) the
+column is then nearly the label (train exploration impressions: click rate 0.59 on items
+with a train click, 0 on the rest; held out: 0.14 against 0.10), and a tower trained on it
+ranks by "was clicked in train". In training each impression's item gets the column
+without that impression's own click, and each softmax positive without one click; served
+embeddings use the full count. Measured (``docs/models.md``, issue 19): recall@100 at 1M
+items 0.694 -> 0.836 x oracle; at 20k items, where items have many impressions, it costs
+0.2 % (0.793 -> 0.792 x oracle).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +54,7 @@ from numpy.typing import NDArray
 from torch import nn
 from tqdm import tqdm
 
+from training.features import ClickColumn
 from training.torch_common import infer, late_decay, mlp, seed_torch
 from training.world import Interactions
 
@@ -66,6 +80,12 @@ class TwoTowerConfig:
     """Give the item tower the category one-hot besides the item features."""
     epochs: int = 5
     learning_rate: float = 5e-3
+    log_q_correction: bool = True
+    """Subtract ``log(B q_j + R / N)`` from the softmax logits (off only for ablations)."""
+    leave_one_out_clicks: bool = True
+    """In training, give each impression's item its train-click column without that
+    impression's own click (and each softmax positive without one click), when
+    :func:`train_two_tower` is told where the column is."""
 
 
 class Tower(nn.Module):
@@ -112,6 +132,12 @@ class _Tensors:
     log_item_in_category: torch.Tensor
     """[N] log of the item's share of its category's impressions."""
     categories: torch.Tensor
+    click_column: int
+    """Item-input column of the train-click count, -1 without leave-one-out inputs."""
+    imp_click_value: torch.Tensor
+    """[n_impressions] that column for the impression's item without its own click."""
+    positive_click_value: torch.Tensor
+    """[N] that column for the item with one click left out."""
 
 
 def _tensors(
@@ -120,6 +146,7 @@ def _tensors(
     logs: Interactions,
     item_categories: NDArray[np.int32],
     config: TwoTowerConfig,
+    clicks_column: ClickColumn | None,
 ) -> _Tensors:
     n_users, n_items = user_features.shape[0], item_inputs.shape[0]
     n_categories = int(item_categories.max()) + 1
@@ -127,6 +154,8 @@ def _tensors(
     q = np.bincount(clicks.items, minlength=n_items) / max(len(clicks), 1)
     batch = min(config.batch_size, max(len(clicks), 1))
     proposal = batch * q + config.random_negatives / n_items
+    if not config.log_q_correction:
+        proposal = np.ones_like(proposal)
     categories = item_categories.astype(np.int64)
     per_user = np.bincount(
         logs.users * n_categories + categories[logs.items], minlength=n_users * n_categories
@@ -136,6 +165,8 @@ def _tensors(
     )
     per_item = np.bincount(logs.items, minlength=n_items) + 0.1
     per_category = np.bincount(categories, weights=per_item, minlength=n_categories)
+    loo = clicks_column if config.leave_one_out_clicks else None
+    items, empty = np.arange(n_items, dtype=np.int64), torch.zeros(0)
     return _Tensors(
         user_x=torch.from_numpy(user_features),
         item_x=torch.from_numpy(item_inputs),
@@ -148,13 +179,36 @@ def _tensors(
         log_user_category=torch.from_numpy(np.log(share)).float(),
         log_item_in_category=torch.from_numpy(np.log(per_item / per_category[categories])).float(),
         categories=torch.from_numpy(categories),
+        click_column=-1 if loo is None else loo.column,
+        imp_click_value=empty if loo is None else _values(loo, logs.items, logs.clicked),
+        positive_click_value=empty if loo is None else _values(loo, items, np.ones(n_items)),
     )
+
+
+def _values(column: ClickColumn, items: NDArray[np.int64], removed: NDArray[Any]) -> torch.Tensor:
+    """The click column of ``items`` with ``removed`` clicks each left out."""
+    return torch.from_numpy(column.without(items, removed.astype(np.int64)))
+
+
+def _item_inputs(
+    data: _Tensors, items: torch.Tensor, click_value: torch.Tensor | None
+) -> torch.Tensor:
+    """Item-tower inputs of ``items``, the click column replaced by ``click_value`` (its
+    leave-one-out value) when leave-one-out inputs are on."""
+    x = data.item_x[items]
+    if data.click_column < 0 or click_value is None:
+        return x
+    x = x.clone()
+    x[:, data.click_column] = click_value
+    return x
 
 
 def pointwise_loss(model: TwoTower, data: _Tensors, idx: torch.Tensor) -> torch.Tensor:
     """Mean BCE of ``scale * <u, v> + bias`` against the clicks of impressions ``idx``."""
     users = model.user_tower(data.user_x[data.imp_users[idx]])
-    items = model.item_tower(data.item_x[data.imp_items[idx]])
+    items = model.item_tower(
+        _item_inputs(data, data.imp_items[idx], _take(data.imp_click_value, idx))
+    )
     logits = model.scale * (users * items).sum(dim=-1) + model.bias
     return F.binary_cross_entropy_with_logits(logits, data.imp_clicked[idx])
 
@@ -171,7 +225,12 @@ def softmax_loss(
     users, positives = data.click_users[idx], data.click_items[idx]
     columns = torch.cat([positives, random_items])
     user_emb = model.user_tower(data.user_x[users])
-    item_emb = model.item_tower(data.item_x[columns])
+    click_value = None
+    if data.click_column >= 0:
+        click_value = torch.cat(
+            [data.positive_click_value[positives], data.item_x[random_items, data.click_column]]
+        )
+    item_emb = model.item_tower(_item_inputs(data, columns, click_value))
     logits = user_emb @ item_emb.T / temperature - data.log_proposal[columns][None, :]
     exposure = data.log_user_category[users][:, data.categories[columns]]
     logits = logits + exposure + data.log_item_in_category[columns][None, :]
@@ -191,13 +250,17 @@ def train_two_tower(
     *,
     seed: int,
     progress: bool = True,
+    clicks_column: ClickColumn | None = None,
 ) -> TwoTower:
     """Train on the logged impressions ``logs`` (row ids into the feature matrices).
 
+    ``clicks_column`` says where the item inputs hold the train-click count (the first
+    columns of ``item_inputs`` are the item features); with it and
+    ``config.leave_one_out_clicks``, training inputs leave out each example's own click.
     Returns the model in eval mode. Deterministic in ``seed`` and the inputs.
     """
     generator = seed_torch(seed)
-    data = _tensors(user_features, item_inputs, logs, item_categories, config)
+    data = _tensors(user_features, item_inputs, logs, item_categories, config, clicks_column)
     model = TwoTower(user_features.shape[1], item_inputs.shape[1], config)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     n_clicks, n_impressions = data.click_items.shape[0], data.imp_items.shape[0]
@@ -228,6 +291,10 @@ def train_two_tower(
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
     return model.eval()
+
+
+def _take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    return values[idx] if values.numel() else None
 
 
 def embed(tower: Tower, features: NDArray[np.float32]) -> NDArray[np.float32]:

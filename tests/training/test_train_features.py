@@ -6,16 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from training import two_tower
 from training.features import (
     HISTORY_BUCKETS,
     HISTORY_SMOOTHING,
     category_codes,
+    click_column,
     history_summary,
     item_tower_inputs,
     user_feature_matrix,
 )
 from training.ranker import CategoryDecoder
 from training.reference import feature_oracle
+from training.two_tower import TwoTowerConfig
 from training.world import SOURCE_POLICY, World, WorldConfig, generate_world
 
 SMALL = WorldConfig(n_users=300, n_items=3000, n_categories=12, seed=3)
@@ -95,3 +98,46 @@ def test_feature_oracle_estimates_the_hidden_variables(world: World) -> None:
     np.testing.assert_array_equal(estimate.item_categories, truth.item_categories)
     pair = estimate.pair_scores(np.array([0, 1]), np.array([5, 6]))
     assert ((pair.click > 0) & (pair.click < 1)).all()
+
+
+def test_click_column_is_the_standardised_train_click_count(world: World) -> None:
+    column = click_column(world)
+    items = np.arange(SMALL.n_items, dtype=np.int64)
+    np.testing.assert_array_equal(column.counts, world.train_click_counts())
+    none_removed = column.without(items, np.zeros(SMALL.n_items, dtype=np.int64))
+    np.testing.assert_allclose(none_removed, world.item_features[:, column.column], atol=1e-5)
+    all_removed = column.without(items, column.counts)
+    np.testing.assert_allclose(all_removed, (0.0 - column.mean) / column.std, atol=1e-6)
+
+
+def test_two_tower_trains_without_each_examples_own_click(world: World) -> None:
+    """The leakage leave-one-out removes: an item's click count includes the clicks of the
+    impressions trained on. Each impression's item input has its own click taken out, and
+    each softmax positive one click; serving inputs (the item features) are left alone."""
+    column = click_column(world)
+    inputs = item_tower_inputs(world, category_codes(world))
+    train = world.train
+    config = TwoTowerConfig()
+    data = two_tower._tensors(
+        user_feature_matrix(world), inputs, train, world.item_categories, config, column
+    )
+    want = column.without(train.items, train.clicked.astype(np.int64))
+    np.testing.assert_array_equal(data.imp_click_value.numpy(), want)
+    clicked = np.flatnonzero(train.clicked)[:5]
+    idx = torch.from_numpy(clicked)
+    got = two_tower._item_inputs(data, data.imp_items[idx], data.imp_click_value[idx]).numpy()
+    full = inputs[train.items[clicked]]
+    assert (got[:, column.column] < full[:, column.column]).all()
+    np.testing.assert_array_equal(
+        np.delete(got, column.column, 1), np.delete(full, column.column, 1)
+    )
+    off = two_tower._tensors(
+        user_feature_matrix(world),
+        inputs,
+        train,
+        world.item_categories,
+        TwoTowerConfig(leave_one_out_clicks=False),
+        column,
+    )
+    assert off.click_column == -1
+    np.testing.assert_array_equal(two_tower._item_inputs(off, data.imp_items[idx], None), full)

@@ -67,7 +67,7 @@ def test_manifest_describes_the_set(tiny_set: ArtifactSet, tiny_config: TrainCon
     assert c["evaluation"]["max_users"] == tiny_config.eval_users
     assert c["epochs"] == {"two_tower": 1, "ranker": 1, "prerank": 1}
     assert c["ann"]["type"] == "flat_ip" and c["ann"]["metric"] == "inner_product"
-    assert set(m["files"]) == set(REQUIRED_FILES)
+    assert set(m["files"]) == {*REQUIRED_FILES, "model_card"}
     assert set(m["libraries"]) >= {"torch", "onnxruntime", "faiss", "numpy"}
     for key in REQUIRED_METRICS:
         assert 0.0 <= tiny_set.metrics[key] <= 1.0, key
@@ -207,7 +207,9 @@ def test_same_seeds_same_metrics_and_rollback(
     assert again.version != tiny_set.version
     assert resolve_current(tiny_root) == again.path
     assert again.metrics == tiny_set.metrics
-    for name in ("item_embeddings", "prerank", "user_features"):
+    # the audit trail too: what the models were trained on, and the card
+    assert again.config["training_data"] == tiny_set.config["training_data"]
+    for name in ("item_embeddings", "prerank", "user_features", "model_card"):
         same = again.manifest["files"][name]["sha256"]
         assert same == tiny_set.manifest["files"][name]["sha256"], name
     assert list_versions(tiny_root) == [tiny_set.version, again.version]
