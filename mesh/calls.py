@@ -4,8 +4,9 @@ through :mod:`mesh.client`'s interceptor, or a message of a pipe, :mod:`mesh.pip
 * its timeout: the smaller of the caller's cap and the request's remaining budget minus
   :data:`CALL_MARGIN_S`, so no hop waits past the request's deadline; nothing left fails
   fast with :class:`~mesh.errors.DeadlineExceeded`;
-* its metadata: the current tenant and request id, and the W3C trace context of a CLIENT
-  span for the attempt, so the server's span is its child;
+* the W3C trace context of a CLIENT span for the attempt, to send with the call's
+  metadata (beside :func:`mesh.context.outgoing_metadata`), so the server's span is its
+  child;
 * the span's status and the client latency metric once the attempt ends.
 """
 
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
 
 from mesh import tracing
-from mesh.context import Budget, budget_var, outgoing_metadata
+from mesh.context import Budget, budget_var
 from mesh.metrics import RPC_CLIENT_SECONDS
 
 CALL_MARGIN_S = 0.002
@@ -39,12 +40,6 @@ def call_timeout(cap_s: float | None) -> float:
     if budget is not None:
         return budget.for_call(cap_s, CALL_MARGIN_S)
     return cap_s if cap_s is not None else NO_BUDGET_TIMEOUT_S
-
-
-def add_context(metadata: MutableMapping[str, str]) -> None:
-    """Add the current tenant and request id to ``metadata`` where it has none of its own."""
-    for key, value in outgoing_metadata():
-        metadata.setdefault(key, value)
 
 
 class Attempt:

@@ -38,7 +38,7 @@ import contextvars
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -46,7 +46,8 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from recmesh.mesh.v1 import pipe_pb2, pipe_pb2_grpc
 
-from mesh.calls import add_context, attempt, call_timeout
+from mesh.calls import attempt, call_timeout
+from mesh.context import outgoing_metadata
 from mesh.faults import FaultInjector
 from mesh.handling import CallFailed, MethodHandling
 from mesh.service import Registration
@@ -161,8 +162,8 @@ class PipeStub:
     ) -> Any:
         timeout = call_timeout(cap_s)
         with attempt(path, self._target, timeout) as current:
-            metadata = dict(current.carrier)
-            add_context(metadata)
+            metadata = dict(outgoing_metadata())  # tenant, request id
+            metadata.update(current.carrier)
             call_id = next(self._ids)
             message = pipe_pb2.ExchangeRequest(
                 id=call_id,
@@ -267,11 +268,6 @@ class PipeServicer:
                 self._methods[path] = (handling, getattr(registration.servicer, method.name))
         self._max_in_flight = max_in_flight
         self._draining = False
-
-    @property
-    def methods(self) -> Mapping[str, _Method]:
-        """The unary methods a pipe may call, by gRPC path."""
-        return self._methods
 
     def drain(self) -> None:
         """Refuse calls that arrive from now on (UNAVAILABLE) and end each stream once its
