@@ -56,6 +56,7 @@ def validate_event(event: events_pb2.Event, index: int, now_ms: int | None = Non
         raise InvalidArgument(
             f"item_id is longer than {MAX_ID_BYTES} bytes", field=f"{prefix}.item_id"
         )
+    check_attributes(event.attributes, f"{prefix}.attributes")
     if catalog:
         _validate_catalog(event, prefix)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -89,7 +90,6 @@ def _validate_catalog(event: events_pb2.Event, prefix: str) -> None:
         raise InvalidArgument("category must be >= 0", field=f"{prefix}.category")
     if not event.features or len(event.features) % 4:
         raise InvalidArgument("features must be packed float32 values", field=f"{prefix}.features")
-    check_attributes(event.attributes, f"{prefix}.attributes")
 
 
 def check_fresh(events: list[events_pb2.Event], now_ms: int | None = None) -> None:

@@ -168,6 +168,9 @@ class Str(Model):
 
 
 _TEXT = Str()
+_DOUBLE_MAX = sys.float_info.max
+_NUMBER_TEXT_BYTES = len(str(-int(_DOUBLE_MAX)))
+"""The longest text of a number within a double's range: a sign and 309 digits."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,18 +271,34 @@ class Bool(Model):
 
 @dataclass(frozen=True, kw_only=True)
 class Scalar(Model):
-    """A string or a number, kept as its text (``str()`` of the number)."""
+    """A string or a number, kept as its text (``str()`` of the number). A string is
+    checked as ``Str(max_bytes=max_bytes)``; a number must be finite and within a double's
+    range, so its text never exceeds 310 bytes (``max_bytes`` is not below that)."""
 
+    max_bytes: int | None = None
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if self.max_bytes is not None and self.max_bytes < _NUMBER_TEXT_BYTES:
+            raise ValueError(f"max_bytes below {_NUMBER_TEXT_BYTES} would refuse some numbers")
+
     def _schema(self, params: Params) -> dict[str, Any]:
-        return {"type": ["string", "number"]}
+        emitted: dict[str, Any] = {
+            "type": ["string", "number"],
+            "minimum": -_DOUBLE_MAX,
+            "maximum": _DOUBLE_MAX,
+        }
+        if self.max_bytes is not None:
+            emitted["maxLength"] = self.max_bytes
+        return emitted
 
     def check(self, value: Any, path: str, params: Params) -> str:
         if isinstance(value, str):
-            return _TEXT.check(value, path, params)
+            return Str(max_bytes=self.max_bytes).check(value, path, params)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _invalid(path, "must be a string or a number")
+        if not -_DOUBLE_MAX <= value <= _DOUBLE_MAX:
+            raise _invalid(path, "must be a finite number within a double's range")
         return str(value)
 
 

@@ -154,7 +154,13 @@ EVENT = Obj(
         ),
         "propensity": Prop(Num(minimum=0.0, maximum=1.0), default=0.0),
         "attributes": Prop(
-            Map(values=Scalar(), description="names to strings or numbers"), default={}
+            Map(
+                values=Scalar(max_bytes=MAX_ATTRIBUTE_BYTES),
+                keys=Str(max_bytes=MAX_ATTRIBUTE_BYTES),
+                max_entries=MAX_ATTRIBUTES,
+                description="names to strings or numbers (a number is kept as its text)",
+            ),
+            default={},
         ),
     },
 )

@@ -124,6 +124,10 @@ def event(**changes: Any) -> dict[str, Any]:
         ({"type": "item_upsert"}, "events[0].type"),
         ({"propensity": 1.5}, "events[0].propensity"),
         ({"attributes": {"a": [1]}}, "events[0].attributes.a"),
+        ({"attributes": {str(i): "" for i in range(65)}}, "events[0].attributes"),
+        ({"attributes": {"a": "v" * 1025}}, "events[0].attributes.a"),
+        ({"attributes": {"k" * 1025: "v"}}, "events[0].attributes"),
+        ({"attributes": {"a": 10**400}}, "events[0].attributes.a"),  # text of 401 bytes
     ],
 )
 def test_an_event_out_of_range_is_refused_naming_the_field(
@@ -148,6 +152,16 @@ def test_the_event_window_is_in_the_message() -> None:
     raw = json.dumps({"events": [event(ts=NOW_MS - 8 * 86_400_000)]}).encode()
     with pytest.raises(InvalidArgument, match="days old"):
         parse_events(raw, PARAMS)
+
+
+def test_event_attributes_at_their_bounds_are_kept_as_text() -> None:
+    attributes = {f"{i:0>1024}": "v" * 1024 for i in range(62)} | {"n": 10**308, "x": 1.5}
+    document = {"events": [event(attributes=attributes)]}
+    parsed = parse_events(json.dumps(document).encode(), PARAMS)
+    assert parsed[0].attributes["n"] == str(10**308)
+    assert parsed[0].attributes["x"] == "1.5"
+    assert dict(parsed[0].attributes) == {k: str(v) for k, v in attributes.items()}
+    assert reference(EVENTS_REQUEST).is_valid(document)
 
 
 def test_an_event_at_the_edges_of_the_window_is_accepted() -> None:

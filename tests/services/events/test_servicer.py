@@ -95,6 +95,10 @@ async def test_tenants_never_see_each_others_events(
         (event("x", support=[1, 2]), "events[0].support"),  # a click has no support
         (event("x", type="impression", support=[1, -2]), "events[0].support"),
         (event("x", type="impression", support=range(4097)), "events[0].support"),
+        # attributes are bounded for every event, as a catalog item's are (64 of 1 KiB)
+        (event("x", attributes={str(i): "" for i in range(65)}), "events[0].attributes"),
+        (event("x", attributes={"k": "v" * 1025}), "events[0].attributes"),
+        (event("x", attributes={"k" * 1025: "v"}), "events[0].attributes"),
     ],
 )
 async def test_invalid_event_rejects_the_batch(
