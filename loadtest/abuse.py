@@ -6,9 +6,14 @@ tenants in a temporary tenant file: ``steady`` (tenant A, a quota it never reach
 request sent on its own schedule, whatever the answers do) against the HTTP API:
 
 1. **alone**: A at ``--rate-a`` recommendations/s for ``--seconds``;
-2. **with the burst**: A as before, and B at ``--factor`` times its quota.
+2. **beside B at its quota**: A as before, and B sending its quota (the control: what B's
+   served requests cost A);
+3. **beside B at 20x**: A as before, and B at ``--factor`` times its quota.
 
-It reports A's latency (p50, p99, as the client saw it) in both phases and their ratio,
+The three phases run in turn, ``--rounds`` times, so a change in the machine's other load
+falls on each; a phase's figures are over all its rounds (six rounds of 20 s at 30/s: a
+phase's p99 rests on its 36 slowest of 3,600 answers).
+It reports A's latency (p50, p99, as the client saw it) in each phase and the ratios,
 B's answers (the refused share), the gateway's time to refuse one of B's requests
 (``recmesh_gateway_refusal_seconds{status="429"}``, from its route's middleware to the
 answer, p50/p99 interpolated in the histogram's buckets, and the client's view of the same
@@ -192,8 +197,8 @@ async def usage_of(target: Target) -> dict[str, quota_pb2.TenantUsage]:
 async def measure(
     target: Target, args: argparse.Namespace, users: Sequence[str], user_format: str
 ) -> tuple[list[Phase], dict[str, quota_pb2.TenantUsage]]:
-    """Warm up, then ``args.rounds`` rounds of the two phases, alternating (so a change in
-    the machine's other load falls on both); each phase's figures summed over its rounds.
+    """Warm up, then ``args.rounds`` rounds of the three phases, in turn (so a change in
+    the machine's other load falls on each); each phase's figures summed over its rounds.
     B is driven by a process of its own, so its requests never delay A's in the client."""
     url = target.http_url + "/v1/recommend"
     metrics_url = target.http_url + "/metrics"
@@ -494,7 +499,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quota-b", type=float, default=5.0, help="tenant B's quota, /s")
     parser.add_argument("--factor", type=float, default=20.0, help="B's rate over its quota")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the two phases")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the three phases")
     parser.add_argument("--warm-up", type=float, default=10.0, help="A alone before measuring")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs/bench/abuse.md")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
@@ -513,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.drive_noisy:
         asyncio.run(drive_noisy(args))
         return 0
-    command = command_line("loadtest.abuse", argv if argv is not None else [])
+    command = command_line("loadtest.abuse", argv if argv is not None else sys.argv[1:])
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = "load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     explicit = args.artifacts
