@@ -28,6 +28,7 @@ from core.catalog import (
     check_ref,
 )
 from core.events import (
+    CLIENT_TYPES,
     ERASURE_COUNTS,
     EVENT_TYPES,
     MAX_AGE_MS,
@@ -122,7 +123,7 @@ EVENT = Obj(
             ),
             required=True,
         ),
-        "type": Prop(Str(enum=tuple(sorted(EVENT_TYPES - CATALOG_TYPES))), required=True),
+        "type": Prop(Str(enum=tuple(sorted(CLIENT_TYPES))), required=True),
         "user_id": Prop(ID, required=True),
         "item_id": Prop(
             Str(
@@ -449,6 +450,12 @@ def client_events(
         if client.type in CATALOG_TYPES:
             raise InvalidArgument(
                 "catalog changes go to PUT /v1/items and DELETE /v1/items/{id}",
+                field=f"events[{index}].type",
+            )
+        if client.type in EVENT_TYPES - CLIENT_TYPES:
+            raise InvalidArgument(
+                f"{client.type} events are the gateway's own (experiment reports count them); "
+                f"a client posts one of {sorted(CLIENT_TYPES)}",
                 field=f"events[{index}].type",
             )
         if client.item_id:

@@ -294,6 +294,22 @@ async def test_grpc_log_events_takes_the_tenants_item_ids(mesh: Mesh) -> None:
         assert ("x-recmesh-field", "events[0].type") in tuple(
             catalog.value.trailing_metadata() or ()
         )
+        with pytest.raises(grpc.aio.AioRpcError) as exposure:  # the gateway's own type
+            await stub.LogEvents(
+                gateway_pb2.LogEventsRequest(
+                    events=[
+                        gateway_pb2.ClientEvent(
+                            event_id=uuid.uuid4().hex,
+                            type="exposure",
+                            user_id="u1",
+                            ts_ms=int(time.time() * 1000),
+                        )
+                    ]
+                ),
+                metadata=demo,
+            )
+        assert exposure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the gateway's own" in (exposure.value.details() or "")
     stored = await stored_events(mesh, "demo", 1, event_id=event_id)
     assert len(stored) == 1
     assert (stored[0].item_ref, stored[0].item_id) == ("43", 43)

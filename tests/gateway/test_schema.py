@@ -122,6 +122,8 @@ def event(**changes: Any) -> dict[str, Any]:
         ({"event_id": ""}, "events[0].event_id"),
         ({"user_id": ""}, "events[0].user_id"),
         ({"type": "item_upsert"}, "events[0].type"),
+        ({"type": "exposure"}, "events[0].type"),  # the gateway's own: reports count them
+        ({"type": "error"}, "events[0].type"),
         ({"propensity": 1.5}, "events[0].propensity"),
         ({"attributes": {"a": [1]}}, "events[0].attributes.a"),
         ({"attributes": {str(i): "" for i in range(65)}}, "events[0].attributes"),
