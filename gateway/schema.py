@@ -111,6 +111,20 @@ RECOMMEND_REQUEST = Obj(
     },
 )
 
+
+def _attributes(values: Model, description: str) -> Prop:
+    """An ``attributes`` map bounded as ``core.catalog.check_attributes`` bounds it."""
+    return Prop(
+        Map(
+            values=values,
+            keys=Str(max_bytes=MAX_ATTRIBUTE_BYTES),
+            max_entries=MAX_ATTRIBUTES,
+            description=description,
+        ),
+        default={},
+    )
+
+
 EVENT = Obj(
     description="one event; other properties are ignored",
     props={
@@ -154,14 +168,9 @@ EVENT = Obj(
             default=0,
         ),
         "propensity": Prop(Num(minimum=0.0, maximum=1.0), default=0.0),
-        "attributes": Prop(
-            Map(
-                values=Scalar(max_bytes=MAX_ATTRIBUTE_BYTES),
-                keys=Str(max_bytes=MAX_ATTRIBUTE_BYTES),
-                max_entries=MAX_ATTRIBUTES,
-                description="names to strings or numbers (a number is kept as its text)",
-            ),
-            default={},
+        "attributes": _attributes(
+            Scalar(max_bytes=MAX_ATTRIBUTE_BYTES),
+            "names to strings or numbers (a number is kept as its text)",
         ),
     },
 )
@@ -193,14 +202,8 @@ ITEM = Obj(
             ),
             required=True,
         ),
-        "attributes": Prop(
-            Map(
-                values=Str(max_bytes=MAX_ATTRIBUTE_BYTES),
-                keys=Str(max_bytes=MAX_ATTRIBUTE_BYTES),
-                max_entries=MAX_ATTRIBUTES,
-                description="other attributes, kept with the item in the log",
-            ),
-            default={},
+        "attributes": _attributes(
+            Str(max_bytes=MAX_ATTRIBUTE_BYTES), "other attributes, kept with the item in the log"
         ),
         "available": Prop(
             Bool(description="false keeps the item in the catalog but never serves it"),

@@ -276,38 +276,25 @@ async def test_grpc_log_events_takes_the_tenants_item_ids(mesh: Mesh) -> None:
             metadata=demo,
         )
         assert reply.accepted == 1
-        with pytest.raises(grpc.aio.AioRpcError) as catalog:
-            await stub.LogEvents(
-                gateway_pb2.LogEventsRequest(
-                    events=[
-                        gateway_pb2.ClientEvent(
-                            event_id=uuid.uuid4().hex,
-                            type="item_delete",
-                            item_id="43",
-                            ts_ms=int(time.time() * 1000),
-                        )
-                    ]
-                ),
-                metadata=demo,
+
+        async def log_one(type_: str, user_id: str = "", item_id: str = "") -> None:
+            event = gateway_pb2.ClientEvent(
+                event_id=uuid.uuid4().hex,
+                type=type_,
+                user_id=user_id,
+                item_id=item_id,
+                ts_ms=int(time.time() * 1000),
             )
+            await stub.LogEvents(gateway_pb2.LogEventsRequest(events=[event]), metadata=demo)
+
+        with pytest.raises(grpc.aio.AioRpcError) as catalog:
+            await log_one("item_delete", item_id="43")
         assert catalog.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert ("x-recmesh-field", "events[0].type") in tuple(
             catalog.value.trailing_metadata() or ()
         )
         with pytest.raises(grpc.aio.AioRpcError) as exposure:  # the gateway's own type
-            await stub.LogEvents(
-                gateway_pb2.LogEventsRequest(
-                    events=[
-                        gateway_pb2.ClientEvent(
-                            event_id=uuid.uuid4().hex,
-                            type="exposure",
-                            user_id="u1",
-                            ts_ms=int(time.time() * 1000),
-                        )
-                    ]
-                ),
-                metadata=demo,
-            )
+            await log_one("exposure", user_id="u1")
         assert exposure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "the gateway's own" in (exposure.value.details() or "")
     stored = await stored_events(mesh, "demo", 1, event_id=event_id)
