@@ -88,7 +88,11 @@ class Scenario:
         return "verify" in self.bars
 
 
-FEATURE_STAGES = ("user_features", "item_features")
+FEATURE_STAGES = ("trending", "catalog", "item_features", "item_counters")
+"""What the feature service's loss shows in answers: the lists and rows retrieval and
+ranking keep and refresh from it, once too old to serve. (Retrieval reads a request's
+user from the store itself, so ``user_features`` shows the store's loss, not this
+service's.)"""
 
 
 def default_scenarios(fault_s: float = 20.0, long_fault_s: float = 30.0) -> list[Scenario]:
@@ -111,7 +115,8 @@ def default_scenarios(fault_s: float = 20.0, long_fault_s: float = 30.0) -> list
                 FEATURE_STAGES,
                 None,
                 ("answered",),
-                "retrieval answers from popularity, ranking keeps retrieval order",
+                "users still read from the store; trending, the live catalog and the item "
+                "counters served from the caches until they age out",
             ),
             ("retrieval", ("retrieval",), "retrieval", ("answered",), "popular-items fallback"),
             (
@@ -158,7 +163,7 @@ def default_scenarios(fault_s: float = 20.0, long_fault_s: float = 30.0) -> list
             long_fault_s,
             stages=FEATURE_STAGES,
             bars=("p99",),
-            expect="deadlines fire, default features used, no pile-up of in-flight calls",
+            expect="cache refreshes time out in the background; requests do not wait on it",
         ),
         Scenario(
             "ranking-unavailable-50",
@@ -190,7 +195,7 @@ def default_scenarios(fault_s: float = 20.0, long_fault_s: float = 30.0) -> list
             "redis",
             "redis",
             5.0,
-            stages=("quota", *FEATURE_STAGES),
+            stages=("quota", "user_features", *FEATURE_STAGES),
             bars=("once", "verify"),
             expect=(
                 "services report NOT_SERVING, reconnect and recover; accepted events wait in "

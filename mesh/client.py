@@ -176,6 +176,25 @@ class CallPolicy:
     reset_timeout_s: float = 2.0
 
 
+def metered_breaker(
+    name: str, policy: CallPolicy = CallPolicy(), clock: Callable[[], float] = time.monotonic
+) -> AsyncBreaker:
+    """A breaker named ``name`` with ``policy``'s settings whose state is exported
+    (``recmesh_breaker_state`` and its transitions, :class:`mesh.metrics.BreakerMetrics`)."""
+    breaker = AsyncBreaker(
+        name,
+        fail_max=policy.fail_max,
+        failure_rate=policy.failure_rate,
+        window_s=policy.window_s,
+        min_calls=policy.min_calls,
+        reset_timeout_s=policy.reset_timeout_s,
+        clock=clock,
+    )
+    breaker.add_listener(BreakerMetrics())
+    BREAKER_STATE.labels(name).set(0)
+    return breaker
+
+
 class Downstream(Generic[StubT]):
     """One downstream service: its channel, stub and the guards every call goes through.
 
@@ -210,17 +229,7 @@ class Downstream(Generic[StubT]):
         self.policy = policy
         self.channel = channel
         self.stub = stub
-        self.breaker = AsyncBreaker(
-            name,
-            fail_max=policy.fail_max,
-            failure_rate=policy.failure_rate,
-            window_s=policy.window_s,
-            min_calls=policy.min_calls,
-            reset_timeout_s=policy.reset_timeout_s,
-            clock=clock,
-        )
-        self.breaker.add_listener(BreakerMetrics())
-        BREAKER_STATE.labels(name).set(0)
+        self.breaker = metered_breaker(name, policy, clock)
         self.retry_budget = RetryBudget(policy.retry_ratio, policy.window_s, clock=clock)
         self.bulkhead = Bulkhead(name, policy.max_in_flight)
         self._rng = rng

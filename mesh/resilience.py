@@ -58,12 +58,14 @@ class BulkheadFull(Unavailable):
 
 
 def counts_as_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` says the downstream is unhealthy (and so feeds its breaker)."""
+    """Whether ``exc`` says the downstream is unhealthy (and so feeds its breaker): a gRPC
+    status other than a client error, or, from a store read in process, :class:`Unavailable`
+    or a timeout."""
     if isinstance(exc, asyncio.CancelledError):
         return False
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code() not in CLIENT_ERRORS
-    return False
+    return isinstance(exc, Unavailable | TimeoutError)
 
 
 class AsyncBreaker:

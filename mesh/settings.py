@@ -232,6 +232,13 @@ def redis_url() -> Any:
     return env("REDIS_URL", "", doc="Redis URL; `make up` starts an embedded Valkey when unset")
 
 
+def history_limit() -> Any:
+    """The field of how many of a user's recent items a read of the user view returns
+    (the feature service's default, and retrieval's own reads), env
+    ``RECMESH_FEATURE_HISTORY_LIMIT``."""
+    return env("RECMESH_FEATURE_HISTORY_LIMIT", 50, doc="history entries a user read returns")
+
+
 def history_cap() -> Any:
     """The field of how many recent items a user's history keeps (the feature store's
     view, which the projector appends to), env ``RECMESH_FEATURE_HISTORY_CAP``."""

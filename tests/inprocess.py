@@ -134,7 +134,11 @@ async def inprocess_mesh(
             await built_server(
                 build_retrieval,
                 RetrievalSettings(
-                    artifacts=artifacts, feature_addr=feature, feature_budget_s=0.5, **common
+                    redis_url=redis_url,
+                    artifacts=artifacts,
+                    feature_addr=feature,
+                    feature_budget_s=0.5,
+                    **common,
                 ),
             ),
         )

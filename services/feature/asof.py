@@ -35,7 +35,8 @@ from recmesh.events.v1 import events_pb2, events_pb2_grpc
 from core.replay import OUTCOMES, Projected, Replay, appended_ms, category_shares
 from mesh.client import Downstream, describe_failure
 from mesh.errors import FailedPrecondition, Unavailable
-from services.feature.store import FeatureStore, UserFeatures
+from services.feature.store import FeatureStore
+from services.runtime.user_view import UserFeatures
 
 EventsClient: TypeAlias = "Downstream[events_pb2_grpc.EventServiceAsyncStub]"
 """The guarded client of the events service that as-of reads page through."""

@@ -12,6 +12,7 @@ from mesh.settings import (
     downstream,
     env,
     history_cap,
+    history_limit,
     metrics_port_of,
     port_of,
     redis_url,
@@ -27,9 +28,7 @@ class FeatureSettings(ServerSettings):
     metrics_port: int = metrics_port_of("feature")
     redis_url: str = redis_url()
     artifacts: Path = artifacts_dir()
-    history_limit: int = env(
-        "RECMESH_FEATURE_HISTORY_LIMIT", 50, doc="history entries returned by default"
-    )
+    history_limit: int = history_limit()
     history_cap: int = history_cap()
     half_life_s: float = counter_half_life_s()
     """The projector's decay of the item counters, which reads decay to the time of the read."""

@@ -30,7 +30,7 @@ import abc
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from core import keys
 from core.catalog import is_live
-from core.replay import Projected, category_shares, tau_ms
+from core.replay import Projected, tau_ms
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.redis import AsyncRedis, BlockingRedis, queue_mget, queue_mset
 from mesh.settings import COUNTER_HALF_LIFE_S
@@ -50,6 +50,7 @@ from services.feature.counters import (
     queue_counters,
     read_trending,
 )
+from services.runtime.user_view import UserFeatures, read_user
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -59,17 +60,6 @@ I64 = npt.NDArray[np.int64]
 def _item_layout(item_dim: int) -> np.dtype[np.void]:
     """The packed item row: ``item_dim`` float32 features then an int32 category."""
     return np.dtype([("features", "<f4", (item_dim,)), ("category", "<i4")])
-
-
-@dataclass(frozen=True)
-class UserFeatures:
-    """One user's row; ``is_default`` when the user was unknown."""
-
-    features: F32
-    history: list[int]
-    is_default: bool
-    category_shares: dict[int, float] = field(default_factory=dict)
-    """Category -> share of the user's clicks and conversions (empty when none)."""
 
 
 @dataclass(frozen=True)
@@ -254,21 +244,7 @@ class RedisFeatureStore(FeatureStore):
         return np.frombuffer(raw, dtype="<f4").copy()
 
     async def get_user(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.user_row(tenant, user_id))
-            pipe.lrange(keys.history(tenant, user_id), -history_limit, -1)
-            pipe.lrange(keys.outcomes(tenant, user_id), -history_limit, -1)
-            pipe.hget(keys.meta(tenant), "user_default")
-            pipe.hgetall(keys.category_shares(tenant, user_id))
-            with redis_span("GET+LRANGE+LRANGE+HGET+HGETALL", self._redis):
-                row, history, outcomes, default, counts = await pipe.execute()
-        if default is None:
-            raise FailedPrecondition(f"no feature views are materialised for tenant {tenant!r}")
-        is_default = row is None
-        features = np.frombuffer(default if is_default else row, dtype="<f4")
-        recent = [int(h) for h in (history + outcomes)[-history_limit:]]
-        shares = category_shares({int(c): int(n) for c, n in counts.items()})
-        return UserFeatures(features, recent, is_default, shares)
+        return await read_user(self._redis, tenant, user_id, history_limit)
 
     async def get_materialised(self, tenant: str, user_id: str, history_limit: int) -> UserFeatures:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -7,6 +7,7 @@ from pathlib import Path
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from core.artifacts import resolve_current
+from mesh import redis as mesh_redis
 from mesh.service import Registration
 from services.retrieval.catalog import LiveCatalog
 from services.retrieval.index import RetrievalModels
@@ -19,6 +20,7 @@ from services.runtime.model_service import (
     feature_client,
     model_service,
 )
+from services.runtime.user_view import UserViewReader
 
 
 async def build_service(
@@ -27,11 +29,14 @@ async def build_service(
     """Retrieval serving the artifact set under ``settings.artifacts``/current, swapping in
     each new ``current`` every ``settings.artifact_poll_s``.
 
-    ``features`` defaults to the feature service at ``settings.feature_addr``; the
-    in-process monolith passes a local one.
+    A request's user is read from the online store at ``settings.redis_url``
+    (:class:`UserViewReader`); the trending lists and the live catalog are refreshed from
+    ``features``, by default the feature service at ``settings.feature_addr`` (the
+    in-process monolith passes a local one).
 
     Raises:
         ArtifactError: the current artifact set is missing or corrupt.
+        ConfigError: ``REDIS_URL`` is not set.
     """
     models = RetrievalModels(resolve_current(settings.artifacts))
     models.warm_up(settings.ann_k)
@@ -52,7 +57,11 @@ async def build_service(
         max_age_s=settings.catalog_max_age_s,
         wait_s=settings.feature_budget_s,
     )
-    servicer = RetrievalServicer(models, features, settings, trending, catalog)
+    store = mesh_redis.connect(settings.redis_url)
+    users = UserViewReader(
+        store, history_limit=settings.history_limit, cap_s=settings.feature_budget_s
+    )
+    servicer = RetrievalServicer(models, users, settings, trending, catalog)
 
     def load(path: Path, served: RetrievalModels) -> RetrievalModels:
         return RetrievalModels.replacing(path, served, settings.ann_k)
@@ -62,4 +71,5 @@ async def build_service(
     # The refreshes in flight end before the feature client they call through closes.
     service.cleanups.insert(0, trending.close)
     service.cleanups.insert(0, catalog.close)
+    service.cleanups.append(store.aclose)
     return service

@@ -1,5 +1,6 @@
-"""``recmesh.retrieval.v1.RetrievalService``: user features → user tower → ANN, then the
-trending and popular items."""
+"""``recmesh.retrieval.v1.RetrievalService``: user features (read from the online store in
+process, :mod:`services.runtime.user_view`) → user tower → ANN, then the trending and
+popular items."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from typing import Any
 
 import numpy as np
 from recmesh.common.v1 import common_pb2
-from recmesh.feature.v1 import feature_pb2, feature_pb2_grpc
 from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from core.catalog import is_live
 from core.validation import check_user_id
-from mesh.client import CALL_FAILURES, Downstream, describe_failure
 from mesh.context import current_tenant, tenant_var
 from mesh.cpu import CpuAccount
 from mesh.errors import InvalidArgument
@@ -23,6 +22,7 @@ from services.retrieval.catalog import LiveCatalog
 from services.retrieval.index import Candidates, RetrievalModels, merge
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.trending import TrendingCache
+from services.runtime.user_view import READ_FAILURES, UserFeatures, UserViewReader
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +32,26 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     then the tenant's trending items, then the popular ones (an item found by several keeps
     the first source's score and name).
 
-    Unknown users (default features) get trending and popular items only. When the feature
-    service fails, retrieval still answers from popularity (and from a trending list it
-    still may serve, see :mod:`services.retrieval.trending`) and names ``user_features`` in
-    ``degraded``; a request with no trending list to serve names ``trending``. Trending
-    comes from a per-tenant list the process keeps (:class:`TrendingCache`), so it adds no
-    call to a request.
+    Unknown users (default features) get trending and popular items only. When the user's
+    features cannot be read (the store out of reach or slower than the feature budget),
+    retrieval still answers from popularity (and from a trending list it still may serve,
+    see :mod:`services.retrieval.trending`) and names ``user_features`` in ``degraded``; a
+    request with no trending list to serve names ``trending``. The user is read from the
+    store in process; trending and the live catalog come from per-tenant state the process
+    keeps (:class:`TrendingCache`, :class:`LiveCatalog`), refreshed from the feature service
+    in the background, so a request makes no call.
     """
 
     def __init__(
         self,
         models: RetrievalModels,
-        features: Downstream[feature_pb2_grpc.FeatureServiceAsyncStub],
+        users: UserViewReader,
         settings: RetrievalSettings,
         trending: TrendingCache,
         catalog: LiveCatalog,
     ) -> None:
         self.models = models
-        self._features = features
+        self._users = users
         self._settings = settings
         self._trending = trending
         self._catalog = catalog
@@ -88,20 +90,15 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         fresh_k = self._k(request.fresh_k, self._settings.fresh_k, "fresh_k")
         models = self.models
         clock = StageClock("retrieval")
-        user: feature_pb2.GetUserFeaturesResponse | None = None
+        user: UserFeatures | None = None
+        problem = ""
         try:
-            user = await self._features.call(
-                self._features.stub.GetUserFeatures,
-                feature_pb2.GetUserFeaturesRequest(user_id=request.user_id),
-                cap_s=self._settings.feature_budget_s,
-                idempotent=True,
-            )
-        except CALL_FAILURES as exc:
-            log.warning("user features unavailable: %s", describe_failure(exc))
+            user = await self._users.read(tenant, request.user_id)
+        except READ_FAILURES as exc:
+            problem = f"user features unavailable: {exc or type(exc).__name__}"
+            log.warning("%s", problem)
         clock.lap(
-            "user_features",
-            budget_s=self._settings.feature_budget_s,
-            degraded_reason="" if user is not None else "feature service unavailable",
+            "user_features", budget_s=self._settings.feature_budget_s, degraded_reason=problem
         )
         catalog = await self._catalog.view(tenant, models)
         clock.lap(
@@ -112,9 +109,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         seen = np.asarray(user.history if user is not None else [], dtype=np.int64)
         empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         ann = empty
-        if user is not None and not user.is_default and user.dim == models.user_dim:
-            vector = np.frombuffer(user.features, dtype="<f4")
-            ann = catalog.index.search_one(models.embed(vector), ann_k + seen.size)
+        if user is not None and not user.is_default and user.features.size == models.user_dim:
+            ann = catalog.index.search_one(models.embed(user.features), ann_k + seen.size)
         clock.lap("ann", candidates_out=ann[0].size)
         listed = await self._trending.get(tenant)
         trending = (listed.ids[: trending_k + seen.size], listed.clicks[: trending_k + seen.size])
@@ -152,8 +148,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 scores=candidates.scores.tolist(),
                 sources=candidates.sources.tolist(),
             ),
-            user_features=user.features if user is not None else b"",
-            user_feature_dim=user.dim if user is not None else 0,
+            user_features=user.features.tobytes() if user is not None else b"",
+            user_feature_dim=user.features.size if user is not None else 0,
             user_features_default=user is None or user.is_default,
             model_version=models.version,
             stages=clock.reports,

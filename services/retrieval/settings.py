@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from mesh.errors import ConfigError
-from mesh.settings import env, metrics_port_of, port_of
+from mesh.settings import env, history_limit, metrics_port_of, port_of, redis_url
 from services.runtime.model_service import ModelServingSettings
 
 MAX_TRENDING_LIST = 5000
@@ -27,6 +27,10 @@ class RetrievalSettings(ModelServingSettings):
     max_k: int = env(
         "RECMESH_RETRIEVAL_MAX_K", 2000, doc="largest ann_k, popular_k or trending_k accepted"
     )
+    redis_url: str = redis_url()
+    """The online feature store, which retrieval reads a request's user from
+    (:mod:`services.runtime.user_view`)."""
+    history_limit: int = history_limit()
     feature_budget_s: float = env(
         "RECMESH_RETRIEVAL_FEATURE_BUDGET_S",
         0.010,

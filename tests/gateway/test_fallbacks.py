@@ -45,9 +45,6 @@ async def recommend(mesh: Mesh, user: str = "u1", n: int = 10) -> tuple[int, Any
         ("retrieval", "u2", ["retrieval"], {"fallback"}),
         ("experiment", "u3", ["experiment"], {"ann", "trending", "popular"}),
         ("quota", "u4", ["quota"], {"ann", "trending", "popular"}),
-        # Ranking may still have the items' rows in its cache, so only retrieval must degrade;
-        # retrieval may still serve a trending list it holds.
-        ("feature", "u5", ["user_features"], {"trending", "popular"}),
     ],
 )
 async def test_a_failing_service_degrades_the_answer_not_the_status(
@@ -63,6 +60,25 @@ async def test_a_failing_service_degrades_the_answer_not_the_status(
     assert len(body["items"]) == 10
     assert set(body["degraded"]) >= set(degraded)
     assert {item["source"] for item in body["items"]} <= sources
+
+
+async def test_a_failing_feature_service_leaves_the_request_path_alone(
+    faulty: tuple[Mesh, Path],
+) -> None:
+    """Retrieval reads the user from the store itself and ranking scores with the set's
+    rows: with every feature-service call failing, the user still gets ANN candidates,
+    and at most the caches refreshed from the service (not yet aged out) are named."""
+    mesh, faults = faulty
+    set_faults(mesh, faults, {"feature": {"*": {"error_rate": 1.0, "code": "UNAVAILABLE"}}})
+    try:
+        status, body = await recommend(mesh, "u5")
+    finally:
+        set_faults(mesh, faults, {})
+    assert status == 200, body
+    assert len(body["items"]) == 10
+    assert "user_features" not in body["degraded"]
+    assert set(body["degraded"]) <= {"trending", "catalog", "item_features", "item_counters"}
+    assert "ann" in {item["source"] for item in body["items"]}
 
 
 async def test_hung_ranking_is_cut_by_the_deadline(faulty: tuple[Mesh, Path]) -> None:

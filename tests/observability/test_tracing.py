@@ -234,8 +234,10 @@ async def test_one_request_is_one_tree(mesh: tuple[Mesh, Path], spans: SpanCaptu
     for stage in ("stage.prerank", "stage.heavy", "stage.rerank"):
         assert parent_of(mine, named(mine, stage)) is server
     user_read = named(mine, "redis GET+LRANGE+LRANGE+HGET+HGETALL")
-    assert parent_of(mine, user_read).name.endswith("GetUserFeatures")
-    assert not [s for s in mine if s.name.endswith("GetItemFeatures")]  # the set's own rows
+    # Retrieval reads the user from the store itself; ranking scores with the set's own
+    # rows: the feature service is not on the path.
+    assert parent_of(mine, user_read).name == "recmesh.retrieval.v1.RetrievalService/Retrieve"
+    assert not [s for s in mine if s.name.startswith("recmesh.feature.v1.")]
     impressions = named(mine, "stage.impressions").get_span_context()
     assert impressions is not None
     linked = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from recmesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from mesh.client import Downstream
 from mesh.context import tenant_var
 from mesh.faults import write_flags
+from mesh.ports import free_port
 from mesh.server import MeshServer
 from mesh.testing import ManualClock, built_server, channel_to, serving, tenant_metadata
 from services.retrieval.server import build_service as build_retrieval
@@ -58,14 +60,16 @@ async def tenant(features: FeatureStub) -> str:
     return name
 
 
-@pytest.fixture
-async def retrieval(
-    artifacts_root: Path, feature: MeshServer, faults: Path
+@asynccontextmanager
+async def retrieval_server(
+    artifacts_root: Path, feature: MeshServer, faults: Path, redis_url: str
 ) -> AsyncIterator[RetrievalStub]:
-    """A fresh retrieval server (an empty trending cache) reading ``feature``."""
+    """A fresh retrieval server (an empty trending cache) reading users from ``redis_url``
+    and refreshing its lists from ``feature``."""
     settings = RetrievalSettings(
         port=0,
         artifacts=artifacts_root,
+        redis_url=redis_url,
         feature_addr=f"127.0.0.1:{feature.port}",
         feature_budget_s=0.5,
         faults_file=str(faults),
@@ -76,6 +80,14 @@ async def retrieval(
         channel_to(server) as channel,
     ):
         yield retrieval_pb2_grpc.RetrievalServiceStub(channel)
+
+
+@pytest.fixture
+async def retrieval(
+    artifacts_root: Path, feature: MeshServer, faults: Path, redis_url: str
+) -> AsyncIterator[RetrievalStub]:
+    async with retrieval_server(artifacts_root, feature, faults, redis_url) as stub:
+        yield stub
 
 
 def set_faults(feature: MeshServer, path: Path, flags: dict[str, Any]) -> None:
@@ -168,10 +180,28 @@ async def test_a_failing_feature_service_does_not_fail_retrieval(
     assert sources == {common_pb2.SOURCE_ANN, common_pb2.SOURCE_POPULAR}
     report = {s.stage: s for s in only_trending.stages}["trending"]
     assert report.degraded and "UNAVAILABLE" in report.reason
-    # The whole feature service fails: popularity alone.
-    assert list(nothing.degraded) == ["user_features", "trending"]
-    assert set(nothing.candidates.sources) == {common_pb2.SOURCE_POPULAR}
-    assert len(nothing.candidates.item_ids) >= 100
+    # The whole feature service fails: the user is read from the store all the same, so
+    # ANN still answers; only trending (refreshed from the service) is named.
+    assert list(nothing.degraded) == ["trending"]
+    assert set(nothing.candidates.sources) == {common_pb2.SOURCE_ANN, common_pb2.SOURCE_POPULAR}
+    assert len(nothing.user_features) == 4 * nothing.user_feature_dim > 0
+
+
+async def test_an_unreachable_store_leaves_popularity_and_opens_the_breaker(
+    artifacts_root: Path, feature: MeshServer, faults: Path, tenant: str
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    async with retrieval_server(artifacts_root, feature, faults, nowhere) as stub:
+        replies = [await retrieve(stub, tenant, f"u{n}") for n in range(6)]
+    for reply in replies:
+        assert list(reply.degraded) == ["user_features"]
+        assert set(reply.candidates.sources) == {common_pb2.SOURCE_POPULAR}
+        assert len(reply.candidates.item_ids) >= 100
+        assert reply.user_features == b"" and reply.user_features_default
+    reasons = [{s.stage: s for s in reply.stages}["user_features"].reason for reply in replies]
+    # Five refused connections in a row open the breaker: the sixth read is not tried.
+    assert all("feature store unreachable" in reason for reason in reasons[:5])
+    assert "circuit to feature-store is open" in reasons[5]
 
 
 async def cache_for(

@@ -121,7 +121,7 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(root: Path, feature: str) -> AsyncIterator[Stack]:
+async def stack(root: Path, feature: str, redis_url: str) -> AsyncIterator[Stack]:
     # Every server and client shares this process's one event loop: the 10 ms feature
     # budgets of production would degrade requests for reasons that have nothing to do
     # with the swap (the loop-stall test below measures the swap itself).
@@ -134,7 +134,8 @@ async def stack(root: Path, feature: str) -> AsyncIterator[Stack]:
         "artifact_poll_s": POLL_S,
         "tls": False,
     }
-    retrieval_settings, ranking_settings = RetrievalSettings(**common), RankingSettings(**common)
+    retrieval_settings = RetrievalSettings(redis_url=redis_url, **common)
+    ranking_settings = RankingSettings(**common)
     built_retrieval = await build_retrieval(retrieval_settings)
     built_ranking = await build_ranking(ranking_settings)
     retrieval_watch, ranking_watch = built_retrieval.watcher, built_ranking.watcher
