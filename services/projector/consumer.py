@@ -126,6 +126,7 @@ class StreamProjector:
         consumer: str,
         batch: int = 200,
         block_ms: int = 100,
+        linger_ms: int = 0,
         claim_idle_s: float = 30.0,
         max_deliveries: int = 5,
         consumer_idle_s: float = 3600.0,
@@ -143,6 +144,7 @@ class StreamProjector:
         self.consumer = consumer
         self._batch = batch
         self._block_ms = block_ms
+        self._linger_s = linger_ms / 1000
         self._claim_idle_ms = int(claim_idle_s * 1000)
         self._max_deliveries = max_deliveries
         self._consumer_idle_ms = int(consumer_idle_s * 1000)
@@ -167,13 +169,20 @@ class StreamProjector:
         """Read, apply and acknowledge one round; returns how many entries. Until it has
         none left, a round reads this consumer's own pending entries (``XREADGROUP ... 0``:
         what this name had read and not acknowledged when its last process died) before
-        any new one, so a restart applies the log in order."""
+        any new one, so a restart applies the log in order. A round of new entries that
+        read fewer than a full batch waits ``linger_ms`` before returning, so the next one
+        gathers what arrived meanwhile: fewer, larger rounds (one wake-up and one script
+        call each) for entries that arrive a few at a time, at the price of projections up
+        to ``linger_ms`` later."""
         if self._own_backlog:
             handled = await self._read("0", None)
             if handled:
                 return handled
             self._own_backlog = False  # every stream's own pending list is empty now
-        return await self._read(">", self._block_ms)
+        handled = await self._read(">", self._block_ms)
+        if 0 < handled < self._batch and self._linger_s:
+            await asyncio.sleep(self._linger_s)
+        return handled
 
     async def _read(self, start: str, block_ms: int | None) -> int:
         """One ``XREADGROUP`` per hash slot of the tenants' streams: one for every tenant on

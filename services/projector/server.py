@@ -38,7 +38,9 @@ async def build_service(settings: ProjectorSettings) -> Service:
         client, settings.history_cap, settings.half_life_s, settings.applied_ttl_s
     )
 
-    def reader(stream: Callable[[str], str], name: str, batch: int) -> StreamProjector:
+    def reader(
+        stream: Callable[[str], str], name: str, batch: int, linger_ms: int = 0
+    ) -> StreamProjector:
         return StreamProjector(
             client,
             projections,
@@ -47,6 +49,7 @@ async def build_service(settings: ProjectorSettings) -> Service:
             consumer=settings.consumer or socket.gethostname(),
             batch=batch,
             block_ms=settings.block_ms,
+            linger_ms=linger_ms,
             claim_idle_s=settings.claim_idle_s,
             max_deliveries=settings.max_deliveries,
             consumer_idle_s=settings.consumer_idle_s,
@@ -54,7 +57,7 @@ async def build_service(settings: ProjectorSettings) -> Service:
             stream_name=name,
         )
 
-    projector = reader(keys.events, "events", settings.batch)
+    projector = reader(keys.events, "events", settings.batch, settings.linger_ms)
     catalog = reader(keys.catalog_events, "catalog", CATALOG_BATCH)
 
     retention = Retention(

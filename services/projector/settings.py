@@ -42,6 +42,12 @@ class ProjectorSettings(ServerSettings):
     block_ms: int = env(
         "RECMESH_PROJECTOR_BLOCK_MS", 100, doc="how long a read waits for new entries"
     )
+    linger_ms: int = env(
+        "RECMESH_PROJECTOR_LINGER_MS",
+        50,
+        doc="after a round of the event log that read less than a full batch, wait this "
+        "long before the next read (fewer, larger rounds; projections up to this much later)",
+    )
     claim_idle_s: float = env(
         "RECMESH_PROJECTOR_CLAIM_IDLE_S",
         30.0,

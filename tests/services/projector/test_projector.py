@@ -309,3 +309,19 @@ async def test_a_restarted_replica_applies_what_it_had_read_before_anything_new(
     assert await again.read_once() == 1  # none left of its own: then the new entry
     assert await history(client, name) == [61, 62]
     assert await pending(client, name) == 0
+
+
+async def test_a_partial_round_lingers_so_the_next_gathers_more(client: AsyncRedis) -> None:
+    name, now = tenant(), int(time.time() * 1000)
+    reader = projector(client, [name], batch=3, linger_ms=1000)
+    await reader.prepare()
+    loop = asyncio.get_running_loop()
+    await append(client, name, event("click", 1, now))
+    started = loop.time()
+    assert await reader.read_once() == 1  # own backlog (none), then one new entry: a partial round
+    assert loop.time() - started >= 1.0
+    await append(client, name, *(event("click", item, now) for item in (2, 3, 4)))
+    started = loop.time()
+    assert await reader.read_once() == 3  # a full batch: no wait, more may be waiting
+    assert loop.time() - started < 1.0
+    assert await history(client, name) == [2, 3, 4]
