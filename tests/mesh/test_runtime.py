@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from recmesh.experiment.v1 import experiment_pb2, experiment_pb2_grpc
 from mesh.context import Budget, clamp_deadline
 from mesh.errors import ConfigError, DeadlineExceeded
 from mesh.health import HealthCheck
-from mesh.runner import run_loop
+from mesh.runner import freeze_heap, run_loop
 from mesh.settings import ServerSettings, env, load
 from mesh.testing import built_server, channel_to, serving, tenant_metadata
 from services.experiment.server import build_service
@@ -181,3 +182,12 @@ def test_an_unknown_event_loop_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="RECMESH_EVENT_LOOP"):
         run_loop("trio", main())
+
+
+def test_what_start_up_left_is_frozen_out_of_full_collections() -> None:
+    tables = [[n, str(n)] for n in range(50_000)]  # a start-up's long-lived objects
+    try:
+        asyncio.run(freeze_heap())
+        assert gc.get_freeze_count() >= len(tables)  # a full collection skips them all
+    finally:
+        gc.unfreeze()
