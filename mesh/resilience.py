@@ -73,7 +73,13 @@ class AsyncBreaker:
 
     Args:
         name: the downstream's name (metrics, errors).
-        fail_max: consecutive failures that open the breaker.
+        fail_max: consecutive failures that open the breaker, once the streak has lasted
+            ``min_streak_s`` (from its first failure to its latest).
+        min_streak_s: how long a streak of failures must last to open the breaker. At a
+            high call rate, ``fail_max`` calls in flight together fail together when the
+            downstream (or this process) stalls for a few tens of milliseconds; without
+            this, such a blip opens the breaker and every call fails fast for
+            ``reset_timeout_s``. 0: the count alone opens it.
         failure_rate: failure share over the window that opens it.
         window_s: length of the failure-rate window.
         min_calls: calls the window must hold before the rate is judged.
@@ -86,6 +92,7 @@ class AsyncBreaker:
         name: str,
         *,
         fail_max: int = 5,
+        min_streak_s: float = 0.0,
         failure_rate: float = 0.5,
         window_s: float = 10.0,
         min_calls: int = 20,
@@ -96,6 +103,7 @@ class AsyncBreaker:
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max, reset_timeout=reset_timeout_s, name=name
         )
+        self._min_streak_s = min_streak_s
         self._failure_rate = failure_rate
         self._window_s = window_s
         self._min_calls = min_calls
@@ -103,6 +111,7 @@ class AsyncBreaker:
         self._clock = clock
         self._outcomes: collections.deque[tuple[float, bool]] = collections.deque()
         self._consecutive = 0
+        self._streak_from = 0.0
         self._opened_at = 0.0
         self._probing = False
 
@@ -139,6 +148,8 @@ class AsyncBreaker:
         while self._outcomes and self._outcomes[0][0] < now - self._window_s:
             self._outcomes.popleft()
         self._consecutive = 0 if ok else self._consecutive + 1
+        if self._consecutive == 1:
+            self._streak_from = now
         if self.state == "half-open":
             self._probing = False
             if ok:
@@ -154,7 +165,11 @@ class AsyncBreaker:
             len(self._outcomes) >= self._min_calls
             and failures / len(self._outcomes) >= self._failure_rate
         )
-        if self._consecutive >= self._breaker.fail_max or rate_trips:
+        streak_trips = (
+            self._consecutive >= self._breaker.fail_max
+            and now - self._streak_from >= self._min_streak_s
+        )
+        if streak_trips or rate_trips:
             self._trip()
 
     async def call(self, func: Callable[[], Awaitable[T]]) -> T:

@@ -60,6 +60,26 @@ async def test_consecutive_failures_open_before_the_window_fills() -> None:
     assert breaker.state == "open"
 
 
+async def test_a_blip_of_failures_does_not_open_a_breaker_that_wants_a_lasting_streak() -> None:
+    clock = ManualClock(1000.0)
+    breaker = AsyncBreaker("down", fail_max=3, min_streak_s=0.25, min_calls=100, clock=clock)
+    # Calls in flight together time out together in a 30 ms stall: five in a row, then the
+    # stall is over and the next call succeeds.
+    for _ in range(5):
+        clock.advance(0.006)
+        assert await outcome(breaker, True, grpc.StatusCode.DEADLINE_EXCEEDED) == "failed"
+    assert breaker.state == "closed"
+    assert await outcome(breaker, False, grpc.StatusCode.OK) == "ok"
+    # A downstream that stays down: the streak lasts, and the breaker opens once it has
+    # lasted 0.25 s (failures 62.5 ms apart: the fifth is 0.25 s after the first).
+    states = []
+    for _ in range(6):
+        clock.advance(0.0625)
+        await outcome(breaker, True, grpc.StatusCode.DEADLINE_EXCEEDED)
+        states.append(breaker.state)
+    assert states == ["closed"] * 4 + ["open"] * 2
+
+
 async def test_cancellations_and_client_errors_are_not_failures() -> None:
     breaker = AsyncBreaker("down", fail_max=2, min_calls=2, clock=ManualClock(1000.0))
     for _ in range(10):
