@@ -19,11 +19,18 @@ A call to the quota service leases a few tokens of the tenant's bucket
   asked for: while the quota service is down and the gateway fails open, the bound still
   keeps each tenant it has heard of to about its rate;
 * otherwise one call per tenant is in flight at a time: requests of the tenant that
-  arrive meanwhile await it and take from its grant; those it does not cover call again.
+  arrive meanwhile await it and take from its grant; those it does not cover call again;
+* a request that takes a token from a lease that will run out within ``refresh_ahead_s``
+  (by its expiry, or by its tokens at the pace they have been taken) starts the next call
+  in the background. Its grant adds to the tokens the lease still has live and starts a new
+  ``lease_ttl_s``, so a tenant with steady traffic finds a lease and never awaits a call;
+  a refill ahead that fails or is slow costs no request anything until the lease it was
+  meant to follow runs out.
 
-A lease asks for the tokens used from the previous lease plus the requests waiting for
-it, at least 1, at most ``lease_max`` and at most what the tenant's rate (as the last
-reply carried it) refills in ``lease_ttl_s``. A tenant whose rate refills less than two
+A lease asks for the tokens taken from the current lease (scaled to a whole
+``lease_ttl_s`` when they were taken in less), plus the requests waiting for it, less the
+tokens still live; at least 1, at most ``lease_max`` and at most what the tenant's rate
+(as the last reply carried it) refills in ``lease_ttl_s``. A tenant whose rate refills less than two
 tokens per lease (known from the first reply on), and every tenant when ``lease_max`` is
 1, get one call per request, made concurrently as without leases. A refill belongs to all
 its waiters: it runs under the quota stage's cap, not under the deadline of the request
@@ -31,12 +38,13 @@ that happened to start it, and its grant serves them even if the loop resumes th
 the lease expired.
 
 Trade-off: a gateway may hold up to ``lease_max`` tokens of a tenant for up to
-``lease_ttl_s``. Tokens still unused when their lease expires are lost: the bucket counted
-them as taken, so the tenant is admitted that many fewer requests than its limit allows.
-Each gateway holds at most one lease per tenant, and its size follows the previous
-lease's use, so a tenant with steady traffic loses little; one whose traffic stops loses
-what its last lease had left. Denials answered from memory are not counted in the quota
-service's ``rejected`` usage.
+``lease_ttl_s`` (tokens a refill ahead carries over, up to one lease more, for up to
+``lease_ttl_s`` after the refill was sent). Tokens still unused when their lease expires
+are lost: the bucket counted them as taken, so the tenant is admitted that many fewer
+requests than its limit allows. Each gateway holds at most one lease per tenant, and its
+size follows the pace of the previous lease's use, so a tenant with steady traffic loses
+little; one whose traffic stops loses what its last lease had left. Denials answered from
+memory are not counted in the quota service's ``rejected`` usage.
 """
 
 from __future__ import annotations
@@ -112,6 +120,8 @@ class QuotaLeases:
         quota: the quota service, behind the gateway's guards.
         lease_max: most tokens one call may lease; 1 (or less) turns leasing off.
         lease_ttl_s: seconds a lease's tokens stay usable.
+        refresh_ahead_s: a lease that will run out within this many seconds is refilled in
+            the background; 0 turns refilling ahead off.
         cap_s: timeout of each quota call (the quota stage's budget).
         clock: monotonic clock (tests inject one).
     """
@@ -122,12 +132,14 @@ class QuotaLeases:
         *,
         lease_max: int,
         lease_ttl_s: float,
+        refresh_ahead_s: float,
         cap_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._quota = quota
         self._lease_max = lease_max
         self._ttl_s = lease_ttl_s
+        self._ahead_s = refresh_ahead_s
         self._cap_s = cap_s
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
@@ -146,17 +158,15 @@ class QuotaLeases:
         lease = self._leases.setdefault(tenant, _Lease())
         local = self._take(lease, after_call=False)
         if local is not None:
+            if local.allowed:
+                self._refresh_ahead(lease)
             return local
         lease.waiting += 1
         try:
             while not self._per_request(lease):
-                if lease.call is None:
-                    # The call belongs to every waiter, not to the request that starts it:
-                    # it runs under the quota stage's cap alone, not this request's deadline.
-                    lease.call = asyncio.create_task(self._refill(lease), context=detached())
-                    lease.call.add_done_callback(_retrieve_exception)
+                call = lease.call or self._start_refill(lease)
                 # Shielded: a request that gives up does not cancel the others' call.
-                await asyncio.shield(lease.call)
+                await asyncio.shield(call)
                 admission = self._take(lease, after_call=True)
                 if admission is not None:
                     return admission
@@ -173,10 +183,10 @@ class QuotaLeases:
         if lease is None:
             return None
         now = self._clock()
-        if now < lease.denied_until:
-            return Admission(False, lease.rate, lease.denied_until - now, "denial")
         if lease.tokens > 0 and now < lease.expires_at:
             return None
+        if now < lease.denied_until:
+            return Admission(False, lease.rate, lease.denied_until - now, "denial")
         wait = _no_unit_for(lease, now)
         return None if wait is None else Admission(False, lease.rate, wait, "denial")
 
@@ -186,16 +196,18 @@ class QuotaLeases:
         A request that waited for the call takes from its grant even when the grant's
         lease has expired by the time the request runs again (an overloaded loop): it was
         granted for the requests waiting on it, and asking again would only lease tokens
-        that expire unused.
+        that expire unused. Live tokens admit even while a denial is in force: the bucket
+        counted them as taken when they were leased (a refill ahead may be denied while
+        the lease it was to follow still has some).
         """
         now = self._clock()
-        if now < lease.denied_until:
-            source: Source = "call" if after_call else "denial"
-            return Admission(False, lease.rate, lease.denied_until - now, source)
         if lease.tokens > 0 and (after_call or now < lease.expires_at):
             lease.tokens -= 1
             lease.used += 1
             return Admission(True, lease.rate, 0.0, "call" if after_call else "lease")
+        if now < lease.denied_until:
+            source: Source = "call" if after_call else "denial"
+            return Admission(False, lease.rate, lease.denied_until - now, source)
         wait = _no_unit_for(lease, now)
         if wait is not None:
             return Admission(False, lease.rate, wait, "call" if after_call else "denial")
@@ -205,6 +217,38 @@ class QuotaLeases:
         """Most tokens one call may ask for: 1 until the tenant's rate is known."""
         refilled = math.floor(lease.rate * self._ttl_s)
         return max(1, min(self._lease_max, refilled))
+
+    def _size(self, lease: _Lease, now: float) -> int:
+        """Tokens the next call asks for: those taken from the current lease, scaled to a
+        whole ``lease_ttl_s`` when they were taken in less (the lease ran out early, or is
+        refilled ahead), plus the requests waiting for the call, less the tokens still
+        live; at least 1, at most :meth:`_cap`."""
+        age = now - (lease.expires_at - self._ttl_s)
+        taken = lease.used
+        if 0 < age < self._ttl_s:
+            taken = math.ceil(lease.used * self._ttl_s / age)
+        live = lease.tokens if now < lease.expires_at else 0
+        return max(1, min(self._cap(lease), taken + lease.waiting - live))
+
+    def _refresh_ahead(self, lease: _Lease) -> None:
+        """Start the next call in the background if the live lease will run out within
+        ``refresh_ahead_s``: by its expiry, or by its tokens at the pace they have been
+        taken (``used`` since the lease's call was sent)."""
+        if self._ahead_s <= 0 or lease.call is not None or self._per_request(lease):
+            return
+        now = self._clock()
+        age = now - (lease.expires_at - self._ttl_s)
+        expiring = lease.expires_at - now <= self._ahead_s
+        if expiring or lease.tokens * age <= lease.used * self._ahead_s:
+            self._start_refill(lease)
+
+    def _start_refill(self, lease: _Lease) -> asyncio.Task[None]:
+        """The tenant's call, started. It belongs to every request that awaits it, not to
+        the one that starts it: it runs under the quota stage's cap alone, not under that
+        request's deadline."""
+        lease.call = asyncio.create_task(self._refill(lease), context=detached())
+        lease.call.add_done_callback(_retrieve_exception)
+        return lease.call
 
     def _per_request(self, lease: _Lease) -> bool:
         """Leasing is off, or the tenant's known rate allows one token per lease."""
@@ -244,15 +288,22 @@ class QuotaLeases:
         return reply
 
     async def _refill(self, lease: _Lease) -> None:
-        """Replace the tenant's exhausted or expired lease by a new grant (or a denial)."""
+        """Follow the tenant's lease by a new grant (or a denial): its tokens join those
+        the lease still has live, and the lease expires ``lease_ttl_s`` after the call was
+        sent; a denial leaves the live tokens as they are."""
         try:
-            size = min(self._cap(lease), max(1, lease.used + lease.waiting))
             sent = self._clock()
+            size = self._size(lease, sent)
+            used = lease.used
             reply = await self._call(lease, size)
-            # A quota service older than leases takes exactly ``cost`` and leaves granted 0.
-            lease.tokens = max(1, reply.granted) if reply.allowed else 0
-            lease.expires_at = sent + self._ttl_s
-            lease.used = 0
+            live = lease.tokens if self._clock() < lease.expires_at else 0
+            if reply.allowed:
+                # A quota service older than leases takes exactly ``cost``, granted 0.
+                lease.tokens = live + max(1, reply.granted)
+                lease.expires_at = sent + self._ttl_s
+            else:
+                lease.tokens = live
+            lease.used -= used  # the new lease's pace counts from when its call was sent
         finally:
             lease.call = None
 

@@ -71,6 +71,7 @@ async def build_service(
         downstreams.quota,
         lease_max=settings.quota_lease_max,
         lease_ttl_s=settings.quota_lease_ttl_s,
+        refresh_ahead_s=settings.quota_lease_refresh_ahead_s,
         cap_s=settings.quota_budget_s,
     )
     admission = AdmissionControl(settings.admission())

@@ -128,6 +128,12 @@ class GatewaySettings(ServerSettings):
         0.1,
         doc="seconds a lease's tokens stay usable; unused ones expire and count as used",
     )
+    quota_lease_refresh_ahead_s: float = env(
+        "RECMESH_GATEWAY_QUOTA_LEASE_REFRESH_AHEAD_S",
+        0.03,
+        doc="a tenant's lease that will run out within this many seconds (by expiry or by "
+        "the pace its tokens are taken) is refilled in the background; 0 turns it off",
+    )
     usage_flush_s: float = env(
         "RECMESH_GATEWAY_USAGE_FLUSH_S",
         1.0,

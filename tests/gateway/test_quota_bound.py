@@ -76,7 +76,7 @@ async def admit(quota: QuotaLeases) -> Admission:
 async def test_a_tenant_at_ten_times_its_rate_makes_about_rate_calls(
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
-    leases = QuotaLeases(quota, lease_max=1, lease_ttl_s=0.1, cap_s=2.0)
+    leases = QuotaLeases(quota, lease_max=1, lease_ttl_s=0.1, refresh_ahead_s=0.03, cap_s=2.0)
     started = time.monotonic()
     admissions = []
     while time.monotonic() - started < 1.5:
@@ -96,7 +96,7 @@ async def test_a_tenant_at_ten_times_its_rate_makes_about_rate_calls(
 async def test_requests_during_the_call_that_takes_the_next_unit_are_refused_locally(
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
-    leases = QuotaLeases(quota, lease_max=1, lease_ttl_s=0.1, cap_s=2.0)
+    leases = QuotaLeases(quota, lease_max=1, lease_ttl_s=0.1, refresh_ahead_s=0.03, cap_s=2.0)
     assert (await admit(leases)).allowed  # the burst; the answer says the bucket is empty
     denied = await admit(leases)
     assert (denied.allowed, denied.source) == (False, "denial")
@@ -136,7 +136,9 @@ async def test_while_the_quota_service_is_down_the_bound_keeps_a_tenant_to_its_r
     clock = ManualClock(1000.0)
     stub = FailingQuota()
     down: Downstream[Any] = Downstream("quota-failing", stub, policy=CallPolicy(max_attempts=1))
-    leases = QuotaLeases(down, lease_max=1, lease_ttl_s=0.1, cap_s=2.0, clock=clock)
+    leases = QuotaLeases(
+        down, lease_max=1, lease_ttl_s=0.1, refresh_ahead_s=0.03, cap_s=2.0, clock=clock
+    )
     assert (await admit(leases)).allowed
     # Within the next unit's time: refused by the bound, no call.
     assert (await admit(leases)).source == "denial"

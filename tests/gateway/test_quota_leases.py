@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from prometheus_client import REGISTRY
 from recmesh.quota.v1 import quota_pb2, quota_pb2_grpc
 
 from gateway.quota import Admission, QuotaLeases
-from mesh.client import Downstream
+from mesh.client import CALL_FAILURES, Downstream
 from mesh.context import tenant_var
 from mesh.ports import free_port
 from mesh.server import MeshServer
@@ -28,25 +29,25 @@ TENANTS = {"bulk": (1000.0, 2000), "forty": (1.0, 40), "trio": (1.0, 3)}
 unit per second, so a test sees their burst and little more."""
 
 
+def registry(path: Path) -> Path:
+    """The tenant registry of :data:`TENANTS` (key = name), written at ``path``."""
+    tenants = {
+        name: {
+            "api_key_sha256": hashlib.sha256(name.encode()).hexdigest(),
+            "rate": rate,
+            "burst": burst,
+        }
+        for name, (rate, burst) in TENANTS.items()
+    }
+    path.write_text(json.dumps({"tenants": tenants}))
+    return path
+
+
 @pytest.fixture(scope="module")
 async def quota_server(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[MeshServer]:
-    path = tmp_path_factory.mktemp("leases") / "tenants.json"
-    path.write_text(
-        json.dumps(
-            {
-                "tenants": {
-                    name: {
-                        "api_key_sha256": hashlib.sha256(name.encode()).hexdigest(),
-                        "rate": rate,
-                        "burst": burst,
-                    }
-                    for name, (rate, burst) in TENANTS.items()
-                }
-            }
-        )
-    )
+    path = registry(tmp_path_factory.mktemp("leases") / "tenants.json")
     server = await built_server(
         build_quota, QuotaSettings(port=0, redis_url=redis_url, tenants=path)
     )
@@ -82,9 +83,15 @@ def leases(
     clock: ManualClock,
     lease_max: int = 32,
     lease_ttl_s: float = 0.1,
+    refresh_ahead_s: float = 0.03,
 ) -> QuotaLeases:
     return QuotaLeases(
-        downstream, lease_max=lease_max, lease_ttl_s=lease_ttl_s, cap_s=2.0, clock=clock
+        downstream,
+        lease_max=lease_max,
+        lease_ttl_s=lease_ttl_s,
+        refresh_ahead_s=refresh_ahead_s,
+        cap_s=2.0,
+        clock=clock,
     )
 
 
@@ -174,12 +181,13 @@ async def test_an_expired_lease_is_not_used(
     quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
 ) -> None:
     clock = ManualClock(1000.0)
-    shared = leases(quota, clock, lease_ttl_s=0.1)
+    shared = leases(quota, clock, lease_ttl_s=0.1, refresh_ahead_s=0.0)
     # The first call leases 1 token, the second 2 (one used, one kept).
     assert [(await request(shared, "bulk")).source for _ in range(2)] == ["call", "call"]
     clock.now += 0.09
     assert (await request(shared, "bulk")).source == "lease"
-    assert (await request(shared, "bulk")).source == "call"  # leases 3, keeps 2
+    # Two tokens taken in 0.09 s: the pace of 3 per lease, plus this request: leases 4.
+    assert (await request(shared, "bulk")).source == "call"
     clock.now += 0.1
     assert (await request(shared, "bulk")).source == "call"
     assert calls(quota) == 4
@@ -235,3 +243,78 @@ async def test_requests_that_waited_for_a_grant_use_it_even_after_its_lease_expi
     # One refill serves the ten waiting requests; without using the expired grant, each
     # waiter would lease again and again, throwing the tokens away.
     assert calls(quota) - before <= 2
+
+
+async def test_a_steady_tenant_is_refilled_ahead_and_never_waits_for_a_call(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    clock = ManualClock(1000.0)
+    shared = leases(quota, clock)
+    # The first request learns the tenant's rate; the next ten share one call.
+    assert (await request(shared, "bulk")).source == "call"
+    await asyncio.gather(*(request(shared, "bulk") for _ in range(10)))
+    made = calls(quota)
+    sources = []
+    # Then one request every 10 ms for half a second: five lease lifetimes. The requests
+    # are 20 ms apart in real time, so a refill ahead (started 30 ms, three requests, before
+    # the lease runs out) has 60 ms to come back.
+    for _ in range(50):
+        clock.now += 0.01
+        sources.append((await request(shared, "bulk")).source)
+        await asyncio.sleep(0.02)
+    assert sources.count("lease") >= 49, sources  # one slow call on a loaded machine at most
+    # A refill ahead per lease lifetime or so, not one per request.
+    assert 3 <= calls(quota) - made <= 12
+
+
+async def test_without_refilling_ahead_a_steady_tenant_waits_at_every_expiry(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    clock = ManualClock(1000.0)
+    shared = leases(quota, clock, refresh_ahead_s=0.0)
+    await request(shared, "bulk")
+    await asyncio.gather(*(request(shared, "bulk") for _ in range(10)))
+    sources = []
+    for _ in range(50):
+        clock.now += 0.01
+        sources.append((await request(shared, "bulk")).source)
+        await asyncio.sleep(0.02)
+    assert sources.count("call") >= 4  # a lease of 0.1 s expires five times
+
+
+async def test_a_refill_ahead_that_fails_costs_no_request_while_the_lease_lasts(
+    redis_url: str, tmp_path: Path
+) -> None:
+    await reset_quota(redis_url, "bulk")
+    tenants = registry(tmp_path / "tenants.json")
+    server = await built_server(
+        build_quota, QuotaSettings(port=0, redis_url=redis_url, tenants=tenants)
+    )
+    clock = ManualClock(1000.0)
+    async with serving(server):
+        down = Downstream.open(
+            f"quota-{uuid.uuid4().hex[:8]}",
+            f"127.0.0.1:{server.port}",
+            quota_pb2_grpc.QuotaServiceStub,
+        )
+        shared = leases(down, clock)
+        await request(shared, "bulk")
+        await asyncio.gather(*(request(shared, "bulk") for _ in range(10)))
+        # Eleven tokens in 10 ms: the last one's refill ahead leases the most, 32.
+        clock.now += 0.01
+        assert (await request(shared, "bulk")).source == "lease"
+        await asyncio.sleep(0.2)
+    try:
+        # The quota service is gone: the lease's 32 tokens still admit requests, each
+        # starting a refill ahead that fails; once they run out, requests fail.
+        outcomes: list[str] = []
+        for _ in range(40):
+            clock.now += 0.001
+            try:
+                outcomes.append((await request(shared, "bulk")).source)
+            except CALL_FAILURES:
+                outcomes.append("failed")
+            await asyncio.sleep(0.005)
+        assert outcomes == ["lease"] * 32 + ["failed"] * 8
+    finally:
+        await down.close()
