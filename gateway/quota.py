@@ -233,10 +233,13 @@ class QuotaLeases:
     def _refresh_ahead(self, lease: _Lease) -> None:
         """Start the next call in the background if the live lease will run out within
         ``refresh_ahead_s``: by its expiry, or by its tokens at the pace they have been
-        taken (``used`` since the lease's call was sent)."""
+        taken (``used`` since the lease's call was sent). Not while a denial is in force:
+        the service would deny it too."""
         if self._ahead_s <= 0 or lease.call is not None or self._per_request(lease):
             return
         now = self._clock()
+        if now < lease.denied_until:
+            return
         age = now - (lease.expires_at - self._ttl_s)
         expiring = lease.expires_at - now <= self._ahead_s
         if expiring or lease.tokens * age <= lease.used * self._ahead_s:
