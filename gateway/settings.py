@@ -125,7 +125,7 @@ class GatewaySettings(ServerSettings):
     )
     quota_lease_ttl_s: float = env(
         "RECMESH_GATEWAY_QUOTA_LEASE_TTL_S",
-        0.1,
+        0.5,
         doc="seconds a lease's tokens stay usable; unused ones expire and count as used",
     )
     quota_lease_refresh_ahead_s: float = env(

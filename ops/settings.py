@@ -32,9 +32,6 @@ from mesh.settings import (
 from mesh.settings import history_cap as history_cap_field
 from mesh.tls import Transport
 
-BACKGROUND_NICE = 10
-"""Default niceness of the services off the request path (``ops.supervisor.BACKGROUND``)."""
-
 
 @dataclass(frozen=True)
 class OpsSettings:
@@ -69,12 +66,6 @@ class OpsSettings:
     tls_dir: Path = tls_dir()
     tls_identity: str = tls_identity()
     """The identity ``recmesh`` presents to the mesh (``ops``: the tools' own)."""
-    background_nice: int = env(
-        "RECMESH_BACKGROUND_NICE",
-        BACKGROUND_NICE,
-        doc="niceness of the services off the request path (events, projector, feature) "
-        "under `recmesh up`; 0 runs them like the others",
-    )
     jaeger_url: str = env(
         "RECMESH_JAEGER_URL",
         "http://127.0.0.1:16686",

@@ -32,14 +32,9 @@ from mesh.tls import Transport
 from ops import certs, processes
 from ops.processes import MODULES, REDIS
 from ops.redis_server import start_embedded_redis, wait_for_redis
-from ops.settings import BACKGROUND_NICE, OpsSettings
+from ops.settings import OpsSettings
 
 REDIS_PORT = 6390
-
-BACKGROUND = ("events", "projector", "feature")
-"""The services off the request path (docs/architecture.md, "Who reads the feature store on
-the request path"): no recommendation waits for them, and their work (event batches,
-projections, cache refreshes) can wait a few milliseconds for a core."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +58,6 @@ class Layout:
     tls: bool = True
     tls_dir: Path | None = None
     tls_identity: str = "ops"
-    background_nice: int = BACKGROUND_NICE
-    """Niceness the :data:`BACKGROUND` services run at (0: the same as the others): on a
-    machine with more runnable processes than cores, the scheduler runs the request path's
-    processes first, and the background ones take the cores the request path leaves."""
 
     @classmethod
     def from_settings(cls, settings: OpsSettings) -> Layout:
@@ -81,7 +72,6 @@ class Layout:
             tls=settings.tls,
             tls_dir=settings.tls_dir,
             tls_identity=settings.tls_identity,
-            background_nice=settings.background_nice,
         )
 
     @property
@@ -136,15 +126,11 @@ class Layout:
 
 
 def _spawn(layout: Layout, name: str) -> subprocess.Popen[bytes]:
-    """Start mesh process ``name`` (``python -m <module>``, under ``nice`` when it is a
-    :data:`BACKGROUND` service) and record its pid."""
+    """Start mesh process ``name`` (``python -m <module>``) and record its pid."""
     layout.log_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", MODULES[name]]
-    if name in BACKGROUND and layout.background_nice:
-        command = ["nice", "-n", str(layout.background_nice), *command]
     with open(layout.log_dir / f"{name}.log", "ab") as log:
         process = subprocess.Popen(
-            command,
+            [sys.executable, "-m", MODULES[name]],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

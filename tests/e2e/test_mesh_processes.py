@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -75,25 +74,6 @@ def test_every_process_is_serving(layout: supervisor.Layout) -> None:
         "redis": "running",
         **{name: "SERVING" for name in DEFAULT_PORTS},
     }
-
-
-def test_services_off_the_request_path_run_at_lower_priority(
-    layout: supervisor.Layout,
-) -> None:
-    niceness = {
-        name: os.getpriority(os.PRIO_PROCESS, int(pid))
-        for name, pid, _ in supervisor.status(layout)
-    }
-    assert {name for name, nice in niceness.items() if nice} == set(supervisor.BACKGROUND)
-    assert all(niceness[name] == layout.background_nice for name in supervisor.BACKGROUND)
-    # Their threads too (the gRPC poller, the workers), started after the process.
-    for name in supervisor.BACKGROUND:
-        pid = next(p for n, p, _ in supervisor.status(layout) if n == name)
-        threads = list(Path(f"/proc/{pid}/task").iterdir())
-        assert len(threads) > 1
-        for thread in threads:
-            stat = (thread / "stat").read_text()
-            assert int(stat.rsplit(")", 1)[1].split()[16]) == layout.background_nice
 
 
 def test_recommendation_through_every_process(layout: supervisor.Layout) -> None:
