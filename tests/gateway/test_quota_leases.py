@@ -318,3 +318,30 @@ async def test_a_refill_ahead_that_fails_costs_no_request_while_the_lease_lasts(
         assert outcomes == ["lease"] * 32 + ["failed"] * 8
     finally:
         await down.close()
+
+
+async def test_tokens_leased_still_admit_after_a_refill_ahead_is_denied(
+    quota: Downstream[quota_pb2_grpc.QuotaServiceAsyncStub],
+) -> None:
+    clock = ManualClock(1000.0)
+    shared = leases(quota, clock, lease_ttl_s=100.0)
+    assert (await request(shared, "forty")).source == "call"  # learns the rate: 1/s
+    await asyncio.gather(*(request(shared, "forty") for _ in range(10)))  # leases 11
+    clock.now += 1.0
+    before = calls(quota)
+    # The lease's last token: its refill ahead leases what the bucket has left (28 of 40).
+    assert (await request(shared, "forty")).source == "lease"
+    for _ in range(500):
+        if calls(quota) > before:
+            break
+        await asyncio.sleep(0.01)
+    # The bucket is empty, so the next refill ahead is denied; the tokens the gateway
+    # holds were counted by the bucket when it granted them, and keep admitting.
+    admissions = []
+    for _ in range(20):
+        admissions.append(await request(shared, "forty"))
+        await asyncio.sleep(0.005)
+    assert [a.source for a in admissions if a.allowed] == ["lease"] * 20
+    # The refill and the denied one; none while the denial is in force (a unit refilled in
+    # real time meanwhile may add one granted refill before the denial).
+    assert 2 <= calls(quota) - before <= 3
