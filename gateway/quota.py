@@ -87,8 +87,9 @@ class Admission:
 class _Lease:
     """One tenant's tokens and what is known of its bucket (touched only on the event loop).
 
-    ``rate`` is 0 until the first reply; ``used`` counts the tokens taken from the current
-    lease, ``waiting`` the requests awaiting a call; ``call`` is the call in flight.
+    ``rate`` is 0 until the first reply; ``used`` counts the tokens taken since the current
+    lease's call was sent (its pace, with ``expires_at - lease_ttl_s``), ``waiting`` the
+    requests awaiting a call; ``call`` is the call in flight (a refill, ahead or not).
     """
 
     rate: float = 0.0
@@ -259,7 +260,8 @@ class QuotaLeases:
 
     async def _call(self, lease: _Lease, size: int) -> quota_pb2.AcquireResponse:
         """Acquire 1 to ``size`` tokens; remember the tenant's rate and any denial, and
-        keep the bound on the bucket (``_Lease.empty_at``) up to date."""
+        keep the bound on the bucket (``_Lease.bound_at`` and the fields after it) up to
+        date."""
         quota = self._quota
         answers = lease.answers
         lease.claiming += size
@@ -313,9 +315,10 @@ class QuotaLeases:
 
 def _no_unit_for(lease: _Lease, now: float) -> float | None:
     """Seconds until the bucket may hold a unit this gateway has neither taken nor claimed,
-    by the bound of the tenant's last denial (``_Lease.empty_at``); None when it may hold
-    one now (or no denial bounds it). An upper bound of the bucket, so a request it denies
-    the quota service would deny too (other gateways only take more)."""
+    by the bound of the tenant's last answer (``_Lease.bound_at`` and the fields after it);
+    None when it may hold one now (or no answer bounds it). An upper bound of the bucket,
+    so a request it denies the quota service would deny too (other gateways only take
+    more)."""
     if lease.rate <= 0 or lease.bound_at == -math.inf:
         return None
     short = lease.taken + lease.claiming + 1 - lease.bound_units  # units beyond the answer's
