@@ -219,12 +219,16 @@ class QuotaLeases:
         refilled = math.floor(lease.rate * self._ttl_s)
         return max(1, min(self._lease_max, refilled))
 
+    def _age(self, lease: _Lease, now: float) -> float:
+        """Seconds since the current lease's call was sent (the window ``used`` counts)."""
+        return now - (lease.expires_at - self._ttl_s)
+
     def _size(self, lease: _Lease, now: float) -> int:
         """Tokens the next call asks for: those taken from the current lease, scaled to a
         whole ``lease_ttl_s`` when they were taken in less (the lease ran out early, or is
         refilled ahead), plus the requests waiting for the call, less the tokens still
         live; at least 1, at most :meth:`_cap`."""
-        age = now - (lease.expires_at - self._ttl_s)
+        age = self._age(lease, now)
         taken = lease.used
         if 0 < age < self._ttl_s:
             taken = math.ceil(lease.used * self._ttl_s / age)
@@ -241,7 +245,7 @@ class QuotaLeases:
         now = self._clock()
         if now < lease.denied_until:
             return
-        age = now - (lease.expires_at - self._ttl_s)
+        age = self._age(lease, now)
         expiring = lease.expires_at - now <= self._ahead_s
         if expiring or lease.tokens * age <= lease.used * self._ahead_s:
             self._start_refill(lease)
