@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,12 @@ async def test_ope_estimates_a_final_stage_from_the_mesh_log(
         ) as r,
     ):
         assert r.status == 202
-    wanted = {b["request_id"] for b in bodies}
+    # Every answer whole in the log (its impressions counted once by id: delivery is at
+    # least once), and its click. The outbox relay delivers rows in rounds of a fixed
+    # count, so a round can end inside an answer: its support already in the log, its last
+    # impressions one round later.
+    shown = {b["request_id"]: len(b["items"]) for b in bodies}
+    wanted = set(shown)
     async with open_channel(mesh.addr("events")) as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         for _ in range(200):
@@ -214,10 +220,18 @@ async def test_ope_estimates_a_final_stage_from_the_mesh_log(
                     break
             found = {e.event.request_id for e in stored if e.event.support}
             clicked = {e.event.request_id for e in stored if e.event.type == "click"}
-            if wanted <= found and wanted <= clicked:
+            shown_ids = {
+                (e.event.request_id, e.event.event_id)
+                for e in stored
+                if e.event.type == "impression"
+            }
+            logged = Counter(r for r, _ in shown_ids)
+            whole = {r for r, n in shown.items() if logged[r] == n}
+            if wanted <= found and wanted <= clicked and wanted <= whole:
                 break
             await asyncio.sleep(0.05)
     assert wanted <= found
+    assert wanted <= whole, {r: (logged[r], n) for r, n in shown.items()}
 
     def ope(policy: dict[str, Any]) -> dict[str, Any]:
         path = tmp_path / "policy.json"
