@@ -19,8 +19,15 @@ from ops import explain
 from tests.inprocess import Mesh, accepted
 
 
-async def request_events(mesh: Mesh, request_id: str, wanted: int) -> list[Any]:
-    """The stored events of ``request_id`` (demo), once ``wanted`` arrived (5 s at most)."""
+def impression_ids(request_id: str, shown: int) -> set[str]:
+    """The event ids of an answer's impressions (the gateway's ``<request>:<position>``)."""
+    return {f"{request_id}:{position}" for position in range(shown)}
+
+
+async def request_events(mesh: Mesh, request_id: str, wanted: set[str]) -> list[Any]:
+    """The stored events of ``request_id`` (demo), once every event id of ``wanted`` is
+    among them (5 s at most). By id, not by count: the request's exposures name it too,
+    and the gateway's impressions and the posted events reach the log by different ways."""
     async with open_channel(mesh.addr("events")) as channel:
         stub = events_pb2_grpc.EventServiceStub(channel)
         for _ in range(100):
@@ -28,10 +35,11 @@ async def request_events(mesh: Mesh, request_id: str, wanted: int) -> list[Any]:
                 events_pb2.ReadRequestEventsRequest(request_id=request_id),
                 metadata=[(TENANT_KEY, "demo")],
             )
-            if len(reply.events) >= wanted:
+            missing = wanted - {e.event.event_id for e in reply.events}
+            if not missing:
                 return list(reply.events)
             await asyncio.sleep(0.05)
-    pytest.fail(f"{len(reply.events)} of {wanted} events of {request_id} stored after 5 s")
+    pytest.fail(f"events {sorted(missing)} of {request_id} not stored after 5 s")
 
 
 async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
@@ -51,7 +59,8 @@ async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
         for o in outcomes
     ]
     await accepted(mesh, "/v1/events", {"events": events})
-    await request_events(mesh, request_id, len(shown) + len(outcomes))
+    posted = {e["event_id"] for e in events}
+    await request_events(mesh, request_id, impression_ids(request_id, len(shown)) | posted)
 
     code, text = await asyncio.to_thread(
         explain.show, request_id, mesh.addr("events"), ["acme", "demo"], False
@@ -80,7 +89,7 @@ async def test_explain_gives_each_shown_item_its_lineage_and_outcome(
 
 async def test_another_tenants_log_or_an_unknown_request_explains_nothing(mesh: Mesh) -> None:
     answer = await accepted(mesh, "/v1/recommend", {"user_id": "u8", "num_items": 3})
-    await request_events(mesh, answer["request_id"], 3)
+    await request_events(mesh, answer["request_id"], impression_ids(answer["request_id"], 3))
     code, text = await asyncio.to_thread(
         explain.show, answer["request_id"], mesh.addr("events"), ["acme"], False
     )

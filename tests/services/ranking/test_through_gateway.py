@@ -230,7 +230,7 @@ async def test_ope_estimates_a_final_stage_from_the_mesh_log(
             if wanted <= found and wanted <= clicked and wanted <= whole:
                 break
             await asyncio.sleep(0.05)
-    assert wanted <= found
+    assert wanted <= found and wanted <= clicked
     assert wanted <= whole, {r: (logged[r], n) for r, n in shown.items()}
 
     def ope(policy: dict[str, Any]) -> dict[str, Any]:
