@@ -70,9 +70,7 @@ class ImpressionShipper:
         ValueError: ``batch_rows`` outside 1..1000.
     """
 
-    def __init__(
-        self, outbox: Outbox, send: Send, batch_rows: int = 200, linger_s: float = 0.02
-    ) -> None:
+    def __init__(self, outbox: Outbox, send: Send, batch_rows: int, linger_s: float) -> None:
         if not 1 <= batch_rows <= MAX_BATCH:
             raise ValueError(f"batch_rows must be in 1..{MAX_BATCH}, got {batch_rows}")
         self._outbox = outbox

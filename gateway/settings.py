@@ -102,7 +102,7 @@ class GatewaySettings(ServerSettings):
     )
     impressions_linger_s: float = env(
         "RECMESH_GATEWAY_IMPRESSIONS_LINGER_S",
-        0.05,
+        0.15,
         doc="longest wait of a queued impression before it is sent (what a SIGKILL can lose)",
     )
     outbox: Path = env(
