@@ -81,7 +81,13 @@ async def test_a_clicked_item_is_not_recommended_again_and_its_counters_moved(
         )
     again = await accepted(mesh, "/v1/recommend", {"user_id": user, "num_items": 10})
     assert clicked not in [item["item_id"] for item in again["items"]]
-    counters = await valkey.hgetall(keys.item_counters("demo", number))
+    # The answer's impressions can reach the log after the click (the gateway lingers up
+    # to 150 ms before sending them; clicks go through its outbox): both are counted.
+    for _ in range(100):
+        counters = await valkey.hgetall(keys.item_counters("demo", number))
+        if b"click" in counters and b"impression" in counters:
+            break
+        await asyncio.sleep(0.05)
     assert float(counters[b"click"]) >= 1.0
     assert float(counters[b"impression"]) >= 1.0
     assert await valkey.zscore(keys.trending("demo"), str(number)) is not None
